@@ -1,0 +1,179 @@
+"""Command line: `emoscope evaluate | run | report | summarize`.
+
+Every user error (EmoscopeError) becomes one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import EmoscopeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Mechanistic analysis of emotion inference in language models.")
+console = Console(stderr=True)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _progress():
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
+def _fmt(m: dict) -> str:
+    return f"{m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]"
+
+
+def print_eval(res: dict, calibrated: bool = True) -> None:
+    t = Table(title=f"{res['model']['name']} · {res['config']['data']['dataset']}/{res['config']['data']['split']} · "
+                    f"{res['config']['shots']}-shot · n={res['n']} · seed {res['seed']}")
+    t.add_column("scores")
+    t.add_column("accuracy [95% CI]")
+    t.add_column("macro-F1 [95% CI]")
+    for name in ["raw", "calibrated"] if calibrated else ["raw"]:
+        t.add_row(name, _fmt(res[name]["accuracy"]), _fmt(res[name]["macro_f1"]))
+    Console().print(t)
+    pc = Table(title="per-class recall (raw → calibrated)")
+    pc.add_column("class")
+    pc.add_column("support")
+    pc.add_column("recall raw")
+    pc.add_column("recall cal.")
+    for lab in res["labels"]:
+        pc.add_row(lab, str(res["raw"]["per_class"][lab]["support"]), f"{res['raw']['per_class'][lab]['recall']['value']:.2f}",
+                   f"{res['calibrated']['per_class'][lab]['recall']['value']:.2f}")
+    Console().print(pc)
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Option("gemma3-270m", help="Registry name, .gguf file, local dir or HF id."),
+    dataset: str = typer.Option("goemotions_ekman", help="goemotions_ekman, isear, dair_emotion or a CSV/TSV/JSONL file."),
+    split: str = typer.Option("test", help="train, dev or test."),
+    per_class: Optional[int] = typer.Option(50, help="Balanced sample per class (0 = all rows)."),
+    shots: int = typer.Option(0, help="Few-shot demonstrations from the train split."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Also print calibrated results (always saved)."),
+    calibration: str = typer.Option("contextual", help="contextual (content-free inputs) or train (train-text prior)."),
+    labels: Optional[str] = typer.Option(None, help="Comma-separated task labels (default: the Ekman six present)."),
+    extra: str = typer.Option("drop", help="Other labels of the data: drop or keep."),
+    text_column: str = typer.Option("text", help="Text column for CSV/TSV/JSONL."),
+    label_column: str = typer.Option("label", help="Label column for CSV/TSV/JSONL."),
+    data_dir: Optional[str] = typer.Option(None, help="Folder with the dataset folders."),
+    device: str = typer.Option("auto"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(8),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/evaluate/<model>-<dataset>-<split>-k<shots>)."),
+):
+    """Score the model on an emotion dataset: raw and calibrated accuracy and macro-F1 with 95% CIs."""
+    from .evaluate import DataConfig, EvalConfig, ModelConfig, evaluate as run_eval
+
+    cfg = _validated(EvalConfig, model=ModelConfig(name=model, device=device, dtype=dtype),
+                     data=DataConfig(dataset=dataset, split=split, data_dir=data_dir, per_class=per_class or None,
+                                     labels=labels.split(",") if labels else None, extra=extra,
+                                     text_column=text_column, label_column=label_column),
+                     shots=shots, calibration=calibration, seed=seed, batch_size=batch_size)
+    safe = Path(model).name.replace(".gguf", "")
+    run_dir = out or Path("runs/evaluate") / f"{safe}-{Path(dataset).stem}-{split}-k{shots}"
+    with _progress() as p:
+        task = p.add_task("scoring", total=None)
+        res = run_eval(cfg, run_dir, progress=lambda n: p.advance(task, n))
+    print_eval(res, calibrated=calibrate)
+    console.print(f"wrote {run_dir / 'evaluate' / 'result.json'}")
+
+
+def _validated(cls, **kw):
+    from pydantic import ValidationError
+
+    try:
+        return cls(**kw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise EmoscopeError(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+
+
+@app.command()
+def run(config: Path = typer.Option(..., help="Run config YAML (see configs/quick.yaml)."),
+        force: list[str] = typer.Option([], help="Stage to rerun even if up to date (repeatable).")):
+    """Run the whole pipeline into the config's run directory and write report.html."""
+    from .run import load_config, run as run_all
+
+    cfg = load_config(config)
+    with _progress() as p:
+        def factory(stage):
+            task = p.add_task(stage, total=None)
+            return lambda n: p.advance(task, n)
+        path = run_all(cfg, set(force), log=console.print, progress_factory=factory)
+    from .evaluate import load_result
+    print_eval(load_result(cfg.run_dir))
+    console.print(f"report: {path}")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory.")):
+    """(Re)write RUN_DIR/report.html from the saved stage results."""
+    from .report.html import write_report
+
+    console.print(f"wrote {write_report(run_dir)}")
+
+
+@app.command()
+def summarize(run_dirs: list[Path] = typer.Argument(..., help="Run directories with evaluate/result.json.")):
+    """Print a markdown table of accuracy and macro-F1 (raw vs calibrated) over several runs."""
+    from .artifacts import read_json
+
+    print("| model | dataset | shots | n | acc raw | acc calibrated | macro-F1 raw | macro-F1 calibrated |")
+    print("|---|---|---|---|---|---|---|---|")
+    for d in run_dirs:
+        f = d / "evaluate" / "result.json"
+        if not f.exists():
+            raise EmoscopeError(f"{d} has no evaluate/result.json")
+        r = read_json(f)
+        c = lambda m: f"{m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]"
+        print(f"| {r['model']['name']} | {r['config']['data']['dataset']} | {r['config']['shots']} | {r['n']} | "
+              f"{c(r['raw']['accuracy'])} | {c(r['calibrated']['accuracy'])} | {c(r['raw']['macro_f1'])} | {c(r['calibrated']['macro_f1'])} |")
+
+
+def main() -> None:
+    _quiet_libraries()
+    try:
+        app(standalone_mode=False)
+    except EmoscopeError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""Labelled emotion datasets: one small loader per file format, then one label policy for all.
+
+Loaders return `Example`s with every label a row carries (GoEmotions rows can carry several);
+`select` applies the policy: which labels form the task, what happens to extra labels (neutral,
+love, shame, guilt: dropped or kept as their own classes, never merged), single-label rows only,
+balanced seeded sampling. Empty texts are skipped and counted, never crashed on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import EmoscopeError
+
+EKMAN = ["anger", "disgust", "fear", "joy", "sadness", "surprise"]
+
+# Folder under the data directory, split file names, and the public hub id for users who are online.
+BUILTIN = {
+    "goemotions_ekman": {"splits": {"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"}, "hub": "google-research-datasets/go_emotions"},
+    "dair_emotion": {"splits": {"train": "train.txt", "dev": "val.txt", "test": "test.txt"}, "hub": "dair-ai/emotion"},
+    "isear": {"splits": {"all": "isear.csv"}, "hub": None},
+}
+SPLIT_ALIASES = {"validation": "dev", "val": "dev", "valid": "dev"}
+
+# GoEmotions' 28 fine labels -> Ekman, from the dataset authors' ekman_mapping.json (used for the hub copy).
+GOEMOTIONS_TO_EKMAN = {
+    "anger": ["anger", "annoyance", "disapproval"],
+    "disgust": ["disgust"],
+    "fear": ["fear", "nervousness"],
+    "joy": ["joy", "amusement", "approval", "excitement", "gratitude", "love", "optimism", "relief", "pride", "admiration", "desire", "caring"],
+    "sadness": ["sadness", "disappointment", "embarrassment", "grief", "remorse"],
+    "surprise": ["surprise", "realization", "confusion", "curiosity"],
+    "neutral": ["neutral"],
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    text: str
+    labels: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return self.labels[0]
+
+
+@dataclass
+class LoadReport:
+    """What a loader skipped or dropped, so nothing disappears silently."""
+
+    source: str
+    skipped_empty: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, why: str, n: int = 1) -> None:
+        self.dropped[why] = self.dropped.get(why, 0) + n
+
+
+def _malformed(path: Path, line: int, what: str) -> EmoscopeError:
+    return EmoscopeError(f"malformed data file {path}:{line}: {what}")
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise EmoscopeError(f"malformed data file {path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+# ----------------------------------------------------------------------------- one loader per format
+def read_goemotions(path: Path, report: LoadReport) -> list[Example]:
+    """TSV, no header: text, comma-separated label ids (index into labels.txt), comment id."""
+    names_file = path.parent / "labels.txt"
+    if not names_file.exists():
+        raise EmoscopeError(f"missing {names_file} (label names for {path.name})")
+    names = [n.strip() for n in _read_lines(names_file) if n.strip()]
+    out = []
+    for i, line in enumerate(_read_lines(path), 1):
+        parts = line.split("\t")
+        if len(parts) != 3:
+            raise _malformed(path, i, f"expected 3 tab-separated fields, found {len(parts)}")
+        text, ids, cid = parts
+        try:
+            labels = tuple(names[int(j)] for j in ids.split(","))
+        except (ValueError, IndexError):
+            raise _malformed(path, i, f"unknown label id(s) '{ids}' (labels.txt has {len(names)} labels)") from None
+        if not text.strip():
+            report.skipped_empty += 1
+            continue
+        out.append(Example(cid, text, labels))
+    return out
+
+
+def read_isear(path: Path, report: LoadReport) -> list[Example]:
+    """`|`-separated, header row. Label in `Field1`; the text `SIT` runs from field 40 to the last two
+    fields, since ~160 texts contain a stray `|` (an old line break). `á` also marks old line breaks."""
+    lines = _read_lines(path)
+    if not lines:
+        raise _malformed(path, 1, "empty file")
+    header = lines[0].split("|")
+    if "Field1" not in header or "SIT" not in header:
+        raise _malformed(path, 1, "header lacks the Field1 and SIT columns")
+    i_label, i_text, i_id = header.index("Field1"), header.index("SIT"), header.index("ID")
+    out = []
+    for i, line in enumerate(lines[1:], 2):
+        parts = line.split("|")
+        if len(parts) < len(header):
+            raise _malformed(path, i, f"expected at least {len(header)} '|'-separated fields, found {len(parts)}")
+        text = "|".join(parts[i_text: len(parts) - (len(header) - 1 - i_text)])
+        text = " ".join(text.replace("á", " ").split())
+        if not text:
+            report.skipped_empty += 1
+            continue
+        out.append(Example(parts[i_id], text, (parts[i_label].strip().lower(),)))
+    return out
+
+
+def read_dair(path: Path, report: LoadReport) -> list[Example]:
+    """`text;label` lines; a `text;label_name` header line may come first."""
+    out = []
+    for i, line in enumerate(_read_lines(path), 1):
+        if i == 1 and line.strip() == "text;label_name":
+            continue
+        text, sep, label = line.rpartition(";")
+        if not sep or not label.strip():
+            raise _malformed(path, i, "expected 'text;label'")
+        if not text.strip():
+            report.skipped_empty += 1
+            continue
+        out.append(Example(f"{path.stem}-{i}", text, (label.strip().lower(),)))
+    return out
+
+
+def read_table(path: Path, report: LoadReport, text_col: str = "text", label_col: str = "label") -> list[Example]:
+    """Generic CSV / TSV / JSONL with named text and label columns (MELD: `Utterance`, `Emotion`)."""
+    if path.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(_read_lines(path), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise _malformed(path, i, f"invalid JSON ({e.msg})") from None
+    else:
+        delim = "\t" if path.suffix in (".tsv", ".tab") else ","
+        with open(path, encoding="utf-8", newline="") as f:
+            try:
+                rows = list(enumerate(csv.DictReader(f, delimiter=delim), 2))
+            except (csv.Error, UnicodeDecodeError) as e:
+                raise _malformed(path, 0, str(e)) from None
+    if rows:
+        cols = rows[0][1].keys() if isinstance(rows[0][1], dict) else []
+        if text_col not in cols or label_col not in cols:
+            raise _malformed(path, rows[0][0], f"needs columns '{text_col}' and '{label_col}', found {sorted(cols)}")
+    out = []
+    for i, row in rows:
+        if not isinstance(row, dict):
+            raise _malformed(path, i, "each JSONL line must be an object")
+        text, label = row.get(text_col), row.get(label_col)
+        if label is None or not str(label).strip():
+            raise _malformed(path, i, f"empty or missing label in column '{label_col}'")
+        if text is None or not str(text).strip():
+            report.skipped_empty += 1
+            continue
+        rid = str(row.get("id", row.get("Sr No.", i)))
+        out.append(Example(rid, str(text), (str(label).strip().lower(),)))
+    return out
+
+
+# ----------------------------------------------------------------------------- locating files
+def data_dirs(data_dir: str | Path | None = None) -> list[Path]:
+    """Where datasets are looked for, in order: --data-dir, $EMOSCOPE_DATA, ../shared/data."""
+    dirs = []
+    if data_dir:
+        dirs.append(Path(data_dir))
+    if os.environ.get("EMOSCOPE_DATA"):
+        dirs.append(Path(os.environ["EMOSCOPE_DATA"]))
+    dirs.append(Path.cwd().parent / "shared" / "data")
+    repo = Path(__file__).resolve().parents[2]  # src/emoscope -> repo root (editable installs)
+    dirs.append(repo.parent / "shared" / "data")
+    seen, out = set(), []
+    for d in dirs:
+        r = d.resolve()
+        if r not in seen:
+            seen.add(r)
+            out.append(d)
+    return out
+
+
+def _hash_split(ex_id: str) -> str:
+    """A fixed 70/10/20 train/dev/test split by id hash, for datasets that ship one file."""
+    b = int(hashlib.sha1(ex_id.encode()).hexdigest()[:8], 16) % 100
+    return "train" if b < 70 else "dev" if b < 80 else "test"
+
+
+def load_split(dataset: str, split: str = "test", data_dir: str | Path | None = None,
+               text_col: str = "text", label_col: str = "label") -> tuple[list[Example], LoadReport]:
+    """All examples of one split of a builtin dataset name or of a file path, with every label."""
+    split = SPLIT_ALIASES.get(split, split)
+    if split not in ("train", "dev", "test"):
+        raise EmoscopeError(f"unknown split '{split}': choose train, dev or test")
+    if dataset in BUILTIN:
+        spec = BUILTIN[dataset]
+        tried = []
+        for d in data_dirs(data_dir):
+            folder = d / dataset
+            tried.append(str(folder))
+            if folder.is_dir():
+                name = spec["splits"].get(split) or spec["splits"]["all"]
+                path = folder / name
+                if not path.exists():
+                    raise EmoscopeError(f"missing data file {path}")
+                report = LoadReport(str(path))
+                reader = {"goemotions_ekman": read_goemotions, "isear": read_isear, "dair_emotion": read_dair}[dataset]
+                rows = reader(path, report)
+                if "all" in spec["splits"]:
+                    rows = [r for r in rows if _hash_split(r.id) == split]
+                return rows, report
+        if spec["hub"]:
+            return _load_hub(dataset, spec["hub"], split, tried)
+        raise EmoscopeError(f"dataset '{dataset}' not found; looked in: {', '.join(tried)} (set --data-dir or EMOSCOPE_DATA)")
+    path = Path(dataset).expanduser()
+    if not path.exists():
+        raise EmoscopeError(f"unknown dataset '{dataset}': not one of {', '.join(BUILTIN)} and no such file")
+    report = LoadReport(str(path))
+    rows = read_table(path, report, text_col, label_col)
+    return [r for r in rows if _hash_split(r.id) == split], report
+
+
+def _load_hub(dataset: str, hub_id: str, split: str, tried: list[str]) -> tuple[list[Example], LoadReport]:
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise EmoscopeError(f"dataset '{dataset}' not found; looked in: {', '.join(tried)}; "
+                            f"the hub copy '{hub_id}' needs `pip install emoscope[hub]`") from None
+    hub_split = {"dev": "validation"}.get(split, split)
+    try:
+        ds = load_dataset(hub_id, "simplified" if dataset == "goemotions_ekman" else None, split=hub_split)
+    except Exception as e:  # offline, renamed, ...: name what was tried
+        raise EmoscopeError(f"dataset '{dataset}' not found; looked in: {', '.join(tried)}; hub '{hub_id}': {str(e).splitlines()[0]}") from None
+    names = ds.features["label" if dataset == "dair_emotion" else "labels"]
+    names = names.names if hasattr(names, "names") else names.feature.names
+    report, out = LoadReport(f"hub:{hub_id}"), []
+    fine_to_ekman = {f: e for e, fs in GOEMOTIONS_TO_EKMAN.items() for f in fs}
+    for i, row in enumerate(ds):
+        if dataset == "dair_emotion":
+            labels = (names[row["label"]],)
+        else:
+            labels = tuple(dict.fromkeys(fine_to_ekman[names[j]] for j in row["labels"]))
+        if not row["text"].strip():
+            report.skipped_empty += 1
+            continue
+        out.append(Example(str(row.get("id", i)), row["text"], labels))
+    return out, report
+
+
+# ----------------------------------------------------------------------------- label policy
+def label_set(examples: list[Example], labels: list[str] | None, extra: str) -> list[str]:
+    """The task's classes: the requested labels (default: the Ekman six the data has), plus the
+    data's other labels when extra == 'keep'."""
+    present = sorted({l for e in examples for l in e.labels})
+    if labels is None:
+        chosen = [l for l in EKMAN if l in present]
+    else:
+        chosen = [l.strip().lower() for l in labels]
+        unknown = [l for l in chosen if l not in present]
+        if unknown:
+            raise EmoscopeError(f"unknown label(s) {', '.join(unknown)}: the data has {', '.join(present)}")
+        if len(set(chosen)) != len(chosen):
+            raise EmoscopeError(f"duplicate labels in {chosen}")
+    if extra == "keep":
+        chosen += [l for l in present if l not in chosen]
+    elif extra != "drop":
+        raise EmoscopeError(f"extra must be 'drop' or 'keep', got '{extra}'")
+    if len(chosen) < 2:
+        raise EmoscopeError(f"a label set needs at least two classes, got {chosen}")
+    return chosen
+
+
+def select(examples: list[Example], classes: list[str], report: LoadReport, multi_label: str = "drop",
+           per_class: int | None = None, seed: int = 0, split: str = "") -> list[Example]:
+    """Keep rows whose label is one of `classes`; single-label rows unless multi_label == 'first';
+    then, if per_class is set, a seeded balanced sample in a seeded order."""
+    keep = []
+    for e in examples:
+        if len(e.labels) > 1 and multi_label == "drop":
+            report.drop("multi-label")
+            continue
+        if e.label not in classes:
+            report.drop(f"label '{e.label}' not in task")
+            continue
+        keep.append(Example(e.id, e.text, (e.label,)))
+    if per_class is None:
+        return keep
+    rng = random.Random(seed)
+    by = {c: [e for e in keep if e.label == c] for c in classes}
+    short = {c: len(v) for c, v in by.items() if len(v) < per_class}
+    if short:
+        have = ", ".join(f"{c}: {n}" for c, n in short.items())
+        raise EmoscopeError(f"--per-class {per_class} is larger than available in {split or 'the split'} ({have})")
+    out = []
+    for c in classes:
+        rows = sorted(by[c], key=lambda e: e.id)
+        rng.shuffle(rows)
+        out += rows[:per_class]
+    rng.shuffle(out)
+    return out
+
+
+def demonstrations(train: list[Example], classes: list[str], k: int, seed: int = 0) -> list[Example]:
+    """k few-shot examples from the train split, cycling through the classes so each appears
+    (k >= number of classes), in a seeded order. Deterministic for a given seed."""
+    if k <= 0:
+        return []
+    rng = random.Random(seed + 7919)
+    pools = {c: sorted((e for e in train if e.label == c and len(e.text) <= 200), key=lambda e: e.id) for c in classes}
+    for c, pool in pools.items():
+        if not pool:
+            raise EmoscopeError(f"no train example of '{c}' for few-shot demonstrations")
+        rng.shuffle(pool)
+    order = list(classes)
+    rng.shuffle(order)
+    picks = [(pool := pools[order[i % len(order)]])[(i // len(order)) % len(pool)] for i in range(k)]
+    rng.shuffle(picks)
+    return picks

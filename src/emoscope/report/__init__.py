@@ -1,0 +1,1 @@
+"""HTML report: one self-contained file with a section per stage."""

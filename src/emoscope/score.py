@@ -1,0 +1,125 @@
+"""Label scoring: the log-probability of every full label string after a prompt.
+
+Fast path: the token prefix shared by all prompts (instruction and demonstrations) is run once and
+its KV cache reused; each batch of prompts then runs only its own suffix (left-padded *between*
+prefix and suffix, with explicit position ids), and the label continuations run on the cached
+prompts, all labels of a batch at once. Multi-token labels count in full. `score_naive` is the
+reference: one full forward per (prompt, label).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from .models import ModelView
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(s) for s in seqs) - 1  # every prompt keeps >= 1 own token: its last logits are needed
+    first = seqs[0]
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+@torch.no_grad()
+def score_ids(view: ModelView, prompts: list[list[int]], labels: list[list[int]], batch_size: int = 8,
+              progress=None) -> np.ndarray:
+    """[n_prompts, n_labels] summed log-probs of each label's tokens given each prompt's tokens."""
+    model, dev = view.model, view.device
+    n_lab, max_lab = len(labels), max(len(l) for l in labels)
+    P = _common_prefix(prompts)
+    prefix_cache = None
+    if P > 0:
+        out = model(input_ids=torch.tensor([prompts[0][:P]], device=dev), use_cache=True)
+        prefix_cache = out.past_key_values
+    result = np.zeros((len(prompts), n_lab), dtype=np.float64)
+    first_tok = torch.tensor([l[0] for l in labels], device=dev)
+    longest = max(len(p) for p in prompts) + max_lab
+    for rows in _batches([len(p) - P for p in prompts], batch_size, equal=longest > _sliding_window(model)):
+        batch = [prompts[r][P:] for r in rows]
+        B, S = len(batch), max(len(s) for s in batch)
+        ids = torch.zeros((B, S), dtype=torch.long, device=dev)
+        mask = torch.zeros((B, P + S), dtype=torch.long, device=dev)
+        pos = torch.full((B, S), P, dtype=torch.long, device=dev)
+        mask[:, :P] = 1
+        for i, s in enumerate(batch):
+            ids[i, S - len(s):] = torch.tensor(s, device=dev)
+            mask[i, P + S - len(s):] = 1
+            pos[i, S - len(s):] = torch.arange(P, P + len(s), device=dev)
+        cache = None
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(B)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                    use_cache=max_lab > 1, logits_to_keep=1)
+        lp = torch.log_softmax(out.logits[:, -1].float(), -1)
+        scores = lp[:, first_tok]  # [B, n_lab]
+        if max_lab > 1:
+            scores = scores + _continuations(model, out.past_key_values, mask, pos[:, -1] + 1, labels, dev)
+        result[rows] = scores.double().cpu().numpy()
+        if progress:
+            progress(B)
+    return result
+
+
+def _sliding_window(model) -> int:
+    """Smallest attention window of any layer (a huge number when no layer slides)."""
+    cfg = model.config.get_text_config()
+    win = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not win or (types is not None and "sliding_attention" not in types):
+        return 1 << 30
+    return int(win)
+
+
+def _batches(lengths: list[int], size: int, equal: bool) -> list[list[int]]:
+    """Row indices in batches, sorted by length to cut padding. Past a sliding window the padding
+    gap would shift the window, so there each batch holds suffixes of one length only."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < size and (not equal or lengths[out[-1][0]] == lengths[i]):
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def _continuations(model, cache, mask, next_pos, labels, dev) -> torch.Tensor:
+    """Log-probs of label tokens 2..m, every label of every prompt in one batch on the shared cache."""
+    B, K, M = mask.shape[0], len(labels), max(len(l) for l in labels) - 1
+    cache.batch_repeat_interleave(K)  # rows: prompt-major, label-minor
+    ids = torch.zeros((B * K, M), dtype=torch.long, device=dev)
+    tgt = torch.zeros((B * K, M), dtype=torch.long, device=dev)
+    valid = torch.zeros((B * K, M), dtype=torch.bool, device=dev)
+    for k, l in enumerate(labels):
+        m = len(l) - 1
+        if m:
+            ids[k::K, :m] = torch.tensor(l[:-1], device=dev)
+            tgt[k::K, :m] = torch.tensor(l[1:], device=dev)
+            valid[k::K, :m] = True
+    # label tokens past the first feed in; padding after a short label is masked out
+    ids_mask = torch.cat([mask.repeat_interleave(K, 0), valid.long()], 1)
+    pos = next_pos.repeat_interleave(K)[:, None] + torch.arange(M, device=dev)[None]
+    out = model(input_ids=ids, attention_mask=ids_mask, position_ids=pos, past_key_values=cache, use_cache=False)
+    lp = torch.log_softmax(out.logits.float(), -1).gather(-1, tgt[..., None])[..., 0]
+    return (lp * valid).sum(-1).view(B, K)
+
+
+@torch.no_grad()
+def score_naive(view: ModelView, prompts: list[list[int]], labels: list[list[int]]) -> np.ndarray:
+    """Reference: one full forward over prompt + label for every (prompt, label) pair."""
+    out = np.zeros((len(prompts), len(labels)))
+    for i, p in enumerate(prompts):
+        for k, l in enumerate(labels):
+            ids = torch.tensor([p + l], device=view.device)
+            lp = torch.log_softmax(view.model(input_ids=ids).logits[0].float(), -1)
+            out[i, k] = sum(lp[len(p) - 1 + j, t].item() for j, t in enumerate(l))
+    return out

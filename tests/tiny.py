@@ -1,0 +1,74 @@
+"""Tiny random-weight models and a tiny BPE tokenizer for fast unit tests (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from emoscope.models import ModelView, make_view
+
+CORPUS = [
+    "I am so happy today, this is wonderful news!",
+    "That was disgusting and gross, I feel sick.",
+    "I'm terrified of what might happen tomorrow.",
+    "Why would you do that? I am furious with you.",
+    "I miss her so much, everything feels empty.",
+    "Wow, I did not expect that at all!",
+    "Classify the emotion expressed in the text. Answer with one word from: anger, disgust, fear, joy, sadness, surprise.",
+    "Text: Emotion: The quick brown fox jumps over the lazy dog.",
+]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(CORPUS * 5, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    tok.chat_template = CHATML
+    return tok
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, n_layers: int = 4, d: int = 32, sliding_window: int = 16) -> ModelView:
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tok), hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if arch == "llama":
+        from transformers import LlamaConfig
+        cfg = LlamaConfig(**common)
+    elif arch == "gemma3":
+        from transformers import Gemma3TextConfig
+        cfg = Gemma3TextConfig(**common, head_dim=8, sliding_window=sliding_window, query_pre_attn_scalar=8,
+                               layer_types=["sliding_attention", "full_attention"] * (n_layers // 2))
+    elif arch == "gpt2":
+        from transformers import GPT2Config
+        cfg = GPT2Config(vocab_size=len(tok), n_embd=d, n_layer=n_layers, n_head=4, n_positions=256,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    elif arch == "qwen2":
+        from transformers import Qwen2Config
+        cfg = Qwen2Config(**common)
+    else:
+        raise ValueError(arch)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    return make_view(model, tok, f"tiny-{arch}", chat=False)
+
+
+def save_tiny(view: ModelView, path: Path) -> Path:
+    view.model.save_pretrained(path, safe_serialization=True)
+    view.tokenizer.save_pretrained(path)
+    return path
