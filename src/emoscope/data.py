@@ -24,7 +24,7 @@ EKMAN = ["anger", "disgust", "fear", "joy", "sadness", "surprise"]
 BUILTIN = {
     "goemotions_ekman": {"splits": {"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"}, "hub": "google-research-datasets/go_emotions"},
     "dair_emotion": {"splits": {"train": "train.txt", "dev": "val.txt", "test": "test.txt"}, "hub": "dair-ai/emotion"},
-    "isear": {"splits": {"all": "isear.csv"}, "hub": None},
+    "isear": {"splits": {"all": "isear.csv"}, "hub": None},  # one file: split by subject, see _hash_split
 }
 SPLIT_ALIASES = {"validation": "dev", "val": "dev", "valid": "dev"}
 
@@ -107,7 +107,7 @@ def read_isear(path: Path, report: LoadReport) -> list[Example]:
     header = lines[0].split("|")
     if "Field1" not in header or "SIT" not in header:
         raise _malformed(path, 1, "header lacks the Field1 and SIT columns")
-    i_label, i_text, i_id = header.index("Field1"), header.index("SIT"), header.index("ID")
+    i_label, i_text, i_id, i_key = (header.index(c) for c in ("Field1", "SIT", "ID", "MYKEY"))
     out = []
     for i, line in enumerate(lines[1:], 2):
         parts = line.split("|")
@@ -118,7 +118,8 @@ def read_isear(path: Path, report: LoadReport) -> list[Example]:
         if not text:
             report.skipped_empty += 1
             continue
-        out.append(Example(parts[i_id], text, (parts[i_label].strip().lower(),)))
+        # id = subject-report: each subject (ID) wrote one report per emotion
+        out.append(Example(f"{parts[i_id]}-{parts[i_key]}", text, (parts[i_label].strip().lower(),)))
     return out
 
 
@@ -195,9 +196,10 @@ def data_dirs(data_dir: str | Path | None = None) -> list[Path]:
     return out
 
 
-def _hash_split(ex_id: str) -> str:
-    """A fixed 70/10/20 train/dev/test split by id hash, for datasets that ship one file."""
-    b = int(hashlib.sha1(ex_id.encode()).hexdigest()[:8], 16) % 100
+def _hash_split(key: str) -> str:
+    """A fixed 70/10/20 train/dev/test split by hash, for datasets that ship one file. ISEAR hashes the
+    subject id, so all reports of one person land in one split (no leakage of a writer's style)."""
+    b = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % 100
     return "train" if b < 70 else "dev" if b < 80 else "test"
 
 
@@ -222,7 +224,7 @@ def load_split(dataset: str, split: str = "test", data_dir: str | Path | None = 
                 reader = {"goemotions_ekman": read_goemotions, "isear": read_isear, "dair_emotion": read_dair}[dataset]
                 rows = reader(path, report)
                 if "all" in spec["splits"]:
-                    rows = [r for r in rows if _hash_split(r.id) == split]
+                    rows = [r for r in rows if _hash_split(r.id.split("-")[0]) == split]
                 return rows, report
         if spec["hub"]:
             return _load_hub(dataset, spec["hub"], split, tried)

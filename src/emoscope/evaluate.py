@@ -28,7 +28,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     name: str = Field(DEFAULT_MODEL, description="Registry name (smollm2-135m-instruct, gemma3-270m), .gguf file, local dir or HF id.")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and activations dtype.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto = bfloat16 on CUDA or a CPU with native bf16, else float32.")
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub (off unless you ask).")
 
 
@@ -121,9 +121,10 @@ def evaluate(cfg: EvalConfig, run_dir: str | Path, view: ModelView | None = None
         "raw": m_raw,
         "calibrated": m_cal,
         "correct_ids": [e.id for e, p in zip(examples, pred_cal) if task.classes[p] == e.label],
-        "seconds": {"load": round(t_load, 2), "score": round(t_score, 2),
-                    "per_example": round(t_score / len(examples), 4)},
     }
+    # timings live apart from results, so that reruns give byte-identical result files
+    timing = {"load": round(t_load, 2), "score": round(t_score, 2), "per_example": round(t_score / len(examples), 4),
+              "device": str(view.device), "dtype": str(view.dtype).replace("torch.", "")}
     df = pd.DataFrame({
         "id": [e.id for e in examples], "text": [e.text for e in examples], "gold": [e.label for e in examples],
         "pred_raw": [task.classes[i] for i in pred_raw], "pred_cal": [task.classes[i] for i in pred_cal],
@@ -133,6 +134,7 @@ def evaluate(cfg: EvalConfig, run_dir: str | Path, view: ModelView | None = None
         df[f"logp_{c}"] = logp[:, j]
     with stage_dir(run_dir, "evaluate") as out:
         write_json(out / "result.json", result)
+        write_json(out / "timing.json", timing)
         df.to_parquet(out / "predictions.parquet", index=False)
     return result
 

@@ -1,0 +1,44 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip("../shared/data not present")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from tiny import tiny_model
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tiny_llama):
+    from tiny import save_tiny
+    return save_tiny(tiny_llama, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> Path:
+    """A small generic CSV dataset with every Ekman label, plenty of rows per class per split."""
+    import csv
+    d = tmp_path_factory.mktemp("toy")
+    words = {"anger": "furious", "disgust": "gross", "fear": "scared", "joy": "happy", "sadness": "sad", "surprise": "wow"}
+    with open(d / "toy.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text", "label"])
+        for i in range(240):
+            lab = list(words)[i % 6]
+            w.writerow([f"r{i}", f"I feel {words[lab]} about thing {i}", lab])
+    return d / "toy.csv"

@@ -1,0 +1,64 @@
+"""The command line: end-to-end on a tiny model, determinism, and one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "emoscope.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def _one_line_error(r, pattern):
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert pattern in lines[0], lines[0]
+
+
+def test_evaluate_end_to_end_and_deterministic(tiny_dir, toy_data, tmp_path):
+    args = ["evaluate", "--model", tiny_dir, "--dataset", toy_data, "--per-class", 4, "--shots", 2, "--calibrate",
+            "--dtype", "float32"]
+    r1 = cli(*args, "--out", tmp_path / "a")
+    assert r1.returncode == 0, r1.stderr
+    r2 = cli(*args, "--out", tmp_path / "b")
+    a = (tmp_path / "a" / "evaluate" / "result.json").read_bytes()
+    assert a == (tmp_path / "b" / "evaluate" / "result.json").read_bytes()
+    res = json.loads(a)
+    assert res["n"] == 24 and res["labels"] == ["anger", "disgust", "fear", "joy", "sadness", "surprise"]
+    assert len(res["demonstrations"]) == 2
+    import pandas as pd
+    df = pd.read_parquet(tmp_path / "a" / "evaluate" / "predictions.parquet")
+    assert len(df) == 24 and set(res["correct_ids"]) == set(df.id[df.correct_cal])
+    assert "macro-F1" in r1.stdout and "calibrated" in r1.stdout
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--model", "no-such-model"], "cannot load model 'no-such-model'"),
+    (["--dataset", "nope"], "unknown dataset"),
+    (["--labels", "anger"], "at least two classes"),
+    (["--labels", "anger,awe"], "unknown label(s) awe"),
+    (["--per-class", 1000], "larger than available"),
+    (["--split", "holdout"], "unknown split"),
+])
+def test_bad_input_one_line(tiny_dir, toy_data, tmp_path, args, msg):
+    opts = {"--model": tiny_dir, "--dataset": toy_data, **dict(zip(args[::2], args[1::2]))}
+    flat = [x for kv in opts.items() for x in kv]
+    r = cli("evaluate", *flat, "--out", tmp_path / "x")
+    _one_line_error(r, msg)
+    assert not (tmp_path / "x" / "evaluate").exists()
+
+
+def test_malformed_file_and_bad_config(tmp_path, tiny_dir):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nhello,\n")
+    _one_line_error(cli("evaluate", "--model", tiny_dir, "--dataset", bad), "malformed data file")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("evaluate:\n  shots: -1\n")
+    _one_line_error(cli("run", "--config", cfg), "evaluate.shots")
+    cfg.write_text("evaluate:\n  bogus_key: 1\n")
+    _one_line_error(cli("run", "--config", cfg), "bogus_key")
+    _one_line_error(cli("run", "--config", tmp_path / "none.yaml"), "config file not found")

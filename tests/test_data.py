@@ -1,0 +1,116 @@
+"""Loaders on the real files and the label policy."""
+
+import collections
+import json
+
+import pytest
+
+from emoscope.data import EKMAN, LoadReport, demonstrations, label_set, load_split, read_isear, read_table, select
+from emoscope.errors import EmoscopeError
+
+
+def test_goemotions_counts_and_labels(shared_data):
+    rows, rep = load_split("goemotions_ekman", "train", shared_data)
+    assert len(rows) == 43410 and rep.skipped_empty == 0
+    labels = {l for r in rows for l in r.labels}
+    assert labels == set(EKMAN) | {"neutral"}
+    assert sum(len(r.labels) > 1 for r in rows) > 1000  # multi-label rows are kept by the loader
+    dev, _ = load_split("goemotions_ekman", "validation", shared_data)
+    assert len(dev) == 5426
+
+
+def test_isear_stray_bar_rows(shared_data):
+    path = shared_data / "isear" / "isear.csv"
+    rows = read_isear(path, LoadReport(str(path)))
+    assert len(rows) == 7666
+    assert collections.Counter(r.label for r in rows)["disgust"] == 1096
+    assert {r.label for r in rows} == {"anger", "disgust", "fear", "joy", "sadness", "shame", "guilt"}
+    lines = path.read_text(encoding="utf-8").splitlines()[1:]
+    stray = [i for i, l in enumerate(lines) if l.count("|") > 42]
+    assert len(stray) > 100
+    for i in stray[:20]:
+        r = rows[i]
+        assert "|" in r.text and r.label in EKMAN + ["shame", "guilt"]
+        assert not r.text.endswith("|") and "á" not in r.text
+    # splits are disjoint and cover the file
+    ids = [set(r.id for r in load_split("isear", s, shared_data)[0]) for s in ("train", "dev", "test")]
+    assert sum(map(len, ids)) == 7666 and not (ids[0] & ids[2])
+    subjects = [{i.split("-")[0] for i in s} for s in ids]
+    assert not (subjects[0] & subjects[1]) and not (subjects[0] & subjects[2])
+
+
+def test_dair_header_and_labels(shared_data):
+    tr, _ = load_split("dair_emotion", "train", shared_data)
+    te, _ = load_split("dair_emotion", "test", shared_data)
+    assert len(tr) == 16000 and len(te) == 2000
+    assert {r.label for r in tr} == {"sadness", "joy", "love", "anger", "fear", "surprise"}
+    assert label_set(tr, None, "drop") == ["anger", "fear", "joy", "sadness", "surprise"]
+    assert label_set(tr, None, "keep")[-1] == "love"
+
+
+def test_meld_and_jsonl(tmp_path):
+    (tmp_path / "meld.csv").write_text('Sr No.,Utterance,Speaker,Emotion\n1,"Oh, great.",Joey,Joy\n2,"",Ross,anger\n3,No way!,Rachel,surprise\n')
+    rep = LoadReport("x")
+    rows = read_table(tmp_path / "meld.csv", rep, "Utterance", "Emotion")
+    assert [r.label for r in rows] == ["joy", "surprise"] and rep.skipped_empty == 1
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "a", "label": "joy"}) + "\n" + "{bad\n")
+    with pytest.raises(EmoscopeError, match=r"d.jsonl:2: invalid JSON"):
+        read_table(tmp_path / "d.jsonl", LoadReport("x"))
+
+
+def test_bad_inputs(tmp_path, shared_data):
+    with pytest.raises(EmoscopeError, match="unknown dataset"):
+        load_split("nope", "test")
+    bad = tmp_path / "goemotions_ekman"
+    bad.mkdir()
+    (bad / "labels.txt").write_text("anger\njoy\n")
+    (bad / "test.tsv").write_text("fine text\t0\tid1\nbroken line without tabs\n")
+    with pytest.raises(EmoscopeError, match=r"test.tsv:2: expected 3 tab-separated"):
+        load_split("goemotions_ekman", "test", tmp_path)
+    (bad / "test.tsv").write_text("text\t7\tid1\n")
+    with pytest.raises(EmoscopeError, match="unknown label id"):
+        load_split("goemotions_ekman", "test", tmp_path)
+    (bad / "test.tsv").unlink()
+    with pytest.raises(EmoscopeError, match="missing data file"):
+        load_split("goemotions_ekman", "test", tmp_path)
+    rows, rep = load_split("goemotions_ekman", "test", shared_data)
+    with pytest.raises(EmoscopeError, match="unknown label"):
+        label_set(rows, ["anger", "love"], "drop")
+    with pytest.raises(EmoscopeError, match="at least two classes"):
+        label_set(rows, ["anger"], "drop")
+    with pytest.raises(EmoscopeError, match="larger than available.*disgust"):
+        select(rows, EKMAN, rep, per_class=500, split="test")
+
+
+def test_missing_dataset_names_what_was_tried(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMOSCOPE_DATA", str(tmp_path / "envdir"))
+    monkeypatch.chdir(tmp_path)
+    import emoscope.data as d
+    monkeypatch.setattr(d, "data_dirs", lambda data_dir=None: [tmp_path / "a", tmp_path / "envdir"])
+    with pytest.raises(EmoscopeError) as e:
+        d.load_split("isear", "test")
+    assert str(tmp_path / "a" / "isear") in str(e.value) and "envdir" in str(e.value)
+
+
+def test_empty_rows_skipped_and_counted(tmp_path):
+    (tmp_path / "dair.txt").write_text("text;label_name\nhello there;joy\n   ;sadness\nbye;sadness\n")
+    from emoscope.data import read_dair
+    rep = LoadReport("x")
+    rows = read_dair(tmp_path / "dair.txt", rep)
+    assert len(rows) == 2 and rep.skipped_empty == 1
+
+
+def test_select_balanced_and_deterministic(shared_data):
+    rows, rep = load_split("goemotions_ekman", "test", shared_data)
+    a = select(rows, EKMAN, rep, per_class=20, seed=3)
+    b = select(rows, EKMAN, LoadReport("x"), per_class=20, seed=3)
+    c = select(rows, EKMAN, LoadReport("x"), per_class=20, seed=4)
+    assert [e.id for e in a] == [e.id for e in b] != [e.id for e in c]
+    assert collections.Counter(e.label for e in a) == {l: 20 for l in EKMAN}
+    assert rep.dropped["multi-label"] > 0
+    tr, trep = load_split("goemotions_ekman", "train", shared_data)
+    pool = select(tr, EKMAN, trep)
+    d1, d2 = demonstrations(pool, EKMAN, 6, 0), demonstrations(pool, EKMAN, 6, 0)
+    assert [e.id for e in d1] == [e.id for e in d2] and {e.label for e in d1} == set(EKMAN)
+    test_ids = {e.id for e in rows}
+    assert not test_ids & {e.id for e in d1}

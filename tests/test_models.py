@@ -1,0 +1,43 @@
+"""The uniform model view on several architectures, and loading by path."""
+
+import pytest
+import torch
+
+from emoscope.errors import EmoscopeError
+from emoscope.models import load_model, resolve_dtype
+from tiny import tiny_model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2", "gpt2"])
+def test_view_handles(arch):
+    v = tiny_model(arch)
+    assert v.n_layers == 4 and v.d_model == 32
+    ids = torch.tensor([v.tokenizer("I am so happy").input_ids])
+    out = v.model(input_ids=ids, output_hidden_states=True)
+    # the last hidden state (before the final norm) read through the view gives the model's logits
+    pre_norm = {}
+    h = v.final_norm.register_forward_hook(lambda m, i, o: pre_norm.setdefault("x", i[0]))
+    v.model(input_ids=ids)
+    h.remove()
+    torch.testing.assert_close(v.logits_from_resid(pre_norm["x"]), out.logits, atol=1e-5, rtol=1e-5)
+    assert v.check_layer(3) == 3
+    with pytest.raises(EmoscopeError, match="out of range"):
+        v.check_layer(4)
+
+
+def test_load_local_dir_and_bad_names(tiny_dir):
+    v = load_model(str(tiny_dir), device="cpu", dtype="float32")
+    assert v.n_layers == 4 and v.dtype == torch.float32
+    with pytest.raises(EmoscopeError, match="cannot load model"):
+        load_model(str(tiny_dir / "missing"))
+    with pytest.raises(EmoscopeError, match="GGUF file not found"):
+        load_model("/nonexistent/model.gguf")
+    with pytest.raises(EmoscopeError, match="unknown dtype"):
+        load_model(str(tiny_dir), dtype="int3")
+
+
+def test_auto_dtype():
+    assert resolve_dtype("float32", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
