@@ -81,7 +81,7 @@ def evaluate(
     label_column: str = typer.Option("label", help="Label column for CSV/TSV/JSONL."),
     data_dir: Optional[str] = typer.Option(None, help="Folder with the dataset folders."),
     device: str = typer.Option("auto"),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    dtype: str = typer.Option("float32", help="float32 (default), bfloat16, float16, or auto (bf16 where native)."),
     seed: int = typer.Option(0),
     batch_size: int = typer.Option(8),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/evaluate/<model>-<dataset>-<split>-k<shots>)."),

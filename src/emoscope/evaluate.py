@@ -28,7 +28,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     name: str = Field(DEFAULT_MODEL, description="Registry name (smollm2-135m-instruct, gemma3-270m), .gguf file, local dir or HF id.")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto = bfloat16 on CUDA or a CPU with native bf16, else float32.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="float32 (exact, default), bfloat16, float16, or auto = bfloat16 on CUDA or a CPU with native bf16.")
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub (off unless you ask).")
 
 

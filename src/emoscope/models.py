@@ -195,7 +195,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False) -> ModelView:
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False) -> ModelView:
     """Load a registry model, a .gguf file, a local HF directory or a hub id, as a `ModelView`."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

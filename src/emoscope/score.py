@@ -115,11 +115,13 @@ def _continuations(model, cache, mask, next_pos, labels, dev) -> torch.Tensor:
 
 @torch.no_grad()
 def score_naive(view: ModelView, prompts: list[list[int]], labels: list[list[int]]) -> np.ndarray:
-    """Reference: one full forward over prompt + label for every (prompt, label) pair."""
+    """Reference: one full forward over prompt + label for every (prompt, label) pair (logits kept
+    only at the label positions, as any sensible per-label implementation would)."""
     out = np.zeros((len(prompts), len(labels)))
     for i, p in enumerate(prompts):
         for k, l in enumerate(labels):
             ids = torch.tensor([p + l], device=view.device)
-            lp = torch.log_softmax(view.model(input_ids=ids).logits[0].float(), -1)
-            out[i, k] = sum(lp[len(p) - 1 + j, t].item() for j, t in enumerate(l))
+            logits = view.model(input_ids=ids, logits_to_keep=len(l) + 1).logits[0, :-1]
+            lp = torch.log_softmax(logits.float(), -1)
+            out[i, k] = sum(lp[j, t].item() for j, t in enumerate(l))
     return out
