@@ -1,0 +1,28 @@
+"""Hooks return exactly the hidden states that output_hidden_states returns."""
+
+import pytest
+import torch
+
+from emoscope.capture import HookPoint, all_resid, record
+from emoscope.errors import EmoscopeError
+from tiny import tiny_model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2", "gpt2"])
+def test_resid_hooks_equal_hidden_states(arch):
+    v = tiny_model(arch)
+    ids = torch.tensor([v.tokenizer("I am so happy today, wonderful").input_ids])
+    with record(v, all_resid(v) + [HookPoint(1, "attn_out"), HookPoint(1, "mlp_out")]) as acts:
+        out = v.model(input_ids=ids, output_hidden_states=True)
+    hs = out.hidden_states  # embeddings, then each block; the last one is after the final norm
+    for l in range(v.n_layers - 1):
+        torch.testing.assert_close(acts[f"blocks.{l}.hook_resid_post"], hs[l + 1])
+    last = acts[f"blocks.{v.n_layers - 1}.hook_resid_post"]
+    torch.testing.assert_close(v.final_norm(last), hs[-1])
+    # resid_post(L) = resid_post(L-1) + attn_out(L) + mlp_out(L)
+    torch.testing.assert_close(acts["blocks.1.hook_resid_post"],
+                               hs[1] + acts["blocks.1.hook_attn_out"] + acts["blocks.1.hook_mlp_out"], atol=1e-5, rtol=1e-4)
+    with pytest.raises(EmoscopeError, match="unknown hook"):
+        HookPoint.parse("blocks.1.resid")
+    assert HookPoint.parse("blocks.3.hook_mlp_out") == HookPoint(3, "mlp_out")
+
