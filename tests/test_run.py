@@ -10,8 +10,9 @@ from emoscope.run import RunConfig, run
 def _cfg(tmp_path, tiny_dir, data):
     return RunConfig.model_validate({
         "run_dir": str(tmp_path / "run"),
-        "evaluate": {"model": {"name": str(tiny_dir), "dtype": "float32"},
-                     "data": {"dataset": str(data), "per_class": 3}, "shots": 1},
+        "model": {"name": str(tiny_dir), "dtype": "float32"},
+        "stages": ["evaluate"],
+        "evaluate": {"data": {"dataset": str(data), "per_class": 3}, "shots": 1},
     })
 
 
@@ -53,4 +54,27 @@ def test_quick_config_is_valid():
     from pathlib import Path
     raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / "quick.yaml").read_text())
     cfg = RunConfig.model_validate(raw)
-    assert cfg.evaluate.model.name == "gemma3-270m" and cfg.run_dir == "runs/demo"
+    assert cfg.model.name == "gemma3-270m" and cfg.run_dir == "runs/demo"
+
+
+def test_saes_stage_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
+    from emoscope.models import load_model
+    from emoscope.sae.stage import load_saes
+
+    cfg = RunConfig.model_validate({
+        "run_dir": str(tmp_path / "run"), "model": {"name": str(tiny_dir)}, "stages": ["evaluate", "saes"],
+        "evaluate": {"data": {"dataset": str(toy_data), "per_class": 2}},
+        "saes": {"train": {"tokens": 4000, "layers": [1, 3], "expansion": 4, "k": 4, "batch_tokens": 256,
+                           "buffer_tokens": 1024, "seqs_per_forward": 4}, "eval_seqs": 8},
+    })
+    run(cfg, log=lambda s: None)
+    res = json.loads((tmp_path / "run" / "saes" / "result.json").read_text())
+    assert res["hooks"] == ["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]
+    for q in res["quality"].values():
+        assert q["l0"] <= 4 + 1e-9 and 0 <= q["fvu"] < 1.0 and q["n_tokens"] > 100 and "ce_recovered" in q
+    view = load_model(str(tiny_dir))
+    saes = load_saes(tmp_path / "run", view)
+    assert set(saes) == set(res["hooks"]) and saes["blocks.1.hook_resid_post"].cfg.k == 4
+    logs = []
+    run(cfg, log=logs.append)
+    assert "stage saes: up to date, skipped" in logs

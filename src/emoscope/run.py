@@ -1,7 +1,9 @@
 """Stage orchestration: `emoscope run --config CONFIG` runs every stage into one run directory.
 
-A stage is skipped when its saved result carries the same config hash (so a rerun is cheap and an
-interrupted run resumes); `force` names stages to rerun regardless. Stages so far: evaluate, report.
+A stage is skipped when its saved result carries the hash of its config and of the results it reads
+(so a rerun is cheap, an interrupted run resumes, and changing one key reruns only what depends on
+it); `force` names stages to rerun regardless. The model is loaded once, and only if a stage runs.
+Stages so far: evaluate, saes, then the report.
 """
 
 from __future__ import annotations
@@ -13,13 +15,30 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .artifacts import config_hash, read_json
 from .errors import EmoscopeError
-from .evaluate import EvalConfig, evaluate
+from .evaluate import EvalConfig, ModelConfig, evaluate
+from .sae.stage import SAEStageConfig, run_saes
+
+STAGES = ("evaluate", "saes")
 
 
 class RunConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
     run_dir: str = Field("runs/demo", description="Where every stage writes its folder and the report.")
+    model: ModelConfig = Field(ModelConfig(), description="The model every stage analyses.")
+    data_dir: str | None = Field(None, description="Folder holding the dataset folders (else $EMOSCOPE_DATA, ../shared/data).")
+    stages: list[str] = Field(list(STAGES), description="Stages to run, in pipeline order.")
     evaluate: EvalConfig = EvalConfig()
+    saes: SAEStageConfig = SAEStageConfig()
+
+    def stage_config(self, stage: str):
+        """The stage's config as it is hashed and run: shared keys (model, data_dir) filled in."""
+        if stage == "evaluate":
+            ev = self.evaluate.model_copy(deep=True)
+            ev.model = self.model
+            if self.data_dir:
+                ev.data.data_dir = self.data_dir
+            return ev
+        return getattr(self, stage)
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -31,26 +50,47 @@ def load_config(path: str | Path) -> RunConfig:
     except yaml.YAMLError as e:
         raise EmoscopeError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
         raise EmoscopeError(f"config {p}: {where}: {err['msg']}") from None
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise EmoscopeError(f"config {p}: unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}")
+    return cfg
 
 
-def is_current(run_dir: Path, stage: str, cfg: BaseModel) -> bool:
+def stage_hash(cfg: RunConfig, stage: str) -> str:
+    if stage == "evaluate":
+        return config_hash(cfg.stage_config("evaluate"))
+    return config_hash(cfg.stage_config(stage), cfg.model, cfg.data_dir)
+
+
+def is_current(run_dir: Path, stage: str, cfg: RunConfig) -> bool:
     f = run_dir / stage / "result.json"
-    return f.exists() and read_json(f).get("config_hash") == config_hash(cfg)
+    return f.exists() and read_json(f).get("config_hash") == stage_hash(cfg, stage)
 
 
 def run(cfg: RunConfig, force: set[str] = frozenset(), log=print, progress_factory=None) -> Path:
+    from .models import load_model
+
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if "evaluate" in force or not is_current(run_dir, "evaluate", cfg.evaluate):
-        log("stage evaluate: scoring")
-        evaluate(cfg.evaluate, run_dir, progress=progress_factory("evaluate") if progress_factory else None)
-    else:
-        log("stage evaluate: up to date, skipped")
+    view = None
+    for stage in [s for s in STAGES if s in cfg.stages]:
+        if stage not in force and is_current(run_dir, stage, cfg):
+            log(f"stage {stage}: up to date, skipped")
+            continue
+        log(f"stage {stage}: running")
+        if view is None:
+            m = cfg.model
+            view = load_model(m.name, m.device, m.dtype, m.trust_remote_code)
+        prog = progress_factory(stage) if progress_factory else None
+        if stage == "evaluate":
+            evaluate(cfg.stage_config("evaluate"), run_dir, view=view, progress=prog)
+        elif stage == "saes":
+            run_saes(cfg.saes, run_dir, view, cfg.data_dir, progress=prog, log=log, key=stage_hash(cfg, "saes"))
     from .report.html import write_report
     path = write_report(run_dir)
     log(f"report: {path}")

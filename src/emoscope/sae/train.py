@@ -1,0 +1,197 @@
+"""Train the SAEs of every requested layer from one activation stream.
+
+One forward pass of the LLM over a batch of sequences records all layers' residuals (as EleutherAI
+sparsify does); the activations fill a shuffle buffer, and each layer's SAE then takes its optimiser
+steps on its slice of the buffer. Activations are divided by a per-layer scale (RMS norm / sqrt(d))
+during training, and the scale is folded back into the saved weights, so saved SAEs read raw
+activations and report features in raw units, with unit-norm decoder rows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..capture import HookPoint, record
+from ..errors import EmoscopeError
+from ..models import ModelView
+from .corpus import sequences
+from .model import SAE, SAEConfig
+from .topk_step import topk_grads
+
+
+class SAETrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layers: list[int] | None = Field(None, description="Layers to train SAEs for; None = every layer.")
+    kind: Literal["resid_post", "attn_out", "mlp_out"] = Field("resid_post", description="Hook kind at each layer.")
+    architecture: Literal["topk"] = Field("topk", description="SAE architecture trained here (TopK with AuxK).")
+    expansion: int = Field(8, ge=1, description="d_sae = expansion * d_model.")
+    k: int = Field(32, ge=1, description="Active features per token (TopK).")
+    tokens: int = Field(200_000, ge=1000, description="Training tokens (activations per layer).")
+    context: int = Field(128, ge=8, description="Longest sequence, in tokens.")
+    seqs_per_forward: int = Field(16, ge=1, description="Sequences per LLM forward pass.")
+    batch_tokens: int = Field(2048, ge=64, description="Tokens per SAE optimiser step.")
+    buffer_tokens: int = Field(32768, ge=256, description="Shuffle-buffer size in tokens.")
+    lr: float = Field(8e-4, gt=0, description="Adam learning rate.")
+    aux_k: int | None = Field(None, description="Dead latents used by the AuxK loss; None = 2 * k (memory-bound on CPU).")
+    aux_coef: float = Field(1 / 32, ge=0, description="Weight of the AuxK loss.")
+    dead_tokens: int = Field(50_000, ge=1, description="A latent unfired for this many tokens counts as dead.")
+    fast_matmul: Literal["auto", "float32", "bfloat16"] = Field("auto", description="Encoder matmul dtype; auto = bf16 where native.")
+    mix: tuple[float, float, float] = Field((0.5, 0.25, 0.25), description="Weights of WikiText / plain emotion text / task prompts.")
+    seed: int = Field(0, description="Seed for initialisation, corpus order and shuffling.")
+
+
+def _fast_dtype(choice: str, device) -> torch.dtype:
+    if choice == "auto":
+        native = device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.bfloat16 if native else torch.float32
+    return getattr(torch, choice)
+
+
+def _batches(stream, per_forward: int, pool: int = 8):
+    """Batches of sequences of similar length (sorted within a pool of `pool` batches) to cut padding."""
+    while True:
+        seqs = sorted((next(stream) for _ in range(per_forward * pool)), key=len)
+        yield from (seqs[i:i + per_forward] for i in range(0, len(seqs), per_forward))
+
+
+def _harvest(view: ModelView, hooks: list[HookPoint], seqs: list[list[int]]) -> dict[str, torch.Tensor]:
+    """One forward over a batch of sequences; activations at every non-pad position after the first."""
+    from .evaluate import pad_batch
+
+    ids, mask = pad_batch(seqs, view.device)
+    keep = mask.bool().clone()
+    keep[:, 0] = False  # the first position (BOS) is an outlier the SAEs are not meant to explain
+    with torch.no_grad(), record(view, hooks) as acts:
+        view.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+    return {h.name: acts[h.name][keep].float() for h in hooks}
+
+
+class _Layer:
+    """Training state of one layer's SAE (parameters in the training scale, Adam, dead counters)."""
+
+    def __init__(self, cfg: SAETrainConfig, hp: HookPoint, d: int, scale: float, b_dec: torch.Tensor, model_name: str, device):
+        m = cfg.expansion * d
+        self.hp, self.scale = hp, scale
+        sae = SAE.init(SAEConfig(d_in=d, d_sae=m, k=cfg.k, hook_name=hp.name, model_name=model_name),
+                       seed=cfg.seed * 1000 + hp.layer, b_dec=b_dec)
+        self.W_enc_T = sae.W_enc.detach().T.contiguous().to(device).requires_grad_()
+        self.b_enc = sae.b_enc.detach().clone().to(device).requires_grad_()
+        self.W_dec = sae.W_dec.detach().clone().to(device).requires_grad_()
+        self.b_dec = sae.b_dec.detach().clone().to(device).requires_grad_()
+        # Gao et al. (2024): lr scaled by 1/sqrt(d_sae / 2^14)
+        lr = cfg.lr / math.sqrt(max(m / 2**14, 1.0))
+        self.opt = torch.optim.Adam([self.W_enc_T, self.b_enc, self.W_dec, self.b_dec], lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
+        self.since_fired = torch.zeros(m, dtype=torch.long, device=device)
+        self.stats = {"mse": [], "var": [], "l0": [], "aux": []}
+
+    def step(self, x: torch.Tensor, cfg: SAETrainConfig, fast) -> None:
+        dead = self.since_fired > cfg.dead_tokens
+        out, g = topk_grads(x, self.W_enc_T.T, self.b_enc, self.W_dec, self.b_dec, cfg.k, dead,
+                            cfg.aux_k or 2 * cfg.k, cfg.aux_coef, fast)
+        # keep decoder rows on the unit sphere: drop the gradient component along each row
+        g_dec = g["W_dec"]
+        g_dec -= (g_dec * self.W_dec).sum(-1, keepdim=True) * self.W_dec
+        self.W_enc_T.grad, self.b_enc.grad, self.W_dec.grad, self.b_dec.grad = g["W_enc"].T.contiguous(), g["b_enc"], g_dec, g["b_dec"]
+        self.opt.step()
+        with torch.no_grad():
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+        self.since_fired += x.shape[0]
+        self.since_fired[out.fired] = 0
+        s = self.stats
+        s["mse"].append(float(out.mse))
+        s["var"].append(float((x - x.mean(0)).pow(2).sum(-1).mean()))
+        s["l0"].append(out.l0)
+        s["aux"].append(float(out.aux))
+
+    def export(self, extra: dict) -> SAE:
+        """Fold the training scale back in: features and thresholds in raw units, decoder unit-norm."""
+        d, m = self.W_dec.shape[1], self.W_dec.shape[0]
+        sae = SAE(SAEConfig(d_in=d, d_sae=m, k=0, hook_name=self.hp.name))
+        with torch.no_grad():
+            sae.W_enc.copy_(self.W_enc_T.T.cpu())
+            sae.b_enc.copy_(self.b_enc.cpu() * self.scale)
+            sae.W_dec.copy_(self.W_dec.cpu())
+            sae.b_dec.copy_(self.b_dec.cpu() * self.scale)
+        sae.cfg.extra = extra
+        return sae
+
+
+def fit(x: torch.Tensor, cfg: SAETrainConfig, hook_name: str = "blocks.0.hook_resid_post", epochs: int = 1,
+        model_name: str = "") -> tuple[SAE, dict]:
+    """Train one SAE on activations already in memory [n, d] (tests, benchmarks, stored activations)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    scale = float(x.pow(2).sum(-1).mean().sqrt() / math.sqrt(x.shape[1]))
+    st = _Layer(cfg, HookPoint.parse(hook_name), x.shape[1], scale, (x / scale).mean(0), model_name, x.device)
+    fast = _fast_dtype(cfg.fast_matmul, x.device)
+    for _ in range(epochs):
+        xs = x[torch.randperm(len(x), generator=gen)] / scale
+        for i in range(0, len(xs) - cfg.batch_tokens + 1, cfg.batch_tokens):
+            st.step(xs[i:i + cfg.batch_tokens], cfg, fast)
+    sae = st.export({"tokens": len(x) * epochs, "seed": cfg.seed})
+    sae.cfg.k, sae.cfg.model_name = cfg.k, model_name
+    return sae, _layer_stats(st, cfg)
+
+
+def _layer_stats(st: "_Layer", cfg: SAETrainConfig, last: int = 20) -> dict:
+    s = st.stats
+    fvu = sum(s["mse"][-last:]) / max(sum(s["var"][-last:]), 1e-12)
+    return {"train_fvu_last": round(fvu, 4), "train_l0": round(sum(s["l0"][-last:]) / max(len(s["l0"][-last:]), 1), 2),
+            "dead_frac_train": round(float((st.since_fired > cfg.dead_tokens).float().mean()), 4),
+            "scale": st.scale, "steps": len(s["mse"]), "trained_tokens": len(s["mse"]) * cfg.batch_tokens}
+
+
+def train_saes(view: ModelView, cfg: SAETrainConfig, data_dir=None, progress: Callable[[int], None] | None = None,
+               log: Callable[[str], None] = lambda s: None) -> tuple[dict[str, SAE], dict]:
+    """Train one SAE per requested layer from a single stream of LLM forwards. Returns SAEs and stats."""
+    layers = cfg.layers if cfg.layers is not None else list(range(view.n_layers))
+    if not layers:
+        raise EmoscopeError("no layers to train SAEs for")
+    hooks = [HookPoint(view.check_layer(l), cfg.kind) for l in layers]
+    fast = _fast_dtype(cfg.fast_matmul, view.device)
+    torch.manual_seed(cfg.seed)
+    batches = _batches(sequences(view, "train", cfg.context, cfg.seed, cfg.mix, data_dir), cfg.seqs_per_forward)
+    t0, t_fwd, seen = time.time(), 0.0, 0
+    states: dict[str, _Layer] = {}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    buf: dict[str, list[torch.Tensor]] = {h.name: [] for h in hooks}
+    n_buf = 0
+    while seen < cfg.tokens:
+        t = time.time()
+        acts = _harvest(view, hooks, next(batches))
+        t_fwd += time.time() - t
+        n = next(iter(acts.values())).shape[0]
+        for name, a in acts.items():
+            buf[name].append(a)
+        n_buf += n
+        if n_buf < cfg.buffer_tokens and seen + n_buf < cfg.tokens:
+            continue
+        take = min(n_buf, cfg.tokens - seen)
+        perm = torch.randperm(n_buf, generator=gen)[:take]
+        for h in hooks:
+            x = torch.cat(buf[h.name])[perm].to(view.device)
+            buf[h.name] = []
+            if h.name not in states:  # first buffer: scale and b_dec init from data
+                scale = float(x.pow(2).sum(-1).mean().sqrt() / math.sqrt(x.shape[1]))
+                states[h.name] = _Layer(cfg, h, x.shape[1], scale, (x / scale).mean(0).cpu(), view.name, view.device)
+            st = states[h.name]
+            x = x / st.scale
+            for i in range(0, take - cfg.batch_tokens + 1, cfg.batch_tokens):
+                st.step(x[i:i + cfg.batch_tokens], cfg, fast)
+        seen += take
+        n_buf = 0
+        if progress:
+            progress(take)
+    wall = time.time() - t0
+    stats = {"tokens": seen, "seconds": round(wall, 1), "forward_seconds": round(t_fwd, 1),
+             "tokens_per_second": round(seen / wall, 1), "fast_matmul": str(fast).replace("torch.", ""), "layers": {}}
+    saes = {}
+    for name, st in states.items():
+        stats["layers"][name] = _layer_stats(st, cfg)
+        saes[name] = st.export({"tokens": seen, "seed": cfg.seed, "k": cfg.k, "expansion": cfg.expansion})
+        saes[name].cfg.k, saes[name].cfg.model_name = cfg.k, view.name
+    return saes, stats
