@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15
 
 bench: $(STAMP)
-	$(BIN)/python bench/score_labels.py
+	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -130,6 +130,52 @@ def run(config: Path = typer.Option(..., help="Run config YAML (see configs/quic
     console.print(f"report: {path}")
 
 
+@app.command("train-saes")
+def train_saes_cmd(
+    model: str = typer.Option("gemma3-270m", help="Registry name, .gguf file, local dir or HF id."),
+    profile: str = typer.Option("quick", help="quick (minutes, CI/demo) or full (research quality)."),
+    layers: Optional[str] = typer.Option(None, help="Comma-separated layers (default: all)."),
+    tokens: Optional[int] = typer.Option(None, help="Override the profile's training tokens."),
+    expansion: int = typer.Option(8), k: int = typer.Option(32), seed: int = typer.Option(0),
+    pretrained: Optional[str] = typer.Option(None, help="Folder of SAELens-format SAEs to load and evaluate instead."),
+    data_dir: Optional[str] = typer.Option(None), dtype: str = typer.Option("float32"), device: str = typer.Option("auto"),
+    out: Path = typer.Option(Path("runs/saes"), help="Run directory; SAEs go to OUT/saes/<hook>/."),
+):
+    """Train (or load) an SAE for every requested layer and evaluate them: L0, FVU, CE-loss recovered, dead %."""
+    from .models import load_model
+    from .sae.stage import PROFILES, SAEStageConfig, run_saes
+    from .sae.train import SAETrainConfig
+
+    if profile not in PROFILES:
+        raise EmoscopeError(f"unknown profile '{profile}': choose {', '.join(PROFILES)}")
+    train = {**PROFILES[profile], "expansion": expansion, "k": k, "seed": seed}
+    if tokens:
+        train["tokens"] = tokens
+    if layers:
+        try:
+            train["layers"] = [int(x) for x in layers.split(",")]
+        except ValueError:
+            raise EmoscopeError(f"--layers must be comma-separated integers, got '{layers}'") from None
+    cfg = _validated(SAEStageConfig, train=_validated(SAETrainConfig, **train), pretrained=pretrained)
+    view = load_model(model, device, dtype)
+    with _progress() as p:
+        task = p.add_task("training SAEs (tokens)", total=cfg.train.tokens if not pretrained else None)
+        res = run_saes(cfg, out, view, data_dir, progress=lambda n: p.advance(task, n))
+    print_saes(res)
+    console.print(f"wrote {out / 'saes'}")
+
+
+def print_saes(res: dict) -> None:
+    t = Table(title=f"SAEs for {res['model']}: held-out quality by layer")
+    for c in ["hook", "depth", "L0", "FVU", "CE recovered", "dead %"]:
+        t.add_column(c)
+    for h in res["hooks"]:
+        q = res["quality"][h]
+        ce = q.get("ce_recovered")
+        t.add_row(h, f"{res['depth'][h]:.2f}", f"{q['l0']:.1f}", f"{q['fvu']:.3f}", "" if ce is None else f"{ce:.3f}", f"{100 * q['dead_frac']:.1f}")
+    Console().print(t)
+
+
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory.")):
     """(Re)write RUN_DIR/report.html from the saved stage results."""

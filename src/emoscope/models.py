@@ -83,6 +83,7 @@ class ModelView:
     unembed: nn.Module
     chat: bool
     softcap: float | None = None
+    path: str | None = None  # local directory the weights came from (the safetensors cache for GGUF)
 
     @property
     def n_layers(self) -> int:
@@ -142,7 +143,8 @@ def make_view(model: nn.Module, tokenizer, name: str, chat: bool | None = None) 
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    return ModelView(model, tokenizer, name, blocks, norm, unembed, chat, softcap)
+    path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    return ModelView(model, tokenizer, name, blocks, norm, unembed, chat, softcap, str(path) if path else None)
 
 
 def _from_dir(path: str | Path, dtype: torch.dtype, device: str, trust_remote_code: bool = False, **kw):
@@ -173,7 +175,9 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, device: str):
         (tmp / "complete").write_text(str(gguf) + "\n")
         shutil.rmtree(cache, ignore_errors=True)
         os.replace(tmp, cache)
-    return _from_dir(cache, dtype, device)
+    model, tok = _from_dir(cache, dtype, device)
+    model.name_or_path = str(cache)
+    return model, tok
 
 
 def resolve_device(device: str) -> str:

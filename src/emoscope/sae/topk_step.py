@@ -30,7 +30,7 @@ def _outer(idx, vals, dense, m):
     """sum_b sum_j e_{idx[b,j]} vals[b,j] dense[b]^T  ->  [m, d], as a sparse-dense matmul (no [B,k,d] tensor)."""
     B, k = idx.shape
     rows = torch.arange(B, device=idx.device).repeat_interleave(k)
-    S = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), vals.reshape(-1), (m, B))
+    S = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), vals.reshape(-1), (m, B), check_invariants=False)
     return torch.sparse.mm(S, dense)
 
 

@@ -89,6 +89,7 @@ class _Layer:
         self.since_fired = torch.zeros(m, dtype=torch.long, device=device)
         self.stats = {"mse": [], "var": [], "l0": [], "aux": []}
 
+    @torch.no_grad()
     def step(self, x: torch.Tensor, cfg: SAETrainConfig, fast) -> None:
         dead = self.since_fired > cfg.dead_tokens
         out, g = topk_grads(x, self.W_enc_T.T, self.b_enc, self.W_dec, self.b_dec, cfg.k, dead,
@@ -98,8 +99,7 @@ class _Layer:
         g_dec -= (g_dec * self.W_dec).sum(-1, keepdim=True) * self.W_dec
         self.W_enc_T.grad, self.b_enc.grad, self.W_dec.grad, self.b_dec.grad = g["W_enc"].T.contiguous(), g["b_enc"], g_dec, g["b_dec"]
         self.opt.step()
-        with torch.no_grad():
-            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
         self.since_fired += x.shape[0]
         self.since_fired[out.fired] = 0
         s = self.stats

@@ -1,0 +1,117 @@
+"""Benchmark: TopK SAE training throughput and quality, emoscope vs SAELens, same activations.
+
+Both train a TopK SAE of the same size (expansion x d_model, k) on the same activations of one
+layer, in the same order, with the same batch size and learning rate, for the same tokens; each
+library keeps its own recommended loss settings. Activations are pre-scaled to mean squared norm
+d_model for both. Reported: training tokens per second and FVU on held-out activations. SAELens is
+run in float32 and with bf16 autocast. Target: emoscope >= 2x SAELens's throughput at equal or
+better FVU. The all-layer figure (one LLM stream feeding every layer) is in the README's SAE table.
+Usage: python bench/sae_train.py [--model gemma3-270m] [--layer 6] [--tokens 60000] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from emoscope.capture import HookPoint
+from emoscope.models import load_model
+from emoscope.sae.corpus import sequences
+from emoscope.sae.train import SAETrainConfig, _batches, _harvest, fit
+
+
+def harvest(view, layer: int, n: int, split: str, seed: int) -> torch.Tensor:
+    hp = HookPoint(layer)
+    out, got = [], 0
+    batches = _batches(sequences(view, split, 128, seed), 16)
+    while got < n:
+        a = _harvest(view, [hp], next(batches))[hp.name]
+        out.append(a)
+        got += len(a)
+    return torch.cat(out)[:n]
+
+
+def fvu(encode_decode, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        r = encode_decode(x)
+    return float((r - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def train_saelens(x: torch.Tensor, d_sae: int, k: int, batch: int, lr: float, autocast: bool):
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    torch.manual_seed(0)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k, device="cpu"))
+    cfg = SAETrainerConfig(total_training_samples=len(x) // batch * batch, train_batch_size_samples=batch, lr=lr,
+                           device="cpu", autocast=autocast, n_batches_for_norm_estimate=1)
+    data = (x[i:i + batch] for i in range(0, len(x) - batch + 1, batch))
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=data)
+    t = time.perf_counter()
+    trained = trainer.fit()
+    return trained, time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="gemma3-270m")
+    ap.add_argument("--layer", type=int, default=6)
+    ap.add_argument("--tokens", type=int, default=61440)
+    ap.add_argument("--test-tokens", type=int, default=8192)
+    ap.add_argument("--expansion", type=int, default=8)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=2048)
+    ap.add_argument("--lr", type=float, default=8e-4)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    view = load_model(a.model, device="cpu", dtype="float32")
+    x = harvest(view, a.layer, a.tokens, "train", 0)
+    xt = harvest(view, a.layer, a.test_tokens, "eval", 0)
+    scale = float(x.pow(2).sum(-1).mean().sqrt() / math.sqrt(x.shape[1]))
+    x, xt = x / scale, xt / scale
+    d_sae = a.expansion * x.shape[1]
+    rows = {}
+    for name, fast in [("emoscope (bf16 encoder matmuls)", "bfloat16"), ("emoscope (float32)", "float32")]:
+        cfg = SAETrainConfig(expansion=a.expansion, k=a.k, batch_tokens=a.batch, lr=a.lr, fast_matmul=fast, seed=0)
+        t = time.perf_counter()
+        sae, _ = fit(x, cfg, f"blocks.{a.layer}.hook_resid_post")
+        rows[name] = (time.perf_counter() - t, fvu(lambda z: sae(z).recon, xt))
+    notes = {}
+    for name, ac in [("SAELens TopK (float32)", False), ("SAELens TopK (bf16 autocast)", True)]:
+        try:
+            sae, secs = train_saelens(x, d_sae, a.k, a.batch, a.lr, ac)
+            rows[name] = (secs, fvu(lambda z: sae.decode(sae.encode(z)), xt))
+        except Exception as e:
+            notes[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    trained = len(x) // a.batch * a.batch
+    t = Table(title=f"TopK SAE training, {view.name} layer {a.layer}, d_sae={d_sae}, k={a.k}, {trained} tokens, batch {a.batch}")
+    for c in ["method", "seconds", "tokens/s", "held-out FVU"]:
+        t.add_column(c)
+    for k, (s, f) in rows.items():
+        t.add_row(k, f"{s:.1f}", f"{trained / s:.0f}", f"{f:.4f}")
+    Console().print(t)
+    for k, v in notes.items():
+        Console().print(f"{k}: not measured ({v})")
+    ours = rows["emoscope (bf16 encoder matmuls)"]
+    figures = {"tokens": trained, "emoscope_tok_s": round(trained / ours[0], 1), "emoscope_fvu": round(ours[1], 4),
+               "emoscope_fp32_tok_s": round(trained / rows["emoscope (float32)"][0], 1),
+               "emoscope_fp32_fvu": round(rows["emoscope (float32)"][1], 4)}
+    for key, name in [("saelens", "SAELens TopK (float32)"), ("saelens_bf16", "SAELens TopK (bf16 autocast)")]:
+        if name in rows:
+            figures[f"{key}_tok_s"] = round(trained / rows[name][0], 1)
+            figures[f"{key}_fvu"] = round(rows[name][1], 4)
+            figures[f"speedup_vs_{key}"] = round(rows[name][0] / ours[0], 2)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(figures, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
