@@ -76,3 +76,51 @@ def record(view: ModelView, hooks: list[HookPoint], detach: bool = True):
 
 def all_resid(view: ModelView) -> list[HookPoint]:
     return [HookPoint(l, "resid_post") for l in range(view.n_layers)]
+
+
+POSITIONS = ("last", "text", "all")
+
+
+def token_positions(builder, text: str, mode: str) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt for `text` and the positions to keep: the final prompt token (the one
+    that predicts the label), every token overlapping the text, or every token after the first."""
+    if mode not in POSITIONS:
+        raise EmoscopeError(f"unknown positions '{mode}': choose {', '.join(POSITIONS)}")
+    prompt, (a, b) = builder.prompt_with_span(text)
+    special = not (builder.tok.bos_token and prompt.startswith(builder.tok.bos_token))
+    enc = builder.tok(prompt, add_special_tokens=special, return_offsets_mapping=True)
+    ids = enc.input_ids
+    if mode == "last":
+        return ids, [len(ids) - 1]
+    if mode == "all":
+        return ids, list(range(1, len(ids)))
+    keep = [i for i, (s, e) in enumerate(enc.offset_mapping) if e > a and s < b and e > s]
+    return ids, keep
+
+
+@torch.no_grad()
+def capture_to_store(view: ModelView, builder, examples, hooks: list[HookPoint], positions: str, path,
+                     source: dict | None = None, dtype: str = "float32", batch_size: int = 8, progress=None):
+    """One forward per batch of prompts records every hook; the chosen positions go to a store."""
+    from .sae.evaluate import pad_batch
+    from .store import StoreWriter
+
+    writer = StoreWriter(path, {"model": view.name, "d_model": view.d_model, "hooks": [h.name for h in hooks],
+                                "positions": positions, "source": source or {}}, dtype)
+    try:
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i:i + batch_size]
+            enc = [token_positions(builder, e.text, positions) for e in batch]
+            ids, mask = pad_batch([ids for ids, _ in enc], view.device)
+            with record(view, hooks) as acts:
+                view.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+            rows = torch.tensor([r for r, (_, pos) in enumerate(enc) for _ in pos])
+            cols = torch.tensor([p for _, pos in enc for p in pos])
+            writer.add({h.name: acts[h.name][rows, cols] for h in hooks}, ids[rows, cols],
+                       [batch[r].id for r in rows.tolist()], cols)
+            if progress:
+                progress(len(batch))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()

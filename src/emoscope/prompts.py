@@ -86,8 +86,20 @@ class PromptBuilder:
     def label_ids(self) -> list[list[int]]:
         return [self.tok(s, add_special_tokens=False).input_ids for s in self.label_strings()]
 
+    def prompt_with_span(self, text: str) -> tuple[str, tuple[int, int]]:
+        """The prompt and the character span [start, end) of the (possibly truncated) text inside it."""
+        marker = "\x00EMOSCOPE_TEXT\x00"
+        text = self.fit(text)
+        shell = self._render(marker)
+        start = shell.index(marker)
+        return shell.replace(marker, text), (start, start + len(text))
+
     def prompt(self, text: str) -> str:
         """The full prompt for one text; a text too long for the context is cut from its left."""
+        return self._render(self.fit(text))
+
+    def fit(self, text: str) -> str:
+        """The text, cut from its left if the prompt would not fit the model's context."""
         if self._budget is None:
             longest_label = max(len(ids) for ids in self.label_ids())
             self._budget = self.max_context - len(self.encode(self._render(""))) - longest_label
@@ -99,4 +111,4 @@ class PromptBuilder:
             if self.n_truncated == 1:
                 warnings.warn(f"texts longer than the model's context are truncated from the left (to {self._budget} tokens)")
             text = self.tok.decode(ids[-self._budget:])
-        return self._render(text)
+        return text

@@ -1,0 +1,106 @@
+"""On-disk activation store: sharded safetensors plus a JSON manifest, read back in batches.
+
+Layout of a store folder:
+  manifest.json        model, d_model, hooks, dtype, positions, source (dataset, template), shard sizes,
+                       example ids (row `example_idx` points into that list)
+  shard-00000.safetensors   one tensor per hook [n, d_model] and `token_ids`, `example_idx`, `position` [n]
+The writer fills a temporary folder and renames it into place on `close()`, so a store that exists is
+complete. Reading never loads more than one shard's slice at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import EmoscopeError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class StoreWriter:
+    def __init__(self, path: str | Path, manifest: dict, dtype: str = "float32", shard_tokens: int = 65536):
+        if dtype not in DTYPES:
+            raise EmoscopeError(f"unknown store dtype '{dtype}': choose {', '.join(DTYPES)}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.tmp-"))
+        self.manifest = {**manifest, "dtype": dtype, "shards": [], "example_ids": []}
+        self.dtype, self.shard_tokens = DTYPES[dtype], shard_tokens
+        self.pending: dict[str, list[torch.Tensor]] = {}
+        self.n_pending = 0
+        self._ids: dict[str, int] = {}
+
+    def add(self, acts: dict[str, torch.Tensor], token_ids: torch.Tensor, example_ids: list[str], position: torch.Tensor) -> None:
+        """Append rows: activations per hook [n, d], and per row its token id, example id and position."""
+        idx = torch.tensor([self._ids.setdefault(e, len(self._ids)) for e in example_ids], dtype=torch.int64)
+        rows = {**{h: a.detach().to("cpu", self.dtype) for h, a in acts.items()},
+                "token_ids": token_ids.to("cpu", torch.int64), "example_idx": idx, "position": position.to("cpu", torch.int64)}
+        for k, v in rows.items():
+            self.pending.setdefault(k, []).append(v)
+        self.n_pending += len(idx)
+        if self.n_pending >= self.shard_tokens:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.n_pending:
+            return
+        name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
+        save_file({k: torch.cat(v).contiguous() for k, v in self.pending.items()}, self.tmp / name)
+        self.manifest["shards"].append({"file": name, "rows": self.n_pending})
+        self.pending, self.n_pending = {}, 0
+
+    def close(self) -> "Store":
+        self._flush()
+        self.manifest["example_ids"] = list(self._ids)
+        self.manifest["rows"] = sum(s["rows"] for s in self.manifest["shards"])
+        (self.tmp / "manifest.json").write_text(json.dumps(self.manifest, indent=1) + "\n")
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(self.tmp, self.path)
+        return Store(self.path)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class Store:
+    def __init__(self, path: str | Path, model_name: str | None = None, d_model: int | None = None):
+        self.path = Path(path)
+        f = self.path / "manifest.json"
+        if not f.is_file():
+            raise EmoscopeError(f"{self.path} is not an activation store (no manifest.json)")
+        self.manifest = json.loads(f.read_text())
+        if model_name is not None and self.manifest.get("model") != model_name:
+            raise EmoscopeError(f"activation store {self.path} was written by model '{self.manifest.get('model')}', not '{model_name}'")
+        if d_model is not None and self.manifest.get("d_model") != d_model:
+            raise EmoscopeError(f"activation store {self.path} has d_model={self.manifest.get('d_model')}, the model has {d_model}")
+
+    @property
+    def hooks(self) -> list[str]:
+        return self.manifest["hooks"]
+
+    def __len__(self) -> int:
+        return self.manifest["rows"]
+
+    def batches(self, keys: list[str], batch_size: int = 4096) -> Iterator[dict[str, torch.Tensor]]:
+        """Consecutive rows of the given keys (hooks or token_ids/example_idx/position), shard by shard."""
+        missing = [k for k in keys if k not in self.hooks + ["token_ids", "example_idx", "position"]]
+        if missing:
+            raise EmoscopeError(f"activation store {self.path} has no {', '.join(missing)} (hooks: {', '.join(self.hooks)})")
+        for shard in self.manifest["shards"]:
+            with safe_open(str(self.path / shard["file"]), framework="pt") as f:
+                for i in range(0, shard["rows"], batch_size):
+                    yield {k: f.get_slice(k)[i:i + batch_size] for k in keys}
+
+    def read(self, key: str) -> torch.Tensor:
+        """A whole column (for small stores: final-token activations of a few hundred prompts)."""
+        return torch.cat([b[key] for b in self.batches([key], 1 << 30)])

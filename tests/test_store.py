@@ -1,0 +1,68 @@
+"""Activation store: round trip, positions, batched reading, refusal of another model's store."""
+
+import pytest
+import torch
+
+from emoscope.capture import HookPoint, capture_to_store, record, token_positions
+from emoscope.data import EKMAN, Example
+from emoscope.errors import EmoscopeError
+from emoscope.prompts import PromptBuilder, Template
+from emoscope.sae.evaluate import pad_batch
+from emoscope.store import Store, StoreWriter
+from tiny import CORPUS
+
+
+def _builder(view):
+    return PromptBuilder(view.tokenizer, Template(), EKMAN, [], False, view.max_context)
+
+
+def test_text_positions_cover_exactly_the_text(tiny_llama):
+    b = _builder(tiny_llama)
+    text = "I'm terrified of what might happen tomorrow."
+    ids, pos = token_positions(b, text, "text")
+    assert tiny_llama.tokenizer.decode([ids[p] for p in pos]).strip() == text
+    ids2, last = token_positions(b, text, "last")
+    assert ids2 == ids and last == [len(ids) - 1]
+    assert token_positions(b, text, "all")[1] == list(range(1, len(ids)))
+    with pytest.raises(EmoscopeError, match="unknown positions"):
+        token_positions(b, text, "middle")
+
+
+@pytest.mark.parametrize("positions,dtype", [("last", "float32"), ("text", "bfloat16")])
+def test_store_round_trip(tiny_llama, tmp_path, positions, dtype):
+    b = _builder(tiny_llama)
+    ex = [Example(f"e{i}", t, ("joy",)) for i, t in enumerate(CORPUS[:5])]
+    hooks = [HookPoint(0), HookPoint(3)]
+    store = capture_to_store(tiny_llama, b, ex, hooks, positions, tmp_path / "s", dtype=dtype, batch_size=2)
+    # reference: one prompt at a time, no padding
+    ref, n = {h.name: [] for h in hooks}, 0
+    for e in ex:
+        ids, pos = token_positions(b, e.text, positions)
+        with torch.no_grad(), record(tiny_llama, hooks) as acts:
+            tiny_llama.model(input_ids=torch.tensor([ids]))
+        for h in hooks:
+            ref[h.name].append(acts[h.name][0, pos])
+        n += len(pos)
+    assert len(store) == n and store.manifest["example_ids"] == [e.id for e in ex]
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    for h in hooks:
+        got = torch.cat([bt[h.name] for bt in Store(tmp_path / "s").batches([h.name], batch_size=3)])
+        torch.testing.assert_close(got.float(), torch.cat(ref[h.name]), atol=tol, rtol=tol)
+    rows = store.read("example_idx")
+    assert rows.tolist() == sorted(rows.tolist())
+    with pytest.raises(EmoscopeError, match="written by model 'tiny-llama', not 'other'"):
+        Store(tmp_path / "s", model_name="other")
+    with pytest.raises(EmoscopeError, match="d_model=32"):
+        Store(tmp_path / "s", d_model=64)
+    with pytest.raises(EmoscopeError, match="has no blocks.1.hook_resid_post"):
+        next(store.batches(["blocks.1.hook_resid_post"]))
+
+
+def test_store_is_atomic(tmp_path):
+    w = StoreWriter(tmp_path / "s", {"model": "m", "d_model": 2, "hooks": ["h"]}, shard_tokens=2)
+    w.add({"h": torch.ones(3, 2)}, torch.zeros(3), ["a", "a", "b"], torch.arange(3))
+    assert not (tmp_path / "s").exists()  # nothing visible until close
+    w.abort()
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(EmoscopeError, match="not an activation store"):
+        Store(tmp_path / "s")
