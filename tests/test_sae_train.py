@@ -71,3 +71,29 @@ def test_topk_sae_recovers_planted_dictionary():
         out = sae(x[:2000])
     fvu = (out.recon - x[:2000]).pow(2).sum() / (x[:2000] - x[:2000].mean(0)).pow(2).sum()
     assert fvu < 0.05 and (out.feats > 0).sum(-1).float().mean() <= 3
+
+
+def test_dense_architectures_train_sparse_codes():
+    """ReLU+L1 and JumpReLU+L0: the penalty makes codes sparser than without it, and they still reconstruct."""
+    from emoscope.sae.train import SAETrainConfig, fit
+
+    g = torch.Generator().manual_seed(1)
+    d, n_dict, n = 16, 32, 20_000
+    D = torch.randn(n_dict, d, generator=g)
+    D /= D.norm(dim=1, keepdim=True)
+    idx = torch.stack([torch.randperm(n_dict, generator=g)[:2] for _ in range(n)])
+    x = torch.einsum("nk,nkd->nd", torch.rand(n, 2, generator=g) + 0.5, D[idx])
+
+    def run(arch, coef):
+        cfg = SAETrainConfig(architecture=arch, expansion=4, lr=3e-3, batch_tokens=256, sparsity_coef=coef, bandwidth=0.2)
+        sae, _ = fit(x, cfg, epochs=3)
+        with torch.no_grad():
+            out = sae(x[:2000])
+        fvu = float((out.recon - x[:2000]).pow(2).sum() / (x[:2000] - x[:2000].mean(0)).pow(2).sum())
+        return fvu, float((out.feats > 0).sum(-1).float().mean()), sae
+
+    for arch, coef in [("relu", 1.0), ("jumprelu", 0.5)]:
+        _, l0_free, _ = run(arch, 0.0)
+        fvu, l0, sae = run(arch, coef)
+        assert fvu < 0.2 and l0 < 0.8 * l0_free, (arch, fvu, l0, l0_free)
+        assert sae.cfg.architecture == arch

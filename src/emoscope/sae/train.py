@@ -28,7 +28,7 @@ class SAETrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     layers: list[int] | None = Field(None, description="Layers to train SAEs for; None = every layer.")
     kind: Literal["resid_post", "attn_out", "mlp_out"] = Field("resid_post", description="Hook kind at each layer.")
-    architecture: Literal["topk"] = Field("topk", description="SAE architecture trained here (TopK with AuxK).")
+    architecture: Literal["topk", "jumprelu", "relu"] = Field("topk", description="TopK with AuxK (fast sparse path), JumpReLU + L0, or ReLU + L1 (dense autograd).")
     expansion: int = Field(8, ge=1, description="d_sae = expansion * d_model.")
     k: int = Field(32, ge=1, description="Active features per token (TopK).")
     tokens: int = Field(200_000, ge=1000, description="Training tokens (activations per layer).")
@@ -39,6 +39,9 @@ class SAETrainConfig(BaseModel):
     lr: float = Field(8e-4, gt=0, description="Adam learning rate.")
     aux_k: int | None = Field(None, description="Dead latents used by the AuxK loss; None = 2 * k (memory-bound on CPU).")
     aux_coef: float = Field(1 / 32, ge=0, description="Weight of the AuxK loss.")
+    sparsity_coef: float = Field(0.05, ge=0, description="L1 (relu) or L0 (jumprelu) penalty weight, in units of the scaled activations.")
+    bandwidth: float = Field(0.05, gt=0, description="JumpReLU straight-through-estimator bandwidth (scaled units).")
+    threshold_init: float = Field(0.1, gt=0, description="JumpReLU initial threshold (scaled units; learned in log space).")
     dead_tokens: int = Field(50_000, ge=1, description="A latent unfired for this many tokens counts as dead.")
     fast_matmul: Literal["auto", "float32", "bfloat16"] = Field("auto", description="Encoder matmul dtype; auto = bf16 where native.")
     mix: tuple[float, float, float] = Field((0.5, 0.25, 0.25), description="Weights of WikiText / plain emotion text / task prompts.")
@@ -77,7 +80,8 @@ class _Layer:
     def __init__(self, cfg: SAETrainConfig, hp: HookPoint, d: int, scale: float, b_dec: torch.Tensor, model_name: str, device):
         m = cfg.expansion * d
         self.hp, self.scale = hp, scale
-        sae = SAE.init(SAEConfig(d_in=d, d_sae=m, k=cfg.k, hook_name=hp.name, model_name=model_name),
+        self.arch = cfg.architecture
+        sae = SAE.init(SAEConfig(d_in=d, d_sae=m, k=cfg.k, hook_name=hp.name, model_name=model_name, architecture=cfg.architecture),
                        seed=cfg.seed * 1000 + hp.layer, b_dec=b_dec)
         self.W_enc_T = sae.W_enc.detach().T.contiguous().to(device).requires_grad_()
         self.b_enc = sae.b_enc.detach().clone().to(device).requires_grad_()
@@ -85,38 +89,55 @@ class _Layer:
         self.b_dec = sae.b_dec.detach().clone().to(device).requires_grad_()
         # Gao et al. (2024): lr scaled by 1/sqrt(d_sae / 2^14)
         lr = cfg.lr / math.sqrt(max(m / 2**14, 1.0))
-        self.opt = torch.optim.Adam([self.W_enc_T, self.b_enc, self.W_dec, self.b_dec], lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
+        params = [self.W_enc_T, self.b_enc, self.W_dec, self.b_dec]
+        if self.arch == "jumprelu":  # threshold learned in log space
+            self.log_threshold = torch.full((m,), math.log(cfg.threshold_init), device=device).requires_grad_()
+            params.append(self.log_threshold)
+        self.opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
         self.since_fired = torch.zeros(m, dtype=torch.long, device=device)
         self.stats = {"mse": [], "var": [], "l0": [], "aux": []}
 
-    @torch.no_grad()
     def step(self, x: torch.Tensor, cfg: SAETrainConfig, fast) -> None:
-        dead = self.since_fired > cfg.dead_tokens
-        out, g = topk_grads(x, self.W_enc_T.T, self.b_enc, self.W_dec, self.b_dec, cfg.k, dead,
-                            cfg.aux_k or 2 * cfg.k, cfg.aux_coef, fast)
-        # keep decoder rows on the unit sphere: drop the gradient component along each row
-        g_dec = g["W_dec"]
-        g_dec -= (g_dec * self.W_dec).sum(-1, keepdim=True) * self.W_dec
-        self.W_enc_T.grad, self.b_enc.grad, self.W_dec.grad, self.b_dec.grad = g["W_enc"].T.contiguous(), g["b_enc"], g_dec, g["b_dec"]
-        self.opt.step()
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
-        self.since_fired += x.shape[0]
-        self.since_fired[out.fired] = 0
-        s = self.stats
-        s["mse"].append(float(out.mse))
-        s["var"].append(float((x - x.mean(0)).pow(2).sum(-1).mean()))
-        s["l0"].append(out.l0)
-        s["aux"].append(float(out.aux))
+        if self.arch == "topk":
+            with torch.no_grad():
+                dead = self.since_fired > cfg.dead_tokens
+                out, g = topk_grads(x, self.W_enc_T.T, self.b_enc, self.W_dec, self.b_dec, cfg.k, dead,
+                                    cfg.aux_k or 2 * cfg.k, cfg.aux_coef, fast)
+                self.W_enc_T.grad, self.b_enc.grad, self.W_dec.grad, self.b_dec.grad = (
+                    g["W_enc"].T.contiguous(), g["b_enc"], g["W_dec"], g["b_dec"])
+            mse, l0, fired, aux = out.mse, out.l0, out.fired, out.aux
+        else:
+            from .dense_step import dense_loss
+            self.opt.zero_grad(set_to_none=True)
+            loss, mse, l0, fired = dense_loss(x, self.W_enc_T.T, self.b_enc, self.W_dec, self.b_dec, self.arch,
+                                              getattr(self, "log_threshold", None), cfg.sparsity_coef, cfg.bandwidth)
+            loss.backward()
+            aux = torch.zeros(())
+        with torch.no_grad():
+            # keep decoder rows on the unit sphere: drop the gradient component along each row
+            g_dec = self.W_dec.grad
+            g_dec -= (g_dec * self.W_dec).sum(-1, keepdim=True) * self.W_dec
+            self.opt.step()
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+            self.since_fired += x.shape[0]
+            self.since_fired[fired] = 0
+            s = self.stats
+            s["mse"].append(float(mse))
+            s["var"].append(float((x - x.mean(0)).pow(2).sum(-1).mean()))
+            s["l0"].append(l0)
+            s["aux"].append(float(aux))
 
     def export(self, extra: dict) -> SAE:
         """Fold the training scale back in: features and thresholds in raw units, decoder unit-norm."""
         d, m = self.W_dec.shape[1], self.W_dec.shape[0]
-        sae = SAE(SAEConfig(d_in=d, d_sae=m, k=0, hook_name=self.hp.name))
+        sae = SAE(SAEConfig(d_in=d, d_sae=m, k=0, hook_name=self.hp.name, architecture=self.arch))
         with torch.no_grad():
             sae.W_enc.copy_(self.W_enc_T.T.cpu())
             sae.b_enc.copy_(self.b_enc.cpu() * self.scale)
             sae.W_dec.copy_(self.W_dec.cpu())
             sae.b_dec.copy_(self.b_dec.cpu() * self.scale)
+            if self.arch == "jumprelu":
+                sae.threshold.copy_(self.log_threshold.exp().cpu() * self.scale)
         sae.cfg.extra = extra
         return sae
 
