@@ -114,3 +114,32 @@ def test_select_balanced_and_deterministic(shared_data):
     assert [e.id for e in d1] == [e.id for e in d2] and {e.label for e in d1} == set(EKMAN)
     test_ids = {e.id for e in rows}
     assert not test_ids & {e.id for e in d1}
+
+
+def test_hub_fallback_maps_goemotions_to_ekman(tmp_path, monkeypatch):
+    """With no local copy, the public hub id is used (here a stand-in `datasets` module, no network)."""
+    import sys
+    import types
+
+    import emoscope.data as d
+
+    fine = ["admiration", "anger", "annoyance", "disgust", "neutral", "curiosity"]
+
+    class Feat:
+        def __init__(self, names):
+            self.feature = types.SimpleNamespace(names=names)
+
+    class FakeDS(list):
+        features = {"labels": Feat(fine)}
+
+    rows = FakeDS([{"id": "a", "text": "so cool", "labels": [0]}, {"id": "b", "text": "ugh", "labels": [1, 2]},
+                   {"id": "c", "text": "  ", "labels": [3]}, {"id": "d", "text": "hm?", "labels": [5, 4]}])
+    calls = []
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda hub, name, split: calls.append((hub, name, split)) or rows
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(d, "data_dirs", lambda data_dir=None: [tmp_path])
+    out, rep = d.load_split("goemotions_ekman", "dev")
+    assert calls == [("google-research-datasets/go_emotions", "simplified", "validation")]
+    assert [e.labels for e in out] == [("joy",), ("anger",), ("surprise", "neutral")]
+    assert rep.skipped_empty == 1 and rep.source.startswith("hub:")

@@ -51,17 +51,21 @@ def test_bf16_matmuls_close_to_float32():
     assert abs(float(o16.mse) - float(o32.mse)) / float(o32.mse) < 0.05
 
 
+def planted(d, n_dict, n, per, seed, noise=0.0):
+    """Each sample is a non-negative mix of `per` of `n_dict` planted unit directions."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(n_dict, d, generator=g)
+    D /= D.norm(dim=1, keepdim=True)
+    idx = torch.stack([torch.randperm(n_dict, generator=g)[:per] for _ in range(n)])
+    x = torch.einsum("nk,nkd->nd", torch.rand(n, per, generator=g) + 0.5, D[idx])
+    return D, x + noise * torch.randn(n, d, generator=g)
+
+
 def test_topk_sae_recovers_planted_dictionary():
     """Synthetic data: each sample is a sparse non-negative mix of 3 of 64 planted unit directions."""
     from emoscope.sae.train import SAETrainConfig, fit
 
-    g = torch.Generator().manual_seed(0)
-    d, n_dict, n = 32, 64, 60_000
-    D = torch.randn(n_dict, d, generator=g)
-    D /= D.norm(dim=1, keepdim=True)
-    idx = torch.stack([torch.randperm(n_dict, generator=g)[:3] for _ in range(n)])
-    coef = torch.rand(n, 3, generator=g) + 0.5
-    x = torch.einsum("nk,nkd->nd", coef, D[idx]) + 0.01 * torch.randn(n, d, generator=g)
+    D, x = planted(32, 64, 60_000, 3, seed=0, noise=0.01)
     cfg = SAETrainConfig(expansion=4, k=3, lr=3e-3, batch_tokens=256, dead_tokens=5000, fast_matmul="float32")
     sae, stats = fit(x, cfg, epochs=3)
     # every planted direction has a decoder row pointing the same way
@@ -77,12 +81,7 @@ def test_dense_architectures_train_sparse_codes():
     """ReLU+L1 and JumpReLU+L0: the penalty makes codes sparser than without it, and they still reconstruct."""
     from emoscope.sae.train import SAETrainConfig, fit
 
-    g = torch.Generator().manual_seed(1)
-    d, n_dict, n = 16, 32, 20_000
-    D = torch.randn(n_dict, d, generator=g)
-    D /= D.norm(dim=1, keepdim=True)
-    idx = torch.stack([torch.randperm(n_dict, generator=g)[:2] for _ in range(n)])
-    x = torch.einsum("nk,nkd->nd", torch.rand(n, 2, generator=g) + 0.5, D[idx])
+    _, x = planted(16, 32, 20_000, 2, seed=1)
 
     def run(arch, coef):
         cfg = SAETrainConfig(architecture=arch, expansion=4, lr=3e-3, batch_tokens=256, sparsity_coef=coef, bandwidth=0.2)
