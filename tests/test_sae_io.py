@@ -72,3 +72,26 @@ def test_bad_sae_files(tmp_path, tiny_llama):
         load(tmp_path / "s")
     with pytest.raises(EmoscopeError, match="not an SAE folder"):
         load(tmp_path / "nothing")
+
+
+def test_pretrained_release_goes_through_saelens(tmp_path, tiny_llama, monkeypatch):
+    """A SAELens release id is loaded with SAELens's own from_pretrained (stubbed here: no network)."""
+    sae_lens = pytest.importorskip("sae_lens")
+    from sae_lens.saes.sae import SAEMetadata
+    from emoscope.capture import HookPoint
+    from emoscope.sae.stage import _load_pretrained
+
+    def fake_from_pretrained(release, sae_id, device="cpu"):
+        assert (release, sae_id) == ("some-release", "layer_2/width_96")
+        s = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=32, d_sae=96, metadata=SAEMetadata(hook_name="blocks.2.hook_resid_post")))
+        with torch.no_grad():
+            s.W_enc.normal_()
+        return s
+
+    monkeypatch.setattr(sae_lens.SAE, "from_pretrained", staticmethod(fake_from_pretrained))
+    saes = _load_pretrained("some-release", tiny_llama, [HookPoint(2)], {"blocks.2.hook_resid_post": "layer_2/width_96"})
+    assert saes["blocks.2.hook_resid_post"].cfg.d_sae == 96
+    with pytest.raises(EmoscopeError, match="give pretrained_ids for blocks.3"):
+        _load_pretrained("some-release", tiny_llama, [HookPoint(3)], {"blocks.2.hook_resid_post": "x"})
+    with pytest.raises(EmoscopeError, match="folder not found"):
+        _load_pretrained(str(tmp_path / "none"), tiny_llama, [HookPoint(2)], {})

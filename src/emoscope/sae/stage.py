@@ -28,16 +28,46 @@ PROFILES = {
 class SAEStageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     train: SAETrainConfig = Field(SAETrainConfig(**PROFILES["quick"]), description="Training settings (see SAETrainConfig).")
-    pretrained: str | None = Field(None, description="Folder of SAELens-format SAE folders (one per hook) to load instead of training.")
+    pretrained: str | None = Field(None, description="Folder of SAELens-format SAE folders (one per hook), or a SAELens release id (online), to load instead of training.")
+    pretrained_ids: dict[str, str] = Field({}, description="With a SAELens release: hook name -> sae_id in that release (e.g. layer_12/width_16k/canonical).")
     eval_seqs: int = Field(48, ge=1, description="Held-out sequences for evaluation.")
     eval_context: int = Field(128, ge=8, description="Longest held-out sequence, in tokens.")
     ce: bool = Field(True, description="Compute CE-loss recovered (two extra forwards per layer).")
 
 
-def _load_pretrained(folder: str, view: ModelView, hooks: list[HookPoint]) -> dict:
+def _from_release(release: str, ids: dict[str, str], view: ModelView, hooks: list[HookPoint]) -> dict:
+    """Download SAELens release SAEs (needs sae_lens and a network), via SAELens's own loader."""
+    import tempfile
+
+    try:
+        from sae_lens import SAE as LensSAE
+    except ImportError:
+        raise EmoscopeError(f"'{release}' is not a folder; loading a SAELens release needs `pip install emoscope[interop]`") from None
+    missing = [h.name for h in hooks if h.name not in ids]
+    if missing:
+        raise EmoscopeError(f"release {release}: give pretrained_ids for {', '.join(missing)} (hook -> sae_id)")
+    saes = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for hp in hooks:
+            try:
+                lens = LensSAE.from_pretrained(release, ids[hp.name], device="cpu")
+            except Exception as e:  # offline, unknown release or id
+                raise EmoscopeError(f"cannot load SAELens release {release} / {ids[hp.name]}: {str(e).splitlines()[0]}") from None
+            lens = lens[0] if isinstance(lens, tuple) else lens
+            lens.save_model(Path(tmp) / hp.name)
+            sae = io.load(Path(tmp) / hp.name, str(view.device))
+            sae.cfg.hook_name = sae.cfg.hook_name or hp.name
+            io.check_against(sae, view)
+            saes[hp.name] = sae
+    return saes
+
+
+def _load_pretrained(folder: str, view: ModelView, hooks: list[HookPoint], ids: dict[str, str]) -> dict:
     root = Path(folder)
     if not root.is_dir():
-        raise EmoscopeError(f"pretrained SAE folder not found: {root}")
+        if ids:
+            return _from_release(folder, ids, view, hooks)
+        raise EmoscopeError(f"pretrained SAE folder not found: {root} (for a SAELens release, also give pretrained_ids)")
     saes = {}
     for hp in hooks:
         sub = root / hp.name
@@ -56,7 +86,7 @@ def run_saes(cfg: SAEStageConfig, run_dir: str | Path, view: ModelView, data_dir
     layers = cfg.train.layers if cfg.train.layers is not None else list(range(view.n_layers))
     hooks = [HookPoint(view.check_layer(l), cfg.train.kind) for l in layers]
     if cfg.pretrained:
-        saes, train_stats = _load_pretrained(cfg.pretrained, view, hooks), {"pretrained": cfg.pretrained}
+        saes, train_stats = _load_pretrained(cfg.pretrained, view, hooks, cfg.pretrained_ids), {"pretrained": cfg.pretrained}
     else:
         saes, train_stats = train_saes(view, cfg.train, data_dir, progress, log)
     t_train = time.time() - t0
