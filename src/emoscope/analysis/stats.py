@@ -1,0 +1,84 @@
+"""Small, vectorised statistics used across the analyses (each checked against scipy/sklearn in tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import norm, rankdata
+
+
+def auroc(x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """AUROC of every column of x [n, m] for separating pos (bool [n]) from the rest (ties count 1/2)."""
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    r = rankdata(x, axis=0)
+    return (r[pos].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def mannwhitney_p(x: np.ndarray, pos: np.ndarray, auc: np.ndarray | None = None) -> np.ndarray:
+    """Two-sided Mann-Whitney p-values per column (normal approximation with tie correction)."""
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    n = n1 + n0
+    auc = auroc(x, pos) if auc is None else auc
+    u = auc * n1 * n0
+    # tie correction: sum over tied groups of (t^3 - t), per column
+    xs = np.sort(x, axis=0)
+    tie = np.zeros(x.shape[1])
+    starts = np.vstack([np.ones((1, x.shape[1]), bool), xs[1:] != xs[:-1]])
+    for j in np.flatnonzero(~starts.all(0)):
+        _, counts = np.unique(xs[:, j], return_counts=True)
+        tie[j] = ((counts ** 3) - counts).sum()
+    sigma = np.sqrt(n1 * n0 / 12 * ((n + 1) - tie / (n * (n - 1))))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(sigma > 0, (np.abs(u - n1 * n0 / 2) - 0.5) / sigma, 0.0)
+    return np.where(sigma > 0, 2 * norm.sf(np.maximum(z, 0)), 1.0)
+
+
+def bh_fdr(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (any shape; adjusted over all entries)."""
+    flat = p.ravel()
+    order = np.argsort(flat)
+    ranked = flat[order] * len(flat) / np.arange(1, len(flat) + 1)
+    adj = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1.0)
+    out = np.empty_like(flat)
+    out[order] = adj
+    return out.reshape(p.shape)
+
+
+def eta_squared(x: np.ndarray, groups: np.ndarray, adjusted: bool = True) -> np.ndarray:
+    """Share of each column's variance explained by group membership (one-way ANOVA eta^2), per column;
+    `adjusted` removes the part expected by chance with many small groups (as adjusted R^2 does)."""
+    n = len(x)
+    _, g = np.unique(groups, return_inverse=True)
+    k = g.max() + 1
+    counts = np.bincount(g, minlength=k).astype(float)
+    sums = np.zeros((k, x.shape[1]))
+    np.add.at(sums, g, x)
+    mean = x.mean(0)
+    ss_between = (sums ** 2 / counts[:, None]).sum(0) - n * mean ** 2
+    ss_total = ((x - mean) ** 2).sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eta = np.where(ss_total > 0, ss_between / ss_total, 0.0)
+    if adjusted and n > k:
+        eta = 1 - (1 - eta) * (n - 1) / (n - k)
+    return eta
+
+
+def linear_cka(a: np.ndarray, b: np.ndarray) -> float:
+    """Linear CKA (Kornblith et al., 2019) between two representations of the same n examples."""
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    hsic = np.linalg.norm(a.T @ b) ** 2
+    return float(hsic / (np.linalg.norm(a.T @ a) * np.linalg.norm(b.T @ b)))
+
+
+def probe_accuracy(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0, shuffle_labels: bool = False) -> float:
+    """Cross-validated accuracy of a standardised logistic-regression probe (labels optionally shuffled)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if shuffle_labels:
+        y = np.random.default_rng(seed).permutation(y)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=500))
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(clf, x, y, cv=cv).mean())
