@@ -57,13 +57,14 @@ def test_quick_config_is_valid():
     assert cfg.model.name == "gemma3-270m" and cfg.run_dir == "runs/demo"
 
 
-def test_saes_stage_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
+def test_saes_and_phases_stages_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
     from emoscope.models import load_model
     from emoscope.sae.stage import load_saes
 
     cfg = RunConfig.model_validate({
-        "run_dir": str(tmp_path / "run"), "model": {"name": str(tiny_dir)}, "stages": ["evaluate", "saes"],
-        "evaluate": {"data": {"dataset": str(toy_data), "per_class": 2}},
+        "run_dir": str(tmp_path / "run"), "model": {"name": str(tiny_dir)}, "stages": ["evaluate", "saes", "phases"],
+        "evaluate": {"data": {"dataset": str(toy_data), "per_class": 6}},
+        "phases": {"min_per_class": 3, "n_boot": 10, "probe_folds": 3},
         "saes": {"train": {"tokens": 4000, "layers": [1, 3], "expansion": 4, "k": 4, "batch_tokens": 256,
                            "buffer_tokens": 1024, "seqs_per_forward": 4}, "eval_seqs": 8},
     })
@@ -75,6 +76,19 @@ def test_saes_stage_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
     view = load_model(str(tiny_dir))
     saes = load_saes(tmp_path / "run", view)
     assert set(saes) == set(res["hooks"]) and saes["blocks.1.hook_resid_post"].cfg.k == 4
+    ph = json.loads((tmp_path / "run" / "phases" / "result.json").read_text())
+    assert [r["layer"] for r in ph["layers"]["all"]] == [1, 3] and ph["n"] == 36
+    assert 1 <= ph["n_phases"] <= 2 and set(ph["top_features"]) == set(res_labels(tmp_path))
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "Phases of the information flow" in html and "Sparse autoencoders by layer" in html
     logs = []
     run(cfg, log=logs.append)
-    assert "stage saes: up to date, skipped" in logs
+    assert "stage saes: up to date, skipped" in logs and "stage phases: up to date, skipped" in logs
+    cfg.phases.fdr = 0.1  # only the phases stage depends on this key
+    logs.clear()
+    run(cfg, log=logs.append)
+    assert "stage saes: up to date, skipped" in logs and "stage phases: running" in logs
+
+
+def res_labels(tmp_path):
+    return json.loads((tmp_path / "run" / "evaluate" / "result.json").read_text())["labels"]

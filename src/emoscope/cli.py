@@ -177,6 +177,40 @@ def print_saes(res: dict) -> None:
 
 
 @app.command()
+def phases(run_dir: Path = typer.Argument(..., help="Run directory with evaluate/ and saes/ results."),
+           fdr: float = typer.Option(0.05), min_auroc: float = typer.Option(0.7), n_boot: int = typer.Option(100),
+           seed: int = typer.Option(0), dtype: str = typer.Option("float32"), device: str = typer.Option("auto")):
+    """Layer-wise analysis: per-layer statistics, the phases, shared vs emotion-specific features."""
+    from .analysis.phases_stage import PhasesConfig, run_phases
+    from .artifacts import read_json
+    from .models import load_model
+
+    f = run_dir / "evaluate" / "result.json"
+    if not f.exists():
+        raise EmoscopeError(f"{run_dir} has no evaluate/result.json: run the evaluate stage first")
+    cfg = _validated(PhasesConfig, fdr=fdr, min_auroc=min_auroc, n_boot=n_boot, seed=seed)
+    view = load_model(read_json(f)["config"]["model"]["name"], device, dtype)
+    with _progress() as p:
+        task = p.add_task("layers", total=view.n_layers)
+        res = run_phases(cfg, run_dir, view, progress=lambda n: p.advance(task, n))
+    print_phases(res)
+    console.print(f"wrote {run_dir / 'phases'}")
+
+
+def print_phases(res: dict) -> None:
+    b = ", ".join(f"layer {x['layer']} (depth {x['depth']:.2f}, 95% CI layers {x['lo']:.0f}-{x['hi']:.0f})" for x in res["boundaries"])
+    Console().print(f"{res['model']}: {res['n_phases']} phase(s) [{', '.join(res['phase_names'])}]; boundaries: {b or 'none'}")
+    s = res["last_phase_share"]
+    Console().print(f"share of emotion-selective features in the last phase: {s['value']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}] (n_boot={s['n_boot']})")
+    t = Table(title="emotion-selective features (final token, all examples)")
+    for c in ["emotion", "specific", "shared"]:
+        t.add_column(c)
+    for lab in res["labels"]:
+        t.add_row(lab, str(res["specific_counts"][lab]), str(res["shared_counts"][lab]))
+    Console().print(t)
+
+
+@app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory.")):
     """(Re)write RUN_DIR/report.html from the saved stage results."""
     from .report.html import write_report

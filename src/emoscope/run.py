@@ -3,7 +3,7 @@
 A stage is skipped when its saved result carries the hash of its config and of the results it reads
 (so a rerun is cheap, an interrupted run resumes, and changing one key reruns only what depends on
 it); `force` names stages to rerun regardless. The model is loaded once, and only if a stage runs.
-Stages so far: evaluate, saes, then the report.
+Stages so far: evaluate, saes, phases, then the report.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .artifacts import config_hash, read_json
 from .errors import EmoscopeError
 from .evaluate import EvalConfig, ModelConfig, evaluate
+from .analysis.phases_stage import PhasesConfig, run_phases
 from .sae.stage import SAEStageConfig, run_saes
 
-STAGES = ("evaluate", "saes")
+STAGES = ("evaluate", "saes", "phases")
+UPSTREAM = {"evaluate": (), "saes": (), "phases": ("evaluate", "saes")}
 
 
 class RunConfig(BaseModel):
@@ -29,6 +31,7 @@ class RunConfig(BaseModel):
     stages: list[str] = Field(list(STAGES), description="Stages to run, in pipeline order.")
     evaluate: EvalConfig = EvalConfig()
     saes: SAEStageConfig = SAEStageConfig()
+    phases: PhasesConfig = PhasesConfig()
 
     def stage_config(self, stage: str):
         """The stage's config as it is hashed and run: shared keys (model, data_dir) filled in."""
@@ -62,9 +65,11 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def stage_hash(cfg: RunConfig, stage: str) -> str:
+    """Hash of a stage's config and of everything it reads: the model, the data, upstream stages."""
     if stage == "evaluate":
         return config_hash(cfg.stage_config("evaluate"))
-    return config_hash(cfg.stage_config(stage), cfg.model, cfg.data_dir)
+    upstream = [stage_hash(cfg, s) for s in UPSTREAM[stage]]
+    return config_hash(cfg.stage_config(stage), cfg.model, cfg.data_dir, upstream)
 
 
 def is_current(run_dir: Path, stage: str, cfg: RunConfig) -> bool:
@@ -91,6 +96,8 @@ def run(cfg: RunConfig, force: set[str] = frozenset(), log=print, progress_facto
             evaluate(cfg.stage_config("evaluate"), run_dir, view=view, progress=prog)
         elif stage == "saes":
             run_saes(cfg.saes, run_dir, view, cfg.data_dir, progress=prog, log=log, key=stage_hash(cfg, "saes"))
+        elif stage == "phases":
+            run_phases(cfg.phases, run_dir, view, key=stage_hash(cfg, "phases"), progress=prog)
     from .report.html import write_report
     path = write_report(run_dir)
     log(f"report: {path}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .stats import auroc, bh_fdr, eta_squared, linear_cka, mannwhitney_p
+from .stats import bh_fdr, eta_squared, linear_cka, rank_tests
 
 
 @dataclass
@@ -33,15 +33,10 @@ class Selectivity:
 
 def selectivity(codes: np.ndarray, y: np.ndarray, n_classes: int, fdr: float = 0.05, min_auroc: float = 0.7) -> Selectivity:
     """Which features separate each emotion from the rest (codes [n, m], y [n] in 0..E-1)."""
-    live = codes.std(0) > 0
+    live = codes.std(0) > 0  # features silent on every example: AUROC 0.5, p = 1, never selective
     au = np.full((codes.shape[1], n_classes), 0.5)
     p = np.ones_like(au)
-    x = codes[:, live]
-    for e in range(n_classes):
-        pos = y == e
-        a = auroc(x, pos)
-        au[live, e] = a
-        p[live, e] = mannwhitney_p(x, pos, a)
+    au[live], p[live] = rank_tests(codes[:, live], y, n_classes)
     p_adj = bh_fdr(p)
     return Selectivity(au, p_adj, (p_adj < fdr) & (au >= min_auroc))
 
@@ -61,20 +56,24 @@ def text_scores(codes_text: np.ndarray, token_ids: np.ndarray, example_idx: np.n
     return _weighted_eta(codes_text, token_ids), _weighted_eta(codes_text, example_idx)
 
 
+def layer_row(L: int, codes_last: np.ndarray, codes_text: np.ndarray, resid_last: np.ndarray, resid_prev: np.ndarray | None,
+              token_ids: np.ndarray, example_idx: np.ndarray, y: np.ndarray, n_classes: int,
+              fdr: float = 0.05, min_auroc: float = 0.7) -> tuple[dict, Selectivity]:
+    """The statistics of one layer, and its selectivity arrays."""
+    sel = selectivity(codes_last, y, n_classes, fdr, min_auroc)
+    surface, semantic = text_scores(codes_text, token_ids, example_idx)
+    k = sel.n_emotions
+    row = {"layer": L, "n_features": int(codes_last.shape[1]),
+           "n_selective": int((k > 0).sum()), "n_specific": int((k == 1).sum()), "n_shared": int((k > 1).sum()),
+           "selective_frac": float((k > 0).mean()), "surface": surface, "semantic": semantic,
+           "cka_prev": linear_cka(resid_prev, resid_last) if resid_prev is not None else float("nan")}
+    return row, sel
+
+
 def layer_table(codes_last: list[np.ndarray], codes_text: list[np.ndarray], resid_last: list[np.ndarray],
                 token_ids: np.ndarray, example_idx: np.ndarray, y: np.ndarray, n_classes: int,
                 fdr: float = 0.05, min_auroc: float = 0.7) -> tuple[list[dict], list[Selectivity]]:
     """One row of statistics per layer, and each layer's selectivity arrays."""
-    rows, sels = [], []
-    for L in range(len(codes_last)):
-        sel = selectivity(codes_last[L], y, n_classes, fdr, min_auroc)
-        surface, semantic = text_scores(codes_text[L], token_ids, example_idx)
-        k = sel.n_emotions
-        rows.append({
-            "layer": L, "n_features": int(codes_last[L].shape[1]),
-            "n_selective": int((k > 0).sum()), "n_specific": int((k == 1).sum()), "n_shared": int((k > 1).sum()),
-            "selective_frac": float((k > 0).mean()), "surface": surface, "semantic": semantic,
-            "cka_prev": linear_cka(resid_last[L - 1], resid_last[L]) if L > 0 else float("nan"),
-        })
-        sels.append(sel)
-    return rows, sels
+    out = [layer_row(L, codes_last[L], codes_text[L], resid_last[L], resid_last[L - 1] if L else None,
+                     token_ids, example_idx, y, n_classes, fdr, min_auroc) for L in range(len(codes_last))]
+    return [r for r, _ in out], [s for _, s in out]

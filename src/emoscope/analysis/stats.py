@@ -6,30 +6,47 @@ import numpy as np
 from scipy.stats import norm, rankdata
 
 
+def _tie_term(x: np.ndarray) -> np.ndarray:
+    """Per column, the sum over groups of tied values of t^3 - t (vectorised run-length count)."""
+    n, m = x.shape
+    xs = np.sort(x, axis=0)
+    new = np.vstack([np.ones((1, m), bool), xs[1:] != xs[:-1]])
+    gid = np.cumsum(new, axis=0) - 1 + np.arange(m)[None, :] * n
+    t = np.bincount(gid.ravel(), minlength=n * m).astype(float)
+    return (t ** 3 - t).reshape(m, n).sum(1)
+
+
+def rank_tests(x: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One-vs-rest AUROC and two-sided Mann-Whitney p-values (normal approximation with tie and
+    continuity correction, as scipy's asymptotic method) for every column of x [n, m] and every class
+    of y; ranks and ties are computed once for all classes. Returns two [m, n_classes] arrays."""
+    n, m = x.shape
+    r = rankdata(x, axis=0)
+    tie = _tie_term(x)
+    auc, p = np.full((m, n_classes), 0.5), np.ones((m, n_classes))
+    for e in range(n_classes):
+        pos = y == e
+        n1 = int(pos.sum())
+        n0 = n - n1
+        if n1 == 0 or n0 == 0:
+            continue
+        u = r[pos].sum(0) - n1 * (n1 + 1) / 2
+        auc[:, e] = u / (n1 * n0)
+        sigma = np.sqrt(n1 * n0 / 12 * ((n + 1) - tie / (n * (n - 1))))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(sigma > 0, (np.abs(u - n1 * n0 / 2) - 0.5) / sigma, 0.0)
+        p[:, e] = np.where(sigma > 0, 2 * norm.sf(np.maximum(z, 0)), 1.0)
+    return auc, p
+
+
 def auroc(x: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """AUROC of every column of x [n, m] for separating pos (bool [n]) from the rest (ties count 1/2)."""
-    n1, n0 = int(pos.sum()), int((~pos).sum())
-    r = rankdata(x, axis=0)
-    return (r[pos].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n0)
+    return rank_tests(x, pos.astype(int), 2)[0][:, 1]
 
 
-def mannwhitney_p(x: np.ndarray, pos: np.ndarray, auc: np.ndarray | None = None) -> np.ndarray:
-    """Two-sided Mann-Whitney p-values per column (normal approximation with tie correction)."""
-    n1, n0 = int(pos.sum()), int((~pos).sum())
-    n = n1 + n0
-    auc = auroc(x, pos) if auc is None else auc
-    u = auc * n1 * n0
-    # tie correction: sum over tied groups of (t^3 - t), per column
-    xs = np.sort(x, axis=0)
-    tie = np.zeros(x.shape[1])
-    starts = np.vstack([np.ones((1, x.shape[1]), bool), xs[1:] != xs[:-1]])
-    for j in np.flatnonzero(~starts.all(0)):
-        _, counts = np.unique(xs[:, j], return_counts=True)
-        tie[j] = ((counts ** 3) - counts).sum()
-    sigma = np.sqrt(n1 * n0 / 12 * ((n + 1) - tie / (n * (n - 1))))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(sigma > 0, (np.abs(u - n1 * n0 / 2) - 0.5) / sigma, 0.0)
-    return np.where(sigma > 0, 2 * norm.sf(np.maximum(z, 0)), 1.0)
+def mannwhitney_p(x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Two-sided Mann-Whitney p-values of every column of x, pos vs rest."""
+    return rank_tests(x, pos.astype(int), 2)[1][:, 1]
 
 
 def bh_fdr(p: np.ndarray) -> np.ndarray:

@@ -43,6 +43,53 @@ def _sae_figure(res: dict) -> str:
     return _html(fig)
 
 
+BAND_COLORS = ["rgba(99,110,250,0.10)", "rgba(0,204,150,0.10)", "rgba(239,85,59,0.10)", "rgba(171,99,250,0.10)", "rgba(255,161,90,0.10)"]
+
+
+def _phase_bands(fig, res: dict, rows: list[dict]) -> None:
+    """Shade each phase's depth range and label it with its name."""
+    depths = [r["depth"] for r in rows]
+    step = depths[1] - depths[0] if len(depths) > 1 else 1.0
+    edges = [depths[0] - step / 2] + [depths[res["hooks"].index(f"blocks.{b['layer']}.hook_resid_post")] - step / 2
+                                       if f"blocks.{b['layer']}.hook_resid_post" in res["hooks"] else b["depth"]
+                                       for b in res["boundaries"]] + [depths[-1] + step / 2]
+    for p, name in enumerate(res["phase_names"]):
+        fig.add_vrect(x0=edges[p], x1=edges[p + 1], fillcolor=BAND_COLORS[p % 5], line_width=0,
+                      annotation_text=f"{p + 1}: {name}", annotation_position="top left")
+
+
+def _phases_figures(res: dict, feats: pd.DataFrame) -> dict:
+    rows = res["layers"]["all"]
+    x = [r["depth"] for r in rows]
+    curves = make_subplots(rows=1, cols=2, subplot_titles=["what features respond to", "how decodable the emotion is"])
+    for key, name in [("surface", "surface (token identity η²)"), ("semantic", "semantics (text η²)"),
+                      ("selective_frac", "emotion-selective fraction")]:
+        curves.add_trace(go.Scatter(x=x, y=[r[key] for r in rows], mode="lines+markers", name=name), row=1, col=1)
+    for key, name, dash in [("probe_resid", "probe on residual", None), ("probe_codes", "probe on SAE codes", None),
+                            ("probe_resid_shuffled", "probe, shuffled labels", "dot"), ("lens_acc", "logit lens accuracy", "dash")]:
+        curves.add_trace(go.Scatter(x=x, y=[r[key] for r in rows], mode="lines+markers", name=name, line=dict(dash=dash)), row=1, col=2)
+    _phase_bands(curves, res, rows)
+    curves.update_xaxes(title_text="depth (layer / n_layers)")
+    curves.update_layout(height=420, margin=dict(l=40, r=10, t=60, b=50))
+    layers = [r["layer"] for r in rows]
+    counts = feats.groupby(["layer", "emotion"]).size().unstack(fill_value=0).reindex(index=layers, columns=res["labels"], fill_value=0)
+    heat = go.Figure(go.Heatmap(z=counts.T.values, x=[f"L{l}" for l in layers], y=res["labels"], colorscale="Viridis",
+                                hovertemplate="%{y} at %{x}: %{z} selective features"))
+    heat.update_layout(title="emotion-selective features per layer", height=330, margin=dict(l=70, r=10, t=40, b=40))
+    jac = go.Figure(go.Heatmap(z=res["jaccard"], x=res["labels"], y=res["labels"], colorscale="Blues", zmin=0, zmax=1,
+                               text=[[f"{v:.2f}" for v in row] for row in res["jaccard"]], texttemplate="%{text}"))
+    jac.update_layout(title="overlap of selective features (Jaccard)", width=460, height=420, yaxis_autorange="reversed",
+                      margin=dict(l=70, r=10, t=40, b=40))
+    return {"phases_curves": _html(curves), "phases_heat": _html(heat), "phases_jaccard": _html(jac)}
+
+
+def _highlight(text: str, token: str) -> tuple[str, str, str]:
+    """(before, token, after) for showing a feature's strongest token inside its text; all escaped later."""
+    t = token.strip()
+    i = text.find(t) if t else -1
+    return (text, "", "") if i < 0 else (text[:i], text[i:i + len(t)], text[i + len(t):])
+
+
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     f = run_dir / "evaluate" / "result.json"
@@ -56,6 +103,13 @@ def write_report(run_dir: str | Path) -> Path:
         sae = read_json(run_dir / "saes" / "result.json")
         timing = run_dir / "saes" / "timing.json"
         ctx.update(sae=sae, sae_fig=_sae_figure(sae), sae_timing=read_json(timing) if timing.exists() else {})
+    if (run_dir / "phases" / "result.json").exists():
+        ph = read_json(run_dir / "phases" / "result.json")
+        for feats in ph["top_features"].values():
+            for f in feats:
+                for ex in f["top_examples"]:
+                    ex["parts"] = _highlight(ex["text"], ex["token"].get("token", ""))
+        ctx.update(ph=ph, **_phases_figures(ph, pd.read_parquet(run_dir / "phases" / "features.parquet")))
     env = Environment(loader=PackageLoader("emoscope", "report/templates"), autoescape=select_autoescape(["html"]))
     page = env.get_template("report.html").render(**ctx)
     out = run_dir / "report.html"
