@@ -199,9 +199,10 @@ def phases(run_dir: Path = typer.Argument(..., help="Run directory with evaluate
 
 def print_phases(res: dict) -> None:
     b = ", ".join(f"layer {x['layer']} (depth {x['depth']:.2f}, 95% CI layers {x['lo']:.0f}-{x['hi']:.0f})" for x in res["boundaries"])
-    Console().print(f"{res['model']}: {res['n_phases']} phase(s) [{', '.join(res['phase_names'])}]; boundaries: {b or 'none'}")
+    Console().print(f"{res['model']}: {res['n_phases']} phase(s) ({' -> '.join(res['phase_names'])}); boundaries: {b or 'none'}", markup=False)
     s = res["last_phase_share"]
-    Console().print(f"share of emotion-selective features in the last phase: {s['value']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}] (n_boot={s['n_boot']})")
+    Console().print(f"share of emotion-selective features in the last phase: {s['value']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}] "
+                    f"({s['n_boot']} subsamples)", markup=False)
     t = Table(title="emotion-selective features (final token, all examples)")
     for c in ["emotion", "specific", "shared"]:
         t.add_column(c)

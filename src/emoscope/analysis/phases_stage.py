@@ -33,7 +33,7 @@ class PhasesConfig(BaseModel):
     fdr: float = Field(0.05, gt=0, lt=1, description="False-discovery rate for emotion-selective features (BH over features x emotions).")
     min_auroc: float = Field(0.7, ge=0.5, le=1, description="Smallest one-vs-rest AUROC that counts as selective (effect size).")
     min_per_class: int = Field(10, ge=2, description="Fewest examples per emotion needed to analyse a subset.")
-    n_boot: int = Field(100, ge=10, description="Bootstrap resamples of examples for boundary and share intervals.")
+    n_boot: int = Field(100, ge=10, description="Resamples (80% subsamples without replacement) for boundary and share intervals.")
     max_phases: int = Field(5, ge=2, description="Largest number of phases fitted.")
     min_gain: float = Field(0.2, gt=0, lt=1, description="Each added phase must explain this share of the 1-phase residual.")
     probe_folds: int = Field(5, ge=2, description="Cross-validation folds of the linear probes.")
@@ -83,7 +83,9 @@ def run_phases(cfg: PhasesConfig, run_dir: str | Path, view: ModelView, key: str
     correct = preds.correct_cal.to_numpy()
     first_tokens = [ids[0] for ids in task.builder.label_ids()]
     rng = np.random.default_rng(cfg.seed)
-    boots = [rng.integers(0, len(y), len(y)) for _ in range(cfg.n_boot)]
+    # Subsamples without replacement, not the bootstrap: duplicated examples would make the rank tests
+    # behind selectivity anti-conservative. 80% subsamples give conservative (wider) intervals.
+    boots = [np.sort(rng.choice(len(y), int(0.8 * len(y)), replace=False)) for _ in range(cfg.n_boot)]
 
     with stage_dir(run_dir, "phases") as out:
         last = capture_to_store(view, task.builder, examples, hooks, "last", out / "store_last")
