@@ -50,7 +50,7 @@ def train_saelens(x: torch.Tensor, d_sae: int, k: int, batch: int, lr: float, au
 
     torch.manual_seed(0)
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k, device="cpu"))
-    cfg = SAETrainerConfig(total_training_samples=len(x) // batch * batch, train_batch_size_samples=batch, lr=lr,
+    cfg = SAETrainerConfig(total_training_samples=len(x) // batch * batch, train_batch_size_samples=batch, lr=lr, lr_end=lr,
                            device="cpu", autocast=autocast, n_batches_for_norm_estimate=1)
     data = (x[i:i + batch] for i in range(0, len(x) - batch + 1, batch))
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=data)
@@ -89,7 +89,7 @@ def main() -> None:
             sae, secs = train_saelens(x, d_sae, a.k, a.batch, a.lr, ac)
             rows[name] = (secs, fvu(lambda z: sae.decode(sae.encode(z)), xt))
         except Exception as e:
-            notes[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            notes[name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
     trained = len(x) // a.batch * a.batch
     t = Table(title=f"TopK SAE training, {view.name} layer {a.layer}, d_sae={d_sae}, k={a.k}, {trained} tokens, batch {a.batch}")
     for c in ["method", "seconds", "tokens/s", "held-out FVU"]:
