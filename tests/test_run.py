@@ -92,3 +92,11 @@ def test_saes_and_phases_stages_on_tiny_model(tmp_path, tiny_dir, toy_data, shar
 
 def res_labels(tmp_path):
     return json.loads((tmp_path / "run" / "evaluate" / "result.json").read_text())["labels"]
+
+
+def test_every_config_key_is_documented_in_readme():
+    from pathlib import Path
+    from emoscope.run import config_keys
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing = [k for k, _, _ in config_keys() if f"`{k}`" not in readme]
+    assert not missing, f"README lacks config keys: {missing}"

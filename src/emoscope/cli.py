@@ -236,6 +236,17 @@ def summarize(run_dirs: list[Path] = typer.Argument(..., help="Run directories w
               f"{c(r['raw']['accuracy'])} | {c(r['calibrated']['accuracy'])} | {c(r['raw']['macro_f1'])} | {c(r['calibrated']['macro_f1'])} |")
 
 
+@app.command("config-keys")
+def config_keys_cmd():
+    """Print every key of a run config as a markdown table (default and meaning)."""
+    from .run import config_keys
+
+    print("| key | default | meaning |")
+    print("|---|---|---|")
+    for key, default, desc in config_keys():
+        print(f"| `{key}` | `{default}` | {desc} |".replace("``", "none"))
+
+
 def main() -> None:
     _quiet_libraries()
     try:

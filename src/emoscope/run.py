@@ -52,6 +52,8 @@ def load_config(path: str | Path) -> RunConfig:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise EmoscopeError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if isinstance(raw.get("evaluate"), dict) and "model" in raw["evaluate"]:
+        raise EmoscopeError(f"config {p}: set the model once, at the top level (model:), not under evaluate")
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
@@ -102,3 +104,24 @@ def run(cfg: RunConfig, force: set[str] = frozenset(), log=print, progress_facto
     path = write_report(run_dir)
     log(f"report: {path}")
     return path
+
+
+def config_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf key of the run config, for the docs."""
+    out = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        if key == "evaluate.model":
+            continue  # the run config's top-level model is used
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += config_keys(ann, key + ".")
+        else:
+            default = field.default
+            out.append((key, "" if default is None else json_default(default), field.description or ""))
+    return out
+
+
+def json_default(v) -> str:
+    import json
+    return json.dumps(v) if not isinstance(v, str) else v
