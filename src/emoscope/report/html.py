@@ -98,7 +98,7 @@ def write_report(run_dir: str | Path) -> Path:
     ev = read_json(f)
     preds = pd.read_parquet(run_dir / "evaluate" / "predictions.parquet")
     ctx = {"ev": ev, "plotlyjs": get_plotlyjs(), "conf_raw": _confusion_figure(ev["raw"], "raw"),
-           "conf_cal": _confusion_figure(ev["calibrated"], "calibrated"), "examples": preds.head(40).to_dict("records")}
+           "conf_cal": _confusion_figure(ev["calibrated"], "calibrated"), "examples": preds.head(15).to_dict("records")}
     if (run_dir / "saes" / "result.json").exists():
         sae = read_json(run_dir / "saes" / "result.json")
         timing = run_dir / "saes" / "timing.json"
