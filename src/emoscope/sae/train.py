@@ -79,7 +79,7 @@ class _Layer:
 
     def __init__(self, cfg: SAETrainConfig, hp: HookPoint, d: int, scale: float, b_dec: torch.Tensor, model_name: str, device):
         m = cfg.expansion * d
-        self.hp, self.scale = hp, scale
+        self.hp, self.scale, self.k, self.model_name = hp, scale, cfg.k, model_name
         self.arch = cfg.architecture
         sae = SAE.init(SAEConfig(d_in=d, d_sae=m, k=cfg.k, hook_name=hp.name, model_name=model_name, architecture=cfg.architecture),
                        seed=cfg.seed * 1000 + hp.layer, b_dec=b_dec)
@@ -130,7 +130,8 @@ class _Layer:
     def export(self, extra: dict) -> SAE:
         """Fold the training scale back in: features and thresholds in raw units, decoder unit-norm."""
         d, m = self.W_dec.shape[1], self.W_dec.shape[0]
-        sae = SAE(SAEConfig(d_in=d, d_sae=m, k=0, hook_name=self.hp.name, architecture=self.arch))
+        sae = SAE(SAEConfig(d_in=d, d_sae=m, k=self.k, hook_name=self.hp.name, model_name=self.model_name,
+                            architecture=self.arch, extra=extra))
         with torch.no_grad():
             sae.W_enc.copy_(self.W_enc_T.T.cpu())
             sae.b_enc.copy_(self.b_enc.cpu() * self.scale)
@@ -138,24 +139,26 @@ class _Layer:
             sae.b_dec.copy_(self.b_dec.cpu() * self.scale)
             if self.arch == "jumprelu":
                 sae.threshold.copy_(self.log_threshold.exp().cpu() * self.scale)
-        sae.cfg.extra = extra
         return sae
+
+    @classmethod
+    def start(cls, cfg: SAETrainConfig, hp: HookPoint, x: torch.Tensor, model_name: str, device) -> "_Layer":
+        """Training state for a layer, with the scale and b_dec taken from its first activations."""
+        scale = float(x.pow(2).sum(-1).mean().sqrt() / math.sqrt(x.shape[1]))
+        return cls(cfg, hp, x.shape[1], scale, (x / scale).mean(0).cpu(), model_name, device)
 
 
 def fit(x: torch.Tensor, cfg: SAETrainConfig, hook_name: str = "blocks.0.hook_resid_post", epochs: int = 1,
         model_name: str = "") -> tuple[SAE, dict]:
     """Train one SAE on activations already in memory [n, d] (tests, benchmarks, stored activations)."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    scale = float(x.pow(2).sum(-1).mean().sqrt() / math.sqrt(x.shape[1]))
-    st = _Layer(cfg, HookPoint.parse(hook_name), x.shape[1], scale, (x / scale).mean(0), model_name, x.device)
+    st = _Layer.start(cfg, HookPoint.parse(hook_name), x, model_name, x.device)
     fast = _fast_dtype(cfg.fast_matmul, x.device)
     for _ in range(epochs):
-        xs = x[torch.randperm(len(x), generator=gen)] / scale
+        xs = x[torch.randperm(len(x), generator=gen)] / st.scale
         for i in range(0, len(xs) - cfg.batch_tokens + 1, cfg.batch_tokens):
             st.step(xs[i:i + cfg.batch_tokens], cfg, fast)
-    sae = st.export({"tokens": len(x) * epochs, "seed": cfg.seed})
-    sae.cfg.k, sae.cfg.model_name = cfg.k, model_name
-    return sae, _layer_stats(st, cfg)
+    return st.export({"tokens": len(x) * epochs, "seed": cfg.seed}), _layer_stats(st, cfg)
 
 
 def _layer_stats(st: "_Layer", cfg: SAETrainConfig, last: int = 20) -> dict:
@@ -197,8 +200,7 @@ def train_saes(view: ModelView, cfg: SAETrainConfig, data_dir=None, progress: Ca
             x = torch.cat(buf[h.name])[perm].to(view.device)
             buf[h.name] = []
             if h.name not in states:  # first buffer: scale and b_dec init from data
-                scale = float(x.pow(2).sum(-1).mean().sqrt() / math.sqrt(x.shape[1]))
-                states[h.name] = _Layer(cfg, h, x.shape[1], scale, (x / scale).mean(0).cpu(), view.name, view.device)
+                states[h.name] = _Layer.start(cfg, h, x, view.name, view.device)
             st = states[h.name]
             x = x / st.scale
             for i in range(0, take - cfg.batch_tokens + 1, cfg.batch_tokens):
@@ -214,5 +216,4 @@ def train_saes(view: ModelView, cfg: SAETrainConfig, data_dir=None, progress: Ca
     for name, st in states.items():
         stats["layers"][name] = _layer_stats(st, cfg)
         saes[name] = st.export({"tokens": seen, "seed": cfg.seed, "k": cfg.k, "expansion": cfg.expansion})
-        saes[name].cfg.k, saes[name].cfg.model_name = cfg.k, view.name
     return saes, stats
