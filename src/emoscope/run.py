@@ -84,6 +84,7 @@ def run(cfg: RunConfig, force: set[str] = frozenset(), log=print, progress_facto
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    log = _tee(log, run_dir / "run.log")
     view = None
     for stage in [s for s in STAGES if s in cfg.stages]:
         if stage not in force and is_current(run_dir, stage, cfg):
@@ -104,6 +105,17 @@ def run(cfg: RunConfig, force: set[str] = frozenset(), log=print, progress_facto
     path = write_report(run_dir)
     log(f"report: {path}")
     return path
+
+
+def _tee(log, path: Path):
+    """Log to the caller and, time-stamped, to run_dir/run.log."""
+    import time
+
+    def both(msg: str) -> None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+        log(msg)
+    return both
 
 
 def config_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
