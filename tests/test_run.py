@@ -100,3 +100,17 @@ def test_every_config_key_is_documented_in_readme():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     missing = [k for k, _, _ in config_keys() if f"`{k}`" not in readme]
     assert not missing, f"README lacks config keys: {missing}"
+
+
+def test_sae_training_is_deterministic(tmp_path, tiny_dir, shared_data):
+    from emoscope.models import load_model
+    from emoscope.sae.stage import SAEStageConfig, run_saes
+
+    view = load_model(str(tiny_dir))
+    cfg = SAEStageConfig.model_validate({"train": {"tokens": 3000, "layers": [2], "expansion": 2, "k": 4, "batch_tokens": 256,
+                                                   "buffer_tokens": 1024, "seqs_per_forward": 4}, "eval_seqs": 4, "ce": False})
+    a = run_saes(cfg, tmp_path / "a", view)
+    b = run_saes(cfg, tmp_path / "b", view)
+    w = "saes/blocks.2.hook_resid_post/sae_weights.safetensors"
+    assert (tmp_path / "a" / w).read_bytes() == (tmp_path / "b" / w).read_bytes()
+    assert a["quality"] == b["quality"] and (tmp_path / "a/saes/result.json").read_bytes() == (tmp_path / "b/saes/result.json").read_bytes()
