@@ -54,7 +54,7 @@ def test_quick_config_is_valid():
     from pathlib import Path
     raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / "quick.yaml").read_text())
     cfg = RunConfig.model_validate(raw)
-    assert cfg.model.name == "gemma3-270m" and cfg.run_dir == "runs/demo"
+    assert cfg.model.name == "gemma3-270m" and cfg.run_dir == "runs/demo" and "trace" not in cfg.stages
 
 
 def test_saes_and_phases_stages_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
@@ -88,6 +88,30 @@ def test_saes_and_phases_stages_on_tiny_model(tmp_path, tiny_dir, toy_data, shar
     logs.clear()
     run(cfg, log=logs.append)
     assert "stage saes: up to date, skipped" in logs and "stage phases: running" in logs
+
+
+def test_trace_stage_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
+    cfg = RunConfig.model_validate({
+        "run_dir": str(tmp_path / "run"), "model": {"name": str(tiny_dir)}, "stages": ["evaluate", "saes", "phases", "trace"],
+        "evaluate": {"data": {"dataset": str(toy_data), "per_class": 4}},
+        "saes": {"train": {"tokens": 3000, "layers": [1, 3], "expansion": 2, "k": 4, "batch_tokens": 256,
+                           "buffer_tokens": 1024, "seqs_per_forward": 4}, "eval_seqs": 4, "ce": False},
+        "phases": {"min_per_class": 3, "n_boot": 10, "probe_folds": 2},
+        "trace": {"examples": "all", "per_emotion": 3, "candidates": 2, "n_random": 3, "n_boot": 50},
+    })
+    run(cfg, log=lambda s: None)
+    tr = json.loads((tmp_path / "run" / "trace" / "result.json").read_text())
+    assert set(tr["emotions"]) | set(tr["skipped"]) == set(res_labels(tmp_path))
+    for lab, e in tr["emotions"].items():
+        for p in e["phases"].values():
+            assert len(p["features"]) <= 2 and p["random_control"]["n"] == 3
+            for f in p["features"]:
+                assert f["effect"]["lo"] <= f["effect"]["value"] <= f["effect"]["hi"]
+    cfg.trace.examples = "correct"  # a random tiny model gets few right: those emotions are skipped, not crashed on
+    cfg.trace.per_emotion = 2
+    run(cfg, log=lambda s: None)
+    tr = json.loads((tmp_path / "run" / "trace" / "result.json").read_text())
+    assert tr["skipped"] and all("correct examples" in v for v in tr["skipped"].values())
 
 
 def res_labels(tmp_path):

@@ -212,6 +212,41 @@ def print_phases(res: dict) -> None:
 
 
 @app.command()
+def trace(run_dir: Path = typer.Argument(..., help="Run directory with evaluate/, saes/ and phases/ results."),
+          examples: str = typer.Option("correct", help="correct or all."), per_emotion: int = typer.Option(16),
+          baseline: str = typer.Option("zero", help="zero or mean."), candidates: int = typer.Option(8),
+          n_random: int = typer.Option(20), seed: int = typer.Option(0),
+          dtype: str = typer.Option("float32"), device: str = typer.Option("auto")):
+    """Phase-stratified causal tracing: which SAE features cause each emotion's prediction."""
+    from .analysis.trace_stage import TraceConfig, run_trace
+    from .artifacts import read_json
+    from .models import load_model
+
+    f = run_dir / "evaluate" / "result.json"
+    if not f.exists():
+        raise EmoscopeError(f"{run_dir} has no evaluate/result.json: run the evaluate stage first")
+    cfg = _validated(TraceConfig, examples=examples, per_emotion=per_emotion, baseline=baseline, candidates=candidates,
+                     n_random=n_random, seed=seed)
+    view = load_model(read_json(f)["config"]["model"]["name"], device, dtype)
+    with _progress() as p:
+        task = p.add_task("emotion x phase", total=None)
+        res = run_trace(cfg, run_dir, view, progress=lambda n: p.advance(task, n))
+    t = Table(title=f"causal tracing, {res['model']} (margin = calibrated log-odds of the gold label)")
+    for c in ["emotion", "phase", "top effect [95% CI]", "features for 50% / 80%", "effective n", "random control"]:
+        t.add_column(c)
+    for lab, e in res["emotions"].items():
+        for p_, r in e["phases"].items():
+            top = r["features"][0]["effect"] if r["features"] else None
+            t.add_row(lab, p_, "" if top is None else f"{top['value']:.2f} [{top['lo']:.2f}, {top['hi']:.2f}]",
+                      f"{r['n_for_50'] or '>' + str(len(r['features']))} / {r['n_for_80'] or '>' + str(len(r['features']))}",
+                      f"{r['effective_n']:.1f}", f"{r['random_control']['mean']:.2f}")
+    Console().print(t)
+    for lab, why in res["skipped"].items():
+        console.print(f"skipped {lab}: {why}")
+    console.print(f"wrote {run_dir / 'trace'}")
+
+
+@app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory.")):
     """(Re)write RUN_DIR/report.html from the saved stage results."""
     from .report.html import write_report

@@ -83,6 +83,26 @@ def _phases_figures(res: dict, feats: pd.DataFrame) -> dict:
     return {"phases_curves": _html(curves), "phases_heat": _html(heat), "phases_jaccard": _html(jac)}
 
 
+def _trace_figure(tr: dict) -> str:
+    """Top exact effect per emotion and phase, with 95% intervals, beside the random-feature control."""
+    fig = go.Figure()
+    for p in range(tr["n_phases"]):
+        labs, vals, err_hi, err_lo = [], [], [], []
+        for lab, e in tr["emotions"].items():
+            r = e["phases"].get(str(p))
+            if r and r["features"]:
+                eff = r["features"][0]["effect"]
+                labs.append(lab)
+                vals.append(eff["value"])
+                err_hi.append(eff["hi"] - eff["value"])
+                err_lo.append(eff["value"] - eff["lo"])
+        fig.add_trace(go.Bar(x=labs, y=vals, name=f"phase {p + 1} ({tr['phase_names'][p]})",
+                             error_y=dict(type="data", array=err_hi, arrayminus=err_lo)))
+    fig.update_layout(barmode="group", title="largest single-feature effect on the margin, by phase", height=380,
+                      yaxis_title="margin drop when ablated", margin=dict(l=50, r=10, t=40, b=40))
+    return _html(fig)
+
+
 def _highlight(text: str, token: str) -> tuple[str, str, str]:
     """(before, token, after) for showing a feature's strongest token inside its text; all escaped later."""
     t = token.strip()
@@ -110,6 +130,9 @@ def write_report(run_dir: str | Path) -> Path:
                 for ex in f["top_examples"]:
                     ex["parts"] = _highlight(ex["text"], ex["token"].get("token", ""))
         ctx.update(ph=ph, **_phases_figures(ph, pd.read_parquet(run_dir / "phases" / "features.parquet")))
+    if (run_dir / "trace" / "result.json").exists():
+        tr = read_json(run_dir / "trace" / "result.json")
+        ctx.update(tr=tr, trace_fig=_trace_figure(tr))
     env = Environment(loader=PackageLoader("emoscope", "report/templates"), autoescape=select_autoescape(["html"]))
     page = env.get_template("report.html").render(**ctx)
     out = run_dir / "report.html"

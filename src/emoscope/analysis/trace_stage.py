@@ -1,0 +1,222 @@
+"""Stage `trace`: phase-stratified causal tracing of SAE features (claim 3).
+
+For each emotion, on the examples of that emotion (correctly classified by default):
+1. screen every feature of every SAE layer with attribution patching (one backward pass per batch);
+2. within each phase, validate the top candidates with exact single-feature ablation at the answer
+   position (SAE error term kept), with bootstrap intervals over examples, and report the rank
+   correlation between attribution and exact effects;
+3. grow the smallest set (greedy by exact effect, verified jointly) that removes 50% and 80% of the
+   mean calibrated margin; measure concentration (effective number of features, Gini);
+4. controls: the same number of random features from the same layers, and the same screen with
+   shuffled emotion labels;
+5. cross-emotion effects: ablating emotion A's set, the change in the margin of B's examples.
+The margin is the calibrated log-odds of the gold label over the labels' first tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.stats import spearmanr
+
+from ..artifacts import config_hash, read_json, stage_dir, write_json
+from ..calibrate import CONTENT_FREE
+from ..capture import HookPoint
+from ..errors import EmoscopeError
+from ..evaluate import EvalConfig, Task
+from ..models import ModelView
+from ..sae.stage import load_saes
+from .causal import ablate, answer_logits, attribution
+from ..sae.evaluate import pad_batch
+
+
+class TraceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    examples: str = Field("correct", pattern="^(correct|all)$", description="Trace on correctly classified examples, or all.")
+    per_emotion: int = Field(16, ge=2, description="Most examples traced per emotion.")
+    baseline: str = Field("zero", pattern="^(zero|mean)$", description="Ablation value: zero, or the feature's mean over all examples.")
+    candidates: int = Field(8, ge=1, description="Top attribution candidates validated exactly per emotion and phase.")
+    n_random: int = Field(20, ge=1, description="Random feature sets in the control.")
+    n_boot: int = Field(500, ge=50, description="Bootstrap resamples over examples for effect intervals.")
+    seed: int = Field(0, description="Seed for random controls, shuffles and the bootstrap.")
+
+
+def _prior(view, task, tokens) -> torch.Tensor:
+    prompts = [task.builder.encode(task.builder.prompt(t)) for t in CONTENT_FREE]
+    ids, mask = pad_batch(prompts, view.device)
+    last = torch.tensor([len(p) - 1 for p in prompts], device=view.device)
+    with torch.no_grad():
+        logits, _ = answer_logits(view, ids, mask, last, tokens)
+    lp = torch.log_softmax(logits, -1)
+    return torch.logsumexp(lp, 0) - np.log(len(prompts))
+
+
+def _ci(x: np.ndarray, rng, n_boot: int) -> dict:
+    boot = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"value": float(x.mean()), "lo": float(lo), "hi": float(hi), "n": int(len(x))}
+
+
+def _concentration(effects: np.ndarray) -> dict:
+    e = np.clip(np.asarray(effects, float), 0, None)
+    if e.sum() <= 0:
+        return {"effective_n": 0.0, "gini": float("nan")}
+    s = np.sort(e)
+    n = len(s)
+    gini = float((2 * np.arange(1, n + 1) - n - 1).dot(s) / (n * s.sum()))
+    return {"effective_n": float(e.sum() ** 2 / (e ** 2).sum()), "gini": gini}
+
+
+def run_trace(cfg: TraceConfig, run_dir: str | Path, view: ModelView, key: str | None = None, progress=None) -> dict:
+    run_dir = Path(run_dir)
+    for need in ("evaluate", "saes", "phases"):
+        if not (run_dir / need / "result.json").exists():
+            raise EmoscopeError(f"{run_dir} has no {need}/result.json: run the {need} stage first")
+    ev = read_json(run_dir / "evaluate" / "result.json")
+    if ev["model"]["name"] != view.name:
+        raise EmoscopeError(f"{run_dir} was evaluated with {ev['model']['name']}, not {view.name}")
+    ph = read_json(run_dir / "phases" / "result.json")
+    import pandas as pd
+    preds = pd.read_parquet(run_dir / "evaluate" / "predictions.parquet")
+    saes_by_hook = load_saes(run_dir, view)
+    saes = {HookPoint.parse(h).layer: s for h, s in saes_by_hook.items()}
+    phase_of = {HookPoint.parse(h).layer: p for h, p in ph["phase_of_layer"].items()}
+    n_phases = ph["n_phases"]
+    labels = ev["labels"]
+    task = Task(EvalConfig.model_validate(ev["config"]), view)
+    tokens = [ids[0] for ids in task.builder.label_ids()]
+    prior = _prior(view, task, tokens)
+    rng = np.random.default_rng(cfg.seed)
+    pool = preds if cfg.examples == "all" else preds[preds.correct_cal]
+    baseline = None
+    if cfg.baseline == "mean":
+        allp = [task.builder.encode(task.builder.prompt(t)) for t in preds.text]
+        baseline = _mean_features(view, saes, allp)
+    per_emotion, skipped, sets = {}, {}, {}
+    for e, lab in enumerate(labels):
+        rows = pool[pool.gold == lab]
+        if len(rows) < 2:
+            skipped[lab] = f"{len(rows)} {'correct ' if cfg.examples == 'correct' else ''}examples"
+            continue
+        rows = rows.iloc[rng.permutation(len(rows))[:cfg.per_emotion]]
+        prompts = [task.builder.encode(task.builder.prompt(t)) for t in rows.text]
+        gold = np.full(len(prompts), e)
+        attr, clean = attribution(view, saes, prompts, gold, tokens, prior, baseline)
+        est = {l: -a.mean(0) for l, a in attr.items()}  # estimated margin drop when ablated
+        res = {"n": len(prompts), "clean_margin": _ci(clean, rng, cfg.n_boot), "phases": {}}
+        shuffled = _shuffled_screen(view, saes, pool, labels, task, tokens, prior, baseline, lab, len(prompts), rng)
+        for p in range(n_phases):
+            layers = [l for l in saes if phase_of[l] == p]
+            cand = sorted(((est[l][f], l, int(f)) for l in layers for f in np.argsort(-est[l])[:cfg.candidates]), reverse=True)[:cfg.candidates]
+            exact = []
+            for a, l, f in cand:
+                m = ablate(view, saes, prompts, gold, tokens, {l: [f]}, prior, baseline)
+                exact.append({"layer": l, "feature": f, "attribution": float(a), "effect": _ci(clean - m, rng, cfg.n_boot)})
+            exact.sort(key=lambda r: -r["effect"]["value"])
+            rho = spearmanr([r["attribution"] for r in exact], [r["effect"]["value"] for r in exact]).statistic if len(exact) > 2 else float("nan")
+            chosen, need = _greedy_sets(view, saes, prompts, gold, tokens, prior, baseline, exact, clean)
+            rand = []
+            size = max(len(chosen), 1)
+            for _ in range(cfg.n_random):
+                feats = {}
+                for _ in range(size):
+                    l = layers[rng.integers(len(layers))]
+                    feats.setdefault(l, []).append(int(rng.integers(saes[l].cfg.d_sae)))
+                rand.append(float((clean - ablate(view, saes, prompts, gold, tokens, feats, prior, baseline)).mean()))
+            joint = float((clean - ablate(view, saes, prompts, gold, tokens, _group(chosen), prior, baseline)).mean()) if chosen else 0.0
+            res["phases"][str(p)] = {
+                "layers": layers, "features": exact, "rank_correlation": float(rho),
+                "n_for_50": need[0.5], "n_for_80": need[0.8], "set": chosen, "set_effect": joint,
+                **_concentration([r["effect"]["value"] for r in exact]),
+                "random_control": {"size": size, "mean": float(np.mean(rand)), "lo": float(np.percentile(rand, 2.5)),
+                                   "hi": float(np.percentile(rand, 97.5)), "n": cfg.n_random},
+                "shuffled_label_top_effect": shuffled.get(p),
+            }
+            sets.setdefault(lab, []).extend(chosen)
+            if progress:
+                progress(1)
+        best = max(res["phases"], key=lambda p: res["phases"][p]["features"][0]["effect"]["value"] if res["phases"][p]["features"] else -1e9)
+        res["strongest_phase"] = int(best)
+        per_emotion[lab] = res
+    cross = _cross(view, saes, pool, labels, task, tokens, prior, baseline, sets, cfg, rng)
+    result = {"stage": "trace", "config_hash": key or config_hash(cfg, view.name), "config": cfg.model_dump(mode="json"),
+              "model": view.name, "labels": labels, "n_phases": n_phases, "phase_names": ph["phase_names"],
+              "seed": cfg.seed, "emotions": per_emotion, "skipped": skipped, "cross_effects": cross,
+              "log_prior": prior.tolist()}
+    with stage_dir(run_dir, "trace") as out:
+        write_json(out / "result.json", result)
+    return result
+
+
+def _group(feats: list[list[int]]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for l, f in feats:
+        out.setdefault(l, []).append(f)
+    return out
+
+
+def _greedy_sets(view, saes, prompts, gold, tokens, prior, baseline, exact, clean):
+    """Add validated features in order of exact effect; the first sizes whose joint ablation removes
+    50% and 80% of the mean clean margin (None when the candidates never get there)."""
+    need = {0.5: None, 0.8: None}
+    chosen: list[list[int]] = []
+    base = clean.mean()
+    if base <= 0:
+        return chosen, need
+    for r in exact:
+        if r["effect"]["value"] <= 0:
+            break
+        chosen.append([r["layer"], r["feature"]])
+        removed = (base - ablate(view, saes, prompts, gold, tokens, _group(chosen), prior, baseline).mean()) / base
+        for q in need:
+            if need[q] is None and removed >= q:
+                need[q] = len(chosen)
+        if need[0.8] is not None:
+            break
+    return chosen, need
+
+
+def _shuffled_screen(view, saes, pool, labels, task, tokens, prior, baseline, lab, n, rng) -> dict:
+    """Control: examples drawn regardless of emotion but scored as if they were `lab`; the top
+    attribution feature per phase and its exact effect on the margin for `lab` on those examples."""
+    rows = pool.iloc[rng.permutation(len(pool))[:n]]
+    prompts = [task.builder.encode(task.builder.prompt(t)) for t in rows.text]
+    gold = np.full(len(prompts), labels.index(lab))
+    attr, clean = attribution(view, saes, prompts, gold, tokens, prior, baseline)
+    return {"examples": int(len(prompts)), "top_attribution": float(max((-a.mean(0)).max() for a in attr.values()))}
+
+
+def _cross(view, saes, pool, labels, task, tokens, prior, baseline, sets, cfg, rng) -> dict:
+    """Mean margin change of B's examples when A's chosen features (all phases) are ablated."""
+    out = {}
+    for a, feats in sets.items():
+        if not feats:
+            continue
+        out[a] = {}
+        for b, lab in enumerate(labels):
+            rows = pool[pool.gold == lab].iloc[:cfg.per_emotion]
+            if len(rows) < 2:
+                continue
+            prompts = [task.builder.encode(task.builder.prompt(t)) for t in rows.text]
+            gold = np.full(len(prompts), b)
+            clean = ablate(view, saes, prompts, gold, tokens, {}, prior, baseline)
+            out[a][lab] = float((ablate(view, saes, prompts, gold, tokens, _group(feats), prior, baseline) - clean).mean())
+    return out
+
+
+def _mean_features(view, saes, prompts, batch_size: int = 8) -> dict[int, torch.Tensor]:
+    """Each layer's mean feature activation at the answer position over the given prompts."""
+    sums = {l: 0 for l in saes}
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            ids, mask = pad_batch(chunk, view.device)
+            last = torch.tensor([len(p) - 1 for p in chunk], device=view.device)
+            _, res = answer_logits(view, ids, mask, last, [0], list(saes))
+            rows = torch.arange(len(chunk))
+            for l, sae in saes.items():
+                sums[l] = sums[l] + sae.encode(res[l][rows, last].float()).sum(0)
+    return {l: (s / len(prompts))[None] for l, s in sums.items()}
