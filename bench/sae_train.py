@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -50,6 +51,8 @@ def train_saelens(x: torch.Tensor, d_sae: int, k: int, batch: int, lr: float, au
 
     torch.manual_seed(0)
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k, device="cpu"))
+    with torch.no_grad():  # as SAELens's runner does with b_dec_init_method="mean" (emoscope does the same)
+        sae.b_dec.copy_(x.mean(0))
     cfg = SAETrainerConfig(total_training_samples=len(x) // batch * batch, train_batch_size_samples=batch, lr=lr, lr_end=lr,
                            device="cpu", autocast=autocast, n_batches_for_norm_estimate=1)
     data = (x[i:i + batch] for i in range(0, len(x) - batch + 1, batch))
@@ -70,10 +73,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--lr", type=float, default=8e-4)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cache", default=None, help="save/load the harvested activations here (.pt)")
     a = ap.parse_args()
     view = load_model(a.model, device="cpu", dtype="float32")
-    x = harvest(view, a.layer, a.tokens, "train", 0)
-    xt = harvest(view, a.layer, a.test_tokens, "eval", 0)
+    if a.cache and Path(a.cache).exists():
+        cached = torch.load(a.cache, weights_only=True)
+        x, xt = cached["x"], cached["xt"]
+    else:
+        x = harvest(view, a.layer, a.tokens, "train", 0)
+        xt = harvest(view, a.layer, a.test_tokens, "eval", 0)
+        if a.cache:
+            torch.save({"x": x, "xt": xt}, a.cache)
     scale = float(x.pow(2).sum(-1).mean().sqrt() / math.sqrt(x.shape[1]))
     x, xt = x / scale, xt / scale
     d_sae = a.expansion * x.shape[1]
