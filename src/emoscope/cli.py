@@ -125,8 +125,14 @@ def run(config: Path = typer.Option(..., help="Run config YAML (see configs/quic
             task = p.add_task(stage, total=None)
             return lambda n: p.advance(task, n)
         path = run_all(cfg, set(force), log=console.print, progress_factory=factory)
+    from .artifacts import read_json
     from .evaluate import load_result
     print_eval(load_result(cfg.run_dir))
+    run_dir = Path(cfg.run_dir)
+    if (run_dir / "saes" / "result.json").exists():
+        print_saes(read_json(run_dir / "saes" / "result.json"))
+    if (run_dir / "phases" / "result.json").exists():
+        print_phases(read_json(run_dir / "phases" / "result.json"))
     console.print(f"report: {path}")
 
 
