@@ -1,0 +1,95 @@
+"""Candidate changes for the brittleness audit: prompt perturbations and weight precisions.
+
+Weight precision: bfloat16 / float16 casts, and weight-only group-wise round-to-nearest (RTN)
+fake quantization at 8, 4 or 3 bits: each row of every linear weight in the transformer blocks is
+cut into groups of `group_size` values, each group is scaled symmetrically to the integer grid
+[-(2^(b-1)-1), 2^(b-1)-1], rounded, and scaled back. Embeddings, norms and the unembedding stay in
+float, as in common weight-only schemes. The error of every weight is at most half its group's
+step (scale / 2), which a test checks. This is a faithful simulation of the arithmetic of
+weight-only RTN kernels, not a speed-up.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import nn
+
+from ..errors import EmoscopeError
+from ..prompts import Template
+
+PRECISIONS = ("float32", "bfloat16", "float16", "int8", "int4", "int3")
+
+PARAPHRASES = [
+    "Which emotion does this text express? Choose one of: {options}.",
+    "Read the text and name its emotion ({options}).",
+    "Label the feeling in the following message. Possible labels: {options}.",
+    "What is the author feeling? Answer with a single word among {options}.",
+    "Emotion classification. Options: {options}. Give the best label for the text.",
+    "Identify the dominant emotion of the writer, one of {options}.",
+]
+
+
+@torch.no_grad()
+def rtn_quantize_(weight: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:
+    """Quantize-dequantize a 2-D weight in place, group-wise along the input dimension; returns the
+    per-group step sizes [rows, groups] (the error bound is step / 2)."""
+    if bits not in (2, 3, 4, 5, 6, 7, 8):
+        raise EmoscopeError(f"unsupported bit width {bits}: choose 3, 4 or 8 (2-8 allowed)")
+    rows, cols = weight.shape
+    pad = (-cols) % group_size
+    w = torch.nn.functional.pad(weight.float(), (0, pad)).view(rows, -1, group_size)
+    qmax = 2 ** (bits - 1) - 1
+    step = (w.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-12)
+    q = (w / step).round().clamp(-qmax, qmax) * step
+    weight.copy_(q.view(rows, -1)[:, :cols].to(weight.dtype))
+    return step[..., 0]
+
+
+def apply_precision(view, precision: str, group_size: int = 128) -> dict:
+    """Change the loaded model in place to the given precision; returns what was done."""
+    if precision not in PRECISIONS:
+        raise EmoscopeError(f"unknown precision '{precision}': choose {', '.join(PRECISIONS)}")
+    if precision in ("float32", "bfloat16", "float16"):
+        view.model.to(getattr(torch, precision))
+        return {"precision": precision, "method": "cast"}
+    bits = int(precision[3:])
+    n = 0
+    for block in view.blocks:
+        for mod in block.modules():
+            if isinstance(mod, nn.Linear):
+                rtn_quantize_(mod.weight, bits, group_size)
+                n += 1
+    return {"precision": precision, "method": f"weight-only group-wise RTN fake quantization, {bits} bits, group {group_size}",
+            "linear_layers": n}
+
+
+def perturb_text(text: str, kind: str, rng: random.Random, rate: float = 0.05) -> str:
+    """Surface noise on the input text: 'lower', 'upper', 'whitespace' or 'typos' (adjacent swaps)."""
+    if kind == "lower":
+        return text.lower()
+    if kind == "upper":
+        return text.upper()
+    if kind == "whitespace":
+        return "  ".join(text.split()) + " "
+    if kind == "typos":
+        chars = list(text)
+        for i in range(len(chars) - 1):
+            if chars[i].isalpha() and chars[i + 1].isalpha() and rng.random() < rate:
+                chars[i], chars[i + 1] = chars[i + 1], chars[i]
+        return "".join(chars)
+    raise EmoscopeError(f"unknown text perturbation '{kind}': choose lower, upper, whitespace, typos")
+
+
+def template_variants(base: Template, labels: list[str], seed: int = 0) -> dict[str, Template]:
+    """Named prompt-template candidates: paraphrased instructions, permuted label order, a system
+    prompt added (or removed when the base has one)."""
+    out = {f"paraphrase_{i + 1}": base.model_copy(update={"instruction": p}) for i, p in enumerate(PARAPHRASES)}
+    order = labels[:]
+    random.Random(seed).shuffle(order)
+    if order == labels:
+        order = labels[::-1]
+    out["label_order_permuted"] = base.model_copy(update={"label_order": order})
+    out["system_prompt"] = base.model_copy(update={"system": None if base.system else "You are a careful annotator of emotions in text."})
+    return out

@@ -1,0 +1,56 @@
+"""Audit candidates: quantization error bounds, precision changes, prompt and text perturbations."""
+
+import random
+
+import pytest
+import torch
+
+from emoscope.analysis.perturb import apply_precision, perturb_text, rtn_quantize_, template_variants
+from emoscope.errors import EmoscopeError
+from emoscope.prompts import Template
+from tiny import tiny_model
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_rtn_error_within_half_step(bits):
+    w = torch.randn(16, 300) * torch.rand(16, 1) * 5
+    ref = w.clone()
+    step = rtn_quantize_(w, bits, group_size=64)
+    err = (w - ref).abs()
+    bound = step.repeat_interleave(64, 1)[:, :300] / 2
+    assert (err <= bound + 1e-6).all()
+    levels = 2 ** bits - 1
+    for r in range(3):  # at most 2^b - 1 distinct values per group
+        assert len(torch.unique(w[r, :64])) <= levels
+    if bits == 8:  # 8 bits: relative error at most 1/254 of the group max
+        assert (err <= ref.abs().view(16, -1).amax() / 254 + 1e-6).all()
+
+
+def test_apply_precision_and_unknown_schemes():
+    v = tiny_model("llama")
+    before = v.blocks[0].mlp.down_proj.weight.clone()
+    info = apply_precision(v, "int4", group_size=16)
+    assert info["linear_layers"] == 4 * 7 and not torch.equal(before, v.blocks[0].mlp.down_proj.weight)
+    assert torch.equal(tiny_model("llama").model.get_input_embeddings().weight, v.model.get_input_embeddings().weight)
+    apply_precision(v, "bfloat16")
+    assert v.dtype == torch.bfloat16
+    with pytest.raises(EmoscopeError, match="unknown precision"):
+        apply_precision(v, "int5x")
+    with pytest.raises(EmoscopeError, match="unsupported bit width"):
+        rtn_quantize_(torch.randn(2, 8), 1)
+
+
+def test_text_and_template_perturbations():
+    rng = random.Random(0)
+    t = "I am really quite happy about this wonderful news"
+    assert perturb_text(t, "lower", rng) == t.lower()
+    typo = perturb_text(t, "typos", rng, rate=0.3)
+    assert typo != t and sorted(typo) == sorted(t)
+    with pytest.raises(EmoscopeError, match="unknown text perturbation"):
+        perturb_text(t, "emoji", rng)
+    labels = ["anger", "joy", "fear"]
+    vs = template_variants(Template(), labels)
+    assert sum(k.startswith("paraphrase") for k in vs) >= 5
+    assert all("{options}" in v.instruction for v in vs.values())
+    assert sorted(vs["label_order_permuted"].label_order) == sorted(labels) and vs["label_order_permuted"].label_order != labels
+    assert vs["system_prompt"].system and template_variants(Template(system="x"), labels)["system_prompt"].system is None
