@@ -253,6 +253,42 @@ def trace(run_dir: Path = typer.Argument(..., help="Run directory with evaluate/
 
 
 @app.command()
+def audit(config: Path = typer.Option(..., help="Run config with an `audit:` section (candidates, thresholds)."),
+          force: list[str] = typer.Option([], help="Stage to rerun even if up to date (repeatable).")):
+    """Brittleness audit: compare prompt and precision candidates with the reference; exit 1 when a
+    candidate breaks a threshold (accuracy drop, flip rate, causal-feature survival)."""
+    from .artifacts import read_json
+    from .run import load_config, run as run_all
+
+    cfg = load_config(config)
+    if "audit" not in cfg.stages:
+        cfg.stages = [s for s in cfg.stages if s != "audit"] + ["audit"]
+    with _progress() as p:
+        def factory(stage):
+            task = p.add_task(stage, total=None)
+            return lambda n: p.advance(task, n)
+        run_all(cfg, set(force), log=console.print, progress_factory=factory)
+    res = read_json(Path(cfg.run_dir) / "audit" / "result.json")
+    print_audit(res)
+    if res["failed"]:
+        console.print(f"audit failed: {', '.join(res['failed'])} exceed the thresholds", markup=False)
+        raise typer.Exit(1)
+
+
+def print_audit(res: dict) -> None:
+    t = Table(title=f"brittleness audit, {res['model']}, n={res['n']}, reference accuracy {res['reference_accuracy']:.3f}")
+    for c in ["candidate", "Δ accuracy [95% CI]", "flip rate", "causal survival", "final phase drifts most", "AUROC conf. / feature drift", "verdict"]:
+        t.add_column(c)
+    for r in res["candidates"]:
+        d, a = r["accuracy_change"], r["detection_auroc"]
+        fmt = lambda v: "—" if v is None else f"{v:.2f}"
+        t.add_row(r["name"], f"{d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]", f"{r['flip_rate']:.2f}", fmt(r["causal_survival"]),
+                  str(r["final_phase_drifts_most"]), f"{fmt(a['confidence_drop'])} / {fmt(a['causal_feature_drift'])}",
+                  "FAIL" if r["failed"] else "ok")
+    Console().print(t)
+
+
+@app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory.")):
     """(Re)write RUN_DIR/report.html from the saved stage results."""
     from .report.html import write_report
@@ -291,7 +327,9 @@ def config_keys_cmd():
 def main() -> None:
     _quiet_libraries()
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # returns the code of a typer.Exit instead of raising it
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except EmoscopeError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -301,6 +339,8 @@ def main() -> None:
     except Exception as e:  # click usage errors arrive here in non-standalone mode
         import click
 
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
         if isinstance(e, click.exceptions.ClickException):
             e.show()
             sys.exit(2)

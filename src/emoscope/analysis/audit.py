@@ -1,0 +1,241 @@
+"""Stage `audit`: do prompt changes or a lower weight precision silently break emotion inference?
+
+A reference (the run's evaluated model, precision and prompt) is compared with candidates on the
+same examples. For each candidate: accuracy and macro-F1 change with paired-bootstrap intervals,
+prediction flip rate, per-emotion recall change; per layer and phase, drift of SAE features at the
+answer position (per-example correlation of feature vectors, Jaccard of the top-k active features);
+survival of the reference's causal features (still active where they were, and their ablation still
+moving the margin); and whether the final phase drifts more than earlier ones. Silent degradation:
+AUROC with which a drop in output confidence, and a causal-feature drift score, flag the examples
+whose prediction flipped. Thresholds turn the audit into a deployment gate (non-zero exit).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from sklearn.metrics import roc_auc_score
+
+from .. import calibrate
+from ..artifacts import config_hash, read_json, stage_dir, write_json
+from ..capture import HookPoint
+from ..errors import EmoscopeError
+from ..evaluate import EvalConfig, Task
+from ..metrics import classification_metrics
+from ..models import ModelView
+from ..prompts import Template
+from ..sae.stage import load_saes
+from .causal import ablate, answer_logits
+from .perturb import PRECISIONS, apply_precision, perturb_text, template_variants
+from ..sae.evaluate import pad_batch
+
+
+class Candidate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., description="Label of the candidate in tables.")
+    template: Template | None = Field(None, description="Prompt template replacing the reference's.")
+    shots: int | None = Field(None, ge=0, description="Number of demonstrations replacing the reference's.")
+    demo_seed: int | None = Field(None, description="Seed drawing other demonstrations.")
+    text: Literal["lower", "upper", "whitespace", "typos"] | None = Field(None, description="Noise applied to every input text.")
+    precision: Literal["float32", "bfloat16", "float16", "int8", "int4", "int3"] | None = Field(
+        None, description="Weight precision: float32, bfloat16, float16, or weight-only RTN int8 / int4 / int3.")
+    model: str | None = Field(None, description="Another checkpoint of the same model (same tokenizer), e.g. a quantized export.")
+
+
+class Thresholds(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_accuracy_drop: float = Field(0.05, description="Largest tolerated drop in calibrated accuracy.")
+    max_flip_rate: float = Field(0.2, description="Largest tolerated share of changed predictions.")
+    min_causal_survival: float = Field(0.5, description="Smallest tolerated share of causal features still active.")
+
+
+class AuditConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    candidates: list[Candidate] | Literal["default"] = Field("default", description="Candidates, or 'default': paraphrases, label order, system prompt, demonstrations, text noise, bf16/fp16/int8/int4/int3.")
+    thresholds: Thresholds = Thresholds()
+    causal_features: dict[str, list[tuple[int, int]]] | None = Field(None, description="Causal features per emotion as [layer, feature] pairs; default: tracing's sets, else the phases stage's top features.")
+    top_k: int = Field(32, ge=1, description="Active features compared by Jaccard per layer.")
+    group_size: int = Field(128, ge=8, description="Group size of the RTN weight quantization.")
+    n_boot: int = Field(1000, ge=100, description="Paired bootstrap resamples.")
+    seed: int = Field(0, description="Seed for text noise, demonstrations and the bootstrap.")
+
+
+def default_candidates(ev_cfg: EvalConfig, labels: list[str], seed: int) -> list[Candidate]:
+    out = [Candidate(name=n, template=t) for n, t in template_variants(ev_cfg.template, labels, seed).items()]
+    k = ev_cfg.shots
+    out += [Candidate(name="demos_removed" if k else "demos_added", shots=0 if k else len(labels)),
+            Candidate(name="demos_changed", shots=max(k, len(labels)), demo_seed=seed + 101)]
+    out += [Candidate(name=f"text_{t}", text=t) for t in ("lower", "upper", "whitespace", "typos")]
+    out += [Candidate(name=p, precision=p) for p in PRECISIONS if p != "float32"]
+    return out
+
+
+def _observe(view, task, texts, saes, tokens) -> dict:
+    """Calibrated predictions and probabilities, and SAE codes at the answer position of every layer."""
+    logp = task.score(texts)
+    cal = calibrate.apply_prior(logp, task.log_prior())
+    codes = {l: [] for l in saes}
+    prompts = [task.builder.encode(task.builder.prompt(t)) for t in texts]
+    with torch.no_grad():
+        for i in range(0, len(prompts), 8):
+            chunk = prompts[i:i + 8]
+            ids, mask = pad_batch(chunk, view.device)
+            last = torch.tensor([len(p) - 1 for p in chunk], device=view.device)
+            _, res = answer_logits(view, ids, mask, last, tokens, list(saes))
+            rows = torch.arange(len(chunk))
+            for l, sae in saes.items():
+                codes[l].append(sae.encode(res[l][rows, last].float()).cpu().numpy())
+    return {"cal": cal, "pred": cal.argmax(1), "codes": {l: np.concatenate(v) for l, v in codes.items()}, "prompts": prompts}
+
+
+def _jaccard_topk(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    ta = np.argsort(-a, 1)[:, :k]
+    tb = np.argsort(-b, 1)[:, :k]
+    out = []
+    for x, y, ra, rb in zip(ta, tb, a, b):
+        sa, sb = set(x[ra[x] > 0]), set(y[rb[y] > 0])
+        out.append(len(sa & sb) / max(len(sa | sb), 1))
+    return np.array(out)
+
+
+def _rowcorr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    den = np.sqrt((a ** 2).sum(1) * (b ** 2).sum(1))
+    return np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1), 0.0)
+
+
+def _auroc(score: np.ndarray, flipped: np.ndarray) -> float | None:
+    return float(roc_auc_score(flipped, score)) if 0 < flipped.sum() < len(flipped) else None
+
+
+def run_audit(cfg: AuditConfig, run_dir: str | Path, view: ModelView, load_view, key: str | None = None, progress=None) -> dict:
+    """`load_view(name=None)` returns a fresh float32 copy of the model, or of another checkpoint
+    (precision candidates modify weights in place)."""
+    run_dir = Path(run_dir)
+    for need in ("evaluate", "saes"):
+        if not (run_dir / need / "result.json").exists():
+            raise EmoscopeError(f"{run_dir} has no {need}/result.json: run the {need} stage first")
+    ev = read_json(run_dir / "evaluate" / "result.json")
+    if ev["model"]["name"] != view.name:
+        raise EmoscopeError(f"{run_dir} was evaluated with {ev['model']['name']}, not {view.name}")
+    preds = pd.read_parquet(run_dir / "evaluate" / "predictions.parquet")
+    labels, texts = ev["labels"], list(preds.text)
+    y = np.array([labels.index(g) for g in preds.gold])
+    saes = {HookPoint.parse(h).layer: s for h, s in load_saes(run_dir, view).items()}
+    phase_of = {}
+    if (run_dir / "phases" / "result.json").exists():
+        phase_of = {HookPoint.parse(h).layer: p for h, p in read_json(run_dir / "phases" / "result.json")["phase_of_layer"].items()}
+    n_phases = max(phase_of.values()) + 1 if phase_of else 1
+    causal = {k: [list(f) for f in v] for k, v in cfg.causal_features.items()} if cfg.causal_features else _causal_sets(run_dir, labels)
+    ev_cfg = EvalConfig.model_validate(ev["config"])
+    ref_task = Task(ev_cfg, view)
+    tokens = [ids[0] for ids in ref_task.builder.label_ids()]
+    ref = _observe(view, ref_task, texts, saes, tokens)
+    cands = default_candidates(ev_cfg, labels, cfg.seed) if cfg.candidates == "default" else cfg.candidates
+    rng = np.random.default_rng(cfg.seed)
+    boots = rng.integers(0, len(y), (cfg.n_boot, len(y)))
+    rows = []
+    for cand in cands:
+        rows.append(_compare(cand, cfg, ev_cfg, view, load_view, texts, y, labels, saes, tokens, ref, causal,
+                             phase_of, n_phases, boots))
+        if progress:
+            progress(1)
+    result = {"stage": "audit", "config_hash": key or config_hash(cfg, view.name), "config": cfg.model_dump(mode="json"),
+              "model": view.name, "labels": labels, "n": int(len(y)), "seed": cfg.seed, "n_phases": n_phases,
+              "reference_accuracy": float((ref["pred"] == y).mean()), "candidates": rows,
+              "failed": [r["name"] for r in rows if r["failed"]]}
+    with stage_dir(run_dir, "audit") as out:
+        write_json(out / "result.json", result)
+    return result
+
+
+def _causal_sets(run_dir: Path, labels: list[str]) -> dict[str, list[list[int]]]:
+    """Causal features per emotion: tracing's chosen sets, else the phases stage's top features."""
+    if (run_dir / "trace" / "result.json").exists():
+        tr = read_json(run_dir / "trace" / "result.json")
+        return {lab: [f for p in e["phases"].values() for f in p["set"]] for lab, e in tr["emotions"].items()}
+    if (run_dir / "phases" / "result.json").exists():
+        ph = read_json(run_dir / "phases" / "result.json")
+        return {lab: [[f["layer"], f["feature"]] for f in fs] for lab, fs in ph["top_features"].items()}
+    return {}
+
+
+def _compare(cand, cfg, ev_cfg, view, load_view, texts, y, labels, saes, tokens, ref, causal, phase_of, n_phases, boots) -> dict:
+    c_cfg = ev_cfg.model_copy(deep=True)
+    if cand.template is not None:
+        c_cfg.template = cand.template
+    if cand.shots is not None:
+        c_cfg.shots = cand.shots
+    if cand.demo_seed is not None:
+        c_cfg.seed = cand.demo_seed
+    c_view = view
+    info = {}
+    if cand.model is not None:
+        c_view = load_view(cand.model)
+        if c_view.tokenizer.get_vocab() != view.tokenizer.get_vocab():
+            raise EmoscopeError(f"candidate {cand.name}: {cand.model} has another tokenizer than the reference; "
+                                "features could not be aligned, so it cannot be audited against it")
+    if cand.precision is not None:
+        c_view = load_view(cand.model) if c_view is view else c_view
+        info = apply_precision(c_view, cand.precision, cfg.group_size)
+    c_texts = texts
+    if cand.text is not None:
+        r = random.Random(cfg.seed)
+        c_texts = [perturb_text(t, cand.text, r) for t in texts]
+    task = Task(c_cfg, c_view)
+    cur = _observe(c_view, task, c_texts, saes, tokens)
+    acc_r, acc_c = (ref["pred"] == y), (cur["pred"] == y)
+    d_acc = acc_c.mean() - acc_r.mean()
+    boot_d = acc_c[boots].mean(1) - acc_r[boots].mean(1)
+    m_r = classification_metrics(y, ref["pred"], labels, 200)
+    m_c = classification_metrics(y, cur["pred"], labels, 200)
+    flipped = ref["pred"] != cur["pred"]
+    layers = sorted(saes)
+    drift = {}
+    for l in layers:
+        drift[l] = {"corr": float(_rowcorr(ref["codes"][l], cur["codes"][l]).mean()),
+                    "jaccard": float(_jaccard_topk(ref["codes"][l], cur["codes"][l], cfg.top_k).mean()),
+                    "phase": int(phase_of.get(l, 0))}
+    by_phase = {p: float(np.mean([1 - drift[l]["jaccard"] for l in layers if drift[l]["phase"] == p] or [np.nan])) for p in range(n_phases)}
+    # causal features: active in the candidate where they were active in the reference
+    alive, total, fdrift = 0, 0, np.zeros(len(y))
+    for e, lab in enumerate(labels):
+        feats = causal.get(lab, [])
+        idx = np.flatnonzero(y == e)
+        for l, f in feats:
+            if l not in saes:
+                continue
+            on = ref["codes"][l][idx, f] > 0
+            total += int(on.sum())
+            alive += int((cur["codes"][l][idx, f] > 0)[on].sum())
+            a, b = ref["codes"][l][idx, f], cur["codes"][l][idx, f]
+            fdrift[idx] += np.abs(a - b) / (np.abs(a) + 1e-6) / max(len(feats), 1)
+    survival = alive / total if total else None
+    conf_drop = ref["cal"].max(1) - cur["cal"].max(1)
+    ent = lambda c: -(np.exp(c) * c).sum(1)
+    margin = lambda c: np.sort(c, 1)[:, -1] - np.sort(c, 1)[:, -2]
+    t = cfg.thresholds
+    failed = (-d_acc > t.max_accuracy_drop) or (flipped.mean() > t.max_flip_rate) or \
+             (survival is not None and survival < t.min_causal_survival)
+    return {
+        "name": cand.name, **info, "accuracy": float(acc_c.mean()),
+        "accuracy_change": {"value": float(d_acc), "lo": float(np.percentile(boot_d, 2.5)), "hi": float(np.percentile(boot_d, 97.5))},
+        "macro_f1_change": m_c["macro_f1"]["value"] - m_r["macro_f1"]["value"],
+        "flip_rate": float(flipped.mean()),
+        "recall_change": {lab: m_c["per_class"][lab]["recall"]["value"] - m_r["per_class"][lab]["recall"]["value"] for lab in labels},
+        "drift": {str(l): d for l, d in drift.items()}, "drift_by_phase": {str(p): v for p, v in by_phase.items()},
+        "final_phase_drifts_most": bool(n_phases > 1 and by_phase[n_phases - 1] >= max(by_phase[p] for p in range(n_phases - 1))),
+        "causal_survival": survival,
+        "detection_auroc": {"confidence_drop": _auroc(conf_drop, flipped), "entropy_rise": _auroc(ent(cur["cal"]) - ent(ref["cal"]), flipped),
+                            "margin_drop": _auroc(margin(ref["cal"]) - margin(cur["cal"]), flipped),
+                            "causal_feature_drift": _auroc(fdrift, flipped) if total else None},
+        "failed": bool(failed),
+    }

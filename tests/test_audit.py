@@ -1,0 +1,114 @@
+"""Audit: an identical candidate shows no drift and no flips; a planted perturbation that silences a
+causal feature is flagged; the CLI's exit code follows the thresholds; bad candidates are refused."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from emoscope.analysis.audit import AuditConfig, Candidate, run_audit
+from emoscope.errors import EmoscopeError
+from emoscope.evaluate import EvalConfig, Task
+from emoscope.models import load_model
+from emoscope.prompts import Template
+from emoscope.run import RunConfig, run
+from emoscope.sae import SAE, SAEConfig
+from emoscope.sae.io import save
+from test_cli import _one_line_error, cli
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory, tiny_dir, toy_data, shared_data):
+    """A run whose layer-2 SAE has one JumpReLU feature that fires on the reference prompt's final
+    token, listed as the causal feature of every emotion."""
+    d = tmp_path_factory.mktemp("audit")
+    cfg = RunConfig.model_validate({"run_dir": str(d / "run"), "model": {"name": str(tiny_dir)}, "stages": ["evaluate"],
+                                    "evaluate": {"data": {"dataset": str(toy_data), "per_class": 3}}})
+    run(cfg, log=lambda s: None)
+    view = load_model(str(tiny_dir))
+    ev = json.loads((d / "run/evaluate/result.json").read_text())
+    import pandas as pd
+    texts = list(pd.read_parquet(d / "run/evaluate/predictions.parquet").text)
+    task = Task(EvalConfig.model_validate(ev["config"]), view)
+    from emoscope.capture import HookPoint, record
+
+    def final_resid(builder):
+        with torch.no_grad(), record(view, [HookPoint(2)]) as acts:
+            xs = []
+            for t in texts:
+                view.model(input_ids=torch.tensor([builder.encode(builder.prompt(t))]))
+                xs.append(acts["blocks.2.hook_resid_post"][0, -1])
+        return torch.stack(xs)
+
+    x = final_resid(task.builder)
+    changed = Task(EvalConfig.model_validate({**ev["config"], "template": {"example": CHANGED}}), view)
+    xc = final_resid(changed.builder)
+    # a feature reading what tells the reference's final token from the changed one
+    direction = (x.mean(0) - xc.mean(0)) / (x.mean(0) - xc.mean(0)).norm()
+    sae = SAE(SAEConfig(d_in=32, d_sae=4, architecture="jumprelu", hook_name="blocks.2.hook_resid_post", apply_b_dec_to_input=False))
+    with torch.no_grad():
+        sae.W_enc[:, 0] = direction
+        sae.W_dec[0] = direction
+        sae.b_enc[0] = -float((x @ direction).min() + (xc @ direction).max()) / 2  # on for x, off for xc
+        sae.threshold[1:] = 1e6
+    assert (x @ direction).min() > (xc @ direction).max()
+    save(sae, d / "pre" / "blocks.2.hook_resid_post")
+    cfg.stages = ["evaluate", "saes"]
+    cfg.saes.pretrained = str(d / "pre")
+    cfg.saes.train.layers = [2]
+    cfg.saes.ce = False
+    cfg.saes.eval_seqs = 2
+    run(cfg, log=lambda s: None)
+    causal = {lab: [[2, 0]] for lab in ev["labels"]}
+    return d, view, cfg, causal
+
+
+CHANGED = "Text: {text}\nThe feeling expressed here is"
+
+
+def test_identical_candidate_and_planted_breakage(planted_run):
+    d, view, _, causal = planted_run
+    cands = [Candidate(name="same"), Candidate(name="final_token_changed", template=Template(example=CHANGED))]
+    res = run_audit(AuditConfig(candidates=cands, n_boot=200, causal_features=causal), d / "run", view,
+                    lambda name=None: load_model(str(view.name)))
+    same, changed = res["candidates"]
+    assert same["flip_rate"] == 0 and same["accuracy_change"]["value"] == 0 and same["causal_survival"] == 1.0
+    assert all(v["jaccard"] == 1.0 and v["corr"] > 0.999 for v in same["drift"].values()) and not same["failed"]
+    assert changed["causal_survival"] < 0.5 and changed["failed"]
+    assert res["failed"] == ["final_token_changed"]
+
+
+def test_audit_cli_exit_code_and_bad_candidates(planted_run, tmp_path):
+    d, view, cfg, causal = planted_run
+    raw = {"run_dir": cfg.run_dir, "model": {"name": cfg.model.name}, "stages": ["evaluate", "saes"],
+           "evaluate": cfg.evaluate.model_dump(mode="json", exclude={"model"}),
+           "saes": cfg.saes.model_dump(mode="json"),
+           "audit": {"candidates": [{"name": "same"}], "n_boot": 100, "causal_features": causal}}
+    f = tmp_path / "audit.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    r = cli("audit", "--config", f)
+    assert r.returncode == 0, r.stderr
+    raw["audit"]["candidates"] = [{"name": "typos", "text": "typos"}]
+    raw["audit"]["thresholds"] = {"max_flip_rate": -1.0}  # any candidate fails
+    f.write_text(yaml.safe_dump(raw))
+    r = cli("audit", "--config", f)
+    assert r.returncode == 1 and "audit failed: typos" in r.stderr
+    raw["audit"]["candidates"] = [{"name": "q", "precision": "int5"}]
+    f.write_text(yaml.safe_dump(raw))
+    _one_line_error(cli("audit", "--config", f), "precision")
+    raw["audit"]["candidates"] = [{"name": "t", "template": {"example": "no placeholder"}}]
+    f.write_text(yaml.safe_dump(raw))
+    _one_line_error(cli("audit", "--config", f), "{text} placeholder")
+
+
+def test_other_tokenizer_is_refused(planted_run, tmp_path):
+    d, view, _, _ = planted_run
+    from tiny import save_tiny, tiny_model, tiny_tokenizer
+    other = tiny_model("llama")
+    other.tokenizer = tiny_tokenizer(vocab_size=300)
+    save_tiny(other, tmp_path / "other")
+    with pytest.raises(EmoscopeError, match="another tokenizer"):
+        run_audit(AuditConfig(candidates=[Candidate(name="x", model=str(tmp_path / "other"))], n_boot=100), d / "run", view,
+                  lambda name=None: load_model(name or str(view.name)))
