@@ -1,0 +1,72 @@
+"""Steering: zero strength changes nothing bit for bit; a planted feature moves the prediction the
+expected way; files from another model or SAE, and non-finite strengths, are refused."""
+
+import pytest
+import torch
+
+from emoscope.analysis.causal import answer_logits
+from emoscope.analysis.steer import Edit, check, load_steering, make_steering, save_steering, steer
+from emoscope.errors import EmoscopeError
+from emoscope.sae import SAE, SAEConfig
+from emoscope.sae.evaluate import pad_batch
+from tiny import CORPUS, tiny_model
+
+
+def _setup():
+    view = tiny_model("llama", seed=2)
+    tok = view.tokenizer
+    prompts = [tok(t + " Emotion:").input_ids for t in CORPUS[:5]]
+    tokens = [tok(" " + w, add_special_tokens=False).input_ids[0] for w in ["joy", "fear", "anger"]]
+    sae = SAE.init(SAEConfig(d_in=32, d_sae=48, k=8, hook_name="blocks.2.hook_resid_post"), seed=3)
+    with torch.no_grad():
+        direction = view.unembed.weight[tokens[0]] - view.unembed.weight[tokens[1:]].mean(0)
+        sae.W_dec[5] = direction / direction.norm()
+        sae.W_enc[:, 5] = 0
+        sae.b_enc[5] = 1.0  # weakly on everywhere
+    ids, mask = pad_batch(prompts, "cpu")
+    last = torch.tensor([len(p) - 1 for p in prompts])
+    return view, {2: sae}, ids, mask, last, tokens
+
+
+def test_zero_strength_is_bit_for_bit_identity():
+    view, saes, ids, mask, last, tokens = _setup()
+    with torch.no_grad():
+        ref = view.model(input_ids=ids, attention_mask=mask).logits
+        for edits in ([Edit(layer=2, feature=5, mode="scale", value=1.0)], [Edit(layer=2, feature=5, mode="add", value=0.0)]):
+            for pos in (last, None):
+                with steer(view, saes, edits, pos):
+                    out = view.model(input_ids=ids, attention_mask=mask).logits
+                assert torch.equal(out, ref)
+
+
+def test_planted_feature_moves_prediction():
+    view, saes, ids, mask, last, tokens = _setup()
+    with torch.no_grad():
+        base, _ = answer_logits(view, ids, mask, last, tokens)
+        with steer(view, saes, [Edit(layer=2, feature=5, mode="scale", value=40.0)], last):
+            up, _ = answer_logits(view, ids, mask, last, tokens)
+        with steer(view, saes, [Edit(layer=2, feature=5, mode="clamp", value=0.0)], last):
+            down, _ = answer_logits(view, ids, mask, last, tokens)
+    joy = lambda l: (torch.log_softmax(l, -1)[:, 0]).mean()
+    assert joy(up) > joy(base) > joy(down)
+    assert (up.argmax(1) == 0).float().mean() > (base.argmax(1) == 0).float().mean() or bool((base.argmax(1) == 0).all())
+
+
+def test_steering_file_checks(tmp_path):
+    view, saes, *_ = _setup()
+    s = make_steering(view, saes, [Edit(layer=2, feature=5, value=3.0)], {"dataset": "toy"})
+    save_steering(s, tmp_path / "s.json")
+    again = load_steering(tmp_path / "s.json")
+    check(again, view, saes)
+    other = SAE.init(SAEConfig(d_in=32, d_sae=48, k=8), seed=9)
+    with pytest.raises(EmoscopeError, match="another SAE at layer 2"):
+        check(again, view, {2: other})
+    again.model_name = "other-model"
+    with pytest.raises(EmoscopeError, match="made for model 'other-model'"):
+        check(again, view, saes)
+    (tmp_path / "bad.json").write_text((tmp_path / "s.json").read_text().replace("3.0", "NaN"))
+    with pytest.raises(EmoscopeError, match="invalid steering file"):
+        load_steering(tmp_path / "bad.json")
+    with pytest.raises(EmoscopeError, match="non-finite"):
+        with torch.no_grad(), steer(view, saes, [Edit(layer=2, feature=5, mode="scale", value=1e39)]):
+            view.model(input_ids=torch.tensor([[1, 2, 3]]))
