@@ -70,3 +70,26 @@ def test_steering_file_checks(tmp_path):
     with pytest.raises(EmoscopeError, match="non-finite"):
         with torch.no_grad(), steer(view, saes, [Edit(layer=2, feature=5, mode="scale", value=1e39)]):
             view.model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def test_classify_python_and_cli(tmp_path, tiny_dir, toy_data):
+    import json as _json
+    import numpy as np
+    from emoscope.analysis.steer import label_probs
+    from emoscope.evaluate import EvalConfig, Task
+    from emoscope.models import load_model
+    from emoscope.run import RunConfig, run
+    from test_cli import cli
+
+    cfg = RunConfig.model_validate({"run_dir": str(tmp_path / "run"), "model": {"name": str(tiny_dir)}, "stages": ["evaluate"],
+                                    "evaluate": {"data": {"dataset": str(toy_data), "per_class": 2}}})
+    run(cfg, log=lambda s: None)
+    view = load_model(str(tiny_dir))
+    ev = _json.loads((tmp_path / "run/evaluate/result.json").read_text())
+    task = Task(EvalConfig.model_validate(ev["config"]), view)
+    p = label_probs(view, task, ["I feel happy", "so scared"])
+    assert p.shape == (2, 6) and np.allclose(p.sum(1), 1)
+    r = cli("classify", "--run", tmp_path / "run", "I feel happy", "so scared")
+    assert r.returncode == 0, r.stderr
+    out = _json.loads(r.stdout.strip().splitlines()[-1])
+    assert abs(out[0]["joy"] - p[0, task.classes.index("joy")]) < 1e-3

@@ -289,6 +289,41 @@ def print_audit(res: dict) -> None:
 
 
 @app.command()
+def classify(texts: list[str] = typer.Argument(..., help="Texts to classify."),
+             run_dir: Optional[Path] = typer.Option(None, "--run", help="Run directory (task, SAEs); default: the steering file's."),
+             steering: Optional[Path] = typer.Option(None, help="Steering file saved by the steer stage."),
+             dtype: str = typer.Option("float32"), device: str = typer.Option("auto")):
+    """Calibrated emotion probabilities for new texts, optionally with a saved steering applied."""
+    from .analysis.steer import check, label_probs, load_steering
+    from .artifacts import read_json
+    from .evaluate import EvalConfig, Task
+    from .models import load_model
+
+    st = load_steering(steering) if steering else None
+    run_dir = run_dir or (Path(st.chosen_on["run_dir"]) if st and "run_dir" in st.chosen_on else None)
+    if run_dir is None or not (run_dir / "evaluate" / "result.json").exists():
+        raise EmoscopeError("give --run RUN_DIR (a run with an evaluate stage) or a steering file that names one")
+    ev = read_json(run_dir / "evaluate" / "result.json")
+    view = load_model(ev["config"]["model"]["name"], device, dtype)
+    task = Task(EvalConfig.model_validate(ev["config"]), view)
+    saes = {}
+    if st:
+        from .capture import HookPoint
+        from .sae.stage import load_saes
+        saes = {HookPoint.parse(h).layer: s for h, s in load_saes(run_dir, view).items()}
+        check(st, view, saes)
+    probs = label_probs(view, task, texts, saes, st.edits if st else [])
+    t = Table(title="calibrated label probabilities" + (f" (steering: {steering.name})" if st else ""))
+    t.add_column("text")
+    for lab in task.classes:
+        t.add_column(lab)
+    for text, p in zip(texts, probs):
+        t.add_row(text[:60], *[f"{x:.2f}" for x in p])
+    Console().print(t)
+    print(json.dumps([{"text": x, **{lab: round(float(v), 4) for lab, v in zip(task.classes, p)}} for x, p in zip(texts, probs)]))
+
+
+@app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory.")):
     """(Re)write RUN_DIR/report.html from the saved stage results."""
     from .report.html import write_report

@@ -131,3 +131,29 @@ def steer(view, saes: dict, edits: list[Edit], positions: torch.Tensor | None = 
     finally:
         for h in handles:
             h.remove()
+
+
+def label_probs(view, task, texts: list[str], saes: dict | None = None, edits: list[Edit] = (),
+                batch_size: int = 8) -> "np.ndarray":
+    """Calibrated label probabilities [n, K] from the labels' first tokens at the answer position,
+    with the edits applied there (and to the content-free inputs that set the prior)."""
+    import numpy as np
+
+    from ..calibrate import CONTENT_FREE, apply_prior, prior_from_scores
+    from ..sae.evaluate import pad_batch
+    from .causal import answer_logits
+
+    tokens = [ids[0] for ids in task.builder.label_ids()]
+
+    def logp(ts):
+        out = []
+        for i in range(0, len(ts), batch_size):
+            prompts = [task.builder.encode(task.builder.prompt(t)) for t in ts[i:i + batch_size]]
+            ids, mask = pad_batch(prompts, view.device)
+            last = torch.tensor([len(p) - 1 for p in prompts], device=view.device)
+            with torch.no_grad(), steer(view, saes or {}, list(edits), last):
+                logits, _ = answer_logits(view, ids, mask, last, tokens)
+            out.append(torch.log_softmax(logits, -1).double().cpu().numpy())
+        return np.concatenate(out)
+
+    return np.exp(apply_prior(logp(list(texts)), prior_from_scores(logp(CONTENT_FREE))))
