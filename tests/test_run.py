@@ -107,11 +107,28 @@ def test_trace_stage_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
             assert len(p["features"]) <= 2 and p["random_control"]["n"] == 3
             for f in p["features"]:
                 assert f["effect"]["lo"] <= f["effect"]["value"] <= f["effect"]["hi"]
+    cfg.stages.append("steer")
+    cfg.steer = cfg.steer.model_validate({"dev_per_class": 3, "features_per_emotion": [1], "strengths": [2.0],
+                                          "transfer": ["isear"], "transfer_per_class": 2, "ppl_seqs": 2, "n_boot": 100})
+    run(cfg, log=lambda s: None)
+    st = json.loads((tmp_path / "run" / "steer" / "result.json").read_text())
+    assert set(st["methods"]) == {"raw", "contextual_calibration", "dev_fitted_calibration", "few_shot_dev_demos",
+                                  "probe_steering", "random_features", "feature_steering"}
+    assert all("isear" in m for m in st["methods"].values()) and st["side_effects"]["tokens"] > 0
+    steering = json.loads((tmp_path / "run" / "steer" / "steering.json").read_text())
+    test_ids = set(pd_ids(tmp_path))
+    assert not test_ids & set(steering["chosen_on"]["dev_ids"])  # no test example in the search
+    cfg.stages.remove("steer")
     cfg.trace.examples = "correct"  # a random tiny model gets few right: those emotions are skipped, not crashed on
     cfg.trace.per_emotion = 2
     run(cfg, log=lambda s: None)
     tr = json.loads((tmp_path / "run" / "trace" / "result.json").read_text())
     assert tr["skipped"] and all("correct examples" in v for v in tr["skipped"].values())
+
+
+def pd_ids(tmp_path):
+    import pandas as pd
+    return pd.read_parquet(tmp_path / "run" / "evaluate" / "predictions.parquet").id
 
 
 def res_labels(tmp_path):

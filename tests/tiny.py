@@ -46,7 +46,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, n_layers: int = 4, d: int = 3
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
     common = dict(vocab_size=len(tok), hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if arch == "llama":
         from transformers import LlamaConfig
@@ -57,7 +57,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, n_layers: int = 4, d: int = 3
                                layer_types=["sliding_attention", "full_attention"] * (n_layers // 2))
     elif arch == "gpt2":
         from transformers import GPT2Config
-        cfg = GPT2Config(vocab_size=len(tok), n_embd=d, n_layer=n_layers, n_head=4, n_positions=256,
+        cfg = GPT2Config(vocab_size=len(tok), n_embd=d, n_layer=n_layers, n_head=4, n_positions=1024,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     elif arch == "qwen2":
         from transformers import Qwen2Config

@@ -288,6 +288,41 @@ def print_audit(res: dict) -> None:
     Console().print(t)
 
 
+@app.command("steer")
+def steer_cmd(run_dir: Path = typer.Argument(..., help="Run directory with evaluate/, saes/ and trace/ results."),
+              dev_per_class: int = typer.Option(32), seed: int = typer.Option(0),
+              dtype: str = typer.Option("float32"), device: str = typer.Option("auto")):
+    """Choose a feature steering on the dev set; compare it with baselines on test and other datasets."""
+    from .analysis.steer_stage import SteerConfig, run_steer
+    from .artifacts import read_json
+    from .models import load_model
+
+    f = run_dir / "evaluate" / "result.json"
+    if not f.exists():
+        raise EmoscopeError(f"{run_dir} has no evaluate/result.json: run the evaluate stage first")
+    cfg = _validated(SteerConfig, dev_per_class=dev_per_class, seed=seed)
+    view = load_model(read_json(f)["config"]["model"]["name"], device, dtype)
+    with _progress() as p:
+        task = p.add_task("strength search", total=None)
+        res = run_steer(cfg, run_dir, view, progress=lambda n: p.advance(task, n))
+    print_steer(res)
+    console.print(f"wrote {run_dir / 'steer'} (steering file: {run_dir / 'steer' / 'steering.json'})")
+
+
+def print_steer(res: dict) -> None:
+    sets = sorted({k for m in res["methods"].values() for k in m})
+    t = Table(title=f"steering, {res['model']}: macro-F1 [95% CI] (chosen: {res['chosen']['features_per_emotion']} feature(s)/emotion x {res['chosen']['strength']})")
+    t.add_column("method")
+    for s_ in sets:
+        t.add_column(s_)
+    for name, m in res["methods"].items():
+        t.add_row(name, *[_fmt(m[s_]["macro_f1"]) if s_ in m else "" for s_ in sets])
+    Console().print(t)
+    se = res["side_effects"]
+    Console().print(f"WikiText-2 perplexity {se['ppl_clean']:.2f} -> {se['ppl_steered_all_positions']:.2f} "
+                    f"({100 * se['ppl_change']:+.1f}%) with steering at every position; KL {se['kl_all_positions']:.4f}", markup=False)
+
+
 @app.command()
 def classify(texts: list[str] = typer.Argument(..., help="Texts to classify."),
              run_dir: Optional[Path] = typer.Option(None, "--run", help="Run directory (task, SAEs); default: the steering file's."),

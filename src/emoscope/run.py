@@ -3,7 +3,7 @@
 A stage is skipped when its saved result carries the hash of its config and of the results it reads
 (so a rerun is cheap, an interrupted run resumes, and changing one key reruns only what depends on
 it); `force` names stages to rerun regardless. The model is loaded once, and only if a stage runs.
-Stages: evaluate, saes, phases, trace, audit, then the report.
+Stages: evaluate, saes, phases, trace, steer, audit, then the report.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from .errors import EmoscopeError
 from .evaluate import EvalConfig, ModelConfig, evaluate
 from .analysis.phases_stage import PhasesConfig, run_phases
 from .analysis.audit import AuditConfig, run_audit
+from .analysis.steer_stage import SteerConfig, run_steer
 from .analysis.trace_stage import TraceConfig, run_trace
 from .sae.stage import SAEStageConfig, run_saes
 
-STAGES = ("evaluate", "saes", "phases", "trace", "audit")
-UPSTREAM = {"evaluate": (), "saes": (), "phases": ("evaluate", "saes"), "trace": ("phases",), "audit": ("phases", "trace")}
+STAGES = ("evaluate", "saes", "phases", "trace", "steer", "audit")
+UPSTREAM = {"evaluate": (), "saes": (), "phases": ("evaluate", "saes"), "trace": ("phases",), "steer": ("trace",),
+            "audit": ("phases", "trace")}
 
 
 class RunConfig(BaseModel):
@@ -30,11 +32,12 @@ class RunConfig(BaseModel):
     run_dir: str = Field("runs/demo", description="Where every stage writes its folder and the report.")
     model: ModelConfig = Field(ModelConfig(), description="The model every stage analyses.")
     data_dir: str | None = Field(None, description="Folder holding the dataset folders (else $EMOSCOPE_DATA, ../shared/data).")
-    stages: list[str] = Field(["evaluate", "saes", "phases"], description="Stages to run, in pipeline order (evaluate, saes, phases, trace, audit).")
+    stages: list[str] = Field(["evaluate", "saes", "phases"], description="Stages to run, in pipeline order (evaluate, saes, phases, trace, steer, audit).")
     evaluate: EvalConfig = EvalConfig()
     saes: SAEStageConfig = SAEStageConfig()
     phases: PhasesConfig = PhasesConfig()
     trace: TraceConfig = TraceConfig()
+    steer: SteerConfig = SteerConfig()
     audit: AuditConfig = AuditConfig()
 
     def stage_config(self, stage: str):
@@ -107,6 +110,8 @@ def run(cfg: RunConfig, force: set[str] = frozenset(), log=print, progress_facto
             run_phases(cfg.phases, run_dir, view, key=stage_hash(cfg, "phases"), progress=prog)
         elif stage == "trace":
             run_trace(cfg.trace, run_dir, view, key=stage_hash(cfg, "trace"), progress=prog)
+        elif stage == "steer":
+            run_steer(cfg.steer, run_dir, view, key=stage_hash(cfg, "steer"), progress=prog)
         elif stage == "audit":
             m = cfg.model
             fresh = lambda name=None: load_model(name or m.name, m.device, "float32", m.trust_remote_code)

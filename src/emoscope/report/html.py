@@ -133,6 +133,9 @@ def write_report(run_dir: str | Path) -> Path:
     if (run_dir / "trace" / "result.json").exists():
         tr = read_json(run_dir / "trace" / "result.json")
         ctx.update(tr=tr, trace_fig=_trace_figure(tr))
+    for stage in ("steer", "audit"):
+        if (run_dir / stage / "result.json").exists():
+            ctx[stage] = read_json(run_dir / stage / "result.json")
     env = Environment(loader=PackageLoader("emoscope", "report/templates"), autoescape=select_autoescape(["html"]))
     page = env.get_template("report.html").render(**ctx)
     out = run_dir / "report.html"
