@@ -75,11 +75,14 @@ def main() -> None:
         from nnsight import LanguageModel
 
         lm = LanguageModel(view.model, tokenizer=view.tokenizer)
+        layers = lm
+        for part in view.blocks_path.split("."):
+            layers = getattr(layers, part)
 
         @torch.no_grad()
         def nn(b):
             with lm.trace({"input_ids": b[0], "attention_mask": b[1]}):
-                saved = [blk.output.save() for blk in view.blocks]
+                saved = [layers[i].output.save() for i in range(view.n_layers)]
             kept[:] = [saved]
         rows["nnsight trace + save"] = _time(nn, batches, a.repeats)
     except Exception as e:

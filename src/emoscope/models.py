@@ -84,6 +84,7 @@ class ModelView:
     chat: bool
     softcap: float | None = None
     path: str | None = None  # local directory the weights came from (the safetensors cache for GGUF)
+    blocks_path: str = "model.layers"  # attribute path of the blocks (for tools that wrap the model)
 
     @property
     def n_layers(self) -> int:
@@ -135,7 +136,8 @@ def _get(obj, dotted: str):
 
 def make_view(model: nn.Module, tokenizer, name: str, chat: bool | None = None) -> ModelView:
     """Find blocks, final norm and unembedding on a loaded HF causal LM."""
-    blocks = next((b for p in _BLOCK_PATHS if isinstance(b := _get(model, p), nn.ModuleList)), None)
+    bpath = next((p for p in _BLOCK_PATHS if isinstance(_get(model, p), nn.ModuleList)), None)
+    blocks = _get(model, bpath) if bpath else None
     norm = next((n for p in _NORM_PATHS if (n := _get(model, p)) is not None), None)
     unembed = model.get_output_embeddings()
     if blocks is None or norm is None or unembed is None:
@@ -144,7 +146,7 @@ def make_view(model: nn.Module, tokenizer, name: str, chat: bool | None = None) 
         chat = bool(getattr(tokenizer, "chat_template", None))
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
-    return ModelView(model, tokenizer, name, blocks, norm, unembed, chat, softcap, str(path) if path else None)
+    return ModelView(model, tokenizer, name, blocks, norm, unembed, chat, softcap, str(path) if path else None, bpath)
 
 
 def _from_dir(path: str | Path, dtype: torch.dtype, device: str, trust_remote_code: bool = False, **kw):
