@@ -4,8 +4,9 @@ A reference (the run's evaluated model, precision and prompt) is compared with c
 same examples. For each candidate: accuracy and macro-F1 change with paired-bootstrap intervals,
 prediction flip rate, per-emotion recall change; per layer and phase, drift of SAE features at the
 answer position (per-example correlation of feature vectors, Jaccard of the top-k active features);
-survival of the reference's causal features (still active where they were, and their ablation still
-moving the margin); and whether the final phase drifts more than earlier ones. Silent degradation:
+survival of the reference's causal features (still active where they were active; whether their
+ablation still moves the margin is not measured yet); and whether the final phase drifts more than
+earlier ones. Silent degradation:
 AUROC with which a drop in output confidence, and a causal-feature drift score, flag the examples
 whose prediction flipped. Thresholds turn the audit into a deployment gate (non-zero exit).
 """
@@ -32,9 +33,8 @@ from ..metrics import classification_metrics
 from ..models import ModelView
 from ..prompts import Template
 from ..sae.stage import load_saes
-from .causal import ablate, answer_logits
+from .causal import answer_logits, prompt_batches
 from .perturb import PRECISIONS, apply_precision, perturb_text, template_variants
-from ..sae.evaluate import pad_batch
 
 
 class Candidate(BaseModel):
@@ -84,12 +84,9 @@ def _observe(view, task, texts, saes, tokens) -> dict:
     codes = {l: [] for l in saes}
     prompts = [task.builder.encode(task.builder.prompt(t)) for t in texts]
     with torch.no_grad():
-        for i in range(0, len(prompts), 8):
-            chunk = prompts[i:i + 8]
-            ids, mask = pad_batch(chunk, view.device)
-            last = torch.tensor([len(p) - 1 for p in chunk], device=view.device)
+        for _, ids, mask, last in prompt_batches(view, prompts):
             _, res = answer_logits(view, ids, mask, last, tokens, list(saes))
-            rows = torch.arange(len(chunk))
+            rows = torch.arange(len(ids))
             for l, sae in saes.items():
                 codes[l].append(sae.encode(res[l][rows, last].float()).cpu().numpy())
     return {"cal": cal, "pred": cal.argmax(1), "codes": {l: np.concatenate(v) for l, v in codes.items()}, "prompts": prompts}

@@ -74,6 +74,15 @@ def answer_logits(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, last: 
     return logits, {l: acts[f"blocks.{l}.hook_resid_post"] for l in record_layers}
 
 
+def prompt_batches(view: ModelView, prompts: list[list[int]], batch_size: int = 8):
+    """(start, ids, mask, last) for consecutive batches of token lists, right-padded; `last` is each
+    row's answer position (its final real token)."""
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        ids, mask = pad_batch(chunk, view.device)
+        yield i, ids, mask, torch.tensor([len(p) - 1 for p in chunk], device=view.device)
+
+
 def attribution(view: ModelView, saes: dict[int, "SAE"], prompts: list[list[int]], gold: np.ndarray, tokens: list[int],
                 log_prior: torch.Tensor | None = None, baseline: dict[int, torch.Tensor] | None = None,
                 batch_size: int = 8) -> tuple[dict[int, np.ndarray], np.ndarray]:
@@ -83,12 +92,9 @@ def attribution(view: ModelView, saes: dict[int, "SAE"], prompts: list[list[int]
     layers = sorted(saes)
     out = {l: [] for l in layers}
     margins = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        ids, mask = pad_batch(chunk, view.device)
-        last = torch.tensor([len(p) - 1 for p in chunk], device=view.device)
+    for i, ids, mask, last in prompt_batches(view, prompts, batch_size):
         g = torch.as_tensor(gold[i:i + batch_size], device=view.device)
-        rows = torch.arange(len(chunk), device=view.device)
+        rows = torch.arange(len(ids), device=view.device)
         with torch.enable_grad():
             logits, res = answer_logits(view, ids, mask, last, tokens, layers)
             m = margin(logits, g, log_prior)
@@ -112,10 +118,7 @@ def ablate(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarr
     """Exact intervention: the margin of every example [n] with the given features (per layer) set to
     the baseline (zero when none) at the answer position, SAE error terms kept."""
     margins = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        ids, mask = pad_batch(chunk, view.device)
-        last = torch.tensor([len(p) - 1 for p in chunk], device=view.device)
+    for i, ids, mask, last in prompt_batches(view, prompts, batch_size):
         g = torch.as_tensor(gold[i:i + batch_size], device=view.device)
         with set_features(view, saes, features, last, baseline):
             logits, _ = answer_logits(view, ids, mask, last, tokens)

@@ -140,17 +140,14 @@ def label_probs(view, task, texts: list[str], saes: dict | None = None, edits: l
     import numpy as np
 
     from ..calibrate import CONTENT_FREE, apply_prior, prior_from_scores
-    from ..sae.evaluate import pad_batch
-    from .causal import answer_logits
+    from .causal import answer_logits, prompt_batches
 
     tokens = [ids[0] for ids in task.builder.label_ids()]
 
     def logp(ts):
         out = []
-        for i in range(0, len(ts), batch_size):
-            prompts = [task.builder.encode(task.builder.prompt(t)) for t in ts[i:i + batch_size]]
-            ids, mask = pad_batch(prompts, view.device)
-            last = torch.tensor([len(p) - 1 for p in prompts], device=view.device)
+        prompts = [task.builder.encode(task.builder.prompt(t)) for t in ts]
+        for _, ids, mask, last in prompt_batches(view, prompts, batch_size):
             with torch.no_grad(), steer(view, saes or {}, list(edits), last):
                 logits, _ = answer_logits(view, ids, mask, last, tokens)
             out.append(torch.log_softmax(logits, -1).double().cpu().numpy())

@@ -192,17 +192,14 @@ def _methods(view, task, saes, chosen, dev, y_dev, labels, cfg, tokens, ev_cfg) 
     """Every method as texts -> calibrated label probabilities [n, K]."""
     from ..calibrate import CONTENT_FREE, normalize
     from ..prompts import PromptBuilder
-    from ..sae.evaluate import pad_batch
-    from .causal import answer_logits
+    from .causal import answer_logits, prompt_batches
 
     dev_texts = [e.text for e in dev]
 
     def raw_logp(ts, builder=task.builder, ctx=None):
         out = []
-        for i in range(0, len(ts), 8):
-            prompts = [builder.encode(builder.prompt(t)) for t in ts[i:i + 8]]
-            ids, mask = pad_batch(prompts, view.device)
-            last = torch.tensor([len(p) - 1 for p in prompts], device=view.device)
+        prompts = [builder.encode(builder.prompt(t)) for t in ts]
+        for _, ids, mask, last in prompt_batches(view, prompts):
             with torch.no_grad():
                 if ctx:
                     with ctx(last):
@@ -252,17 +249,14 @@ def _methods(view, task, saes, chosen, dev, y_dev, labels, cfg, tokens, ev_cfg) 
 
 
 def _resid(view, task, texts, layer, tokens) -> np.ndarray:
-    from ..sae.evaluate import pad_batch
-    from .causal import answer_logits
+    from .causal import answer_logits, prompt_batches
 
     out = []
-    for i in range(0, len(texts), 8):
-        prompts = [task.builder.encode(task.builder.prompt(t)) for t in texts[i:i + 8]]
-        ids, mask = pad_batch(prompts, view.device)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=view.device)
+    prompts = [task.builder.encode(task.builder.prompt(t)) for t in texts]
+    for _, ids, mask, last in prompt_batches(view, prompts):
         with torch.no_grad():
             _, res = answer_logits(view, ids, mask, last, tokens, [layer])
-        out.append(res[layer][torch.arange(len(prompts)), last].float().cpu().numpy())
+        out.append(res[layer][torch.arange(len(ids)), last].float().cpu().numpy())
     return np.concatenate(out)
 
 

@@ -29,7 +29,7 @@ from ..errors import EmoscopeError
 from ..evaluate import EvalConfig, Task
 from ..models import ModelView
 from ..sae.stage import load_saes
-from .causal import ablate, answer_logits, attribution
+from .causal import ablate, answer_logits, attribution, prompt_batches
 from ..sae.evaluate import pad_batch
 
 
@@ -211,12 +211,9 @@ def _mean_features(view, saes, prompts, batch_size: int = 8) -> dict[int, torch.
     """Each layer's mean feature activation at the answer position over the given prompts."""
     sums = {l: 0 for l in saes}
     with torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            ids, mask = pad_batch(chunk, view.device)
-            last = torch.tensor([len(p) - 1 for p in chunk], device=view.device)
+        for _, ids, mask, last in prompt_batches(view, prompts, batch_size):
             _, res = answer_logits(view, ids, mask, last, [0], list(saes))
-            rows = torch.arange(len(chunk))
+            rows = torch.arange(len(ids))
             for l, sae in saes.items():
                 sums[l] = sums[l] + sae.encode(res[l][rows, last].float()).sum(0)
     return {l: (s / len(prompts))[None] for l, s in sums.items()}
