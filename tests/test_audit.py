@@ -3,7 +3,6 @@ causal feature is flagged; the CLI's exit code follows the thresholds; bad candi
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import yaml

@@ -25,6 +25,7 @@ def test_evaluate_end_to_end_and_deterministic(tiny_dir, toy_data, tmp_path):
     r1 = cli(*args, "--out", tmp_path / "a")
     assert r1.returncode == 0, r1.stderr
     r2 = cli(*args, "--out", tmp_path / "b")
+    assert r2.returncode == 0, r2.stderr
     a = (tmp_path / "a" / "evaluate" / "result.json").read_bytes()
     assert a == (tmp_path / "b" / "evaluate" / "result.json").read_bytes()
     res = json.loads(a)

@@ -7,7 +7,6 @@ from emoscope.capture import HookPoint, capture_to_store, record, token_position
 from emoscope.data import EKMAN, Example
 from emoscope.errors import EmoscopeError
 from emoscope.prompts import PromptBuilder, Template
-from emoscope.sae.evaluate import pad_batch
 from emoscope.store import Store, StoreWriter
 from tiny import CORPUS
 

@@ -13,7 +13,6 @@ whose prediction flipped. Thresholds turn the audit into a deployment gate (non-
 
 from __future__ import annotations
 
-import copy
 import random
 from pathlib import Path
 from typing import Literal

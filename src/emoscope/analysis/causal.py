@@ -83,7 +83,7 @@ def prompt_batches(view: ModelView, prompts: list[list[int]], batch_size: int = 
         yield i, ids, mask, torch.tensor([len(p) - 1 for p in chunk], device=view.device)
 
 
-def attribution(view: ModelView, saes: dict[int, "SAE"], prompts: list[list[int]], gold: np.ndarray, tokens: list[int],
+def attribution(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarray, tokens: list[int],
                 log_prior: torch.Tensor | None = None, baseline: dict[int, torch.Tensor] | None = None,
                 batch_size: int = 8) -> tuple[dict[int, np.ndarray], np.ndarray]:
     """Attribution patching: for every example and feature, grad(margin) . (baseline - f) @ W_dec at the

@@ -12,12 +12,12 @@ decoder rows, so a steering file cannot be applied to another model or SAE by mi
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -134,11 +134,9 @@ def steer(view, saes: dict, edits: list[Edit], positions: torch.Tensor | None = 
 
 
 def label_probs(view, task, texts: list[str], saes: dict | None = None, edits: list[Edit] = (),
-                batch_size: int = 8) -> "np.ndarray":
+                batch_size: int = 8) -> np.ndarray:
     """Calibrated label probabilities [n, K] from the labels' first tokens at the answer position,
     with the edits applied there (and to the content-free inputs that set the prior)."""
-    import numpy as np
-
     from ..calibrate import CONTENT_FREE, apply_prior, prior_from_scores
     from .causal import answer_logits, prompt_batches
 
