@@ -10,12 +10,10 @@ position, and nothing else; no re-encoding, no reconstruction error leaking in.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 
-from ..capture import HookPoint, hook_module
+from ..capture import HookPoint
 from ..models import ModelView
 from ..sae.evaluate import pad_batch
 
@@ -30,33 +28,18 @@ def margin(label_logp: torch.Tensor, gold: torch.Tensor, log_prior: torch.Tensor
     return lp.gather(-1, gold[:, None])[:, 0] - torch.logsumexp(other, -1)
 
 
-@contextmanager
 def set_features(view: ModelView, saes: dict, features: dict[int, list[int]], positions: torch.Tensor,
                  baseline: dict[int, torch.Tensor] | None = None):
-    """During forwards, at positions[b] of each row and after each listed block, set the listed SAE
-    features to the baseline (zero when none), keeping the error term: the residual moves by
-    (baseline - f) @ W_dec over those features only. Features are read from the residual as it is
-    at that point, so interventions at several layers compose."""
-    handles = []
-    for layer, feats in features.items():
-        sae = saes[layer]
-        idx = torch.as_tensor(feats, dtype=torch.long)
+    """Context manager: at positions[b] of each row and after each listed block, set the listed SAE
+    features to the baseline (zero when none), keeping the error term. An ablation is a steering
+    that clamps features, so this is `steer` with clamp edits; features are read from the residual
+    as it is at that point, so interventions at several layers compose."""
+    from .steer import Edit, steer
 
-        def hook(mod, inp, out, sae=sae, idx=idx, layer=layer):
-            t = out[0] if isinstance(out, tuple) else out
-            rows = torch.arange(len(t), device=t.device)
-            f = sae.encode(t[rows, positions].float())
-            base = torch.zeros_like(f) if baseline is None else baseline[layer].to(f).expand_as(f)
-            change = (base[:, idx] - f[:, idx]) @ sae.W_dec[idx]
-            t = t.clone()
-            t[rows, positions] += change.to(t.dtype)
-            return (t,) + tuple(out[1:]) if isinstance(out, tuple) else t
-        handles.append(hook_module(view, HookPoint(layer)).register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    edits = [Edit(layer=l, feature=int(f), mode="clamp",
+                  value=0.0 if baseline is None else float(baseline[l].reshape(-1)[f]))
+             for l, fs in features.items() for f in fs]
+    return steer(view, saes, edits, positions)
 
 
 def answer_logits(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, tokens: list[int],
