@@ -47,3 +47,12 @@ def write_json(path: Path, obj) -> None:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def require(run_dir: str | Path, *stages: str) -> None:
+    """One-line error unless each named stage has a result in the run directory."""
+    from .errors import EmoscopeError
+
+    for stage in stages:
+        if not (Path(run_dir) / stage / "result.json").exists():
+            raise EmoscopeError(f"{run_dir} has no {stage}/result.json: run the {stage} stage first")

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sklearn.metrics import roc_auc_score
 
 from .. import calibrate
-from ..artifacts import config_hash, read_json, stage_dir, write_json
+from ..artifacts import config_hash, read_json, require, stage_dir, write_json
 from ..capture import HookPoint
 from ..errors import EmoscopeError
 from ..evaluate import EvalConfig, Task
@@ -116,9 +116,7 @@ def run_audit(cfg: AuditConfig, run_dir: str | Path, view: ModelView, load_view,
     """`load_view(name=None)` returns a fresh float32 copy of the model, or of another checkpoint
     (precision candidates modify weights in place)."""
     run_dir = Path(run_dir)
-    for need in ("evaluate", "saes"):
-        if not (run_dir / need / "result.json").exists():
-            raise EmoscopeError(f"{run_dir} has no {need}/result.json: run the {need} stage first")
+    require(run_dir, *("evaluate", "saes"))
     ev = read_json(run_dir / "evaluate" / "result.json")
     if ev["model"]["name"] != view.name:
         raise EmoscopeError(f"{run_dir} was evaluated with {ev['model']['name']}, not {view.name}")

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.optimize import minimize
 from scipy.special import log_softmax
 
-from ..artifacts import config_hash, read_json, stage_dir, write_json
+from ..artifacts import config_hash, read_json, require, stage_dir, write_json
 from ..capture import HookPoint, hook_module
 from ..data import load_split, select
 from ..errors import EmoscopeError
@@ -91,9 +91,7 @@ class _Hooked:
 
 def run_steer(cfg: SteerConfig, run_dir: str | Path, view: ModelView, key: str | None = None, progress=None) -> dict:
     run_dir = Path(run_dir)
-    for need in ("evaluate", "saes", "trace"):
-        if not (run_dir / need / "result.json").exists():
-            raise EmoscopeError(f"{run_dir} has no {need}/result.json: run the {need} stage first")
+    require(run_dir, *("evaluate", "saes", "trace"))
     ev = read_json(run_dir / "evaluate" / "result.json")
     tr = read_json(run_dir / "trace" / "result.json")
     if ev["model"]["name"] != view.name:

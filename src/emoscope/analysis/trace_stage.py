@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.stats import spearmanr
 
-from ..artifacts import config_hash, read_json, stage_dir, write_json
+from ..artifacts import config_hash, read_json, require, stage_dir, write_json
 from ..calibrate import CONTENT_FREE
 from ..capture import HookPoint
 from ..errors import EmoscopeError
@@ -72,9 +72,7 @@ def _concentration(effects: np.ndarray) -> dict:
 
 def run_trace(cfg: TraceConfig, run_dir: str | Path, view: ModelView, key: str | None = None, progress=None) -> dict:
     run_dir = Path(run_dir)
-    for need in ("evaluate", "saes", "phases"):
-        if not (run_dir / need / "result.json").exists():
-            raise EmoscopeError(f"{run_dir} has no {need}/result.json: run the {need} stage first")
+    require(run_dir, *("evaluate", "saes", "phases"))
     ev = read_json(run_dir / "evaluate" / "result.json")
     if ev["model"]["name"] != view.name:
         raise EmoscopeError(f"{run_dir} was evaluated with {ev['model']['name']}, not {view.name}")
