@@ -81,8 +81,12 @@ def main() -> None:
 
         @torch.no_grad()
         def nn(b):
+            # append to a list that exists outside the trace block: names first bound inside it
+            # (or in a comprehension) are not reliably handed back by nnsight 0.5+
+            saved = []
             with lm.trace({"input_ids": b[0], "attention_mask": b[1]}):
-                saved = [layers[i].output.save() for i in range(view.n_layers)]
+                for i in range(view.n_layers):
+                    saved.append(layers[i].output.save())
             kept[:] = [saved]
         rows["nnsight trace + save"] = _time(nn, batches, a.repeats)
     except Exception as e:

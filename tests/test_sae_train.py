@@ -96,3 +96,66 @@ def test_dense_architectures_train_sparse_codes():
         fvu, l0, sae = run(arch, coef)
         assert fvu < 0.2 and l0 < 0.8 * l0_free, (arch, fvu, l0, l0_free)
         assert sae.cfg.architecture == arch
+
+
+
+def _layer(cfg, x):
+    from emoscope.capture import HookPoint
+    from emoscope.sae.train import _Layer
+
+    st = _Layer.start(cfg, HookPoint(0), x, "m", torch.device("cpu"))
+    return st, x / st.scale
+
+
+def test_resampling_points_dead_latents_at_badly_reconstructed_inputs():
+    from emoscope.sae.train import SAETrainConfig
+
+    torch.manual_seed(0)
+    cfg = SAETrainConfig(expansion=4, k=3, lr=1e-3, batch_tokens=128, dead_tokens=1000, fast_matmul="float32")
+    D, x = planted(16, 32, 512, 3, seed=1)
+    st, xs = _layer(cfg, x)
+    st.step(xs[:128], cfg, torch.float32)  # Adam has state now
+    dead = torch.arange(0, 64, 4)
+    st.since_fired[dead] = 10_000
+    W_enc_T, b_enc, W_dec, b_dec = (t.detach().clone() for t in (st.W_enc_T, st.b_enc, st.W_dec, st.b_dec))
+    xb = xs[128:256]
+    st.resample(xb, cfg, torch.float32)
+    assert st.resampled == len(dead) and int(st.since_fired[dead].max()) == 0
+    alive = torch.ones(64, dtype=torch.bool)
+    alive[dead] = False
+    assert torch.equal(st.W_dec[alive], W_dec[alive]) and torch.equal(st.W_enc_T[alive], W_enc_T[alive])
+    new = st.W_dec[dead].detach()
+    torch.testing.assert_close(new.norm(dim=1), torch.ones(len(dead)))
+    enc = st.W_enc_T[dead].detach()
+    torch.testing.assert_close(enc / enc.norm(dim=1, keepdim=True), new)
+    assert float(st.b_enc.detach()[dead].abs().max()) == 0.0
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert float(st.opt.state[st.W_dec][key][dead].abs().max()) == 0.0
+        assert float(st.opt.state[st.W_enc_T][key][dead].abs().max()) == 0.0
+    # each new decoder row is the unit residual of one input in the batch, under the old SAE
+    pre = (xb - b_dec) @ W_enc_T.T + b_enc
+    vals, idx = pre.topk(cfg.k, -1)
+    recon = torch.zeros_like(pre).scatter(-1, idx, vals.relu()) @ W_dec + b_dec
+    err = xb - recon
+    err = err / err.norm(dim=1, keepdim=True)
+    assert float((new @ err.T).max(dim=1).values.min()) > 0.999
+
+
+def test_resampling_revives_dead_latents_in_training():
+    """Half the latents start unable to fire (bias -1e3); resampling brings them back into use."""
+    from emoscope.sae.train import SAETrainConfig, _layer_stats
+
+    D, x = planted(32, 256, 40_960, 3, seed=2, noise=0.01)
+    stats = {}
+    for every in (0, 20):
+        cfg = SAETrainConfig(expansion=4, k=3, lr=3e-3, batch_tokens=256, dead_tokens=2560, tokens=len(x),
+                             resample_every=every, fast_matmul="float32")
+        st, xs = _layer(cfg, x)
+        with torch.no_grad():
+            st.b_enc[::2] = -1e3
+        for i in range(0, len(xs), cfg.batch_tokens):
+            st.step(xs[i:i + cfg.batch_tokens], cfg, torch.float32)
+        stats[every] = _layer_stats(st, cfg)
+    assert stats[0]["dead_frac_train"] > 0.4 and stats[0]["resampled"] == 0
+    assert stats[20]["resampled"] > 0 and stats[20]["dead_frac_train"] < stats[0]["dead_frac_train"] / 2
+    assert stats[20]["train_fvu_last"] < stats[0]["train_fvu_last"]

@@ -28,6 +28,9 @@ def stage_dir(run_dir: str | Path, stage: str):
     """Yield a temporary folder; on success it replaces `run_dir/<stage>` in one rename."""
     final = Path(run_dir) / stage
     final.parent.mkdir(parents=True, exist_ok=True)
+    # leftovers of a killed run (SIGKILL skips the cleanup below): never read, removed here
+    for stale in [*final.parent.glob(f".{stage}.tmp-*"), *final.parent.glob(f".{stage}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{stage}.tmp-"))
     try:
         yield tmp

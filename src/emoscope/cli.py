@@ -173,12 +173,13 @@ def train_saes_cmd(
 
 def print_saes(res: dict) -> None:
     t = Table(title=f"SAEs for {res['model']}: held-out quality by layer")
-    for c in ["hook", "depth", "L0", "FVU", "CE recovered", "dead %"]:
+    for c in ["hook", "depth", "L0", "FVU", "CE recovered", "dead % (train)", "unseen % (held-out)"]:
         t.add_column(c)
     for h in res["hooks"]:
         q = res["quality"][h]
-        ce = q.get("ce_recovered")
-        t.add_row(h, f"{res['depth'][h]:.2f}", f"{q['l0']:.1f}", f"{q['fvu']:.3f}", "" if ce is None else f"{ce:.3f}", f"{100 * q['dead_frac']:.1f}")
+        ce, dead = q.get("ce_recovered"), q.get("dead_frac_train")
+        t.add_row(h, f"{res['depth'][h]:.2f}", f"{q['l0']:.1f}", f"{q['fvu']:.3f}", "" if ce is None else f"{ce:.3f}",
+                  "" if dead is None else f"{100 * dead:.1f}", f"{100 * q['dead_frac']:.1f}")
     Console().print(t)
 
 

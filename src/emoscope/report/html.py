@@ -32,8 +32,8 @@ def _sae_figure(res: dict) -> str:
     q, depth = res["quality"], res["depth"]
     hooks = res["hooks"]
     x = [depth[h] for h in hooks]
-    fig = make_subplots(rows=1, cols=4, subplot_titles=["FVU", "CE-loss recovered", "L0", "dead latents"])
-    for col, (key, scale) in enumerate([("fvu", 1), ("ce_recovered", 1), ("l0", 1), ("dead_frac", 100)], 1):
+    fig = make_subplots(rows=1, cols=4, subplot_titles=["FVU", "CE-loss recovered", "L0", "dead latents % (training window)"])
+    for col, (key, scale) in enumerate([("fvu", 1), ("ce_recovered", 1), ("l0", 1), ("dead_frac_train", 100)], 1):
         ys = [q[h].get(key) for h in hooks]
         ys = [None if y is None else y * scale for y in ys]
         fig.add_trace(go.Scatter(x=x, y=ys, mode="lines+markers", name=key, text=hooks,

@@ -92,6 +92,10 @@ def run_saes(cfg: SAEStageConfig, run_dir: str | Path, view: ModelView, data_dir
     t_train = time.time() - t0
     batches = heldout_batches(view, cfg.eval_seqs, cfg.eval_context, cfg.train.seed, data_dir=data_dir)
     quality = evaluate_saes(view, saes, batches, ce=cfg.ce)
+    for name, st in train_stats.get("layers", {}).items():
+        # dead = unfired over the last `dead_tokens` training tokens (the usual definition); the
+        # held-out `dead_frac` counts latents unseen on a few thousand tokens, which overstates it
+        quality[name]["dead_frac_train"] = st["dead_frac_train"]
     t_eval = time.time() - t0 - t_train
     result = {
         "stage": "saes", "config_hash": key or config_hash(cfg, view.name), "config": cfg.model_dump(mode="json"),

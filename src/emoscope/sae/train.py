@@ -43,6 +43,7 @@ class SAETrainConfig(BaseModel):
     bandwidth: float = Field(0.05, gt=0, description="JumpReLU straight-through-estimator bandwidth (scaled units).")
     threshold_init: float = Field(0.1, gt=0, description="JumpReLU initial threshold (scaled units; learned in log space).")
     dead_tokens: int = Field(50_000, ge=1, description="A latent unfired for this many tokens counts as dead.")
+    resample_every: int = Field(0, ge=0, description="TopK: every this many steps (in the first 70% of training), re-initialise dead latents on poorly reconstructed inputs; 0 = never.")
     fast_matmul: Literal["auto", "float32", "bfloat16"] = Field("auto", description="Encoder matmul dtype; auto = bf16 where native.")
     mix: tuple[float, float, float] = Field((0.5, 0.25, 0.25), description="Weights of WikiText / plain emotion text / task prompts.")
     seed: int = Field(0, description="Seed for initialisation, corpus order and shuffling.")
@@ -96,6 +97,43 @@ class _Layer:
         self.opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
         self.since_fired = torch.zeros(m, dtype=torch.long, device=device)
         self.stats = {"mse": [], "var": [], "l0": [], "aux": []}
+        self.resampled = 0
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + hp.layer + 1)
+
+    @torch.no_grad()
+    def resample(self, x: torch.Tensor, cfg: SAETrainConfig, fast) -> None:
+        """Bricken et al. (2023): point each dead latent at an input the SAE reconstructs badly.
+
+        Inputs are drawn with probability proportional to their squared error; the latent's decoder row
+        becomes the unit error direction, its encoder row that direction at the mean norm of the live
+        encoder rows, its bias zero, and its Adam moments are cleared.
+        """
+        dead = (self.since_fired > cfg.dead_tokens).nonzero().squeeze(1)
+        if len(dead) == 0:
+            return
+        xc = x - self.b_dec
+        pre = (xc.to(fast) @ self.W_enc_T.T.to(fast)).float() + self.b_enc  # W_enc_T is [d_sae, d_in]
+        vals, idx = pre.topk(cfg.k, dim=-1)
+        recon = torch.nn.functional.embedding_bag(idx, self.W_dec, per_sample_weights=vals.relu(), mode="sum") + self.b_dec
+        err = x - recon
+        w = err.pow(2).sum(-1)
+        n = min(len(dead), len(x))
+        dead = dead[torch.randperm(len(dead), generator=self.gen, device=dead.device)[:n]]
+        pick = torch.multinomial(w / w.sum(), n, replacement=False, generator=self.gen)
+        direction = err[pick] / err[pick].norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        alive = torch.ones(self.W_dec.shape[0], dtype=torch.bool, device=x.device)
+        alive[dead] = False
+        enc_norm = self.W_enc_T[alive].norm(dim=1).mean() if alive.any() else torch.tensor(1.0)
+        self.W_dec[dead] = direction
+        self.W_enc_T[dead] = direction * enc_norm
+        self.b_enc[dead] = 0.0
+        for param in (self.W_enc_T, self.W_dec, self.b_enc):
+            st = self.opt.state.get(param, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    st[key][dead] = 0.0
+        self.since_fired[dead] = 0
+        self.resampled += n
 
     def step(self, x: torch.Tensor, cfg: SAETrainConfig, fast) -> None:
         if self.arch == "topk":
@@ -126,6 +164,10 @@ class _Layer:
             s["var"].append(float((x - x.mean(0)).pow(2).sum(-1).mean()))
             s["l0"].append(l0)
             s["aux"].append(float(aux))
+        steps = len(self.stats["mse"])
+        if (self.arch == "topk" and cfg.resample_every and steps % cfg.resample_every == 0
+                and steps <= 0.7 * cfg.tokens / cfg.batch_tokens):
+            self.resample(x, cfg, fast)
 
     def export(self, extra: dict) -> SAE:
         """Fold the training scale back in: features and thresholds in raw units, decoder unit-norm."""
@@ -166,7 +208,8 @@ def _layer_stats(st: "_Layer", cfg: SAETrainConfig, last: int = 20) -> dict:
     fvu = sum(s["mse"][-last:]) / max(sum(s["var"][-last:]), 1e-12)
     return {"train_fvu_last": round(fvu, 4), "train_l0": round(sum(s["l0"][-last:]) / max(len(s["l0"][-last:]), 1), 2),
             "dead_frac_train": round(float((st.since_fired > cfg.dead_tokens).float().mean()), 4),
-            "scale": st.scale, "steps": len(s["mse"]), "trained_tokens": len(s["mse"]) * cfg.batch_tokens}
+            "scale": st.scale, "steps": len(s["mse"]), "trained_tokens": len(s["mse"]) * cfg.batch_tokens,
+            "resampled": st.resampled}
 
 
 def train_saes(view: ModelView, cfg: SAETrainConfig, data_dir=None, progress: Callable[[int], None] | None = None,
