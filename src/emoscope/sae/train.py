@@ -105,7 +105,7 @@ class _Layer:
         """Bricken et al. (2023): point each dead latent at an input the SAE reconstructs badly.
 
         Inputs are drawn with probability proportional to their squared error; the latent's decoder row
-        becomes the unit error direction, its encoder row that direction at the mean norm of the live
+        becomes the unit error direction, its encoder row that direction at 0.2 x the mean norm of the live
         encoder rows, its bias zero, and its Adam moments are cleared.
         """
         dead = (self.since_fired > cfg.dead_tokens).nonzero().squeeze(1)
@@ -125,7 +125,7 @@ class _Layer:
         alive[dead] = False
         enc_norm = self.W_enc_T[alive].norm(dim=1).mean() if alive.any() else torch.tensor(1.0)
         self.W_dec[dead] = direction
-        self.W_enc_T[dead] = direction * enc_norm
+        self.W_enc_T[dead] = direction * enc_norm * 0.2  # Bricken et al.: 0.2 x the mean live norm
         self.b_enc[dead] = 0.0
         for param in (self.W_enc_T, self.W_dec, self.b_enc):
             st = self.opt.state.get(param, {})
