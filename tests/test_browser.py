@@ -20,11 +20,16 @@ def test_report_in_headless_chromium(tmp_path, tiny_dir, toy_data, shared_data):
     planted = tmp_path / "planted.csv"
     planted.write_text("\n".join(rows[:1] + [r.replace("I feel", "<script>window.__pwned=1</script> I feel") for r in rows[1:]]) + "\n")
     cfg = RunConfig.model_validate({
-        "run_dir": str(tmp_path / "run"), "model": {"name": str(tiny_dir)}, "stages": ["evaluate", "saes", "phases"],
+        "run_dir": str(tmp_path / "run"), "model": {"name": str(tiny_dir)},
+        "stages": ["evaluate", "saes", "phases", "trace", "steer", "audit"],
         "evaluate": {"data": {"dataset": str(planted), "per_class": 6}},
         "saes": {"train": {"tokens": 3000, "layers": [1, 2, 3], "expansion": 2, "k": 4, "batch_tokens": 256,
                            "buffer_tokens": 1024, "seqs_per_forward": 4}, "eval_seqs": 4},
         "phases": {"min_per_class": 3, "n_boot": 10, "probe_folds": 2, "min_auroc": 0.5, "fdr": 0.5},
+        "trace": {"examples": "all", "per_emotion": 3, "candidates": 2, "n_random": 3, "n_boot": 50},
+        "steer": {"dev_per_class": 3, "features_per_emotion": [1], "strengths": [2.0], "transfer": [],
+                  "ppl_seqs": 2, "n_boot": 100},
+        "audit": {"candidates": [{"name": "typos", "text": "typos"}, {"name": "int4", "precision": "int4"}], "n_boot": 100},
     })
     report = run(cfg, log=lambda s: None)
     errors = []
@@ -37,7 +42,7 @@ def test_report_in_headless_chromium(tmp_path, tiny_dir, toy_data, shared_data):
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.goto(report.as_uri())
         page.wait_for_load_state("load")
-        for sec in ["task", "saes", "phases", "provenance"]:
+        for sec in ["task", "saes", "phases", "trace", "steer", "audit", "provenance"]:
             assert page.locator(f"section#{sec}").is_visible(), sec
         # every plotly figure drew its SVG
         n_plots = page.locator("div.plotly-graph-div").count()

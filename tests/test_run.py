@@ -54,7 +54,9 @@ def test_quick_config_is_valid():
     from pathlib import Path
     raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / "quick.yaml").read_text())
     cfg = RunConfig.model_validate(raw)
-    assert cfg.model.name == "gemma3-270m" and cfg.run_dir == "runs/demo" and "trace" not in cfg.stages
+    assert cfg.model.name == "gemma3-270m" and cfg.run_dir == "runs/demo"
+    from emoscope.run import STAGES
+    assert tuple(cfg.stages) == STAGES  # the demo runs the whole pipeline
 
 
 def test_saes_and_phases_stages_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
