@@ -9,7 +9,8 @@ emotion, drawn from the dev split; the test examples are checked to be disjoint)
 splits and the same labelled budget: raw scores, contextual calibration, a prior fitted on the dev
 set, the dev examples as few-shot demonstrations, steering along probe directions (class-mean
 differences of the residual on the dev set, Tak et al. 2025) with its strength chosen on dev, and
-the same number of random SAE features from the same layers. Side effects: WikiText-2 test
+the same number of random SAE features from the same layers (drawn among features active on the dev
+set at the answer position, since scaling an inactive feature changes nothing). Side effects: WikiText-2 test
 perplexity and next-token KL with the steering applied at every position, and per-emotion recall
 changes.
 """
@@ -216,8 +217,9 @@ def _methods(view, task, saes, chosen, dev, y_dev, labels, cfg, tokens, ev_cfg) 
 
     # probe steering: class-mean directions at the layer the features mostly come from
     layer = max(set(e.layer for e in chosen), key=[e.layer for e in chosen].count)
-    resid = _resid(view, task, dev_texts, layer, tokens)
-    probe = _ProbeSteer(layer, resid, y_dev)
+    layers = sorted({e.layer for e in chosen} | {layer})
+    resid = _resid(view, task, dev_texts, layers, tokens)
+    probe = _ProbeSteer(layer, resid[layer], y_dev)
     best_alpha, best_f1 = 1.0, -1.0
     for a in cfg.strengths:
         ctx = lambda last, a=a: probe.context(view, a, last)
@@ -226,9 +228,15 @@ def _methods(view, task, saes, chosen, dev, y_dev, labels, cfg, tokens, ev_cfg) 
         f1 = classification_metrics(y_dev, (normalize(lp) - prior).argmax(1), labels, 100)["macro_f1"]["value"]
         if f1 > best_f1:
             best_alpha, best_f1 = a, f1
-    layers = sorted({e.layer for e in chosen})
-    random_edits = [Edit(layer=int(l), feature=int(rng.integers(saes[l].cfg.d_sae)), mode="scale", value=chosen[0].value)
-                    for l in rng.choice(layers, len(chosen))]
+    # control: as many random features from the same layers, drawn among those active on the dev set
+    # at the answer position (scaling an inactive feature is a no-op, which would flatter the steering)
+    active = {l: np.flatnonzero((saes[l].encode(torch.from_numpy(resid[l]).to(saes[l].W_dec)) > 0).any(0).cpu().numpy())
+              for l in {e.layer for e in chosen}}
+    random_edits = []
+    for e in chosen:
+        pool = np.setdiff1d(active[e.layer], [c.feature for c in chosen if c.layer == e.layer])
+        if len(pool):
+            random_edits.append(Edit(layer=e.layer, feature=int(rng.choice(pool)), mode="scale", value=e.value))
 
     def calibrated(ts, ctx=None, builder=task.builder):
         lp = raw_logp(ts, builder, ctx)
@@ -246,16 +254,18 @@ def _methods(view, task, saes, chosen, dev, y_dev, labels, cfg, tokens, ev_cfg) 
     }
 
 
-def _resid(view, task, texts, layer, tokens) -> np.ndarray:
+def _resid(view, task, texts, layers: list[int], tokens) -> dict[int, np.ndarray]:
+    """Residual stream at the answer position, [n, d] per requested layer, from one pass per batch."""
     from .causal import answer_logits, prompt_batches
 
-    out = []
+    out = {l: [] for l in layers}
     prompts = [task.builder.encode(task.builder.prompt(t)) for t in texts]
     for _, ids, mask, last in prompt_batches(view, prompts):
         with torch.no_grad():
-            _, res = answer_logits(view, ids, mask, last, tokens, [layer])
-        out.append(res[layer][torch.arange(len(ids)), last].float().cpu().numpy())
-    return np.concatenate(out)
+            _, res = answer_logits(view, ids, mask, last, tokens, layers)
+        for l in layers:
+            out[l].append(res[l][torch.arange(len(ids)), last].float().cpu().numpy())
+    return {l: np.concatenate(v) for l, v in out.items()}
 
 
 def _side_effects(view, saes, chosen, cfg) -> dict:

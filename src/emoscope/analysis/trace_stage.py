@@ -116,21 +116,26 @@ def run_trace(cfg: TraceConfig, run_dir: str | Path, view: ModelView, key: str |
             exact.sort(key=lambda r: -r["effect"]["value"])
             rho = spearmanr([r["attribution"] for r in exact], [r["effect"]["value"] for r in exact]).statistic if len(exact) > 2 else float("nan")
             chosen, need = _greedy_sets(view, saes, prompts, gold, tokens, prior, baseline, exact, clean)
+            # control: as many random features, drawn among those that can matter here (nonzero
+            # attribution, i.e. active on some traced example under zero ablation): inactive features
+            # have exactly zero ablation effect, and drawing them would make any set look special
+            live = [(l, int(f)) for l in layers for f in np.flatnonzero(np.abs(attr[l]).sum(0) > 0)]
             rand = []
             size = max(len(chosen), 1)
-            for _ in range(cfg.n_random):
+            for _ in range(cfg.n_random if live else 0):
                 feats = {}
-                for _ in range(size):
-                    l = layers[rng.integers(len(layers))]
-                    feats.setdefault(l, []).append(int(rng.integers(saes[l].cfg.d_sae)))
+                for i in rng.choice(len(live), min(size, len(live)), replace=False):
+                    feats.setdefault(live[i][0], []).append(live[i][1])
                 rand.append(float((clean - ablate(view, saes, prompts, gold, tokens, feats, prior, baseline)).mean()))
+            rand = rand or [0.0]
             joint = float((clean - ablate(view, saes, prompts, gold, tokens, _group(chosen), prior, baseline)).mean()) if chosen else 0.0
             res["phases"][str(p)] = {
                 "layers": layers, "features": exact, "rank_correlation": float(rho),
                 "n_for_50": need[0.5], "n_for_80": need[0.8], "set": chosen, "set_effect": joint,
                 **_concentration([r["effect"]["value"] for r in exact]),
                 "random_control": {"size": size, "mean": float(np.mean(rand)), "lo": float(np.percentile(rand, 2.5)),
-                                   "hi": float(np.percentile(rand, 97.5)), "n": cfg.n_random},
+                                   "hi": float(np.percentile(rand, 97.5)), "n": cfg.n_random if live else 0, "pool": len(live),
+                                   "drawn_from": "features with nonzero attribution in the phase's layers"},
                 "shuffled_label_top_effect": shuffled.get(p),
             }
             sets.setdefault(lab, []).extend(chosen)
