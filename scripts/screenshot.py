@@ -16,6 +16,7 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--width", type=int, default=1100)
     ap.add_argument("--height", type=int, default=1400)
+    ap.add_argument("--scale", type=float, default=0.7, help="device scale factor (smaller PNG)")
     a = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -24,7 +25,7 @@ def main() -> None:
         raise SystemExit(f"need {a.report} and Debian's chromium")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": a.width, "height": a.height}, device_scale_factor=1)
+        page = browser.new_page(viewport={"width": a.width, "height": a.height}, device_scale_factor=a.scale)
         page.goto(a.report.resolve().as_uri())
         page.wait_for_load_state("load")
         page.wait_for_timeout(1500)  # let plotly draw
