@@ -61,3 +61,8 @@ def test_report_in_headless_chromium(tmp_path, tiny_dir, toy_data, shared_data):
     assert not errors, errors
     assert (tmp_path / "report.png").stat().st_size > 10_000
     json.loads((tmp_path / "run" / "phases" / "result.json").read_text())
+    # the markdown summaries (`emoscope summarize RUN --stage S`) read every stage's result
+    from emoscope.report.tables import TABLES
+    md = {stage: fn(tmp_path / "run") for stage, fn in TABLES.items()}
+    assert "share of emotion-selective features" in md["phases"] and "| anger |" in md["phases"]
+    assert "random control" in md["trace"] and "| feature_steering |" in md["steer"] and "| int4 |" in md["audit"]

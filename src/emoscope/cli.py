@@ -368,9 +368,19 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory.")):
 
 
 @app.command()
-def summarize(run_dirs: list[Path] = typer.Argument(..., help="Run directories with evaluate/result.json.")):
-    """Print a markdown table of accuracy and macro-F1 (raw vs calibrated) over several runs."""
+def summarize(run_dirs: list[Path] = typer.Argument(..., help="Run directories with evaluate/result.json."),
+              stage: str = typer.Option("evaluate", help="evaluate (one row per run), phases, trace, steer or audit.")):
+    """Print markdown tables of a stage's headline numbers (evaluate: accuracy and macro-F1 over several runs)."""
     from .artifacts import read_json
+    from .report.tables import TABLES
+
+    if stage != "evaluate":
+        if stage not in TABLES:
+            raise EmoscopeError(f"unknown stage '{stage}': choose evaluate, {', '.join(TABLES)}")
+        for d in run_dirs:
+            print(f"### {d} ({stage})\n")
+            print(TABLES[stage](d) + "\n")
+        return
 
     print("| model | dataset | shots | n | acc raw | acc calibrated | macro-F1 raw | macro-F1 calibrated |")
     print("|---|---|---|---|---|---|---|---|")

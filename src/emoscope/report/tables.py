@@ -1,0 +1,101 @@
+"""Markdown tables of a run's headline numbers, per stage (`emoscope summarize RUN --stage STAGE`).
+
+Read straight from the stages' result.json files, so the README's tables are regenerated, not typed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..artifacts import read_json
+from ..errors import EmoscopeError
+
+
+def _ci(m: dict, fmt: str = "{:.3f}") -> str:
+    return f"{fmt.format(m['value'])} [{fmt.format(m['lo'])}, {fmt.format(m['hi'])}]"
+
+
+def _load(run_dir: Path, stage: str) -> dict:
+    f = Path(run_dir) / stage / "result.json"
+    if not f.exists():
+        raise EmoscopeError(f"{run_dir} has no {stage}/result.json")
+    return read_json(f)
+
+
+def phases(run_dir: Path) -> str:
+    r = _load(run_dir, "phases")
+    b = ", ".join(f"layer {x['layer']} [{x['lo']:.0f}, {x['hi']:.0f}]" for x in r["boundaries"]) or "none"
+    share = r["last_phase_share"]
+    out = [f"{r['model']}: n = {r['n']} ({r['n_correct']} correct), {r['n_phases']} phase(s) "
+           f"({' -> '.join(r['phase_names'])}), boundaries {b}; share of emotion-selective features in the last "
+           f"phase {_ci(share, '{:.2f}')} ({share['n_boot']} subsamples)", "",
+           "| emotion | specific | shared | by phase (specific/shared) |", "|---|---|---|---|"]
+    for lab in r["labels"]:
+        per = r["per_phase_counts"].get(lab, {})
+        by = "; ".join(f"phase {p}: {v['specific']}/{v['shared']}" for p, v in sorted(per.items())) or "-"
+        out.append(f"| {lab} | {r['specific_counts'][lab]} | {r['shared_counts'][lab]} | {by} |")
+    out += ["", "| layer | selective | surface | semantic | probe resid (shuffled) | probe codes (shuffled) | logit-lens P(gold) |",
+            "|---|---|---|---|---|---|---|"]
+    for row in r["layers"]["all"]:
+        pr = lambda k: row[k]["mean"] if isinstance(row[k], dict) else row[k]
+        out.append(f"| {row['layer']} | {row['n_selective']} | {row['surface']:.2f} | {row['semantic']:.3f} | "
+                   f"{pr('probe_resid'):.2f} ({pr('probe_resid_shuffled'):.2f}) | {pr('probe_codes'):.2f} ({pr('probe_codes_shuffled'):.2f}) | "
+                   f"{row['lens_gold_prob']:.3f} |")
+    return "\n".join(out)
+
+
+def trace(run_dir: Path) -> str:
+    r = _load(run_dir, "trace")
+    names = r["phase_names"]
+    out = ["| emotion | n | clean margin | phase | top feature (layer:id) | its effect | features for 50% / 80% | set effect | "
+           "random control (same size) | effective n | strongest phase |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for lab, e in r["emotions"].items():
+        for p, ph in e["phases"].items():
+            f = ph["features"][0] if ph["features"] else None
+            rc = ph["random_control"]
+            need = " / ".join("-" if ph[k] is None else str(ph[k]) for k in ("n_for_50", "n_for_80"))
+            out.append(f"| {lab} | {e['n']} | {_ci(e['clean_margin'], '{:.2f}')} | {names[int(p)]} | "
+                       f"{'-' if f is None else str(f['layer']) + ':' + str(f['feature'])} | "
+                       f"{'-' if f is None else _ci(f['effect'], '{:.2f}')} | {need} | {ph['set_effect']:.2f} | "
+                       f"{rc['mean']:.2f} [{rc['lo']:.2f}, {rc['hi']:.2f}] | {ph['effective_n']:.1f} | "
+                       f"{names[e['strongest_phase']]} |")
+    for lab, why in r["skipped"].items():
+        out.append(f"| {lab} | skipped: {why} |")
+    return "\n".join(out)
+
+
+def steer(run_dir: Path) -> str:
+    r = _load(run_dir, "steer")
+    sets = sorted({k for m in r["methods"].values() for k in m})
+    head = " | ".join(f"{s} accuracy | {s} macro-F1" for s in sets)
+    out = [f"chosen on {r['n_dev']} dev examples: {r['chosen']}; test n = {r['n_test']}", "",
+           f"| method | {head} |", "|---|" + "---|" * (2 * len(sets))]
+    for name, m in r["methods"].items():
+        cells = " | ".join(f"{_ci(m[s]['accuracy'])} | {_ci(m[s]['macro_f1'])}" if s in m else "- | -" for s in sets)
+        out.append(f"| {name} | {cells} |")
+    se = r["side_effects"]
+    out += ["", f"WikiText-2 perplexity {se['ppl_clean']:.2f} -> {se['ppl_steered_all_positions']:.2f} with the steering at every "
+                f"position ({100 * se['ppl_change']:+.1f}%), next-token KL {se['kl_all_positions']:.3f} nats, {se['tokens']} tokens"]
+    return "\n".join(out)
+
+
+def audit(run_dir: Path) -> str:
+    r = _load(run_dir, "audit")
+    out = [f"reference calibrated accuracy {r['reference_accuracy']:.3f}, n = {r['n']}; failed thresholds: "
+           f"{', '.join(r['failed']) or 'none'}", "",
+           "| candidate | accuracy change | flip rate | drift by phase (1 - top-k Jaccard) | final phase drifts most | "
+           "causal survival | AUROC flips: confidence drop / causal drift | worst emotion (recall change) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for c in r["candidates"]:
+        fmt = lambda v: "-" if v is None or v != v else f"{v:.2f}"
+        d = " / ".join(fmt(v) for _, v in sorted(c["drift_by_phase"].items()))
+        au = c["detection_auroc"]
+        worst = min(c["recall_change"], key=c["recall_change"].get)
+        out.append(f"| {c['name']} | {_ci(c['accuracy_change'], '{:+.3f}')} | {c['flip_rate']:.2f} | {d} | "
+                   f"{'yes' if c['final_phase_drifts_most'] else 'no'} | {fmt(c['causal_survival'])} | "
+                   f"{fmt(au.get('confidence_drop'))} / {fmt(au.get('causal_feature_drift'))} | "
+                   f"{worst} ({c['recall_change'][worst]:+.2f}) |")
+    return "\n".join(out)
+
+
+TABLES = {"phases": phases, "trace": trace, "steer": steer, "audit": audit}
