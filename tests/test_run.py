@@ -107,6 +107,7 @@ def test_trace_stage_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
     for lab, e in tr["emotions"].items():
         for p in e["phases"].values():
             assert len(p["features"]) <= 2 and p["random_control"]["n"] == 3
+            assert isinstance(p["shuffled_label_top_attribution"], float) and isinstance(p["top_attribution"], float)
             # the control draws among features active on the traced examples (k = 4 per token), not all 64 per layer
             assert 0 < p["random_control"]["pool"] <= 4 * e["n"] * len(p["layers"]) < 64 * len(p["layers"])
             for f in p["features"]:

@@ -105,7 +105,7 @@ def run_trace(cfg: TraceConfig, run_dir: str | Path, view: ModelView, key: str |
         attr, clean = attribution(view, saes, prompts, gold, tokens, prior, baseline)
         est = {l: -a.mean(0) for l, a in attr.items()}  # estimated margin drop when ablated
         res = {"n": len(prompts), "clean_margin": _ci(clean, rng, cfg.n_boot), "phases": {}}
-        shuffled = _shuffled_screen(view, saes, pool, labels, task, tokens, prior, baseline, lab, len(prompts), rng)
+        shuffled = _shuffled_screen(view, saes, pool, labels, task, tokens, prior, baseline, lab, len(prompts), rng, phase_of)
         for p in range(n_phases):
             layers = [l for l in saes if phase_of[l] == p]
             cand = sorted(((est[l][f], l, int(f)) for l in layers for f in np.argsort(-est[l])[:cfg.candidates]), reverse=True)[:cfg.candidates]
@@ -136,7 +136,8 @@ def run_trace(cfg: TraceConfig, run_dir: str | Path, view: ModelView, key: str |
                 "random_control": {"size": size, "mean": float(np.mean(rand)), "lo": float(np.percentile(rand, 2.5)),
                                    "hi": float(np.percentile(rand, 97.5)), "n": cfg.n_random if live else 0, "pool": len(live),
                                    "drawn_from": "features with nonzero attribution in the phase's layers"},
-                "shuffled_label_top_effect": shuffled.get(p),
+                "top_attribution": float(cand[0][0]) if cand else None,
+                "shuffled_label_top_attribution": shuffled["top_attribution_by_phase"].get(str(p)),
             }
             sets.setdefault(lab, []).extend(chosen)
             if progress:
@@ -182,14 +183,18 @@ def _greedy_sets(view, saes, prompts, gold, tokens, prior, baseline, exact, clea
     return chosen, need
 
 
-def _shuffled_screen(view, saes, pool, labels, task, tokens, prior, baseline, lab, n, rng) -> dict:
-    """Control: examples drawn regardless of emotion but scored as if they were `lab`; the top
-    attribution feature per phase and its exact effect on the margin for `lab` on those examples."""
+def _shuffled_screen(view, saes, pool, labels, task, tokens, prior, baseline, lab, n, rng, phase_of) -> dict:
+    """Control: examples drawn regardless of emotion but scored as if they were `lab`; the largest
+    attribution estimate in each phase, to set beside the real screen's."""
     rows = pool.iloc[rng.permutation(len(pool))[:n]]
     prompts = [task.builder.encode(task.builder.prompt(t)) for t in rows.text]
     gold = np.full(len(prompts), labels.index(lab))
     attr, clean = attribution(view, saes, prompts, gold, tokens, prior, baseline)
-    return {"examples": int(len(prompts)), "top_attribution": float(max((-a.mean(0)).max() for a in attr.values()))}
+    top: dict[str, float] = {}
+    for l, a in attr.items():
+        p = str(phase_of[l])
+        top[p] = max(top.get(p, -np.inf), float((-a.mean(0)).max()))
+    return {"examples": int(len(prompts)), "top_attribution_by_phase": top}
 
 
 def _cross(view, saes, pool, labels, task, tokens, prior, baseline, sets, cfg, rng) -> dict:

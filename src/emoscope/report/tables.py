@@ -53,7 +53,8 @@ def trace(run_dir: Path) -> str:
         for p, ph in e["phases"].items():
             f = ph["features"][0] if ph["features"] else None
             rc = ph["random_control"]
-            need = " / ".join("-" if ph[k] is None else str(ph[k]) for k in ("n_for_50", "n_for_80"))
+            need = ("n/a (margin ≤ 0)" if e["clean_margin"]["value"] <= 0 else
+                    " / ".join(f">{len(ph['features'])}" if ph[k] is None else str(ph[k]) for k in ("n_for_50", "n_for_80")))
             out.append(f"| {lab} | {e['n']} | {_ci(e['clean_margin'], '{:.2f}')} | {names[int(p)]} | "
                        f"{'-' if f is None else str(f['layer']) + ':' + str(f['feature'])} | "
                        f"{'-' if f is None else _ci(f['effect'], '{:.2f}')} | {need} | {ph['set_effect']:.2f} | "
