@@ -133,7 +133,38 @@ def run(config: Path = typer.Option(..., help="Run config YAML (see configs/quic
         print_saes(read_json(run_dir / "saes" / "result.json"))
     if (run_dir / "phases" / "result.json").exists():
         print_phases(read_json(run_dir / "phases" / "result.json"))
+    for line in headlines(run_dir):
+        console.print(line, markup=False)
     console.print(f"report: {path}")
+
+
+def headlines(run_dir: Path) -> list[str]:
+    """One line each for the tracing, steering and audit results a run directory holds."""
+    from .artifacts import read_json
+
+    out = []
+    f = run_dir / "trace" / "result.json"
+    if f.exists():
+        tr = read_json(f)
+        best = []
+        for lab, e in tr["emotions"].items():
+            ph = e["phases"][str(e["strongest_phase"])]
+            if ph["features"]:
+                top = ph["features"][0]
+                best.append(f"{lab} L{top['layer']}/{top['feature']} {top['effect']['value']:.2f}")
+        out.append("tracing, strongest feature per emotion (margin drop): " + ("; ".join(best) or "none"))
+    f = run_dir / "steer" / "result.json"
+    if f.exists():
+        st = read_json(f)
+        test = {m: v["test"]["macro_f1"]["value"] for m, v in st["methods"].items()}
+        base = max((m for m in test if m not in ("feature_steering", "random_features")), key=test.get)
+        out.append(f"steering: test macro-F1 {test['feature_steering']:.3f} vs best baseline {base} {test[base]:.3f} "
+                   f"(random features {test['random_features']:.3f})")
+    f = run_dir / "audit" / "result.json"
+    if f.exists():
+        au = read_json(f)
+        out.append(f"audit: {len(au['candidates'])} candidates, over the thresholds: {', '.join(au['failed']) or 'none'}")
+    return out
 
 
 @app.command("train-saes")
