@@ -111,3 +111,19 @@ def test_other_tokenizer_is_refused(planted_run, tmp_path):
     with pytest.raises(EmoscopeError, match="another tokenizer"):
         run_audit(AuditConfig(candidates=[Candidate(name="x", model=str(tmp_path / "other"))], n_boot=100), d / "run", view,
                   lambda name=None: load_model(name or str(view.name)))
+
+
+def test_candidate_with_non_finite_outputs_is_failed_not_crashed(planted_run):
+    """Gemma-3 in float16 overflows to NaN on a CPU; such a candidate must be reported, not crash the audit."""
+    d, view, _, causal = planted_run
+
+    def broken(name=None):
+        v = load_model(str(view.name))
+        with torch.no_grad():
+            v.blocks[1].mlp.down_proj.weight.fill_(float("nan"))
+        return v
+
+    res = run_audit(AuditConfig(candidates=[Candidate(name="nan", model=str(view.name))], n_boot=100, causal_features=causal),
+                    d / "run", view, broken)
+    c = res["candidates"][0]
+    assert c["non_finite_frac"] == 1.0 and c["accuracy"] == 0.0 and c["failed"] and res["failed"] == ["nan"]

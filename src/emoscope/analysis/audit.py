@@ -88,7 +88,11 @@ def _observe(view, task, texts, saes, tokens) -> dict:
             rows = torch.arange(len(ids))
             for l, sae in saes.items():
                 codes[l].append(sae.encode(res[l][rows, last].float()).cpu().numpy())
-    return {"cal": cal, "pred": cal.argmax(1), "codes": {l: np.concatenate(v) for l, v in codes.items()}, "prompts": prompts}
+    codes = {l: np.nan_to_num(np.concatenate(v), nan=0.0, posinf=0.0, neginf=0.0) for l, v in codes.items()}
+    # a candidate can overflow (Gemma in float16 does): such rows count as maximally uncertain and wrong
+    bad = ~np.isfinite(cal).all(1)
+    cal = np.where(bad[:, None], -np.log(cal.shape[1]), cal)
+    return {"cal": cal, "pred": cal.argmax(1), "codes": codes, "prompts": prompts, "non_finite": bad}
 
 
 def _jaccard_topk(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
@@ -186,6 +190,8 @@ def _compare(cand, cfg, ev_cfg, view, load_view, texts, y, labels, saes, tokens,
         c_texts = [perturb_text(t, cand.text, r) for t in texts]
     task = Task(c_cfg, c_view)
     cur = _observe(c_view, task, c_texts, saes, tokens)
+    K = len(labels)
+    cur["pred"] = np.where(cur["non_finite"], (y + 1) % K, cur["pred"])  # never the gold label
     acc_r, acc_c = (ref["pred"] == y), (cur["pred"] == y)
     d_acc = acc_c.mean() - acc_r.mean()
     boot_d = acc_c[boots].mean(1) - acc_r[boots].mean(1)
@@ -217,10 +223,10 @@ def _compare(cand, cfg, ev_cfg, view, load_view, texts, y, labels, saes, tokens,
     ent = lambda c: -(np.exp(c) * c).sum(1)
     margin = lambda c: np.sort(c, 1)[:, -1] - np.sort(c, 1)[:, -2]
     t = cfg.thresholds
-    failed = (-d_acc > t.max_accuracy_drop) or (flipped.mean() > t.max_flip_rate) or \
+    failed = cur["non_finite"].any() or (-d_acc > t.max_accuracy_drop) or (flipped.mean() > t.max_flip_rate) or \
              (survival is not None and survival < t.min_causal_survival)
     return {
-        "name": cand.name, **info, "accuracy": float(acc_c.mean()),
+        "name": cand.name, **info, "accuracy": float(acc_c.mean()), "non_finite_frac": float(cur["non_finite"].mean()),
         "accuracy_change": {"value": float(d_acc), "lo": float(np.percentile(boot_d, 2.5)), "hi": float(np.percentile(boot_d, 97.5))},
         "macro_f1_change": m_c["macro_f1"]["value"] - m_r["macro_f1"]["value"],
         "flip_rate": float(flipped.mean()),
