@@ -21,7 +21,7 @@ from ..errors import EmoscopeError
 from ..models import ModelView
 from .corpus import sequences
 from .model import SAE, SAEConfig
-from .topk_step import topk_grads
+from .topk_step import _decode, _encode_topk, topk_grads
 
 
 class SAETrainConfig(BaseModel):
@@ -111,11 +111,8 @@ class _Layer:
         dead = (self.since_fired > cfg.dead_tokens).nonzero().squeeze(1)
         if len(dead) == 0:
             return
-        xc = x - self.b_dec
-        pre = (xc.to(fast) @ self.W_enc_T.T.to(fast)).float() + self.b_enc  # W_enc_T is [d_sae, d_in]
-        vals, idx = pre.topk(cfg.k, dim=-1)
-        recon = torch.nn.functional.embedding_bag(idx, self.W_dec, per_sample_weights=vals.relu(), mode="sum") + self.b_dec
-        err = x - recon
+        idx, vals = _encode_topk(x - self.b_dec, self.W_enc_T.T, self.b_enc, cfg.k, fast)
+        err = x - (_decode(idx, vals.relu(), self.W_dec) + self.b_dec)
         w = err.pow(2).sum(-1)
         n = min(len(dead), len(x))
         dead = dead[torch.randperm(len(dead), generator=self.gen, device=dead.device)[:n]]
