@@ -403,7 +403,7 @@ def summarize(run_dirs: list[Path] = typer.Argument(..., help="Run directories w
               stage: str = typer.Option("evaluate", help="evaluate (one row per run), phases, trace, steer or audit.")):
     """Print markdown tables of a stage's headline numbers (evaluate: accuracy and macro-F1 over several runs)."""
     from .artifacts import read_json
-    from .report.tables import TABLES
+    from .report.tables import TABLES, ci as c
 
     if stage != "evaluate":
         if stage not in TABLES:
@@ -420,7 +420,6 @@ def summarize(run_dirs: list[Path] = typer.Argument(..., help="Run directories w
         if not f.exists():
             raise EmoscopeError(f"{d} has no evaluate/result.json")
         r = read_json(f)
-        c = lambda m: f"{m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]"
         print(f"| {r['model']['name']} | {r['config']['data']['dataset']} | {r['config']['shots']} | {r['n']} | "
               f"{c(r['raw']['accuracy'])} | {c(r['calibrated']['accuracy'])} | {c(r['raw']['macro_f1'])} | {c(r['calibrated']['macro_f1'])} |")
 

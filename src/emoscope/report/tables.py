@@ -11,7 +11,7 @@ from ..artifacts import read_json
 from ..errors import EmoscopeError
 
 
-def _ci(m: dict, fmt: str = "{:.3f}") -> str:
+def ci(m: dict, fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(m['value'])} [{fmt.format(m['lo'])}, {fmt.format(m['hi'])}]"
 
 
@@ -28,7 +28,7 @@ def phases(run_dir: Path) -> str:
     share = r["last_phase_share"]
     out = [f"{r['model']}: n = {r['n']} ({r['n_correct']} correct), {r['n_phases']} phase(s) "
            f"({' -> '.join(r['phase_names'])}), boundaries {b}; share of emotion-selective features in the last "
-           f"phase {_ci(share, '{:.2f}')} ({share['n_boot']} subsamples)", "",
+           f"phase {ci(share, '{:.2f}')} ({share['n_boot']} subsamples)", "",
            "| emotion | specific | shared | by phase (specific/shared) |", "|---|---|---|---|"]
     for lab in r["labels"]:
         per = r["per_phase_counts"].get(lab, {})
@@ -55,9 +55,9 @@ def trace(run_dir: Path) -> str:
             rc = ph["random_control"]
             need = ("n/a (margin ≤ 0)" if e["clean_margin"]["value"] <= 0 else
                     " / ".join(f">{len(ph['features'])}" if ph[k] is None else str(ph[k]) for k in ("n_for_50", "n_for_80")))
-            out.append(f"| {lab} | {e['n']} | {_ci(e['clean_margin'], '{:.2f}')} | {names[int(p)]} | "
+            out.append(f"| {lab} | {e['n']} | {ci(e['clean_margin'], '{:.2f}')} | {names[int(p)]} | "
                        f"{'-' if f is None else str(f['layer']) + ':' + str(f['feature'])} | "
-                       f"{'-' if f is None else _ci(f['effect'], '{:.2f}')} | {need} | {ph['set_effect']:.2f} | "
+                       f"{'-' if f is None else ci(f['effect'], '{:.2f}')} | {need} | {ph['set_effect']:.2f} | "
                        f"{rc['mean']:.2f} [{rc['lo']:.2f}, {rc['hi']:.2f}] | {ph['effective_n']:.1f} | "
                        f"{names[e['strongest_phase']]} |")
     for lab, why in r["skipped"].items():
@@ -72,7 +72,7 @@ def steer(run_dir: Path) -> str:
     out = [f"chosen on {r['n_dev']} dev examples: {r['chosen']}; test n = {r['n_test']}", "",
            f"| method | {head} |", "|---|" + "---|" * (2 * len(sets))]
     for name, m in r["methods"].items():
-        cells = " | ".join(f"{_ci(m[s]['accuracy'])} | {_ci(m[s]['macro_f1'])}" if s in m else "- | -" for s in sets)
+        cells = " | ".join(f"{ci(m[s]['accuracy'])} | {ci(m[s]['macro_f1'])}" if s in m else "- | -" for s in sets)
         out.append(f"| {name} | {cells} |")
     se = r["side_effects"]
     out += ["", f"WikiText-2 perplexity {se['ppl_clean']:.2f} -> {se['ppl_steered_all_positions']:.2f} with the steering at every "
@@ -92,7 +92,7 @@ def audit(run_dir: Path) -> str:
         d = " / ".join(fmt(v) for _, v in sorted(c["drift_by_phase"].items()))
         au = c["detection_auroc"]
         worst = min(c["recall_change"], key=c["recall_change"].get)
-        out.append(f"| {c['name']} | {_ci(c['accuracy_change'], '{:+.3f}')} | {c['flip_rate']:.2f} | {d} | "
+        out.append(f"| {c['name']} | {ci(c['accuracy_change'], '{:+.3f}')} | {c['flip_rate']:.2f} | {d} | "
                    f"{'yes' if c['final_phase_drifts_most'] else 'no'} | {fmt(c['causal_survival'])} | "
                    f"{fmt(au.get('confidence_drop'))} / {fmt(au.get('causal_feature_drift'))} | "
                    f"{worst} ({c['recall_change'][worst]:+.2f}) |")
