@@ -85,3 +85,24 @@ def test_planted_causal_feature_found_and_random_control_not():
     rand = [ablate(view, saes, prompts, joy, tokens, {2: [int(rng.integers(8, 64))]}) for _ in range(5)]
     drop = (clean - planted).mean()
     assert drop > 0.3 and all(abs((clean - r).mean()) < 0.1 * drop for r in rand), (drop, [(clean - r).mean() for r in rand])
+
+
+def test_margin_kinds():
+    """best_other is positive exactly when the calibrated argmax is gold; all_others is the log-odds,
+    which is negative for a winning gold label with p < 1/2."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 6, generator=g) * 2
+    prior = torch.log_softmax(torch.randn(6, generator=g), -1)
+    gold = torch.randint(0, 6, (200,), generator=g)
+    best = margin(logits, gold, prior, "best_other")
+    cal = torch.log_softmax(torch.log_softmax(logits, -1) - prior, -1)
+    assert torch.equal(best > 0, cal.argmax(-1) == gold)
+    p = cal.exp().gather(-1, gold[:, None])[:, 0]
+    torch.testing.assert_close(margin(logits, gold, prior, "all_others"), torch.log(p / (1 - p)), atol=1e-4, rtol=1e-4)
+    assert ((best > 0) & (margin(logits, gold, prior, "all_others") < 0)).any()
+    try:
+        margin(logits, gold, prior, "nope")
+    except ValueError as e:
+        assert "best_other" in str(e)
+    else:
+        raise AssertionError("unknown margin kind accepted")

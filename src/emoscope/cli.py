@@ -253,6 +253,7 @@ def print_phases(res: dict) -> None:
 def trace(run_dir: Path = typer.Argument(..., help="Run directory with evaluate/, saes/ and phases/ results."),
           examples: str = typer.Option("correct", help="correct or all."), per_emotion: int = typer.Option(16),
           baseline: str = typer.Option("zero", help="zero or mean."), candidates: int = typer.Option(8),
+          margin: str = typer.Option("best_other", help="best_other (gold minus best other label) or all_others (log-odds)."),
           n_random: int = typer.Option(20), seed: int = typer.Option(0),
           dtype: str = typer.Option("float32"), device: str = typer.Option("auto")):
     """Phase-stratified causal tracing: which SAE features cause each emotion's prediction."""
@@ -264,12 +265,12 @@ def trace(run_dir: Path = typer.Argument(..., help="Run directory with evaluate/
     if not f.exists():
         raise EmoscopeError(f"{run_dir} has no evaluate/result.json: run the evaluate stage first")
     cfg = _validated(TraceConfig, examples=examples, per_emotion=per_emotion, baseline=baseline, candidates=candidates,
-                     n_random=n_random, seed=seed)
+                     margin=margin, n_random=n_random, seed=seed)
     view = load_model(read_json(f)["config"]["model"]["name"], device, dtype)
     with _progress() as p:
         task = p.add_task("emotion x phase", total=None)
         res = run_trace(cfg, run_dir, view, progress=lambda n: p.advance(task, n))
-    t = Table(title=f"causal tracing, {res['model']} (margin = calibrated log-odds of the gold label)")
+    t = Table(title=f"causal tracing, {res['model']} (margin: {res['config'].get('margin', 'all_others')})")
     for c in ["emotion", "phase", "top effect [95% CI]", "features for 50% / 80%", "effective n", "random control"]:
         t.add_column(c)
     for lab, e in res["emotions"].items():

@@ -18,14 +18,23 @@ from ..models import ModelView
 from ..sae.evaluate import pad_batch
 
 
-def margin(label_logp: torch.Tensor, gold: torch.Tensor, log_prior: torch.Tensor | None = None) -> torch.Tensor:
-    """Calibrated log-odds of the gold label: log p(gold) - log sum_{other} p(other), over the labels
-    (first-token log-probs [n, K], renormalised over labels, minus the log prior when given)."""
+MARGINS = ("best_other", "all_others")
+
+
+def margin(label_logp: torch.Tensor, gold: torch.Tensor, log_prior: torch.Tensor | None = None,
+           kind: str = "best_other") -> torch.Tensor:
+    """Calibrated margin of the gold label over the labels' first-token log-probs [n, K] (renormalised
+    over labels, minus the log prior when given). `best_other`: log p(gold) - max_{other} log p(other),
+    positive exactly when the calibrated first-token prediction is gold; `all_others`: the log-odds
+    log p(gold) - log sum_{other} p(other), which is negative whenever p(gold) < 1/2 even when gold wins."""
+    if kind not in MARGINS:
+        raise ValueError(f"unknown margin {kind!r}; expected one of {MARGINS}")
     lp = torch.log_softmax(label_logp, -1)
     if log_prior is not None:
         lp = torch.log_softmax(lp - log_prior, -1)
     other = lp.masked_fill(torch.nn.functional.one_hot(gold, lp.shape[-1]).bool(), float("-inf"))
-    return lp.gather(-1, gold[:, None])[:, 0] - torch.logsumexp(other, -1)
+    rest = other.max(-1).values if kind == "best_other" else torch.logsumexp(other, -1)
+    return lp.gather(-1, gold[:, None])[:, 0] - rest
 
 
 def set_features(view: ModelView, saes: dict, features: dict[int, list[int]], positions: torch.Tensor,
@@ -68,7 +77,7 @@ def prompt_batches(view: ModelView, prompts: list[list[int]], batch_size: int = 
 
 def attribution(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarray, tokens: list[int],
                 log_prior: torch.Tensor | None = None, baseline: dict[int, torch.Tensor] | None = None,
-                batch_size: int = 8) -> tuple[dict[int, np.ndarray], np.ndarray]:
+                batch_size: int = 8, kind: str = "best_other") -> tuple[dict[int, np.ndarray], np.ndarray]:
     """Attribution patching: for every example and feature, grad(margin) . (baseline - f) @ W_dec at the
     answer position — the first-order estimate of the margin change when the feature is set to the
     baseline (zero when none given). Returns {layer: [n, d_sae]} and the clean margins [n]."""
@@ -80,7 +89,7 @@ def attribution(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.
         rows = torch.arange(len(ids), device=view.device)
         with torch.enable_grad():
             logits, res = answer_logits(view, ids, mask, last, tokens, layers)
-            m = margin(logits, g, log_prior)
+            m = margin(logits, g, log_prior, kind)
             grads = torch.autograd.grad(m.sum(), [res[l] for l in layers])
         margins.append(m.detach().cpu().numpy())
         for l, gfull in zip(layers, grads):
@@ -97,7 +106,7 @@ def attribution(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.
 @torch.no_grad()
 def ablate(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarray, tokens: list[int],
            features: dict[int, list[int]], log_prior: torch.Tensor | None = None,
-           baseline: dict[int, torch.Tensor] | None = None, batch_size: int = 8) -> np.ndarray:
+           baseline: dict[int, torch.Tensor] | None = None, batch_size: int = 8, kind: str = "best_other") -> np.ndarray:
     """Exact intervention: the margin of every example [n] with the given features (per layer) set to
     the baseline (zero when none) at the answer position, SAE error terms kept."""
     margins = []
@@ -105,5 +114,5 @@ def ablate(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarr
         g = torch.as_tensor(gold[i:i + batch_size], device=view.device)
         with set_features(view, saes, features, last, baseline):
             logits, _ = answer_logits(view, ids, mask, last, tokens)
-        margins.append(margin(logits, g, log_prior).cpu().numpy())
+        margins.append(margin(logits, g, log_prior, kind).cpu().numpy())
     return np.concatenate(margins)

@@ -10,7 +10,9 @@ For each emotion, on the examples of that emotion (correctly classified by defau
 4. controls: the same number of random features from the same layers, and the same screen with
    shuffled emotion labels;
 5. cross-emotion effects: ablating emotion A's set, the change in the margin of B's examples.
-The margin is the calibrated log-odds of the gold label over the labels' first tokens.
+The margin is the calibrated log-probability of the gold label's first token minus that of the best
+other label (`margin: best_other`, positive exactly when the calibrated prediction is gold), or the
+log-odds of gold against all other labels together (`margin: all_others`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class TraceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     examples: str = Field("correct", pattern="^(correct|all)$", description="Trace on correctly classified examples, or all.")
     per_emotion: int = Field(16, ge=2, description="Most examples traced per emotion.")
+    margin: str = Field("best_other", pattern="^(best_other|all_others)$", description="Traced metric: calibrated log-prob of gold minus the best other label, or log-odds of gold against all others.")
     baseline: str = Field("zero", pattern="^(zero|mean)$", description="Ablation value: zero, or the feature's mean over all examples.")
     candidates: int = Field(8, ge=1, description="Top attribution candidates validated exactly per emotion and phase.")
     n_random: int = Field(20, ge=1, description="Random feature sets in the control.")
@@ -93,6 +96,7 @@ def run_trace(cfg: TraceConfig, run_dir: str | Path, view: ModelView, key: str |
     if cfg.baseline == "mean":
         allp = [task.builder.encode(task.builder.prompt(t)) for t in preds.text]
         baseline = _mean_features(view, saes, allp)
+    ctx = {"tokens": tokens, "log_prior": prior, "baseline": baseline, "kind": cfg.margin}
     per_emotion, skipped, sets = {}, {}, {}
     for e, lab in enumerate(labels):
         rows = pool[pool.gold == lab]
@@ -102,20 +106,20 @@ def run_trace(cfg: TraceConfig, run_dir: str | Path, view: ModelView, key: str |
         rows = rows.iloc[rng.permutation(len(rows))[:cfg.per_emotion]]
         prompts = [task.builder.encode(task.builder.prompt(t)) for t in rows.text]
         gold = np.full(len(prompts), e)
-        attr, clean = attribution(view, saes, prompts, gold, tokens, prior, baseline)
+        attr, clean = attribution(view, saes, prompts, gold, **ctx)
         est = {l: -a.mean(0) for l, a in attr.items()}  # estimated margin drop when ablated
         res = {"n": len(prompts), "clean_margin": _ci(clean, rng, cfg.n_boot), "phases": {}}
-        shuffled = _shuffled_screen(view, saes, pool, labels, task, tokens, prior, baseline, lab, len(prompts), rng, phase_of)
+        shuffled = _shuffled_screen(view, saes, pool, labels, task, ctx, lab, len(prompts), rng, phase_of)
         for p in range(n_phases):
             layers = [l for l in saes if phase_of[l] == p]
             cand = sorted(((est[l][f], l, int(f)) for l in layers for f in np.argsort(-est[l])[:cfg.candidates]), reverse=True)[:cfg.candidates]
             exact = []
             for a, l, f in cand:
-                m = ablate(view, saes, prompts, gold, tokens, {l: [f]}, prior, baseline)
+                m = ablate(view, saes, prompts, gold, features={l: [f]}, **ctx)
                 exact.append({"layer": l, "feature": f, "attribution": float(a), "effect": _ci(clean - m, rng, cfg.n_boot)})
             exact.sort(key=lambda r: -r["effect"]["value"])
             rho = spearmanr([r["attribution"] for r in exact], [r["effect"]["value"] for r in exact]).statistic if len(exact) > 2 else float("nan")
-            chosen, need = _greedy_sets(view, saes, prompts, gold, tokens, prior, baseline, exact, clean)
+            chosen, need = _greedy_sets(view, saes, prompts, gold, ctx, exact, clean)
             # control: as many random features, drawn among those that can matter here (nonzero
             # attribution, i.e. active on some traced example under zero ablation): inactive features
             # have exactly zero ablation effect, and drawing them would make any set look special
@@ -126,9 +130,9 @@ def run_trace(cfg: TraceConfig, run_dir: str | Path, view: ModelView, key: str |
                 feats = {}
                 for i in rng.choice(len(live), min(size, len(live)), replace=False):
                     feats.setdefault(live[i][0], []).append(live[i][1])
-                rand.append(float((clean - ablate(view, saes, prompts, gold, tokens, feats, prior, baseline)).mean()))
+                rand.append(float((clean - ablate(view, saes, prompts, gold, features=feats, **ctx)).mean()))
             rand = rand or [0.0]
-            joint = float((clean - ablate(view, saes, prompts, gold, tokens, _group(chosen), prior, baseline)).mean()) if chosen else 0.0
+            joint = float((clean - ablate(view, saes, prompts, gold, features=_group(chosen), **ctx)).mean()) if chosen else 0.0
             res["phases"][str(p)] = {
                 "layers": layers, "features": exact, "rank_correlation": float(rho),
                 "n_for_50": need[0.5], "n_for_80": need[0.8], "set": chosen, "set_effect": joint,
@@ -145,7 +149,7 @@ def run_trace(cfg: TraceConfig, run_dir: str | Path, view: ModelView, key: str |
         best = max(res["phases"], key=lambda p: res["phases"][p]["features"][0]["effect"]["value"] if res["phases"][p]["features"] else -1e9)
         res["strongest_phase"] = int(best)
         per_emotion[lab] = res
-    cross = _cross(view, saes, pool, labels, task, tokens, prior, baseline, sets, cfg, rng)
+    cross = _cross(view, saes, pool, labels, task, ctx, sets, cfg)
     result = {"stage": "trace", "config_hash": key or config_hash(cfg, view.name), "config": cfg.model_dump(mode="json"),
               "model": view.name, "labels": labels, "n_phases": n_phases, "phase_names": ph["phase_names"],
               "seed": cfg.seed, "emotions": per_emotion, "skipped": skipped, "cross_effects": cross,
@@ -162,7 +166,7 @@ def _group(feats: list[list[int]]) -> dict[int, list[int]]:
     return out
 
 
-def _greedy_sets(view, saes, prompts, gold, tokens, prior, baseline, exact, clean):
+def _greedy_sets(view, saes, prompts, gold, ctx, exact, clean):
     """Add validated features in order of exact effect; the first sizes whose joint ablation removes
     50% and 80% of the mean clean margin (None when the candidates never get there)."""
     need = {0.5: None, 0.8: None}
@@ -174,7 +178,7 @@ def _greedy_sets(view, saes, prompts, gold, tokens, prior, baseline, exact, clea
         if r["effect"]["value"] <= 0:
             break
         chosen.append([r["layer"], r["feature"]])
-        removed = (base - ablate(view, saes, prompts, gold, tokens, _group(chosen), prior, baseline).mean()) / base
+        removed = (base - ablate(view, saes, prompts, gold, features=_group(chosen), **ctx).mean()) / base
         for q in need:
             if need[q] is None and removed >= q:
                 need[q] = len(chosen)
@@ -183,13 +187,13 @@ def _greedy_sets(view, saes, prompts, gold, tokens, prior, baseline, exact, clea
     return chosen, need
 
 
-def _shuffled_screen(view, saes, pool, labels, task, tokens, prior, baseline, lab, n, rng, phase_of) -> dict:
+def _shuffled_screen(view, saes, pool, labels, task, ctx, lab, n, rng, phase_of) -> dict:
     """Control: examples drawn regardless of emotion but scored as if they were `lab`; the largest
     attribution estimate in each phase, to set beside the real screen's."""
     rows = pool.iloc[rng.permutation(len(pool))[:n]]
     prompts = [task.builder.encode(task.builder.prompt(t)) for t in rows.text]
     gold = np.full(len(prompts), labels.index(lab))
-    attr, clean = attribution(view, saes, prompts, gold, tokens, prior, baseline)
+    attr, _ = attribution(view, saes, prompts, gold, **ctx)
     top: dict[str, float] = {}
     for l, a in attr.items():
         p = str(phase_of[l])
@@ -197,7 +201,7 @@ def _shuffled_screen(view, saes, pool, labels, task, tokens, prior, baseline, la
     return {"examples": int(len(prompts)), "top_attribution_by_phase": top}
 
 
-def _cross(view, saes, pool, labels, task, tokens, prior, baseline, sets, cfg, rng) -> dict:
+def _cross(view, saes, pool, labels, task, ctx, sets, cfg) -> dict:
     """Mean margin change of B's examples when A's chosen features (all phases) are ablated."""
     out = {}
     for a, feats in sets.items():
@@ -210,8 +214,8 @@ def _cross(view, saes, pool, labels, task, tokens, prior, baseline, sets, cfg, r
                 continue
             prompts = [task.builder.encode(task.builder.prompt(t)) for t in rows.text]
             gold = np.full(len(prompts), b)
-            clean = ablate(view, saes, prompts, gold, tokens, {}, prior, baseline)
-            out[a][lab] = float((ablate(view, saes, prompts, gold, tokens, _group(feats), prior, baseline) - clean).mean())
+            clean = ablate(view, saes, prompts, gold, features={}, **ctx)
+            out[a][lab] = float((ablate(view, saes, prompts, gold, features=_group(feats), **ctx) - clean).mean())
     return out
 
 

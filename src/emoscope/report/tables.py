@@ -44,11 +44,16 @@ def phases(run_dir: Path) -> str:
     return "\n".join(out)
 
 
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def trace(run_dir: Path) -> str:
     r = _load(run_dir, "trace")
     names = r["phase_names"]
     out = ["| emotion | n | clean margin | phase | top feature (layer:id) | its effect | features for 50% / 80% | set effect | "
-           "random control (same size) | effective n | strongest phase |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "random control (same size) | top attribution: real / shuffled labels | effective n | strongest phase |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for lab, e in r["emotions"].items():
         for p, ph in e["phases"].items():
             f = ph["features"][0] if ph["features"] else None
@@ -58,7 +63,8 @@ def trace(run_dir: Path) -> str:
             out.append(f"| {lab} | {e['n']} | {ci(e['clean_margin'], '{:.2f}')} | {names[int(p)]} | "
                        f"{'-' if f is None else str(f['layer']) + ':' + str(f['feature'])} | "
                        f"{'-' if f is None else ci(f['effect'], '{:.2f}')} | {need} | {ph['set_effect']:.2f} | "
-                       f"{rc['mean']:.2f} [{rc['lo']:.2f}, {rc['hi']:.2f}] | {ph['effective_n']:.1f} | "
+                       f"{rc['mean']:.2f} [{rc['lo']:.2f}, {rc['hi']:.2f}] | {_num(ph.get('top_attribution'))} / "
+                       f"{_num(ph.get('shuffled_label_top_attribution'))} | {ph['effective_n']:.1f} | "
                        f"{names[e['strongest_phase']]} |")
     for lab, why in r["skipped"].items():
         out.append(f"| {lab} | skipped: {why} |")
