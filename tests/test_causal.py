@@ -4,14 +4,17 @@ finite difference, and a planted causal feature is found while random features a
 import numpy as np
 import torch
 
-from emoscope.analysis.causal import ablate, answer_logits, attribution, margin, set_features
+import pytest
+
+from emoscope.analysis.causal import (AnswerBatch, ablate, answer_batches, answer_logits, attribution, margin,
+                                    prompt_batches, set_features)
 from emoscope.sae import SAE, SAEConfig
 from emoscope.sae.evaluate import pad_batch
 from tiny import CORPUS, tiny_model
 
 
-def _setup(seed=0):
-    view = tiny_model("llama", seed=seed)
+def _setup(seed=0, arch="llama", **kw):
+    view = tiny_model(arch, seed=seed, **kw)
     tok = view.tokenizer
     prompts = [tok(t + " Emotion:").input_ids for t in CORPUS[:6]]
     tokens = [tok(" " + w, add_special_tokens=False).input_ids[0] for w in ["joy", "fear", "anger"]]
@@ -106,3 +109,24 @@ def test_margin_kinds():
         assert "best_other" in str(e)
     else:
         raise AssertionError("unknown margin kind accepted")
+
+
+@pytest.mark.parametrize("arch,window", [("llama", 0), ("qwen2", 0), ("gpt2", 0), ("gemma3", 64), ("gemma3", 8)])
+def test_cached_answer_passes_equal_whole_prompt_passes(arch, window):
+    """Running only the answer token on a cached, left-padded prefix gives the same margins,
+    ablation effects and attributions as whole right-padded prompts (prompts of unequal length;
+    past a sliding window the whole prompts run)."""
+    view, saes, prompts, tokens, gold = _setup(arch=arch, **({"sliding_window": window} if window else {}))
+    whole = [AnswerBatch(i, ids, mask, last) for i, ids, mask, last in prompt_batches(view, prompts, 4)]
+    cached = answer_batches(view, prompts, 4)
+    assert all(b.cache is None for b in cached) == (window == 8)
+    feats = {1: [0, 3, 5], 2: [1, 2]}
+    for fs in ({}, feats):
+        np.testing.assert_allclose(ablate(view, saes, cached, gold, tokens, fs), ablate(view, saes, whole, gold, tokens, fs),
+                                   atol=1e-5)
+    a_c, m_c = attribution(view, saes, cached, gold, tokens)
+    a_w, m_w = attribution(view, saes, whole, gold, tokens)
+    np.testing.assert_allclose(m_c, m_w, atol=1e-5)
+    for l in a_c:
+        np.testing.assert_allclose(a_c[l], a_w[l], atol=1e-5)
+    assert ablate(view, saes, cached, gold, tokens, feats).tolist() == ablate(view, saes, cached, gold, tokens, feats).tolist()

@@ -108,9 +108,16 @@ class ModelView:
         n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
         return int(min(n, 1 << 15))
 
-    def logits_from_resid(self, resid: torch.Tensor) -> torch.Tensor:
-        """Read a residual-stream vector through the final norm and unembedding (logit lens)."""
-        logits = self.unembed(self.final_norm(resid))
+    def logits_from_resid(self, resid: torch.Tensor, tokens: list[int] | None = None) -> torch.Tensor:
+        """Read a residual-stream vector through the final norm and unembedding (logit lens); with
+        `tokens`, only those vocabulary entries (the unembedding of a large vocabulary is the most
+        expensive step of a one-token pass)."""
+        if tokens is None:
+            logits = self.unembed(self.final_norm(resid))
+        else:
+            idx = torch.as_tensor(tokens, device=resid.device)
+            bias = None if getattr(self.unembed, "bias", None) is None else self.unembed.bias[idx]
+            logits = torch.nn.functional.linear(self.final_norm(resid), self.unembed.weight[idx], bias)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

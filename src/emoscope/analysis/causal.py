@@ -10,6 +10,9 @@ position, and nothing else; no re-encoding, no reconstruction error leaking in.
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -52,17 +55,21 @@ def set_features(view: ModelView, saes: dict, features: dict[int, list[int]], po
 
 
 def answer_logits(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, tokens: list[int],
-                  record_layers: list[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Label first-token logits at each row's last real token [n, K], and the full residuals
-    [n, T, d] of the given layers (kept in the graph, for gradients)."""
+                  record_layers: list[int] = (), past=None, pos: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Label first-token logits at each row's answer position `last` [n, K], and the residuals
+    [n, T, d] of the given layers (kept in the graph, for gradients). With `past` (a KV cache of the
+    tokens before `ids`, used up) and `pos` (their position ids), only `ids` run."""
     from ..capture import record
 
     layers = sorted(set(record_layers) | {view.n_layers - 1})
     with record(view, [HookPoint(l) for l in layers], detach=False) as acts:
-        view.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+        # the base model, without the LM head: only the label tokens' logits are needed
+        view.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
+                              use_cache=past is not None)
     rows = torch.arange(len(ids))
     final = acts[f"blocks.{view.n_layers - 1}.hook_resid_post"][rows, last]
-    logits = view.logits_from_resid(final)[:, tokens].float()
+    logits = view.logits_from_resid(final, tokens).float()
     return logits, {l: acts[f"blocks.{l}.hook_resid_post"] for l in record_layers}
 
 
@@ -75,20 +82,71 @@ def prompt_batches(view: ModelView, prompts: list[list[int]], batch_size: int = 
         yield i, ids, mask, torch.tensor([len(p) - 1 for p in chunk], device=view.device)
 
 
+@dataclass
+class AnswerBatch:
+    """Prompts whose answer position runs again and again (every ablation, every steering strength).
+    With `cache`, everything before each row's answer token already ran once and its KV cache is
+    kept: a pass runs the answer tokens only. Exact, because every intervention here acts at the
+    answer position and attention is causal, so no earlier position can change."""
+    start: int  # index of the first row in the prompt list
+    ids: torch.Tensor  # [B, 1] answer tokens (cached) or [B, T] whole prompts, right-padded
+    mask: torch.Tensor  # attention mask over cached tokens + ids
+    last: torch.Tensor  # answer position of each row within ids
+    pos: torch.Tensor | None = None  # position ids of ids, when cached
+    cache: object | None = None
+
+    def logits(self, view: ModelView, tokens: list[int], record_layers: list[int] = ()):
+        past = None if self.cache is None else copy.deepcopy(self.cache)
+        return answer_logits(view, self.ids, self.mask, self.last, tokens, record_layers, past, self.pos)
+
+
+@torch.no_grad()
+def answer_batches(view: ModelView, prompts, batch_size: int = 16) -> list[AnswerBatch]:
+    """The prompts in consecutive batches, each prompt's tokens before its answer token run once and
+    cached (left-padded, explicit positions). Call it with no hooks active. Prompts longer than the
+    smallest sliding attention window run whole (left padding would shift the window); a list that
+    already holds AnswerBatch objects is returned as it is."""
+    from ..score import _sliding_window
+
+    if prompts and isinstance(prompts[0], AnswerBatch):
+        return prompts
+    if max(len(p) for p in prompts) > _sliding_window(view.model) or min(len(p) for p in prompts) < 2:
+        return [AnswerBatch(i, ids, mask, last) for i, ids, mask, last in prompt_batches(view, prompts, batch_size)]
+    dev, out = view.device, []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        B, S = len(chunk), max(len(p) for p in chunk) - 1
+        ids = torch.zeros((B, S), dtype=torch.long, device=dev)
+        mask = torch.zeros((B, S + 1), dtype=torch.long, device=dev)
+        pos = torch.zeros((B, S), dtype=torch.long, device=dev)
+        for r, p in enumerate(chunk):
+            n = len(p) - 1
+            ids[r, S - n:] = torch.tensor(p[:-1], device=dev)
+            mask[r, S - n:] = 1
+            pos[r, S - n:] = torch.arange(n, device=dev)
+        cache = view.model(input_ids=ids, attention_mask=mask[:, :S], position_ids=pos, use_cache=True,
+                           logits_to_keep=1).past_key_values
+        out.append(AnswerBatch(i, torch.tensor([[p[-1]] for p in chunk], device=dev), mask,
+                               torch.zeros(B, dtype=torch.long, device=dev),
+                               torch.tensor([[len(p) - 1] for p in chunk], device=dev), cache))
+    return out
+
+
 def attribution(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarray, tokens: list[int],
                 log_prior: torch.Tensor | None = None, baseline: dict[int, torch.Tensor] | None = None,
-                batch_size: int = 8, kind: str = "best_other") -> tuple[dict[int, np.ndarray], np.ndarray]:
+                batch_size: int = 16, kind: str = "best_other") -> tuple[dict[int, np.ndarray], np.ndarray]:
     """Attribution patching: for every example and feature, grad(margin) . (baseline - f) @ W_dec at the
     answer position — the first-order estimate of the margin change when the feature is set to the
-    baseline (zero when none given). Returns {layer: [n, d_sae]} and the clean margins [n]."""
+    baseline (zero when none given). `prompts` may be answer_batches(). Returns {layer: [n, d_sae]}
+    and the clean margins [n]."""
     layers = sorted(saes)
     out = {l: [] for l in layers}
     margins = []
-    for i, ids, mask, last in prompt_batches(view, prompts, batch_size):
-        g = torch.as_tensor(gold[i:i + batch_size], device=view.device)
-        rows = torch.arange(len(ids), device=view.device)
+    for b in answer_batches(view, prompts, batch_size):
+        g = torch.as_tensor(gold[b.start:b.start + len(b.ids)], device=view.device)
+        rows, last = torch.arange(len(b.ids), device=view.device), b.last
         with torch.enable_grad():
-            logits, res = answer_logits(view, ids, mask, last, tokens, layers)
+            logits, res = b.logits(view, tokens, layers)
             m = margin(logits, g, log_prior, kind)
             grads = torch.autograd.grad(m.sum(), [res[l] for l in layers])
         margins.append(m.detach().cpu().numpy())
@@ -106,13 +164,14 @@ def attribution(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.
 @torch.no_grad()
 def ablate(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarray, tokens: list[int],
            features: dict[int, list[int]], log_prior: torch.Tensor | None = None,
-           baseline: dict[int, torch.Tensor] | None = None, batch_size: int = 8, kind: str = "best_other") -> np.ndarray:
+           baseline: dict[int, torch.Tensor] | None = None, batch_size: int = 16, kind: str = "best_other") -> np.ndarray:
     """Exact intervention: the margin of every example [n] with the given features (per layer) set to
-    the baseline (zero when none) at the answer position, SAE error terms kept."""
+    the baseline (zero when none) at the answer position, SAE error terms kept. `prompts` may be
+    answer_batches(), built once and reused across interventions."""
     margins = []
-    for i, ids, mask, last in prompt_batches(view, prompts, batch_size):
-        g = torch.as_tensor(gold[i:i + batch_size], device=view.device)
-        with set_features(view, saes, features, last, baseline):
-            logits, _ = answer_logits(view, ids, mask, last, tokens)
+    for b in answer_batches(view, prompts, batch_size):
+        g = torch.as_tensor(gold[b.start:b.start + len(b.ids)], device=view.device)
+        with set_features(view, saes, features, b.last, baseline):
+            logits, _ = b.logits(view, tokens)
         margins.append(margin(logits, g, log_prior, kind).cpu().numpy())
     return np.concatenate(margins)

@@ -134,21 +134,22 @@ def steer(view, saes: dict, edits: list[Edit], positions: torch.Tensor | None = 
 
 
 def label_probs(view, task, texts: list[str], saes: dict | None = None, edits: list[Edit] = (),
-                batch_size: int = 8) -> np.ndarray:
+                batch_size: int = 16, answers: list | None = None) -> np.ndarray:
     """Calibrated label probabilities [n, K] from the labels' first tokens at the answer position,
-    with the edits applied there (and to the content-free inputs that set the prior)."""
+    with the edits applied there (and to the content-free inputs that set the prior). `answers`:
+    answer_batches() of the texts' prompts, built once when the same texts are steered repeatedly."""
     from ..calibrate import CONTENT_FREE, apply_prior, prior_from_scores
-    from .causal import answer_logits, prompt_batches
+    from .causal import answer_batches
 
     tokens = [ids[0] for ids in task.builder.label_ids()]
 
-    def logp(ts):
+    def logp(ts, batches=None):
         out = []
-        prompts = [task.builder.encode(task.builder.prompt(t)) for t in ts]
-        for _, ids, mask, last in prompt_batches(view, prompts, batch_size):
-            with torch.no_grad(), steer(view, saes or {}, list(edits), last):
-                logits, _ = answer_logits(view, ids, mask, last, tokens)
+        batches = batches or answer_batches(view, [task.builder.encode(task.builder.prompt(t)) for t in ts], batch_size)
+        for b in batches:
+            with torch.no_grad(), steer(view, saes or {}, list(edits), b.last):
+                logits, _ = b.logits(view, tokens)
             out.append(torch.log_softmax(logits, -1).double().cpu().numpy())
         return np.concatenate(out)
 
-    return np.exp(apply_prior(logp(list(texts)), prior_from_scores(logp(CONTENT_FREE))))
+    return np.exp(apply_prior(logp(list(texts), answers), prior_from_scores(logp(CONTENT_FREE))))

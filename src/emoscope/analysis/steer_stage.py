@@ -17,6 +17,7 @@ changes.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from ..evaluate import EvalConfig, Task
 from ..metrics import classification_metrics
 from ..models import ModelView
 from ..sae.stage import load_saes
+from .causal import answer_batches
 from .steer import Edit, label_probs, make_steering, save_steering, steer
 
 
@@ -133,12 +135,14 @@ def run_steer(cfg: SteerConfig, run_dir: str | Path, view: ModelView, key: str |
         return classification_metrics(y, probs.argmax(1), labels, 100)["macro_f1"]["value"]
 
     curve = []
+    with torch.no_grad():  # the dev prompts' tokens before the answer run once for the whole search
+        dev_answers = answer_batches(view, [task.builder.encode(task.builder.prompt(t)) for t in dev_texts])
     for n in cfg.features_per_emotion:
         for s in cfg.strengths:
             ed = edits_for(n, s)
             if not ed:
                 continue
-            p = label_probs(view, task, dev_texts, saes, ed)
+            p = label_probs(view, task, dev_texts, saes, ed, answers=dev_answers)
             if not np.isfinite(p).all():
                 continue
             curve.append({"features_per_emotion": n, "strength": s, "dev_macro_f1": macro(p, y_dev)})
@@ -191,20 +195,25 @@ def _methods(view, task, saes, chosen, dev, y_dev, labels, cfg, tokens, ev_cfg) 
     """Every method as texts -> calibrated label probabilities [n, K]."""
     from ..calibrate import CONTENT_FREE, normalize
     from ..prompts import PromptBuilder
-    from .causal import answer_logits, prompt_batches
-
     dev_texts = [e.text for e in dev]
+    memo: dict = {}
+
+    def batches(ts, builder=task.builder):
+        """The texts' prompts with their tokens before the answer run once, shared by every method
+        that reads the same texts (the last few text lists are kept)."""
+        key = (id(builder), tuple(ts))
+        if key not in memo:
+            if len(memo) >= 4:
+                memo.pop(next(iter(memo)))
+            with torch.no_grad():
+                memo[key] = answer_batches(view, [builder.encode(builder.prompt(t)) for t in ts])
+        return memo[key]
 
     def raw_logp(ts, builder=task.builder, ctx=None):
         out = []
-        prompts = [builder.encode(builder.prompt(t)) for t in ts]
-        for _, ids, mask, last in prompt_batches(view, prompts):
-            with torch.no_grad():
-                if ctx:
-                    with ctx(last):
-                        logits, _ = answer_logits(view, ids, mask, last, tokens)
-                else:
-                    logits, _ = answer_logits(view, ids, mask, last, tokens)
+        for b in batches(ts, builder):
+            with torch.no_grad(), (ctx(b.last) if ctx else contextlib.nullcontext()):
+                logits, _ = b.logits(view, tokens)
             out.append(torch.log_softmax(logits, -1).double().cpu().numpy())
         return np.concatenate(out)
 
@@ -249,8 +258,8 @@ def _methods(view, task, saes, chosen, dev, y_dev, labels, cfg, tokens, ev_cfg) 
         "dev_fitted_calibration": lambda ts: np.exp(normalize(raw_logp(ts) + bias)),
         "few_shot_dev_demos": lambda ts: np.exp(normalize(normalize(raw_logp(ts, few)) - few_prior)),
         "probe_steering": lambda ts: calibrated(ts, lambda last: probe.context(view, best_alpha, last)),
-        "random_features": lambda ts: label_probs(view, task, ts, saes, random_edits),
-        "feature_steering": lambda ts: label_probs(view, task, ts, saes, chosen),
+        "random_features": lambda ts: label_probs(view, task, ts, saes, random_edits, answers=batches(ts)),
+        "feature_steering": lambda ts: label_probs(view, task, ts, saes, chosen, answers=batches(ts)),
     }
 
 

@@ -31,7 +31,7 @@ from ..errors import EmoscopeError
 from ..evaluate import EvalConfig, Task
 from ..models import ModelView
 from ..sae.stage import load_saes
-from .causal import ablate, answer_logits, attribution, prompt_batches
+from .causal import ablate, answer_batches, answer_logits, attribution, prompt_batches
 from ..sae.evaluate import pad_batch
 
 
@@ -104,12 +104,12 @@ def run_trace(cfg: TraceConfig, run_dir: str | Path, view: ModelView, key: str |
             skipped[lab] = f"{len(rows)} {'correct ' if cfg.examples == 'correct' else ''}examples"
             continue
         rows = rows.iloc[rng.permutation(len(rows))[:cfg.per_emotion]]
-        prompts = [task.builder.encode(task.builder.prompt(t)) for t in rows.text]
-        gold = np.full(len(prompts), e)
+        prompts = answer_batches(view, [task.builder.encode(task.builder.prompt(t)) for t in rows.text])
+        gold = np.full(len(rows), e)
         attr, clean = attribution(view, saes, prompts, gold, **ctx)
         est = {l: -a.mean(0) for l, a in attr.items()}  # estimated margin drop when ablated
-        res = {"n": len(prompts), "clean_margin": _ci(clean, rng, cfg.n_boot), "phases": {}}
-        shuffled = _shuffled_screen(view, saes, pool, labels, task, ctx, lab, len(prompts), rng, phase_of)
+        res = {"n": len(rows), "clean_margin": _ci(clean, rng, cfg.n_boot), "phases": {}}
+        shuffled = _shuffled_screen(view, saes, pool, labels, task, ctx, lab, len(rows), rng, phase_of)
         for p in range(n_phases):
             layers = [l for l in saes if phase_of[l] == p]
             cand = sorted(((est[l][f], l, int(f)) for l in layers for f in np.argsort(-est[l])[:cfg.candidates]), reverse=True)[:cfg.candidates]
@@ -203,19 +203,16 @@ def _shuffled_screen(view, saes, pool, labels, task, ctx, lab, n, rng, phase_of)
 
 def _cross(view, saes, pool, labels, task, ctx, sets, cfg) -> dict:
     """Mean margin change of B's examples when A's chosen features (all phases) are ablated."""
-    out = {}
-    for a, feats in sets.items():
-        if not feats:
+    out = {a: {} for a, feats in sets.items() if feats}
+    for b, lab in enumerate(labels):
+        rows = pool[pool.gold == lab].iloc[:cfg.per_emotion]
+        if len(rows) < 2 or not out:
             continue
-        out[a] = {}
-        for b, lab in enumerate(labels):
-            rows = pool[pool.gold == lab].iloc[:cfg.per_emotion]
-            if len(rows) < 2:
-                continue
-            prompts = [task.builder.encode(task.builder.prompt(t)) for t in rows.text]
-            gold = np.full(len(prompts), b)
-            clean = ablate(view, saes, prompts, gold, features={}, **ctx)
-            out[a][lab] = float((ablate(view, saes, prompts, gold, features=_group(feats), **ctx) - clean).mean())
+        prompts = answer_batches(view, [task.builder.encode(task.builder.prompt(t)) for t in rows.text])
+        gold = np.full(len(rows), b)
+        clean = ablate(view, saes, prompts, gold, features={}, **ctx)
+        for a in out:
+            out[a][lab] = float((ablate(view, saes, prompts, gold, features=_group(sets[a]), **ctx) - clean).mean())
     return out
 
 
