@@ -75,6 +75,15 @@ def test_identical_candidate_and_planted_breakage(planted_run):
     same, changed = res["candidates"]
     assert same["flip_rate"] == 0 and same["accuracy_change"]["value"] == 0 and same["causal_survival"] == 1.0
     assert all(v["jaccard"] == 1.0 and v["corr"] > 0.999 for v in same["drift"].values()) and not same["failed"]
+    # drift is also read against unrelated inputs: zero for the identical candidate, positive for the changed one
+    assert all(0 <= v <= 1 for v in res["unrelated_drift"].values()), res["unrelated_drift"]
+    assert all(v["normalized"] == 0 for v in same["drift"].values())
+    # where unrelated inputs never differ (this tiny model at its answer token) a drift cannot be normalised
+    for l, v in changed["drift"].items():
+        if res["unrelated_drift"][l] == 0 and v["jaccard"] < 1:
+            assert v["normalized"] is None
+        assert v["normalized"] is None or v["normalized"] >= 0
+    assert any(v["normalized"] is None or v["normalized"] > 0 for v in changed["drift"].values())
     assert changed["causal_survival"] < 0.5 and changed["failed"]
     assert res["failed"] == ["final_token_changed"]
 

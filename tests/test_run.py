@@ -123,6 +123,12 @@ def test_trace_stage_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
     steering = json.loads((tmp_path / "run" / "steer" / "steering.json").read_text())
     test_ids = set(pd_ids(tmp_path))
     assert not test_ids & set(steering["chosen_on"]["dev_ids"])  # no test example in the search
+    # per-emotion strengths: searched after the common one, the chosen point is the best dev point seen,
+    # and the saved edits carry each emotion's chosen scale (emotions left at 1 have no edit)
+    ch = st["chosen"]
+    assert any("strengths" in c for c in st["search"]) and ch["dev_macro_f1"] == max(c["dev_macro_f1"] for c in st["search"])
+    assert {e["value"] for e in steering["edits"]} <= set(ch["strengths"].values()) - {1.0}
+    assert len(steering["edits"]) == st["n_features"] > 0
     cfg.stages.remove("steer")
     cfg.trace.examples = "correct"  # a random tiny model gets few right: those emotions are skipped, not crashed on
     cfg.trace.per_emotion = 2

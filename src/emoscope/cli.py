@@ -344,7 +344,7 @@ def steer_cmd(run_dir: Path = typer.Argument(..., help="Run directory with evalu
 
 def print_steer(res: dict) -> None:
     sets = sorted({k for m in res["methods"].values() for k in m})
-    t = Table(title=f"steering, {res['model']}: macro-F1 [95% CI] (chosen: {res['chosen']['features_per_emotion']} feature(s)/emotion x {res['chosen']['strength']})")
+    t = Table(title=f"steering, {res['model']}: macro-F1 [95% CI] (chosen: {res['chosen']['features_per_emotion']} feature(s)/emotion x {res['chosen'].get('strengths', res['chosen']['strength'])})")
     t.add_column("method")
     for s_ in sets:
         t.add_column(s_)

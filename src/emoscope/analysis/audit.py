@@ -6,7 +6,9 @@ prediction flip rate, per-emotion recall change; per layer and phase, drift of S
 answer position (per-example correlation of feature vectors, Jaccard of the top-k active features);
 survival of the reference's causal features (still active where they were active; whether their
 ablation still moves the margin is not measured yet); and whether the final phase drifts more than
-earlier ones. Silent degradation:
+earlier ones, with each layer's drift divided by its drift between unrelated reference examples
+(raw drift grows with depth for any change, so only the normalised form can say which phase is
+fragile). Silent degradation:
 AUROC with which a drop in output confidence, and a causal-feature drift score, flag the examples
 whose prediction flipped. Thresholds turn the audit into a deployment gate (non-zero exit).
 """
@@ -137,18 +139,26 @@ def run_audit(cfg: AuditConfig, run_dir: str | Path, view: ModelView, load_view,
     ref_task = Task(ev_cfg, view)
     tokens = [ids[0] for ids in ref_task.builder.label_ids()]
     ref = _observe(view, ref_task, texts, saes, tokens)
+    # drift baseline per layer: 1 - top-k Jaccard between each reference example and another one (a
+    # derangement). Layers differ in how example-specific their codes are, so raw drift grows with
+    # depth for any change; drift / unrelated is the fraction of the way to an unrelated input.
+    perm = np.random.default_rng(cfg.seed + 1).permutation(len(texts))
+    order = np.empty_like(perm)  # order[perm[i]] = perm[i + 1]: one cycle, no example paired with itself
+    order[perm] = np.roll(perm, -1)
+    unrelated = {l: float(1 - _jaccard_topk(ref["codes"][l], ref["codes"][l][order], cfg.top_k).mean()) for l in saes}
     cands = default_candidates(ev_cfg, labels, cfg.seed) if cfg.candidates == "default" else cfg.candidates
     rng = np.random.default_rng(cfg.seed)
     boots = rng.integers(0, len(y), (cfg.n_boot, len(y)))
     rows = []
     for cand in cands:
         rows.append(_compare(cand, cfg, ev_cfg, view, load_view, texts, y, labels, saes, tokens, ref, causal,
-                             phase_of, n_phases, boots))
+                             phase_of, n_phases, boots, unrelated))
         if progress:
             progress(1)
     result = {"stage": "audit", "config_hash": key or config_hash(cfg, view.name), "config": cfg.model_dump(mode="json"),
               "model": view.name, "labels": labels, "n": int(len(y)), "seed": cfg.seed, "n_phases": n_phases,
               "reference_accuracy": float((ref["pred"] == y).mean()), "candidates": rows,
+              "unrelated_drift": {str(l): v for l, v in unrelated.items()},
               "failed": [r["name"] for r in rows if r["failed"]]}
     with stage_dir(run_dir, "audit") as out:
         write_json(out / "result.json", result)
@@ -166,7 +176,8 @@ def _causal_sets(run_dir: Path, labels: list[str]) -> dict[str, list[list[int]]]
     return {}
 
 
-def _compare(cand, cfg, ev_cfg, view, load_view, texts, y, labels, saes, tokens, ref, causal, phase_of, n_phases, boots) -> dict:
+def _compare(cand, cfg, ev_cfg, view, load_view, texts, y, labels, saes, tokens, ref, causal, phase_of, n_phases, boots,
+             unrelated) -> dict:
     c_cfg = ev_cfg.model_copy(deep=True)
     if cand.template is not None:
         c_cfg.template = cand.template
@@ -201,10 +212,15 @@ def _compare(cand, cfg, ev_cfg, view, load_view, texts, y, labels, saes, tokens,
     layers = sorted(saes)
     drift = {}
     for l in layers:
-        drift[l] = {"corr": float(_rowcorr(ref["codes"][l], cur["codes"][l]).mean()),
-                    "jaccard": float(_jaccard_topk(ref["codes"][l], cur["codes"][l], cfg.top_k).mean()),
+        jac = float(_jaccard_topk(ref["codes"][l], cur["codes"][l], cfg.top_k).mean())
+        drift[l] = {"corr": float(_rowcorr(ref["codes"][l], cur["codes"][l]).mean()), "jaccard": jac,
+                    "normalized": (1 - jac) / unrelated[l] if unrelated[l] > 0 else (0.0 if jac == 1 else None),
                     "phase": int(phase_of.get(l, 0))}
-    by_phase = {p: float(np.mean([1 - drift[l]["jaccard"] for l in layers if drift[l]["phase"] == p] or [np.nan])) for p in range(n_phases)}
+    by_phase_raw = {p: float(np.mean([1 - drift[l]["jaccard"] for l in layers if drift[l]["phase"] == p] or [np.nan])) for p in range(n_phases)}
+    by_phase = {}  # None where no layer of the phase has a defined normalised drift (unrelated inputs never differ)
+    for p in range(n_phases):
+        vals = [drift[l]["normalized"] for l in layers if drift[l]["phase"] == p and drift[l]["normalized"] is not None]
+        by_phase[p] = float(np.mean(vals)) if vals else None
     # causal features: active in the candidate where they were active in the reference
     alive, total, fdrift = 0, 0, np.zeros(len(y))
     for e, lab in enumerate(labels):
@@ -232,7 +248,9 @@ def _compare(cand, cfg, ev_cfg, view, load_view, texts, y, labels, saes, tokens,
         "flip_rate": float(flipped.mean()),
         "recall_change": {lab: m_c["per_class"][lab]["recall"]["value"] - m_r["per_class"][lab]["recall"]["value"] for lab in labels},
         "drift": {str(l): d for l, d in drift.items()}, "drift_by_phase": {str(p): v for p, v in by_phase.items()},
-        "final_phase_drifts_most": bool(n_phases > 1 and by_phase[n_phases - 1] >= max(by_phase[p] for p in range(n_phases - 1))),
+        "drift_by_phase_raw": {str(p): v for p, v in by_phase_raw.items()},
+        "final_phase_drifts_most": bool(n_phases > 1 and None not in by_phase.values()
+                                       and by_phase[n_phases - 1] >= max(by_phase[p] for p in range(n_phases - 1))),
         "causal_survival": survival,
         "detection_auroc": {"confidence_drop": _auroc(conf_drop, flipped), "entropy_rise": _auroc(ent(cur["cal"]) - ent(ref["cal"]), flipped),
                             "margin_drop": _auroc(margin(ref["cal"]) - margin(cur["cal"]), flipped),

@@ -3,8 +3,9 @@ the test set and, unchanged, on other datasets, against the baselines a sceptica
 
 All methods are scored the same way: calibrated probabilities of the labels' first tokens at the
 answer position (`label_probs`). The steering scales each emotion's top causal features (from the
-trace stage, in the phase where its effect is largest) by a common strength; the number of features
-per emotion and the strength are chosen by dev macro-F1 (at most `dev_per_class` dev examples per
+trace stage, ranked by exact effect over all phases) by a strength: first one common strength and
+number of features per emotion, then each emotion's own strength (suppression below 1 included) by
+coordinate ascent, all chosen by dev macro-F1 (at most `dev_per_class` dev examples per
 emotion, drawn from the dev split; the test examples are checked to be disjoint). Baselines, same
 splits and the same labelled budget: raw scores, contextual calibration, a prior fitted on the dev
 set, the dev examples as few-shot demonstrations, steering along probe directions (class-mean
@@ -44,12 +45,40 @@ class SteerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dev_per_class: int = Field(32, ge=1, le=512, description="Labelled dev examples per emotion for every choice.")
     features_per_emotion: list[int] = Field([1, 2, 4], description="Numbers of top causal features per emotion searched.")
-    strengths: list[float] = Field([1.5, 2.0, 3.0, 5.0], description="Scale factors searched (1 = no steering).")
+    strengths: list[float] = Field([1.25, 1.5, 2.0, 3.0, 5.0], description="Common scale factors searched for all emotions' features (1 = no steering).")
+    per_emotion_strengths: list[float] = Field([0.0, 0.5, 1.0, 1.5, 2.0, 3.0], description="Then each emotion's own scale, searched by coordinate ascent on dev from the best common one (below 1 suppresses; empty: skip).")
+    rounds: int = Field(2, ge=0, le=5, description="Coordinate-ascent passes over the emotions for per-emotion strengths.")
     transfer: list[str] = Field(["isear", "dair_emotion"], description="Datasets evaluated with the steering unchanged (shared labels).")
     transfer_per_class: int = Field(40, ge=1, description="Examples per shared label in each transfer dataset.")
     ppl_seqs: int = Field(24, ge=1, description="WikiText-2 test sequences for perplexity and KL.")
     n_boot: int = Field(1000, ge=100, description="Bootstrap resamples for intervals.")
     seed: int = Field(0, description="Seed for dev sampling, random features and the bootstrap.")
+
+
+def _per_emotion(probs_for, score, labels, best, cfg, curve, progress) -> tuple[dict[str, float], float]:
+    """Coordinate ascent on dev macro-F1 over each emotion's strength, from the best common strength;
+    a change is kept only when it strictly improves dev. Every point tried joins the search curve."""
+    st = {lab: best["strength"] for lab in labels}
+    top = best["dev_macro_f1"]
+    for _ in range(cfg.rounds if cfg.per_emotion_strengths else 0):
+        moved = False
+        for lab in labels:
+            for v in cfg.per_emotion_strengths:
+                if v == st[lab]:
+                    continue
+                trial = {**st, lab: v}
+                p = probs_for(trial)
+                if not np.isfinite(p).all():
+                    continue
+                f1 = score(p)
+                curve.append({"features_per_emotion": best["features_per_emotion"], "strengths": trial, "dev_macro_f1": f1})
+                if progress:
+                    progress(1)
+                if f1 > top + 1e-12:
+                    st, top, moved = trial, f1, True
+        if not moved:
+            break
+    return st, top
 
 
 def _dev_prior_fit(logp: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -124,11 +153,13 @@ def run_steer(cfg: SteerConfig, run_dir: str | Path, view: ModelView, key: str |
     ranked = {lab: sorted((f for p in e["phases"].values() for f in p["features"]), key=lambda f: -f["effect"]["value"])
               for lab, e in tr["emotions"].items()}
 
-    def edits_for(n: int, s: float) -> list[Edit]:
+    def edits_for(n: int, s: float | dict) -> list[Edit]:
         out = []
         for lab in labels:
+            v = s.get(lab, 1.0) if isinstance(s, dict) else s
             for f in [f for f in ranked.get(lab, []) if f["effect"]["value"] > 0][:n]:
-                out.append(Edit(layer=f["layer"], feature=f["feature"], mode="scale", value=s))
+                if v != 1.0:
+                    out.append(Edit(layer=f["layer"], feature=f["feature"], mode="scale", value=v))
         return out
 
     def macro(probs, y):
@@ -150,8 +181,13 @@ def run_steer(cfg: SteerConfig, run_dir: str | Path, view: ModelView, key: str |
                 progress(1)
     if not curve:
         raise EmoscopeError("no usable steering: tracing found no feature with a positive effect")
-    best = max(curve, key=lambda c: c["dev_macro_f1"])
-    chosen = edits_for(best["features_per_emotion"], best["strength"])
+    best = dict(max(curve, key=lambda c: c["dev_macro_f1"]))
+    best["strengths"], best["dev_macro_f1"] = _per_emotion(lambda st: label_probs(view, task, dev_texts, saes, edits_for(best["features_per_emotion"], st),
+                                                            answers=dev_answers),
+                                     lambda p: macro(p, y_dev), [lab for lab in labels if ranked.get(lab)], best, cfg, curve, progress)
+    chosen = edits_for(best["features_per_emotion"], best["strengths"])
+    if not chosen:
+        raise EmoscopeError("the dev search chose no steering at all (every strength 1): nothing to apply")
     n_feats = len(chosen)
     tokens = [ids[0] for ids in task.builder.label_ids()]
     methods = _methods(view, task, saes, chosen, dev, y_dev, labels, cfg, tokens, ev_cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -103,6 +104,54 @@ def _trace_figure(tr: dict) -> str:
     return _html(fig)
 
 
+def _cross_figure(tr: dict) -> str:
+    """Emotion x emotion matrix: margin change of B's examples when A's traced set is ablated."""
+    cross = tr.get("cross_effects") or {}
+    if not cross:
+        return ""
+    rows = list(cross)
+    cols = [lab for lab in tr["labels"] if any(lab in cross[a] for a in rows)]
+    z = [[cross[a].get(b) for b in cols] for a in rows]
+    top = max((abs(v) for r in z for v in r if v is not None), default=1.0) or 1.0
+    fig = go.Figure(go.Heatmap(z=z, x=cols, y=rows, colorscale="RdBu", zmid=0, zmin=-top, zmax=top,
+                               text=[["" if v is None else f"{v:+.2f}" for v in r] for r in z], texttemplate="%{text}"))
+    fig.update_layout(title="cross-emotion effects: margin change of column's examples when row's set is ablated",
+                      xaxis_title="examples of", yaxis_title="ablated set of", height=380, margin=dict(l=80, r=10, t=40, b=50))
+    return _html(fig)
+
+
+def _audit_figures(audit: dict) -> dict:
+    """Drift by depth per candidate with the phase bands, and flip rate against mean drift."""
+    cands = audit["candidates"]
+    if not cands:
+        return {}
+    norm = "normalized" in next(iter(cands[0]["drift"].values()))
+    key = "normalized" if norm else "jaccard"
+    depth = go.Figure()
+    layers = sorted(int(l) for l in cands[0]["drift"])
+    phase = {int(l): d["phase"] for l, d in cands[0]["drift"].items()}
+    for p in sorted(set(phase.values())):
+        ls = [l for l in layers if phase[l] == p]
+        depth.add_vrect(x0=min(ls) - 0.5, x1=max(ls) + 0.5, fillcolor=["#eef", "#efe", "#fee", "#ffe"][p % 4],
+                        line_width=0, layer="below", annotation_text=f"phase {p + 1}", annotation_position="top left")
+    for c in cands:
+        y = [c["drift"][str(l)][key] if norm else 1 - c["drift"][str(l)]["jaccard"] for l in layers]
+        depth.add_trace(go.Scatter(x=layers, y=y, mode="lines+markers", name=c["name"]))
+    depth.update_layout(title="feature drift by depth" + (" (÷ drift between unrelated inputs)" if norm else " (1 − top-k Jaccard)"),
+                        xaxis_title="layer", yaxis_title="drift", height=420, margin=dict(l=50, r=10, t=40, b=40))
+    def mean_drift(c):
+        v = [c["drift"][str(l)][key] if norm else 1 - c["drift"][str(l)]["jaccard"] for l in layers]
+        v = [x for x in v if x is not None]
+        return float(np.mean(v)) if v else None
+    mean = [mean_drift(c) for c in cands]
+    flips = go.Figure(go.Scatter(x=mean, y=[c["flip_rate"] for c in cands], mode="markers+text",
+                                 text=[c["name"] for c in cands], textposition="top center",
+                                 marker=dict(color=["#c0392b" if c["failed"] else "#27ae60" for c in cands], size=9)))
+    flips.update_layout(title="flip rate against mean feature drift (red: fails the thresholds)", xaxis_title="mean drift",
+                        yaxis_title="prediction flip rate", height=400, margin=dict(l=50, r=10, t=40, b=40))
+    return {"audit_depth": _html(depth), "audit_flips": _html(flips)}
+
+
 def _highlight(text: str, token: str) -> tuple[str, str, str]:
     """(before, token, after) for showing a feature's strongest token inside its text; all escaped later."""
     t = token.strip()
@@ -132,10 +181,12 @@ def write_report(run_dir: str | Path) -> Path:
         ctx.update(ph=ph, **_phases_figures(ph, pd.read_parquet(run_dir / "phases" / "features.parquet")))
     if (run_dir / "trace" / "result.json").exists():
         tr = read_json(run_dir / "trace" / "result.json")
-        ctx.update(tr=tr, trace_fig=_trace_figure(tr))
+        ctx.update(tr=tr, trace_fig=_trace_figure(tr), cross_fig=_cross_figure(tr))
     for stage in ("steer", "audit"):
         if (run_dir / stage / "result.json").exists():
             ctx[stage] = read_json(run_dir / stage / "result.json")
+    if "audit" in ctx:
+        ctx.update(_audit_figures(ctx["audit"]))
     env = Environment(loader=PackageLoader("emoscope", "report/templates"), autoescape=select_autoescape(["html"]))
     page = env.get_template("report.html").render(**ctx)
     out = run_dir / "report.html"

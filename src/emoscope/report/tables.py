@@ -90,12 +90,14 @@ def audit(run_dir: Path) -> str:
     r = _load(run_dir, "audit")
     out = [f"reference calibrated accuracy {r['reference_accuracy']:.3f}, n = {r['n']}; failed thresholds: "
            f"{', '.join(r['failed']) or 'none'}", "",
-           "| candidate | accuracy change | flip rate | drift by phase (1 - top-k Jaccard) | final phase drifts most | "
+           "| candidate | accuracy change | flip rate | drift by phase: 1 - top-k Jaccard (÷ unrelated-input drift) | final phase drifts most | "
            "causal survival | AUROC flips: confidence drop / causal drift | worst emotion (recall change) |",
            "|---|---|---|---|---|---|---|---|"]
     for c in r["candidates"]:
         fmt = lambda v: "-" if v is None or v != v else f"{v:.2f}"
         d = " / ".join(fmt(v) for _, v in sorted(c["drift_by_phase"].items()))
+        if "drift_by_phase_raw" in c:  # older results hold the raw drift under drift_by_phase
+            d = " / ".join(fmt(v) for _, v in sorted(c["drift_by_phase_raw"].items())) + f" ({d})"
         au = c["detection_auroc"]
         worst = min(c["recall_change"], key=c["recall_change"].get)
         out.append(f"| {c['name']} | {ci(c['accuracy_change'], '{:+.3f}')} | {c['flip_rate']:.2f} | {d} | "
