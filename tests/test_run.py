@@ -129,6 +129,11 @@ def test_trace_stage_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
     assert any("strengths" in c for c in st["search"]) and ch["dev_macro_f1"] == max(c["dev_macro_f1"] for c in st["search"])
     assert {e["value"] for e in steering["edits"]} <= set(ch["strengths"].values()) - {1.0}
     assert len(steering["edits"]) == st["n_features"] > 0
+    # dose-response toward each emotion: at strength 0 the target and random pushes are the same no-op
+    assert st["dose_response"]
+    for d in st["dose_response"].values():
+        zero = [r for r in d["curve"] if r["strength"] == 0][0]
+        assert zero["target_pushed"] == zero["random_pushed"] and zero["target_prob"] == zero["random_prob"]
     cfg.stages.remove("steer")
     cfg.trace.examples = "correct"  # a random tiny model gets few right: those emotions are skipped, not crashed on
     cfg.trace.per_emotion = 2

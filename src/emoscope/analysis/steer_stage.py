@@ -13,7 +13,8 @@ differences of the residual on the dev set, Tak et al. 2025) with its strength c
 the same number of random SAE features from the same layers (drawn among features active on the dev
 set at the answer position, since scaling an inactive feature changes nothing). Side effects: WikiText-2 test
 perplexity and next-token KL with the steering applied at every position, and per-emotion recall
-changes.
+changes. For analysis, a dose-response curve of steering toward each emotion (its causal features'
+activations raised by multiples of their mean dev activation) beside the same push on random features.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class SteerConfig(BaseModel):
     strengths: list[float] = Field([1.25, 1.5, 2.0, 3.0, 5.0], description="Common scale factors searched for all emotions' features (1 = no steering).")
     per_emotion_strengths: list[float] = Field([0.0, 0.5, 1.0, 1.5, 2.0, 3.0], description="Then each emotion's own scale, searched by coordinate ascent on dev from the best common one (below 1 suppresses; empty: skip).")
     rounds: int = Field(2, ge=0, le=5, description="Coordinate-ascent passes over the emotions for per-emotion strengths.")
+    dose: list[float] = Field([0.0, 1.0, 2.0, 4.0, 8.0], description="Push toward each emotion: amounts added to its features, in units of each feature's mean dev activation (empty: skip).")
     transfer: list[str] = Field(["isear", "dair_emotion"], description="Datasets evaluated with the steering unchanged (shared labels).")
     transfer_per_class: int = Field(40, ge=1, description="Examples per shared label in each transfer dataset.")
     ppl_seqs: int = Field(24, ge=1, description="WikiText-2 test sequences for perplexity and KL.")
@@ -210,6 +212,8 @@ def run_steer(cfg: SteerConfig, run_dir: str | Path, view: ModelView, key: str |
             pred = np.array(present)[probs[:, present].argmax(1)]  # choose among the dataset's labels
             m = classification_metrics(np.searchsorted(present, y), np.searchsorted(present, pred), shared, cfg.n_boot, cfg.seed)
             results[name][ds] = m
+    dose = _dose_response(view, task, dev_texts, dev_answers, y_dev, saes, ranked, labels, best["features_per_emotion"],
+                          tokens, cfg, progress)
     side = _side_effects(view, saes, chosen, cfg)
     steering = make_steering(view, saes, chosen, {"run_dir": str(run_dir), "dataset": d.dataset, "split": "dev",
                                                    "dev_ids": [e.id for e in dev], "search": curve, "seed": cfg.seed})
@@ -220,7 +224,7 @@ def run_steer(cfg: SteerConfig, run_dir: str | Path, view: ModelView, key: str |
               "search": curve, "chosen": best, "n_features": n_feats, "methods": summary,
               "recall_change_vs_contextual": {lab: results["feature_steering"]["test"]["per_class"][lab]["recall"]["value"]
                                               - results["contextual_calibration"]["test"]["per_class"][lab]["recall"]["value"] for lab in labels},
-              "side_effects": side, "transfer_errors": results.get("_transfer_errors", {})}
+              "side_effects": side, "dose_response": dose, "transfer_errors": results.get("_transfer_errors", {})}
     with stage_dir(run_dir, "steer") as out:
         write_json(out / "result.json", result)
         save_steering(steering, out / "steering.json")
@@ -297,6 +301,46 @@ def _methods(view, task, saes, chosen, dev, y_dev, labels, cfg, tokens, ev_cfg) 
         "random_features": lambda ts: label_probs(view, task, ts, saes, random_edits, answers=batches(ts)),
         "feature_steering": lambda ts: label_probs(view, task, ts, saes, chosen, answers=batches(ts)),
     }
+
+
+def _dose_response(view, task, dev_texts, dev_answers, y_dev, saes, ranked, labels, n, tokens, cfg, progress) -> dict:
+    """Steering toward a target emotion, for analysis: add alpha x (the feature's mean activation where
+    active on dev) to each of the emotion's top-n causal features at the answer position; the share of
+    dev examples of *other* emotions then predicted as the target, beside the same push on as many
+    random features of the same layers that are active on dev (seeded)."""
+    feats = {lab: [(f["layer"], f["feature"]) for f in ranked.get(lab, []) if f["effect"]["value"] > 0][:n] for lab in labels}
+    layers = sorted({l for fs in feats.values() for l, _ in fs})
+    if not cfg.dose or not layers:
+        return {}
+    resid = _resid(view, task, dev_texts, layers, tokens)
+    codes = {l: saes[l].encode(torch.from_numpy(resid[l]).to(saes[l].W_dec)).detach().cpu().numpy() for l in layers}
+    unit = {l: np.where((codes[l] > 0).any(0), codes[l].sum(0) / np.maximum((codes[l] > 0).sum(0), 1), 0.0) for l in layers}
+    rng = np.random.default_rng(cfg.seed + 11)
+    out = {}
+    for e, lab in enumerate(labels):
+        if not feats[lab]:
+            continue
+        rand = []
+        for l, _ in feats[lab]:
+            pool = np.setdiff1d(np.flatnonzero(unit[l] > 0), [f for fl, f in feats[lab] if fl == l])
+            if len(pool):
+                rand.append((l, int(rng.choice(pool))))
+        other = y_dev != e
+        curve = []
+        for a in cfg.dose:
+            row = {"strength": a}
+            for name, fs in (("target", feats[lab]), ("random", rand)):
+                ed = [Edit(layer=l, feature=f, mode="add", value=float(a * unit[l][f])) for l, f in fs]
+                p = label_probs(view, task, dev_texts, saes, ed, answers=dev_answers)
+                ok = np.isfinite(p).all(1) & other
+                row[f"{name}_pushed"] = float((p[ok].argmax(1) == e).mean()) if ok.any() else None
+                row[f"{name}_prob"] = float(p[ok, e].mean()) if ok.any() else None
+            curve.append(row)
+            if progress:
+                progress(1)
+        out[lab] = {"features": [list(f) for f in feats[lab]], "random_features": [list(f) for f in rand],
+                    "n_other": int(other.sum()), "curve": curve}
+    return out
 
 
 def _resid(view, task, texts, layers: list[int], tokens) -> dict[int, np.ndarray]:

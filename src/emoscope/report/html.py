@@ -120,6 +120,25 @@ def _cross_figure(tr: dict) -> str:
     return _html(fig)
 
 
+def _dose_figure(steer: dict) -> str:
+    """Share of other emotions' dev examples pushed to each target, by strength; dashed: random features."""
+    dose = steer.get("dose_response") or {}
+    if not dose:
+        return ""
+    fig = go.Figure()
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    for i, (lab, d) in enumerate(dose.items()):
+        x = [r["strength"] for r in d["curve"]]
+        c = colors[i % len(colors)]
+        fig.add_trace(go.Scatter(x=x, y=[r["target_pushed"] for r in d["curve"]], mode="lines+markers", name=lab, line=dict(color=c)))
+        fig.add_trace(go.Scatter(x=x, y=[r["random_pushed"] for r in d["curve"]], mode="lines", name=f"{lab} (random)",
+                                 line=dict(color=c, dash="dash"), showlegend=False))
+    fig.update_layout(title="steering toward an emotion: share of other emotions' dev examples now predicted as it (dashed: random features)",
+                      xaxis_title="added activation (× the feature's mean dev activation)", yaxis_title="share pushed",
+                      height=400, margin=dict(l=50, r=10, t=40, b=40))
+    return _html(fig)
+
+
 def _audit_figures(audit: dict) -> dict:
     """Drift by depth per candidate with the phase bands, and flip rate against mean drift."""
     cands = audit["candidates"]
@@ -187,6 +206,8 @@ def write_report(run_dir: str | Path) -> Path:
             ctx[stage] = read_json(run_dir / stage / "result.json")
     if "audit" in ctx:
         ctx.update(_audit_figures(ctx["audit"]))
+    if "steer" in ctx:
+        ctx["dose_fig"] = _dose_figure(ctx["steer"])
     env = Environment(loader=PackageLoader("emoscope", "report/templates"), autoescape=select_autoescape(["html"]))
     page = env.get_template("report.html").render(**ctx)
     out = run_dir / "report.html"
