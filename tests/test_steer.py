@@ -89,6 +89,18 @@ def test_classify_python_and_cli(tmp_path, tiny_dir, toy_data):
     task = Task(EvalConfig.model_validate(ev["config"]), view)
     p = label_probs(view, task, ["I feel happy", "so scared"])
     assert p.shape == (2, 6) and np.allclose(p.sum(1), 1)
+    # pushing toward joy (a feature writing joy's unembedding, added at the answer position) raises
+    # p(joy) against the unsteered prior; steering the content-free inputs too would absorb the push
+    j, last = task.classes.index("joy"), view.n_layers - 1
+    first = [i[0] for i in task.builder.label_ids()]
+    sae = SAE.init(SAEConfig(d_in=view.d_model, d_sae=16, k=4, hook_name=f"blocks.{last}.hook_resid_post"), seed=0)
+    with torch.no_grad():
+        w = view.unembed.weight
+        sae.W_dec[3] = (w[first[j]] - w[first].mean(0)) / (w[first[j]] - w[first].mean(0)).norm()
+    texts, push = ["I feel happy", "so scared", "what a day"], [Edit(layer=last, feature=3, mode="add", value=20.0)]
+    base = label_probs(view, task, texts)
+    assert np.allclose(label_probs(view, task, texts, {last: sae}, [], steer_prior=False), base)
+    assert label_probs(view, task, texts, {last: sae}, push, steer_prior=False)[:, j].mean() > base[:, j].mean() + 0.05
     r = cli("classify", "--run", tmp_path / "run", "I feel happy", "so scared")
     assert r.returncode == 0, r.stderr
     out = _json.loads(r.stdout.strip().splitlines()[-1])

@@ -134,16 +134,18 @@ def steer(view, saes: dict, edits: list[Edit], positions: torch.Tensor | None = 
 
 
 def label_probs(view, task, texts: list[str], saes: dict | None = None, edits: list[Edit] = (),
-                batch_size: int = 16, answers: list | None = None) -> np.ndarray:
+                batch_size: int = 16, answers: list | None = None, steer_prior: bool = True) -> np.ndarray:
     """Calibrated label probabilities [n, K] from the labels' first tokens at the answer position,
-    with the edits applied there (and to the content-free inputs that set the prior). `answers`:
-    answer_batches() of the texts' prompts, built once when the same texts are steered repeatedly."""
+    with the edits applied there (and, with `steer_prior`, to the content-free inputs that set the
+    prior: a deployed steering is calibrated as it runs; an `add` push then largely cancels out, so
+    pushing toward an emotion is measured against the unsteered prior). `answers`: answer_batches()
+    of the texts' prompts, built once when the same texts are steered repeatedly."""
     from ..calibrate import CONTENT_FREE, apply_prior, prior_from_scores
     from .causal import answer_batches
 
     tokens = [ids[0] for ids in task.builder.label_ids()]
 
-    def logp(ts, batches=None):
+    def logp(ts, batches=None, edits=edits):
         out = []
         batches = batches or answer_batches(view, [task.builder.encode(task.builder.prompt(t)) for t in ts], batch_size)
         for b in batches:
@@ -152,4 +154,5 @@ def label_probs(view, task, texts: list[str], saes: dict | None = None, edits: l
             out.append(torch.log_softmax(logits, -1).double().cpu().numpy())
         return np.concatenate(out)
 
-    return np.exp(apply_prior(logp(list(texts), answers), prior_from_scores(logp(CONTENT_FREE))))
+    prior = prior_from_scores(logp(CONTENT_FREE, edits=edits if steer_prior else []))
+    return np.exp(apply_prior(logp(list(texts), answers), prior))

@@ -306,8 +306,9 @@ def _methods(view, task, saes, chosen, dev, y_dev, labels, cfg, tokens, ev_cfg) 
 def _dose_response(view, task, dev_texts, dev_answers, y_dev, saes, ranked, labels, n, tokens, cfg, progress) -> dict:
     """Steering toward a target emotion, for analysis: add alpha x (the feature's mean activation where
     active on dev) to each of the emotion's top-n causal features at the answer position; the share of
-    dev examples of *other* emotions then predicted as the target, beside the same push on as many
-    random features of the same layers that are active on dev (seeded)."""
+    dev examples of *other* emotions then predicted as the target (calibrated with the unsteered prior,
+    which the same push on the content-free inputs would otherwise cancel), beside the same push on as
+    many random features of the same layers that are active on dev (seeded)."""
     feats = {lab: [(f["layer"], f["feature"]) for f in ranked.get(lab, []) if f["effect"]["value"] > 0][:n] for lab in labels}
     layers = sorted({l for fs in feats.values() for l, _ in fs})
     if not cfg.dose or not layers:
@@ -331,7 +332,7 @@ def _dose_response(view, task, dev_texts, dev_answers, y_dev, saes, ranked, labe
             row = {"strength": a}
             for name, fs in (("target", feats[lab]), ("random", rand)):
                 ed = [Edit(layer=l, feature=f, mode="add", value=float(a * unit[l][f])) for l, f in fs]
-                p = label_probs(view, task, dev_texts, saes, ed, answers=dev_answers)
+                p = label_probs(view, task, dev_texts, saes, ed, answers=dev_answers, steer_prior=False)
                 ok = np.isfinite(p).all(1) & other
                 row[f"{name}_pushed"] = float((p[ok].argmax(1) == e).mean()) if ok.any() else None
                 row[f"{name}_prob"] = float(p[ok, e].mean()) if ok.any() else None
