@@ -75,7 +75,10 @@ def steer(run_dir: Path) -> str:
     r = _load(run_dir, "steer")
     sets = sorted({k for m in r["methods"].values() for k in m})
     head = " | ".join(f"{s} accuracy | {s} macro-F1" for s in sets)
-    out = [f"chosen on {r['n_dev']} dev examples: {r['chosen']}; test n = {r['n_test']}", "",
+    ch = r["chosen"]
+    st = ", ".join(f"{k} ×{v:g}" for k, v in ch["strengths"].items()) if "strengths" in ch else f"×{ch['strength']:g}"
+    out = [f"chosen on {r['n_dev']} dev examples ({len(r['search'])} points searched): {ch['features_per_emotion']} "
+           f"feature(s) per emotion, strengths {st}; dev macro-F1 {ch['dev_macro_f1']:.3f}; test n = {r['n_test']}", "",
            f"| method | {head} |", "|---|" + "---|" * (2 * len(sets))]
     for name, m in r["methods"].items():
         cells = " | ".join(f"{ci(m[s]['accuracy'])} | {ci(m[s]['macro_f1'])}" if s in m else "- | -" for s in sets)
