@@ -124,8 +124,8 @@ def answer_batches(view: ModelView, prompts, batch_size: int = 16) -> list[Answe
             ids[r, S - n:] = torch.tensor(p[:-1], device=dev)
             mask[r, S - n:] = 1
             pos[r, S - n:] = torch.arange(n, device=dev)
-        cache = view.model(input_ids=ids, attention_mask=mask[:, :S], position_ids=pos, use_cache=True,
-                           logits_to_keep=1).past_key_values
+        cache = view.model.base_model(input_ids=ids, attention_mask=mask[:, :S], position_ids=pos,
+                                      use_cache=True).past_key_values
         out.append(AnswerBatch(i, torch.tensor([[p[-1]] for p in chunk], device=dev), mask,
                                torch.zeros(B, dtype=torch.long, device=dev),
                                torch.tensor([[len(p) - 1] for p in chunk], device=dev), cache))
