@@ -192,7 +192,7 @@ def run_steer(cfg: SteerConfig, run_dir: str | Path, view: ModelView, key: str |
         raise EmoscopeError("the dev search chose no steering at all (every strength 1): nothing to apply")
     n_feats = len(chosen)
     tokens = [ids[0] for ids in task.builder.label_ids()]
-    methods = _methods(view, task, saes, chosen, dev, y_dev, labels, cfg, tokens, ev_cfg)
+    methods = _methods(view, task, saes, chosen, dev, y_dev, labels, cfg, tokens, ev_cfg, dev_answers)
     results = {}
     for name, fn in methods.items():
         probs = fn(list(test.text))
@@ -231,12 +231,12 @@ def run_steer(cfg: SteerConfig, run_dir: str | Path, view: ModelView, key: str |
     return result
 
 
-def _methods(view, task, saes, chosen, dev, y_dev, labels, cfg, tokens, ev_cfg) -> dict:
+def _methods(view, task, saes, chosen, dev, y_dev, labels, cfg, tokens, ev_cfg, dev_answers) -> dict:
     """Every method as texts -> calibrated label probabilities [n, K]."""
     from ..calibrate import CONTENT_FREE, normalize
     from ..prompts import PromptBuilder
     dev_texts = [e.text for e in dev]
-    memo: dict = {}
+    memo: dict = {(id(task.builder), tuple(dev_texts)): dev_answers}  # the search already ran the dev prefixes
 
     def batches(ts, builder=task.builder):
         """The texts' prompts with their tokens before the answer run once, shared by every method

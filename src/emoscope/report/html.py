@@ -153,14 +153,13 @@ def _audit_figures(audit: dict) -> dict:
         ls = [l for l in layers if phase[l] == p]
         depth.add_vrect(x0=min(ls) - 0.5, x1=max(ls) + 0.5, fillcolor=["#eef", "#efe", "#fee", "#ffe"][p % 4],
                         line_width=0, layer="below", annotation_text=f"phase {p + 1}", annotation_position="top left")
+    curve = lambda c: [c["drift"][str(l)][key] if norm else 1 - c["drift"][str(l)]["jaccard"] for l in layers]
     for c in cands:
-        y = [c["drift"][str(l)][key] if norm else 1 - c["drift"][str(l)]["jaccard"] for l in layers]
-        depth.add_trace(go.Scatter(x=layers, y=y, mode="lines+markers", name=c["name"]))
+        depth.add_trace(go.Scatter(x=layers, y=curve(c), mode="lines+markers", name=c["name"]))
     depth.update_layout(title="feature drift by depth" + (" (÷ drift between unrelated inputs)" if norm else " (1 − top-k Jaccard)"),
                         xaxis_title="layer", yaxis_title="drift", height=420, margin=dict(l=50, r=10, t=40, b=40))
     def mean_drift(c):
-        v = [c["drift"][str(l)][key] if norm else 1 - c["drift"][str(l)]["jaccard"] for l in layers]
-        v = [x for x in v if x is not None]
+        v = [x for x in curve(c) if x is not None]
         return float(np.mean(v)) if v else None
     mean = [mean_drift(c) for c in cands]
     flips = go.Figure(go.Scatter(x=mean, y=[c["flip_rate"] for c in cands], mode="markers+text",
