@@ -134,12 +134,39 @@ def test_trace_stage_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
     for d in st["dose_response"].values():
         zero = [r for r in d["curve"] if r["strength"] == 0][0]
         assert zero["target_pushed"] == zero["random_pushed"] and zero["target_prob"] == zero["random_prob"]
+    _empty_dev_set_is_refused(tmp_path / "run", toy_data, tiny_dir, cfg.steer)
     cfg.stages.remove("steer")
     cfg.trace.examples = "correct"  # a random tiny model gets few right: those emotions are skipped, not crashed on
     cfg.trace.per_emotion = 2
     run(cfg, log=lambda s: None)
     tr = json.loads((tmp_path / "run" / "trace" / "result.json").read_text())
     assert tr["skipped"] and all("correct examples" in v for v in tr["skipped"].values())
+
+
+def _empty_dev_set_is_refused(run_dir, toy_data, tiny_dir, steer_cfg):
+    """The same run pointed at a copy of its data without dev rows: steering refuses in one line, writes nothing."""
+    import pytest
+
+    from emoscope.analysis.steer_stage import run_steer
+    from emoscope.data import _hash_split
+    from emoscope.errors import EmoscopeError
+    from emoscope.models import load_model
+
+    lines = toy_data.read_text().splitlines()
+    no_dev = run_dir.parent / "no_dev.csv"
+    no_dev.write_text("\n".join([lines[0]] + [l for l in lines[1:] if _hash_split(l.split(",")[0]) != "dev"]) + "\n")
+    ev_path = run_dir / "evaluate" / "result.json"
+    original = ev_path.read_bytes()
+    ev = json.loads(original)
+    ev["config"]["data"]["dataset"] = str(no_dev)
+    ev_path.write_text(json.dumps(ev))
+    before = (run_dir / "steer" / "result.json").read_bytes()
+    try:
+        with pytest.raises(EmoscopeError, match="no examples of .* steering needs a labelled dev set") as e:
+            run_steer(steer_cfg, run_dir, load_model(str(tiny_dir)))
+    finally:
+        ev_path.write_bytes(original)
+    assert "\n" not in str(e.value) and (run_dir / "steer" / "result.json").read_bytes() == before
 
 
 def pd_ids(tmp_path):
