@@ -3,6 +3,7 @@ causal feature is flagged; the CLI's exit code follows the thresholds; bad candi
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -136,3 +137,27 @@ def test_candidate_with_non_finite_outputs_is_failed_not_crashed(planted_run):
                     d / "run", view, broken)
     c = res["candidates"][0]
     assert c["non_finite_frac"] == 1.0 and c["accuracy"] == 0.0 and c["failed"] and res["failed"] == ["nan"]
+
+
+def test_phase_drift_is_a_ratio_of_sums_with_an_interval():
+    """A layer where unrelated inputs barely differ must not dominate its phase (a mean of per-layer
+    ratios would give phase 1 a drift of 2.75 here); the final phase's excess carries an interval."""
+    from emoscope.analysis.audit import _phase_drift
+    rng = np.random.default_rng(0)
+    n = 200
+    per_ex = {0: rng.uniform(0.3, 0.5, n), 1: rng.uniform(0.3, 0.5, n),  # phase 0: drifts 0.4 of 0.5
+              2: rng.uniform(0.04, 0.06, n), 3: rng.uniform(0.2, 0.4, n)}  # phase 1: 0.05 of 0.01, 0.3 of 0.6
+    unrelated = {0: 0.5, 1: 0.5, 2: 0.01, 3: 0.6}
+    phase = {0: 0, 1: 0, 2: 1, 3: 1}
+    boots = rng.integers(0, n, (500, n))
+    by_phase, excess = _phase_drift(per_ex, unrelated, phase, 2, boots)
+    assert abs(by_phase[0] - 0.8) < 0.02 and abs(by_phase[1] - 0.35 / 0.61) < 0.02
+    assert excess["lo"] <= excess["value"] <= excess["hi"] < 0  # phase 0 drifts more, and the interval says so
+    same = {l: np.zeros(n) for l in per_ex}
+    by_phase, excess = _phase_drift(same, unrelated, phase, 2, boots)
+    assert by_phase == {0: 0.0, 1: 0.0} and excess == {"value": 0.0, "lo": 0.0, "hi": 0.0}
+    # undefined normalisation (unrelated inputs never differ, the candidate does): no phase value, no excess
+    by_phase, excess = _phase_drift(per_ex, {0: 0.0, 1: 0.0, 2: 0.01, 3: 0.6}, phase, 2, boots)
+    assert by_phase[0] is None and excess is None
+    # one phase: nothing to compare with
+    assert _phase_drift(per_ex, unrelated, {l: 0 for l in per_ex}, 1, boots)[1] is None

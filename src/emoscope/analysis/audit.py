@@ -6,9 +6,9 @@ prediction flip rate, per-emotion recall change; per layer and phase, drift of S
 answer position (per-example correlation of feature vectors, Jaccard of the top-k active features);
 survival of the reference's causal features (still active where they were active; whether their
 ablation still moves the margin is not measured yet); and whether the final phase drifts more than
-earlier ones, with each layer's drift divided by its drift between unrelated reference examples
-(raw drift grows with depth for any change, so only the normalised form can say which phase is
-fragile). Silent degradation:
+earlier ones, with drift divided by the drift between unrelated reference examples (raw drift
+grows with depth for any change, so only the normalised form can say which phase is fragile), and a
+bootstrap interval on the final phase's excess. Silent degradation:
 AUROC with which a drop in output confidence, and a causal-feature drift score, flag the examples
 whose prediction flipped. Thresholds turn the audit into a deployment gate (non-zero exit).
 """
@@ -165,6 +165,29 @@ def run_audit(cfg: AuditConfig, run_dir: str | Path, view: ModelView, load_view,
     return result
 
 
+def _phase_drift(per_ex: dict, unrelated: dict, phase: dict, n_phases: int, boots: np.ndarray) -> tuple[dict, dict | None]:
+    """Normalised drift per phase: the phase's summed drift over its summed unrelated-input drift (a
+    ratio of sums, so a layer where unrelated inputs barely differ cannot dominate), None where that
+    is undefined; and the final phase's excess over the most-drifting earlier phase, with a bootstrap
+    interval over examples (the unrelated-input baseline held fixed)."""
+    per_phase = {}
+    for p in range(n_phases):
+        ls = [l for l in per_ex if phase[l] == p]
+        den = sum(unrelated[l] for l in ls)
+        num = np.sum([per_ex[l] for l in ls], 0) if ls else None
+        if num is None or (den == 0 and num.any()):
+            per_phase[p] = None
+        else:
+            per_phase[p] = num / den if den > 0 else np.zeros_like(num)
+    by_phase = {p: (float(v.mean()) if v is not None else None) for p, v in per_phase.items()}
+    if n_phases < 2 or any(v is None for v in per_phase.values()):
+        return by_phase, None
+    m = np.stack([per_phase[p] for p in range(n_phases)])  # phases x examples
+    diff = lambda mm: mm[-1] - mm[:-1].max(0)
+    boot = diff(m[:, boots].mean(2))
+    return by_phase, {"value": float(diff(m.mean(1))), "lo": float(np.percentile(boot, 2.5)), "hi": float(np.percentile(boot, 97.5))}
+
+
 def _causal_sets(run_dir: Path, labels: list[str]) -> dict[str, list[list[int]]]:
     """Causal features per emotion: tracing's chosen sets, else the phases stage's top features."""
     if (run_dir / "trace" / "result.json").exists():
@@ -210,17 +233,15 @@ def _compare(cand, cfg, ev_cfg, view, load_view, texts, y, labels, saes, tokens,
     m_c = classification_metrics(y, cur["pred"], labels, 200)
     flipped = ref["pred"] != cur["pred"]
     layers = sorted(saes)
-    drift = {}
+    drift, per_ex = {}, {}
     for l in layers:
-        jac = float(_jaccard_topk(ref["codes"][l], cur["codes"][l], cfg.top_k).mean())
+        per_ex[l] = 1 - _jaccard_topk(ref["codes"][l], cur["codes"][l], cfg.top_k)
+        jac = float(1 - per_ex[l].mean())
         drift[l] = {"corr": float(_rowcorr(ref["codes"][l], cur["codes"][l]).mean()), "jaccard": jac,
                     "normalized": (1 - jac) / unrelated[l] if unrelated[l] > 0 else (0.0 if jac == 1 else None),
                     "phase": int(phase_of.get(l, 0))}
     by_phase_raw = {p: float(np.mean([1 - drift[l]["jaccard"] for l in layers if drift[l]["phase"] == p] or [np.nan])) for p in range(n_phases)}
-    by_phase = {}  # None where no layer of the phase has a defined normalised drift (unrelated inputs never differ)
-    for p in range(n_phases):
-        vals = [drift[l]["normalized"] for l in layers if drift[l]["phase"] == p and drift[l]["normalized"] is not None]
-        by_phase[p] = float(np.mean(vals)) if vals else None
+    by_phase, excess = _phase_drift(per_ex, unrelated, {l: d["phase"] for l, d in drift.items()}, n_phases, boots)
     # causal features: active in the candidate where they were active in the reference
     alive, total, fdrift = 0, 0, np.zeros(len(y))
     for e, lab in enumerate(labels):
@@ -249,8 +270,8 @@ def _compare(cand, cfg, ev_cfg, view, load_view, texts, y, labels, saes, tokens,
         "recall_change": {lab: m_c["per_class"][lab]["recall"]["value"] - m_r["per_class"][lab]["recall"]["value"] for lab in labels},
         "drift": {str(l): d for l, d in drift.items()}, "drift_by_phase": {str(p): v for p, v in by_phase.items()},
         "drift_by_phase_raw": {str(p): v for p, v in by_phase_raw.items()},
-        "final_phase_drifts_most": bool(n_phases > 1 and None not in by_phase.values()
-                                       and by_phase[n_phases - 1] >= max(by_phase[p] for p in range(n_phases - 1))),
+        "final_phase_excess": excess,
+        "final_phase_drifts_most": bool(excess is not None and excess["value"] >= 0),
         "causal_survival": survival,
         "detection_auroc": {"confidence_drop": _auroc(conf_drop, flipped), "entropy_rise": _auroc(ent(cur["cal"]) - ent(ref["cal"]), flipped),
                             "margin_drop": _auroc(margin(ref["cal"]) - margin(cur["cal"]), flipped),

@@ -93,7 +93,7 @@ def audit(run_dir: Path) -> str:
     r = _load(run_dir, "audit")
     out = [f"reference calibrated accuracy {r['reference_accuracy']:.3f}, n = {r['n']}; failed thresholds: "
            f"{', '.join(r['failed']) or 'none'}", "",
-           "| candidate | accuracy change | flip rate | drift by phase: 1 - top-k Jaccard (÷ unrelated-input drift) | final phase drifts most | "
+           "| candidate | accuracy change | flip rate | drift by phase: 1 - top-k Jaccard (÷ unrelated-input drift) | final phase's normalised excess over earlier ones | "
            "causal survival | AUROC flips: confidence drop / causal drift | worst emotion (recall change) |",
            "|---|---|---|---|---|---|---|---|"]
     for c in r["candidates"]:
@@ -104,10 +104,18 @@ def audit(run_dir: Path) -> str:
         au = c["detection_auroc"]
         worst = min(c["recall_change"], key=c["recall_change"].get)
         out.append(f"| {c['name']} | {ci(c['accuracy_change'], '{:+.3f}')} | {c['flip_rate']:.2f} | {d} | "
-                   f"{'yes' if c['final_phase_drifts_most'] else 'no'} | {fmt(c['causal_survival'])} | "
+                   f"{final_excess(c)} | {fmt(c['causal_survival'])} | "
                    f"{fmt(au.get('confidence_drop'))} / {fmt(au.get('causal_feature_drift'))} | "
                    f"{worst} ({c['recall_change'][worst]:+.2f}) |")
     return "\n".join(out)
+
+
+def final_excess(c: dict) -> str:
+    """The final phase's normalised drift minus the most-drifting earlier phase's, with its interval."""
+    e = c.get("final_phase_excess")
+    if e is None:  # older results, or one phase, or an undefined normalisation
+        return "yes" if c["final_phase_drifts_most"] else "no"
+    return ci(e, "{:+.2f}")
 
 
 TABLES = {"phases": phases, "trace": trace, "steer": steer, "audit": audit}
