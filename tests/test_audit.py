@@ -86,6 +86,18 @@ def test_identical_candidate_and_planted_breakage(planted_run):
         assert v["normalized"] is None or v["normalized"] >= 0
     assert any(v["normalized"] is None or v["normalized"] > 0 for v in changed["drift"].values())
     assert changed["causal_survival"] < 0.5 and changed["failed"]
+    # whether the causal sets still matter: their ablation effect is all there for the identical candidate,
+    # gone where the planted feature no longer fires
+    assert same["causal_effect"]["value"] == 1.0 and same["causal_effect"]["n"] == 18
+    assert changed["causal_effect"]["value"] == 0.0 and changed["causal_effect"]["hi"] == 0.0
+    # the effect threshold alone can fail a candidate
+    from emoscope.analysis.audit import Thresholds
+    loose = {"max_accuracy_drop": 1.0, "max_flip_rate": 1.0, "min_causal_survival": 0.0}
+    for gate, failed in [(None, []), (0.5, ["final_token_changed"])]:
+        t = Thresholds(**loose, min_effect_retained=gate)
+        r = run_audit(AuditConfig(candidates=cands[1:], n_boot=100, causal_features=causal, thresholds=t, ablation_per_emotion=3),
+                      d / "run", view, lambda name=None: load_model(str(view.name)))
+        assert r["failed"] == failed
     assert res["failed"] == ["final_token_changed"]
 
 

@@ -309,14 +309,14 @@ def audit(config: Path = typer.Option(..., help="Run config with an `audit:` sec
 
 
 def print_audit(res: dict) -> None:
-    from .report.tables import final_excess
+    from .report.tables import final_excess, retained
     t = Table(title=f"brittleness audit, {res['model']}, n={res['n']}, reference accuracy {res['reference_accuracy']:.3f}")
-    for c in ["candidate", "Δ accuracy [95% CI]", "flip rate", "causal survival", "final phase excess drift [95% CI]", "AUROC conf. / feature drift", "verdict"]:
+    for c in ["candidate", "Δ accuracy [95% CI]", "flip rate", "causal survival", "effect retained [95% CI]", "final phase excess drift [95% CI]", "AUROC conf. / feature drift", "verdict"]:
         t.add_column(c)
     for r in res["candidates"]:
         d, a = r["accuracy_change"], r["detection_auroc"]
         fmt = lambda v: "—" if v is None else f"{v:.2f}"
-        t.add_row(r["name"], f"{d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]", f"{r['flip_rate']:.2f}", fmt(r["causal_survival"]),
+        t.add_row(r["name"], f"{d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]", f"{r['flip_rate']:.2f}", fmt(r["causal_survival"]), retained(r),
                   final_excess(r), f"{fmt(a['confidence_drop'])} / {fmt(a['causal_feature_drift'])}",
                   "FAIL" if r["failed"] else "ok")
     Console().print(t)

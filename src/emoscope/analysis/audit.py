@@ -4,8 +4,9 @@ A reference (the run's evaluated model, precision and prompt) is compared with c
 same examples. For each candidate: accuracy and macro-F1 change with paired-bootstrap intervals,
 prediction flip rate, per-emotion recall change; per layer and phase, drift of SAE features at the
 answer position (per-example correlation of feature vectors, Jaccard of the top-k active features);
-survival of the reference's causal features (still active where they were active; whether their
-ablation still moves the margin is not measured yet); and whether the final phase drifts more than
+survival of the reference's causal features (still active where they were active) and whether they
+still matter (the drop in each emotion's best-other margin when its causal set is zeroed at the
+answer position, on `ablation_per_emotion` examples, against the same drop in the reference); and whether the final phase drifts more than
 earlier ones, with drift divided by the drift between unrelated reference examples (raw drift
 grows with depth for any change, so only the normalised form can say which phase is fragile), and a
 bootstrap interval on the final phase's excess. Silent degradation:
@@ -34,7 +35,7 @@ from ..metrics import classification_metrics
 from ..models import ModelView
 from ..prompts import Template
 from ..sae.stage import load_saes
-from .causal import answer_logits, prompt_batches
+from .causal import ablate, answer_batches, answer_logits, first_token_prior, prompt_batches
 from .perturb import PRECISIONS, apply_precision, perturb_text, template_variants
 
 
@@ -55,6 +56,7 @@ class Thresholds(BaseModel):
     max_accuracy_drop: float = Field(0.05, description="Largest tolerated drop in calibrated accuracy.")
     max_flip_rate: float = Field(0.2, description="Largest tolerated share of changed predictions.")
     min_causal_survival: float = Field(0.5, description="Smallest tolerated share of causal features still active.")
+    min_effect_retained: float | None = Field(None, description="Smallest tolerated share of the causal sets' ablation effect still there (None: not gated).")
 
 
 class AuditConfig(BaseModel):
@@ -62,6 +64,7 @@ class AuditConfig(BaseModel):
     candidates: list[Candidate] | Literal["default"] = Field("default", description="Candidates, or 'default': paraphrases, label order, system prompt, demonstrations, text noise, bf16/fp16/int8/int4/int3.")
     thresholds: Thresholds = Thresholds()
     causal_features: dict[str, list[tuple[int, int]]] | None = Field(None, description="Causal features per emotion as [layer, feature] pairs; default: tracing's sets, else the phases stage's top features.")
+    ablation_per_emotion: int = Field(20, ge=0, description="Examples per emotion on which each candidate's causal sets are ablated, to see whether they still matter (0: skip).")
     top_k: int = Field(32, ge=1, description="Active features compared by Jaccard per layer.")
     group_size: int = Field(128, ge=8, description="Group size of the RTN weight quantization.")
     n_boot: int = Field(1000, ge=100, description="Paired bootstrap resamples.")
@@ -139,6 +142,9 @@ def run_audit(cfg: AuditConfig, run_dir: str | Path, view: ModelView, load_view,
     ref_task = Task(ev_cfg, view)
     tokens = [ids[0] for ids in ref_task.builder.label_ids()]
     ref = _observe(view, ref_task, texts, saes, tokens)
+    pick = np.random.default_rng(cfg.seed + 2)
+    abl_idx = {lab: np.sort(pick.permutation(np.flatnonzero(y == e))[:cfg.ablation_per_emotion]) for e, lab in enumerate(labels)}
+    ref["effects"] = _ablation_effects(view, ref_task, texts, saes, tokens, causal, y, labels, abl_idx)
     # drift baseline per layer: 1 - top-k Jaccard between each reference example and another one (a
     # derangement). Layers differ in how example-specific their codes are, so raw drift grows with
     # depth for any change; drift / unrelated is the fraction of the way to an unrelated input.
@@ -152,7 +158,7 @@ def run_audit(cfg: AuditConfig, run_dir: str | Path, view: ModelView, load_view,
     rows = []
     for cand in cands:
         rows.append(_compare(cand, cfg, ev_cfg, view, load_view, texts, y, labels, saes, tokens, ref, causal,
-                             phase_of, n_phases, boots, unrelated))
+                             phase_of, n_phases, boots, unrelated, abl_idx))
         if progress:
             progress(1)
     result = {"stage": "audit", "config_hash": key or config_hash(cfg, view.name), "config": cfg.model_dump(mode="json"),
@@ -188,6 +194,48 @@ def _phase_drift(per_ex: dict, unrelated: dict, phase: dict, n_phases: int, boot
     return by_phase, {"value": float(diff(m.mean(1))), "lo": float(np.percentile(boot, 2.5)), "hi": float(np.percentile(boot, 97.5))}
 
 
+def _ablation_effects(view, task, texts, saes, tokens, causal, y, labels, idx) -> dict[str, np.ndarray]:
+    """Per emotion: the drop in its calibrated best-other margin on its chosen examples when its causal
+    set is zeroed at the answer position (SAE error kept). Non-finite margins (an overflowing
+    candidate) count as no effect."""
+    prior = first_token_prior(view, task, tokens)
+    out = {}
+    for e, lab in enumerate(labels):
+        feats: dict[int, list[int]] = {}
+        for l, f in causal.get(lab, []):
+            if l in saes:
+                feats.setdefault(int(l), []).append(int(f))
+        if not feats or not len(idx[lab]):
+            continue
+        prompts = [task.builder.encode(task.builder.prompt(texts[i])) for i in idx[lab]]
+        try:
+            with torch.no_grad():
+                batches = answer_batches(view, prompts)
+                gold = np.full(len(prompts), e)
+                d = ablate(view, saes, batches, gold, tokens, {}, prior) - ablate(view, saes, batches, gold, tokens, feats, prior)
+        except EmoscopeError:  # the intervention met non-finite activations: the candidate overflows
+            d = np.zeros(len(prompts))
+        out[lab] = np.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
+    return out
+
+
+def _retained(ref: dict[str, np.ndarray], cur: dict[str, np.ndarray], rng, n_boot: int) -> dict | None:
+    """Share of the reference's ablation effect still there in the candidate: mean candidate effect over
+    mean reference effect on the same examples (all emotions pooled), with a paired bootstrap
+    interval; and each emotion's two mean effects."""
+    if not ref:
+        return None
+    r = np.concatenate([ref[k] for k in ref])
+    c = np.concatenate([cur.get(k, np.zeros_like(ref[k])) for k in ref])
+    if r.mean() <= 0:
+        return None
+    boots = rng.integers(0, len(r), (n_boot, len(r)))
+    ratio = c[boots].mean(1) / np.maximum(r[boots].mean(1), 1e-9)
+    return {"value": float(c.mean() / r.mean()), "lo": float(np.percentile(ratio, 2.5)), "hi": float(np.percentile(ratio, 97.5)),
+            "n": int(len(r)), "per_emotion": {k: {"reference": float(ref[k].mean()), "candidate": float(cur.get(k, np.zeros(1)).mean())}
+                                              for k in ref}}
+
+
 def _causal_sets(run_dir: Path, labels: list[str]) -> dict[str, list[list[int]]]:
     """Causal features per emotion: tracing's chosen sets, else the phases stage's top features."""
     if (run_dir / "trace" / "result.json").exists():
@@ -200,7 +248,7 @@ def _causal_sets(run_dir: Path, labels: list[str]) -> dict[str, list[list[int]]]
 
 
 def _compare(cand, cfg, ev_cfg, view, load_view, texts, y, labels, saes, tokens, ref, causal, phase_of, n_phases, boots,
-             unrelated) -> dict:
+             unrelated, abl_idx) -> dict:
     c_cfg = ev_cfg.model_copy(deep=True)
     if cand.template is not None:
         c_cfg.template = cand.template
@@ -256,12 +304,15 @@ def _compare(cand, cfg, ev_cfg, view, load_view, texts, y, labels, saes, tokens,
             a, b = ref["codes"][l][idx, f], cur["codes"][l][idx, f]
             fdrift[idx] += np.abs(a - b) / (np.abs(a) + 1e-6) / max(len(feats), 1)
     survival = alive / total if total else None
+    retained = _retained(ref["effects"], _ablation_effects(c_view, task, c_texts, saes, tokens, causal, y, labels, abl_idx),
+                         np.random.default_rng(cfg.seed + 3), cfg.n_boot)
     conf_drop = ref["cal"].max(1) - cur["cal"].max(1)
     ent = lambda c: -(np.exp(c) * c).sum(1)
     margin = lambda c: np.sort(c, 1)[:, -1] - np.sort(c, 1)[:, -2]
     t = cfg.thresholds
     failed = cur["non_finite"].any() or (-d_acc > t.max_accuracy_drop) or (flipped.mean() > t.max_flip_rate) or \
-             (survival is not None and survival < t.min_causal_survival)
+             (survival is not None and survival < t.min_causal_survival) or \
+             (t.min_effect_retained is not None and retained is not None and retained["value"] < t.min_effect_retained)
     return {
         "name": cand.name, **info, "accuracy": float(acc_c.mean()), "non_finite_frac": float(cur["non_finite"].mean()),
         "accuracy_change": {"value": float(d_acc), "lo": float(np.percentile(boot_d, 2.5)), "hi": float(np.percentile(boot_d, 97.5))},
@@ -272,7 +323,7 @@ def _compare(cand, cfg, ev_cfg, view, load_view, texts, y, labels, saes, tokens,
         "drift_by_phase_raw": {str(p): v for p, v in by_phase_raw.items()},
         "final_phase_excess": excess,
         "final_phase_drifts_most": bool(excess is not None and excess["value"] >= 0),
-        "causal_survival": survival,
+        "causal_survival": survival, "causal_effect": retained,
         "detection_auroc": {"confidence_drop": _auroc(conf_drop, flipped), "entropy_rise": _auroc(ent(cur["cal"]) - ent(ref["cal"]), flipped),
                             "margin_drop": _auroc(margin(ref["cal"]) - margin(cur["cal"]), flipped),
                             "causal_feature_drift": _auroc(fdrift, flipped) if total else None},

@@ -54,6 +54,19 @@ def set_features(view: ModelView, saes: dict, features: dict[int, list[int]], po
     return steer(view, saes, edits, positions)
 
 
+def first_token_prior(view: ModelView, task, tokens: list[int]) -> torch.Tensor:
+    """Contextual-calibration prior over the labels' first tokens: the mean label distribution of the
+    task's prompt on content-free inputs, in log space [K]."""
+    from ..calibrate import CONTENT_FREE
+    prompts = [task.builder.encode(task.builder.prompt(t)) for t in CONTENT_FREE]
+    ids, mask = pad_batch(prompts, view.device)
+    last = torch.tensor([len(p) - 1 for p in prompts], device=view.device)
+    with torch.no_grad():
+        logits, _ = answer_logits(view, ids, mask, last, tokens)
+    lp = torch.log_softmax(logits, -1)
+    return torch.logsumexp(lp, 0) - np.log(len(prompts))
+
+
 def answer_logits(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, tokens: list[int],
                   record_layers: list[int] = (), past=None, pos: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

@@ -25,14 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.stats import spearmanr
 
 from ..artifacts import config_hash, read_json, require, stage_dir, write_json
-from ..calibrate import CONTENT_FREE
 from ..capture import HookPoint
 from ..errors import EmoscopeError
 from ..evaluate import EvalConfig, Task
 from ..models import ModelView
 from ..sae.stage import load_saes
-from .causal import ablate, answer_batches, answer_logits, attribution, prompt_batches
-from ..sae.evaluate import pad_batch
+from .causal import ablate, answer_batches, answer_logits, attribution, first_token_prior, prompt_batches
 
 
 class TraceConfig(BaseModel):
@@ -45,16 +43,6 @@ class TraceConfig(BaseModel):
     n_random: int = Field(20, ge=1, description="Random feature sets in the control.")
     n_boot: int = Field(500, ge=50, description="Bootstrap resamples over examples for effect intervals.")
     seed: int = Field(0, description="Seed for random controls, shuffles and the bootstrap.")
-
-
-def _prior(view, task, tokens) -> torch.Tensor:
-    prompts = [task.builder.encode(task.builder.prompt(t)) for t in CONTENT_FREE]
-    ids, mask = pad_batch(prompts, view.device)
-    last = torch.tensor([len(p) - 1 for p in prompts], device=view.device)
-    with torch.no_grad():
-        logits, _ = answer_logits(view, ids, mask, last, tokens)
-    lp = torch.log_softmax(logits, -1)
-    return torch.logsumexp(lp, 0) - np.log(len(prompts))
 
 
 def _ci(x: np.ndarray, rng, n_boot: int) -> dict:
@@ -89,7 +77,7 @@ def run_trace(cfg: TraceConfig, run_dir: str | Path, view: ModelView, key: str |
     labels = ev["labels"]
     task = Task(EvalConfig.model_validate(ev["config"]), view)
     tokens = [ids[0] for ids in task.builder.label_ids()]
-    prior = _prior(view, task, tokens)
+    prior = first_token_prior(view, task, tokens)
     rng = np.random.default_rng(cfg.seed)
     pool = preds if cfg.examples == "all" else preds[preds.correct_cal]
     baseline = None

@@ -94,7 +94,7 @@ def audit(run_dir: Path) -> str:
     out = [f"reference calibrated accuracy {r['reference_accuracy']:.3f}, n = {r['n']}; failed thresholds: "
            f"{', '.join(r['failed']) or 'none'}", "",
            "| candidate | accuracy change | flip rate | drift by phase: 1 - top-k Jaccard (÷ unrelated-input drift) | final phase's normalised excess over earlier ones | "
-           "causal survival | AUROC flips: confidence drop / causal drift | worst emotion (recall change) |",
+           "causal survival / ablation effect retained | AUROC flips: confidence drop / causal drift | worst emotion (recall change) |",
            "|---|---|---|---|---|---|---|---|"]
     for c in r["candidates"]:
         fmt = lambda v: "-" if v is None or v != v else f"{v:.2f}"
@@ -104,10 +104,16 @@ def audit(run_dir: Path) -> str:
         au = c["detection_auroc"]
         worst = min(c["recall_change"], key=c["recall_change"].get)
         out.append(f"| {c['name']} | {ci(c['accuracy_change'], '{:+.3f}')} | {c['flip_rate']:.2f} | {d} | "
-                   f"{final_excess(c)} | {fmt(c['causal_survival'])} | "
+                   f"{final_excess(c)} | {fmt(c['causal_survival'])} / {retained(c)} | "
                    f"{fmt(au.get('confidence_drop'))} / {fmt(au.get('causal_feature_drift'))} | "
                    f"{worst} ({c['recall_change'][worst]:+.2f}) |")
     return "\n".join(out)
+
+
+def retained(c: dict) -> str:
+    """Share of the reference's causal-set ablation effect still there, with its interval."""
+    e = c.get("causal_effect")
+    return "-" if e is None else ci(e, "{:.2f}")
 
 
 def final_excess(c: dict) -> str:
