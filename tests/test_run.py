@@ -104,6 +104,11 @@ def test_trace_stage_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
     run(cfg, log=lambda s: None)
     tr = json.loads((tmp_path / "run" / "trace" / "result.json").read_text())
     assert set(tr["emotions"]) | set(tr["skipped"]) == set(res_labels(tmp_path))
+    # which labels the first-token margin only approximates is recorded and shown
+    assert set(tr["label_first_tokens"]) == set(res_labels(tmp_path))
+    multi = [lab for lab, t in tr["label_first_tokens"].items() if t["n_tokens"] > 1]
+    from emoscope.report.tables import trace as trace_table
+    assert ("proxy: " + multi[0]) in trace_table(tmp_path / "run") if multi else "proxy" not in trace_table(tmp_path / "run")
     for lab, e in tr["emotions"].items():
         for p in e["phases"].values():
             assert len(p["features"]) <= 2 and p["random_control"]["n"] == 3

@@ -141,7 +141,11 @@ def run_trace(cfg: TraceConfig, run_dir: str | Path, view: ModelView, key: str |
     result = {"stage": "trace", "config_hash": key or config_hash(cfg, view.name), "config": cfg.model_dump(mode="json"),
               "model": view.name, "labels": labels, "n_phases": n_phases, "phase_names": ph["phase_names"],
               "seed": cfg.seed, "emotions": per_emotion, "skipped": skipped, "cross_effects": cross,
-              "log_prior": prior.tolist()}
+              "log_prior": prior.tolist(),
+              # the metric reads each label's first token; where a label has more, it is a proxy for the
+              # whole label the evaluation scores (e.g. 'f' for 'fear' in a chat template without a space)
+              "label_first_tokens": {lab: {"first": view.tokenizer.decode([ids[0]]), "n_tokens": len(ids)}
+                                     for lab, ids in zip(labels, task.builder.label_ids())}}
     with stage_dir(run_dir, "trace") as out:
         write_json(out / "result.json", result)
     return result

@@ -68,6 +68,10 @@ def trace(run_dir: Path) -> str:
                        f"{names[e['strongest_phase']]} |")
     for lab, why in r["skipped"].items():
         out.append(f"| {lab} | skipped: {why} |")
+    multi = {lab: t for lab, t in r.get("label_first_tokens", {}).items() if t["n_tokens"] > 1}
+    if multi:
+        out += ["", "Margins read the labels' first tokens; these labels have more, so their margin is a proxy: " +
+                ", ".join(f"{lab} ({t['n_tokens']} tokens, first {t['first']!r})" for lab, t in multi.items())]
     return "\n".join(out)
 
 
