@@ -6,12 +6,12 @@ prediction flip rate, per-emotion recall change; per layer and phase, drift of S
 answer position (per-example correlation of feature vectors, Jaccard of the top-k active features);
 survival of the reference's causal features (still active where they were active) and whether they
 still matter (the drop in each emotion's best-other margin when its causal set is zeroed at the
-answer position, on `ablation_per_emotion` examples, against the same drop in the reference); and whether the final phase drifts more than
-earlier ones, with drift divided by the drift between unrelated reference examples (raw drift
-grows with depth for any change, so only the normalised form can say which phase is fragile), and a
-bootstrap interval on the final phase's excess. Silent degradation:
-AUROC with which a drop in output confidence, and a causal-feature drift score, flag the examples
-whose prediction flipped. Thresholds turn the audit into a deployment gate (non-zero exit).
+answer position, on `ablation_per_emotion` examples, against the same drop in the reference); and
+whether the final phase drifts more than earlier ones, with drift divided by the drift between
+unrelated reference examples (raw drift grows with depth for any change, so only the normalised
+form can say which phase is fragile) and a bootstrap interval on the final phase's excess. Silent
+degradation: AUROC with which a drop in output confidence, and a causal-feature drift score, flag
+the examples whose prediction flipped. Thresholds turn the audit into a deployment gate (non-zero exit).
 """
 
 from __future__ import annotations
