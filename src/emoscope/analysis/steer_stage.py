@@ -330,9 +330,11 @@ def _dose_response(view, task, dev_texts, dev_answers, y_dev, saes, ranked, labe
         curve = []
         for a in cfg.dose:
             row = {"strength": a}
+            p = None
             for name, fs in (("target", feats[lab]), ("random", rand)):
-                ed = [Edit(layer=l, feature=f, mode="add", value=float(a * unit[l][f])) for l, f in fs]
-                p = label_probs(view, task, dev_texts, saes, ed, answers=dev_answers, steer_prior=False)
+                if p is None or a != 0:  # at strength 0 both pushes are the same unsteered pass
+                    ed = [Edit(layer=l, feature=f, mode="add", value=float(a * unit[l][f])) for l, f in fs]
+                    p = label_probs(view, task, dev_texts, saes, ed, answers=dev_answers, steer_prior=False)
                 ok = np.isfinite(p).all(1) & other
                 row[f"{name}_pushed"] = float((p[ok].argmax(1) == e).mean()) if ok.any() else None
                 row[f"{name}_prob"] = float(p[ok, e].mean()) if ok.any() else None
