@@ -14,10 +14,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from emoscope.capture import all_resid, record
+from emoscope.hooks import all_resid, pad_batch, record
 from emoscope.models import load_model
 from emoscope.sae.corpus import sequences
-from emoscope.sae.evaluate import pad_batch
 
 
 def _time(fn, batches, repeats):
@@ -62,7 +61,7 @@ def main() -> None:
         from transformer_lens.model_bridge import TransformerBridge
 
         bridge = TransformerBridge.boot_transformers(view.path, hf_model=view.model, tokenizer=view.tokenizer, device="cpu")
-        names = [f"blocks.{l}.hook_resid_post" for l in range(view.n_layers)]
+        names = [f"blocks.{layer}.hook_resid_post" for layer in range(view.n_layers)]
 
         @torch.no_grad()
         def tl(b):

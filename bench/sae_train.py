@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from emoscope.capture import HookPoint
+from emoscope.hooks import HookPoint
 from emoscope.models import load_model
 from emoscope.sae.corpus import sequences
 from emoscope.sae.train import SAETrainConfig, _batches, _harvest, fit

@@ -15,10 +15,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from emoscope.evaluate import DataConfig, EvalConfig, ModelConfig, Task
 from emoscope.data import load_split, select
 from emoscope.models import load_model
-from emoscope.score import score_ids, score_naive
+from emoscope.task import Task
+from emoscope.task.score import score_ids, score_naive
 
 
 def main() -> None:
@@ -29,16 +29,16 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the figures here as a flat JSON object")
     a = ap.parse_args()
 
-    cfg = EvalConfig(model=ModelConfig(name=a.model, dtype="float32"), data=DataConfig(per_class=max(1, a.n // 6)), shots=a.shots)
+    per_class = max(1, a.n // 6)
     rows, rep = load_split("goemotions_ekman", "test")
     figures = {}
     times = {}
     for dtype in ["float32", "bfloat16"]:
         view = load_model(a.model, device="cpu", dtype=dtype)
-        task = Task(cfg, view)
-        ex = select(rows, task.classes, rep, per_class=cfg.data.per_class, seed=0)
-        prompts = [task.builder.encode(task.builder.prompt(e.text)) for e in ex]
-        labels = task.builder.label_ids()
+        task = Task(view, per_class=per_class, shots=a.shots)
+        ex = select(rows, task.classes, rep, per_class=per_class, seed=0)
+        prompts = task.encode_all(e.text for e in ex)
+        labels = task.label_ids
         score_ids(view, prompts[:2], labels)  # warm-up
         t = time.perf_counter()
         fast = score_ids(view, prompts, labels, batch_size=8)

@@ -18,18 +18,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from rich.console import Console
 from rich.table import Table
 from scipy.stats import spearmanr
 
-from emoscope.analysis.causal import AnswerBatch, ablate, answer_batches, attribution, prompt_batches
-from emoscope.analysis.trace_stage import _prior
-from emoscope.artifacts import read_json
-from emoscope.capture import HookPoint
-from emoscope.evaluate import EvalConfig, Task
-from emoscope.models import load_model
-from emoscope.sae.stage import load_saes
+from emoscope.interventions.answers import AnswerBatch, answer_batches, first_token_prior, prompt_batches
+from emoscope.interventions.effects import ablate, attribution
+from emoscope.pipeline import RunContext
 
 
 def main() -> None:
@@ -42,50 +37,47 @@ def main() -> None:
     ap.add_argument("--whole", type=int, default=4, help="active features ablated per layer with whole-prompt passes (extrapolated)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    ev = read_json(a.run_dir / "evaluate" / "result.json")
-    view = load_model(ev["config"]["model"]["name"], dtype="float32")
-    saes = {HookPoint.parse(h).layer: s for h, s in load_saes(a.run_dir, view).items()}
-    preds = pd.read_parquet(a.run_dir / "evaluate" / "predictions.parquet")
+    ctx = RunContext.from_run_dir(a.run_dir, dtype="float32")
+    view, task, ev = ctx.model, ctx.task, ctx.result("evaluate")
+    saes = ctx.result("saes").by_layer()
+    preds = ev.predictions
     ok = preds[preds.correct_cal]
     lab = a.emotion or ok.gold.value_counts().index[0]
     rows = ok[ok.gold == lab].head(a.n)
-    task = Task(EvalConfig.model_validate(ev["config"]), view)
-    tokens = [ids[0] for ids in task.builder.label_ids()]
-    prior = _prior(view, task, tokens)
-    prompts = [task.builder.encode(task.builder.prompt(t)) for t in rows.text]
-    gold = np.full(len(prompts), ev["labels"].index(lab))
-
-    phases_f = a.run_dir / "phases" / "result.json"
-    phase_of = ({HookPoint.parse(h).layer: p for h, p in read_json(phases_f)["phase_of_layer"].items()}
-                if phases_f.exists() else {l: 0 for l in saes})
+    tokens = task.label_tokens
+    prior = first_token_prior(task)
+    prompts = task.encode_all(rows.text)
+    gold = np.full(len(prompts), ev.labels.index(lab))
+    ph = ctx.optional("phases")
+    phase_of = ph.phase_of_layer if ph is not None else {layer: 0 for layer in saes}
 
     t0 = time.perf_counter()  # the stage's screen: cached passes, one attribution, top-k per phase ablated
     batches = answer_batches(view, prompts)
     attr, clean = attribution(view, saes, batches, gold, tokens, prior)
-    est = {l: -v.mean(0) for l, v in attr.items()}
+    est = {layer: -v.mean(0) for layer, v in attr.items()}
     exact_top, est_top = [], []
     for p in sorted(set(phase_of.values())):
-        cand = sorted(((est[l][f], l, int(f)) for l in saes if phase_of[l] == p for f in np.argsort(-est[l])[:a.topk]),
+        cand = sorted(((est[layer][f], layer, int(f)) for layer in saes if phase_of[layer] == p for f in np.argsort(-est[layer])[:a.topk]),
                       reverse=True)[:a.topk]
-        for e, l, f in cand:
-            exact_top.append(float((clean - ablate(view, saes, batches, gold, tokens, {l: [f]}, prior)).mean()))
+        for e, layer, f in cand:
+            exact_top.append(float((clean - ablate(view, saes, batches, gold, tokens, {layer: [f]}, prior)).mean()))
             est_top.append(float(e))
     t_screen = time.perf_counter() - t0
 
     rng = np.random.default_rng(0)
     whole = [AnswerBatch(i, ids, mask, last) for i, ids, mask, last in prompt_batches(view, prompts, 16)]
     n_active, ex_s, est_s, t_cached, t_whole, n_whole = 0, [], [], 0.0, 0.0, 0
-    for l in saes:
-        active = np.flatnonzero(np.abs(attr[l]).max(0) > 0)
+    for layer in saes:
+        active = np.flatnonzero(np.abs(attr[layer]).max(0) > 0)
         n_active += len(active)
         for i, f in enumerate(rng.choice(active, min(a.sample, len(active)), replace=False)):
             t0 = time.perf_counter()
-            ex_s.append(float((clean - ablate(view, saes, batches, gold, tokens, {l: [int(f)]}, prior)).mean()))
+            ex_s.append(float((clean - ablate(view, saes, batches, gold, tokens, {layer: [int(f)]}, prior)).mean()))
             t_cached += time.perf_counter() - t0
-            est_s.append(float(est[l][f]))
+            est_s.append(float(est[layer][f]))
             if i < a.whole:
                 t0 = time.perf_counter()
-                ablate(view, saes, whole, gold, tokens, {l: [int(f)]}, prior)
+                ablate(view, saes, whole, gold, tokens, {layer: [int(f)]}, prior)
                 t_whole += time.perf_counter() - t0
                 n_whole += 1
     t_exh_cached = t_cached / len(ex_s) * n_active

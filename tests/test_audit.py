@@ -1,19 +1,19 @@
 """Audit: an identical candidate shows no drift and no flips; a planted perturbation that silences a
 causal feature is flagged; the CLI's exit code follows the thresholds; bad candidates are refused."""
 
-import json
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from emoscope.analysis.audit import AuditConfig, Candidate, run_audit
 from emoscope.errors import EmoscopeError
-from emoscope.evaluate import EvalConfig, Task
 from emoscope.models import load_model
-from emoscope.prompts import Template
-from emoscope.run import RunConfig, run
+from emoscope.pipeline import RunContext
+from emoscope.stages.audit import AuditConfig, Candidate, audit
+from emoscope.task.prompts import Template
+from emoscope.config import RunConfig
+from emoscope.pipeline import run
 from emoscope.sae import SAE, SAEConfig
 from emoscope.sae.io import save
 from test_cli import _one_line_error, cli
@@ -27,12 +27,10 @@ def planted_run(tmp_path_factory, tiny_dir, toy_data, shared_data):
     cfg = RunConfig.model_validate({"run_dir": str(d / "run"), "model": {"name": str(tiny_dir)}, "stages": ["evaluate"],
                                     "evaluate": {"data": {"dataset": str(toy_data), "per_class": 3}}})
     run(cfg, log=lambda s: None)
-    view = load_model(str(tiny_dir))
-    ev = json.loads((d / "run/evaluate/result.json").read_text())
-    import pandas as pd
-    texts = list(pd.read_parquet(d / "run/evaluate/predictions.parquet").text)
-    task = Task(EvalConfig.model_validate(ev["config"]), view)
-    from emoscope.capture import HookPoint, record
+    ctx = RunContext.from_run_dir(d / "run")
+    view, task, ev = ctx.model, ctx.task, ctx.result("evaluate")
+    texts = list(ev.predictions.text)
+    from emoscope.hooks import HookPoint, record
 
     def final_resid(builder):
         with torch.no_grad(), record(view, [HookPoint(2)]) as acts:
@@ -43,7 +41,7 @@ def planted_run(tmp_path_factory, tiny_dir, toy_data, shared_data):
         return torch.stack(xs)
 
     x = final_resid(task.builder)
-    changed = Task(EvalConfig.model_validate({**ev["config"], "template": {"example": CHANGED}}), view)
+    changed = task.variant(template={"example": CHANGED})
     xc = final_resid(changed.builder)
     # a feature reading what tells the reference's final token from the changed one
     direction = (x.mean(0) - xc.mean(0)) / (x.mean(0) - xc.mean(0)).norm()
@@ -68,6 +66,13 @@ def planted_run(tmp_path_factory, tiny_dir, toy_data, shared_data):
 CHANGED = "Text: {text}\nThe feeling expressed here is"
 
 
+def run_audit(config, run_dir, view, load_view):
+    """The audit of a run directory, through the API (the run's task, SAEs and results)."""
+    ctx = RunContext.from_run_dir(run_dir)
+    return audit(ctx.task, ctx.saes, ctx.result("evaluate"), ctx.optional("phases"), ctx.optional("trace"), config,
+                 load_model=load_view)
+
+
 def test_identical_candidate_and_planted_breakage(planted_run):
     d, view, _, causal = planted_run
     cands = [Candidate(name="same"), Candidate(name="final_token_changed", template=Template(example=CHANGED))]
@@ -80,8 +85,8 @@ def test_identical_candidate_and_planted_breakage(planted_run):
     assert all(0 <= v <= 1 for v in res["unrelated_drift"].values()), res["unrelated_drift"]
     assert all(v["normalized"] == 0 for v in same["drift"].values())
     # where unrelated inputs never differ (this tiny model at its answer token) a drift cannot be normalised
-    for l, v in changed["drift"].items():
-        if res["unrelated_drift"][l] == 0 and v["jaccard"] < 1:
+    for layer, v in changed["drift"].items():
+        if res["unrelated_drift"][layer] == 0 and v["jaccard"] < 1:
             assert v["normalized"] is None
         assert v["normalized"] is None or v["normalized"] >= 0
     assert any(v["normalized"] is None or v["normalized"] > 0 for v in changed["drift"].values())
@@ -91,7 +96,7 @@ def test_identical_candidate_and_planted_breakage(planted_run):
     assert same["causal_effect"]["value"] == 1.0 and same["causal_effect"]["n"] == 18
     assert changed["causal_effect"]["value"] == 0.0 and changed["causal_effect"]["hi"] == 0.0
     # the effect threshold alone can fail a candidate
-    from emoscope.analysis.audit import Thresholds
+    from emoscope.stages.audit import Thresholds
     loose = {"max_accuracy_drop": 1.0, "max_flip_rate": 1.0, "min_causal_survival": 0.0}
     for gate, failed in [(None, []), (0.5, ["final_token_changed"])]:
         t = Thresholds(**loose, min_effect_retained=gate)
@@ -104,7 +109,7 @@ def test_identical_candidate_and_planted_breakage(planted_run):
 def test_audit_cli_exit_code_and_bad_candidates(planted_run, tmp_path):
     d, view, cfg, causal = planted_run
     raw = {"run_dir": cfg.run_dir, "model": {"name": cfg.model.name}, "stages": ["evaluate", "saes"],
-           "evaluate": cfg.evaluate.model_dump(mode="json", exclude={"model"}),
+           "evaluate": cfg.evaluate.model_dump(mode="json"),
            "saes": cfg.saes.model_dump(mode="json"),
            "audit": {"candidates": [{"name": "same"}], "n_boot": 100, "causal_features": causal}}
     f = tmp_path / "audit.yaml"
@@ -154,7 +159,7 @@ def test_candidate_with_non_finite_outputs_is_failed_not_crashed(planted_run):
 def test_phase_drift_is_a_ratio_of_sums_with_an_interval():
     """A layer where unrelated inputs barely differ must not dominate its phase (a mean of per-layer
     ratios would give phase 1 a drift of 2.75 here); the final phase's excess carries an interval."""
-    from emoscope.analysis.audit import _phase_drift
+    from emoscope.analysis.drift import phase_drift as _phase_drift
     rng = np.random.default_rng(0)
     n = 200
     per_ex = {0: rng.uniform(0.3, 0.5, n), 1: rng.uniform(0.3, 0.5, n),  # phase 0: drifts 0.4 of 0.5
@@ -165,11 +170,11 @@ def test_phase_drift_is_a_ratio_of_sums_with_an_interval():
     by_phase, excess = _phase_drift(per_ex, unrelated, phase, 2, boots)
     assert abs(by_phase[0] - 0.8) < 0.02 and abs(by_phase[1] - 0.35 / 0.61) < 0.02
     assert excess["lo"] <= excess["value"] <= excess["hi"] < 0  # phase 0 drifts more, and the interval says so
-    same = {l: np.zeros(n) for l in per_ex}
+    same = {layer: np.zeros(n) for layer in per_ex}
     by_phase, excess = _phase_drift(same, unrelated, phase, 2, boots)
     assert by_phase == {0: 0.0, 1: 0.0} and excess == {"value": 0.0, "lo": 0.0, "hi": 0.0}
     # undefined normalisation (unrelated inputs never differ, the candidate does): no phase value, no excess
     by_phase, excess = _phase_drift(per_ex, {0: 0.0, 1: 0.0, 2: 0.01, 3: 0.6}, phase, 2, boots)
     assert by_phase[0] is None and excess is None
     # one phase: nothing to compare with
-    assert _phase_drift(per_ex, unrelated, {l: 0 for l in per_ex}, 1, boots)[1] is None
+    assert _phase_drift(per_ex, unrelated, {layer: 0 for layer in per_ex}, 1, boots)[1] is None

@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from emoscope.run import RunConfig, run
+from emoscope.config import RunConfig
+from emoscope.pipeline import run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -66,6 +67,6 @@ def test_report_in_headless_chromium(tmp_path, tiny_dir, toy_data, shared_data):
     md = {stage: fn(tmp_path / "run") for stage, fn in TABLES.items()}
     assert "share of emotion-selective features" in md["phases"] and "| anger |" in md["phases"]
     assert "random control" in md["trace"] and "| feature_steering |" in md["steer"] and "| int4 |" in md["audit"]
-    from emoscope.cli import headlines
+    from emoscope.report.console import headlines
     lines = headlines(tmp_path / "run")  # printed at the end of `emoscope run`
-    assert [l.split(":")[0].split(",")[0] for l in lines] == ["tracing", "steering", "audit"]
+    assert [line.split(":")[0].split(",")[0] for line in lines] == ["tracing", "steering", "audit"]

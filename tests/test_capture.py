@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from emoscope.capture import HookPoint, all_resid, record
+from emoscope.hooks import HookPoint, all_resid, record
 from emoscope.errors import EmoscopeError
 from tiny import tiny_model
 
@@ -15,8 +15,8 @@ def test_resid_hooks_equal_hidden_states(arch):
     with record(v, all_resid(v) + [HookPoint(1, "attn_out"), HookPoint(1, "mlp_out")]) as acts:
         out = v.model(input_ids=ids, output_hidden_states=True)
     hs = out.hidden_states  # embeddings, then each block; the last one is after the final norm
-    for l in range(v.n_layers - 1):
-        torch.testing.assert_close(acts[f"blocks.{l}.hook_resid_post"], hs[l + 1])
+    for layer in range(v.n_layers - 1):
+        torch.testing.assert_close(acts[f"blocks.{layer}.hook_resid_post"], hs[layer + 1])
     last = acts[f"blocks.{v.n_layers - 1}.hook_resid_post"]
     torch.testing.assert_close(v.final_norm(last), hs[-1])
     # resid_post(L) = resid_post(L-1) + attn_out(L) + mlp_out(L)

@@ -6,10 +6,11 @@ import torch
 
 import pytest
 
-from emoscope.analysis.causal import (AnswerBatch, ablate, answer_batches, answer_logits, attribution, margin,
-                                    prompt_batches, set_features)
+from emoscope.interventions.answers import AnswerBatch, answer_batches, answer_logits, prompt_batches
+from emoscope.interventions.edits import Edit, apply_edits, set_features
+from emoscope.interventions.effects import ablate, attribution, margin
 from emoscope.sae import SAE, SAEConfig
-from emoscope.sae.evaluate import pad_batch
+from emoscope.hooks import pad_batch
 from tiny import CORPUS, tiny_model
 
 
@@ -19,10 +20,10 @@ def _setup(seed=0, arch="llama", **kw):
     prompts = [tok(t + " Emotion:").input_ids for t in CORPUS[:6]]
     tokens = [tok(" " + w, add_special_tokens=False).input_ids[0] for w in ["joy", "fear", "anger"]]
     saes = {}
-    for l in (1, 2):
-        saes[l] = SAE.init(SAEConfig(d_in=32, d_sae=64, k=8, hook_name=f"blocks.{l}.hook_resid_post"), seed=l)
+    for layer in (1, 2):
+        saes[layer] = SAE.init(SAEConfig(d_in=32, d_sae=64, k=8, hook_name=f"blocks.{layer}.hook_resid_post"), seed=layer)
         with torch.no_grad():
-            saes[l].b_enc.fill_(0.1)
+            saes[layer].b_enc.fill_(0.1)
     gold = np.array([0, 1, 2, 0, 1, 2])
     return view, saes, prompts, tokens, gold
 
@@ -36,16 +37,26 @@ def _clean_margin(view, prompts, gold, tokens):
 
 
 def test_splice_with_no_change_is_identity():
+    """Edits of real, active features that change nothing (scale 1, add 0) leave the logits bit-identical;
+    the same features set to zero change them (so the identity is not vacuous)."""
     view, saes, prompts, tokens, gold = _setup()
     clean = _clean_margin(view, prompts, gold, tokens)
     ids, mask = pad_batch(prompts, "cpu")
     last = torch.tensor([len(p) - 1 for p in prompts])
     with torch.no_grad():
         ref = view.model(input_ids=ids, attention_mask=mask).logits
-        # "setting" features to their own values: baseline = current features, via an empty feature list
-        with set_features(view, saes, {1: [], 2: []}, last):
+        _, res = answer_logits(view, ids, mask, last, tokens, [1, 2])
+        active = {layer: np.flatnonzero((saes[layer].encode(res[layer][torch.arange(len(ids)), last]) > 0).any(0))[:4]
+                  for layer in (1, 2)}
+        assert all(len(f) == 4 for f in active.values())
+        noop = [Edit(layer=layer, feature=int(f), mode=m, value=v) for layer, fs in active.items() for f in fs
+                for m, v in (("scale", 1.0), ("add", 0.0))]
+        with apply_edits(view, saes, noop, last):
             same = view.model(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(same, ref)
+        with set_features(view, saes, {layer: list(fs) for layer, fs in active.items()}, last):
+            changed = view.model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(same, ref)
+    assert not torch.allclose(changed, ref)
     np.testing.assert_allclose(ablate(view, saes, prompts, gold, tokens, {1: [], 2: []}), clean, atol=1e-6)
 
 
@@ -55,17 +66,17 @@ def test_attribution_matches_finite_difference():
     np.testing.assert_allclose(clean, _clean_margin(view, prompts, gold, tokens), atol=1e-5)
     # scale one active feature by (1 - eps): exact change / eps ~ gradient . (-f) = attribution
     eps = 1e-3
-    l = 2
-    f_all = attr[l]
+    layer = 2
+    f_all = attr[layer]
     b, j = np.unravel_index(np.argmax(np.abs(f_all)), f_all.shape)
     ids, mask = pad_batch([prompts[b]], "cpu")
     last = torch.tensor([len(prompts[b]) - 1])
     with torch.no_grad():
-        _, res = answer_logits(view, ids, mask, last, tokens, [l])
-        f = saes[l].encode(res[l][:, -1])
+        _, res = answer_logits(view, ids, mask, last, tokens, [layer])
+        f = saes[layer].encode(res[layer][:, -1])
         base = f.clone()
         base[0, j] *= (1 - eps)
-        m = ablate(view, saes, [prompts[b]], gold[b:b + 1], tokens, {l: [int(j)]}, baseline={l: base})
+        m = ablate(view, saes, [prompts[b]], gold[b:b + 1], tokens, {layer: [int(j)]}, baseline={layer: base})
     fd = (m[0] - clean[b]) / eps
     assert abs(fd - f_all[b, j]) < 1e-2 * max(1.0, abs(fd)), (fd, f_all[b, j])
 
@@ -127,6 +138,6 @@ def test_cached_answer_passes_equal_whole_prompt_passes(arch, window):
     a_c, m_c = attribution(view, saes, cached, gold, tokens)
     a_w, m_w = attribution(view, saes, whole, gold, tokens)
     np.testing.assert_allclose(m_c, m_w, atol=1e-5)
-    for l in a_c:
-        np.testing.assert_allclose(a_c[l], a_w[l], atol=1e-5)
+    for layer in a_c:
+        np.testing.assert_allclose(a_c[layer], a_w[layer], atol=1e-5)
     assert ablate(view, saes, cached, gold, tokens, feats).tolist() == ablate(view, saes, cached, gold, tokens, feats).tolist()

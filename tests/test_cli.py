@@ -14,7 +14,7 @@ def cli(*args, cwd=None):
 def _one_line_error(r, pattern):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
-    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
     assert pattern in lines[0], lines[0]
 

@@ -12,7 +12,7 @@ from emoscope.errors import EmoscopeError
 def test_goemotions_counts_and_labels(shared_data):
     rows, rep = load_split("goemotions_ekman", "train", shared_data)
     assert len(rows) == 43410 and rep.skipped_empty == 0
-    labels = {l for r in rows for l in r.labels}
+    labels = {lab for r in rows for lab in r.labels}
     assert labels == set(EKMAN) | {"neutral"}
     assert sum(len(r.labels) > 1 for r in rows) > 1000  # multi-label rows are kept by the loader
     dev, _ = load_split("goemotions_ekman", "validation", shared_data)
@@ -26,7 +26,7 @@ def test_isear_stray_bar_rows(shared_data):
     assert collections.Counter(r.label for r in rows)["disgust"] == 1096
     assert {r.label for r in rows} == {"anger", "disgust", "fear", "joy", "sadness", "shame", "guilt"}
     lines = path.read_text(encoding="utf-8").splitlines()[1:]
-    stray = [i for i, l in enumerate(lines) if l.count("|") > 42]
+    stray = [i for i, lab in enumerate(lines) if lab.count("|") > 42]
     assert len(stray) > 100
     for i in stray[:20]:
         r = rows[i]
@@ -106,7 +106,7 @@ def test_select_balanced_and_deterministic(shared_data):
     b = select(rows, EKMAN, LoadReport("x"), per_class=20, seed=3)
     c = select(rows, EKMAN, LoadReport("x"), per_class=20, seed=4)
     assert [e.id for e in a] == [e.id for e in b] != [e.id for e in c]
-    assert collections.Counter(e.label for e in a) == {l: 20 for l in EKMAN}
+    assert collections.Counter(e.label for e in a) == {lab: 20 for lab in EKMAN}
     assert rep.dropped["multi-label"] > 0
     tr, trep = load_split("goemotions_ekman", "train", shared_data)
     pool = select(tr, EKMAN, trep)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from emoscope.data import load_split, select
-from emoscope.evaluate import DataConfig, EvalConfig, ModelConfig, Task
+from emoscope.task import Task
 from emoscope.models import load_model
-from emoscope.score import score_ids, score_naive
+from emoscope.task.score import score_ids, score_naive
 
 pytestmark = pytest.mark.slow
 
@@ -15,10 +15,9 @@ pytestmark = pytest.mark.slow
 def test_embedded_model_scores_like_naive(name, layers, d, chat, shared_data):
     view = load_model(name, device="cpu", dtype="float32")
     assert (view.n_layers, view.d_model, view.chat) == (layers, d, chat)
-    cfg = EvalConfig(model=ModelConfig(name=name), data=DataConfig(per_class=1), shots=2)
-    task = Task(cfg, view)
+    task = Task(view, per_class=1, shots=2)
     rows, rep = load_split("goemotions_ekman", "test", shared_data)
     ex = select(rows, task.classes, rep, per_class=1, seed=0)[:3]
-    prompts = [task.builder.encode(task.builder.prompt(e.text)) for e in ex]
-    labels = task.builder.label_ids()
+    prompts = task.encode_all(e.text for e in ex)
+    labels = task.label_ids
     np.testing.assert_allclose(score_ids(view, prompts, labels), score_naive(view, prompts, labels), atol=2e-3)

@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from emoscope.analysis.perturb import apply_precision, perturb_text, rtn_quantize_, template_variants
+from emoscope.interventions.perturb import apply_precision, perturb_text, rtn_quantize_, template_variants
 from emoscope.errors import EmoscopeError
-from emoscope.prompts import Template
+from emoscope.task.prompts import Template
 from tiny import tiny_model
 
 

@@ -2,9 +2,11 @@
 
 import json
 
+import torch
 import yaml
 
-from emoscope.run import RunConfig, run
+from emoscope.config import RunConfig
+from emoscope.pipeline import run
 
 
 def _cfg(tmp_path, tiny_dir, data):
@@ -33,10 +35,10 @@ def test_run_skips_up_to_date_stage_and_escapes_report(tmp_path, tiny_dir, toy_d
     assert "Task accuracy" in html and "plotly" in html.lower()
     logs.clear()
     run(cfg, log=logs.append)
-    assert any("up to date" in l for l in logs) and result.read_bytes() == first
+    assert any("up to date" in line for line in logs) and result.read_bytes() == first
     logs.clear()
     run(cfg, force={"evaluate"}, log=logs.append)
-    assert not any("up to date" in l for l in logs) and result.read_bytes() == first  # deterministic
+    assert not any("up to date" in line for line in logs) and result.read_bytes() == first  # deterministic
 
 
 def test_changed_key_reruns(tmp_path, tiny_dir, toy_data):
@@ -47,21 +49,20 @@ def test_changed_key_reruns(tmp_path, tiny_dir, toy_data):
     logs = []
     run(cfg, log=logs.append)
     h2 = json.loads((tmp_path / "run" / "evaluate" / "result.json").read_text())["config_hash"]
-    assert h1 != h2 and not any("up to date" in l for l in logs)
+    assert h1 != h2 and not any("up to date" in line for line in logs)
 
 
 def test_quick_config_is_valid():
-    from pathlib import Path
-    raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / "quick.yaml").read_text())
-    cfg = RunConfig.model_validate(raw)
+    from emoscope.config import load_config
+    cfg = load_config("quick")  # shipped inside the package, found by name
     assert cfg.model.name == "gemma3-270m" and cfg.run_dir == "runs/demo"
-    from emoscope.run import STAGES
+    from emoscope.config import STAGES
     assert tuple(cfg.stages) == STAGES  # the demo runs the whole pipeline
 
 
 def test_saes_and_phases_stages_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
     from emoscope.models import load_model
-    from emoscope.sae.stage import load_saes
+    from emoscope.sae.pretrained import load_saes
 
     cfg = RunConfig.model_validate({
         "run_dir": str(tmp_path / "run"), "model": {"name": str(tiny_dir)}, "stages": ["evaluate", "saes", "phases"],
@@ -152,14 +153,13 @@ def _empty_dev_set_is_refused(run_dir, toy_data, tiny_dir, steer_cfg):
     """The same run pointed at a copy of its data without dev rows: steering refuses in one line, writes nothing."""
     import pytest
 
-    from emoscope.analysis.steer_stage import run_steer
     from emoscope.data import _hash_split
     from emoscope.errors import EmoscopeError
-    from emoscope.models import load_model
+    from emoscope.pipeline import RunContext, run_stage
 
     lines = toy_data.read_text().splitlines()
     no_dev = run_dir.parent / "no_dev.csv"
-    no_dev.write_text("\n".join([lines[0]] + [l for l in lines[1:] if _hash_split(l.split(",")[0]) != "dev"]) + "\n")
+    no_dev.write_text("\n".join([lines[0]] + [line for line in lines[1:] if _hash_split(line.split(",")[0]) != "dev"]) + "\n")
     ev_path = run_dir / "evaluate" / "result.json"
     original = ev_path.read_bytes()
     ev = json.loads(original)
@@ -168,7 +168,7 @@ def _empty_dev_set_is_refused(run_dir, toy_data, tiny_dir, steer_cfg):
     before = (run_dir / "steer" / "result.json").read_bytes()
     try:
         with pytest.raises(EmoscopeError, match="no examples of .* steering needs a labelled dev set") as e:
-            run_steer(steer_cfg, run_dir, load_model(str(tiny_dir)))
+            run_stage(RunContext.from_run_dir(run_dir), "steer", steer_cfg)
     finally:
         ev_path.write_bytes(original)
     assert "\n" not in str(e.value) and (run_dir / "steer" / "result.json").read_bytes() == before
@@ -183,26 +183,32 @@ def res_labels(tmp_path):
     return json.loads((tmp_path / "run" / "evaluate" / "result.json").read_text())["labels"]
 
 
-def test_every_config_key_is_documented_in_readme():
+def test_config_doc_is_generated_from_the_code():
+    """docs/config.md is `emoscope config-keys`: a default or key changed in the code fails here."""
     from pathlib import Path
-    from emoscope.run import config_keys
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    missing = [k for k, _, _ in config_keys() if f"`{k}`" not in readme]
-    assert not missing, f"README lacks config keys: {missing}"
+    from emoscope.config import config_doc
+    doc = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
+    assert doc == config_doc(), "docs/config.md is stale: regenerate it with `emoscope config-keys > docs/config.md`"
 
 
 def test_sae_training_is_deterministic(tmp_path, tiny_dir, shared_data):
     from emoscope.models import load_model
-    from emoscope.sae.stage import SAEStageConfig, run_saes
+    from emoscope.stages.saes import train_saes
 
     view = load_model(str(tiny_dir))
-    cfg = SAEStageConfig.model_validate({"train": {"tokens": 3000, "layers": [2], "expansion": 2, "k": 4, "batch_tokens": 256,
-                                                   "buffer_tokens": 1024, "seqs_per_forward": 4}, "eval_seqs": 4, "ce": False})
-    a = run_saes(cfg, tmp_path / "a", view)
-    b = run_saes(cfg, tmp_path / "b", view)
+    cfg = {"train": {"tokens": 3000, "layers": [2], "expansion": 2, "k": 4, "batch_tokens": 256,
+                     "buffer_tokens": 1024, "seqs_per_forward": 4}, "eval_seqs": 4, "ce": False}
+    a, b = train_saes(view, cfg), train_saes(view, cfg)
+    a.save(tmp_path / "a" / "saes")
+    b.save(tmp_path / "b" / "saes")
     w = "saes/blocks.2.hook_resid_post/sae_weights.safetensors"
     assert (tmp_path / "a" / w).read_bytes() == (tmp_path / "b" / w).read_bytes()
     assert a["quality"] == b["quality"] and (tmp_path / "a/saes/result.json").read_bytes() == (tmp_path / "b/saes/result.json").read_bytes()
+    # the result loads back as it was saved (symmetric save/load)
+    from emoscope.stages.saes import SAEsResult
+    c = SAEsResult.load(tmp_path / "a" / "saes", view)
+    assert c.data == a.data and list(c.saes) == list(a.saes)
+    assert all(torch.equal(c.saes[h].W_dec, a.saes[h].W_dec) for h in a.saes)
 
 
 def _tiny_run_yaml(tmp_path, tiny_dir, toy_data, name):

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from emoscope.sae import SAE, SAEConfig
-from emoscope.sae.evaluate import evaluate_saes, lm_loss, pad_batch
+from emoscope.hooks import pad_batch
+from emoscope.sae.quality import evaluate_saes, lm_loss
 
 
 def _identity_sae(d):
@@ -46,7 +47,7 @@ def test_ce_recovered_identity_is_one_and_zero_sae_is_zero(tiny_llama):
 
 def _mean_sq_over_var(view, batches):
     """FVU of the all-zero reconstruction is sum||x||^2 / sum||x - mean||^2 = 1 + n||mean||^2 / total var."""
-    from emoscope.capture import HookPoint, record
+    from emoscope.hooks import HookPoint, record
     ids, mask = batches[0]
     keep = mask.bool().clone()
     keep[:, 0] = False

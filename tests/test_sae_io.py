@@ -78,8 +78,8 @@ def test_pretrained_release_goes_through_saelens(tmp_path, tiny_llama, monkeypat
     """A SAELens release id is loaded with SAELens's own from_pretrained (stubbed here: no network)."""
     sae_lens = pytest.importorskip("sae_lens")
     from sae_lens.saes.sae import SAEMetadata
-    from emoscope.capture import HookPoint
-    from emoscope.sae.stage import _load_pretrained
+    from emoscope.hooks import HookPoint
+    from emoscope.sae.pretrained import load_saes
 
     def fake_from_pretrained(release, sae_id, device="cpu"):
         assert (release, sae_id) == ("some-release", "layer_2/width_96")
@@ -89,9 +89,9 @@ def test_pretrained_release_goes_through_saelens(tmp_path, tiny_llama, monkeypat
         return s
 
     monkeypatch.setattr(sae_lens.SAE, "from_pretrained", staticmethod(fake_from_pretrained))
-    saes = _load_pretrained("some-release", tiny_llama, [HookPoint(2)], {"blocks.2.hook_resid_post": "layer_2/width_96"})
+    saes = load_saes("some-release", tiny_llama, hooks=[HookPoint(2).name], ids={"blocks.2.hook_resid_post": "layer_2/width_96"})
     assert saes["blocks.2.hook_resid_post"].cfg.d_sae == 96
     with pytest.raises(EmoscopeError, match="give pretrained_ids for blocks.3"):
-        _load_pretrained("some-release", tiny_llama, [HookPoint(3)], {"blocks.2.hook_resid_post": "x"})
+        load_saes("some-release", tiny_llama, hooks=[HookPoint(3).name], ids={"blocks.2.hook_resid_post": "x"})
     with pytest.raises(EmoscopeError, match="folder not found"):
-        _load_pretrained(str(tmp_path / "none"), tiny_llama, [HookPoint(2)], {})
+        load_saes(str(tmp_path / "none"), tiny_llama, hooks=[HookPoint(2).name])

@@ -100,7 +100,7 @@ def test_dense_architectures_train_sparse_codes():
 
 
 def _layer(cfg, x):
-    from emoscope.capture import HookPoint
+    from emoscope.hooks import HookPoint
     from emoscope.sae.train import _Layer
 
     st = _Layer.start(cfg, HookPoint(0), x, "m", torch.device("cpu"))

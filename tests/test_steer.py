@@ -4,11 +4,12 @@ expected way; files from another model or SAE, and non-finite strengths, are ref
 import pytest
 import torch
 
-from emoscope.analysis.causal import answer_logits
-from emoscope.analysis.steer import Edit, check, load_steering, make_steering, save_steering, steer
+from emoscope.interventions.answers import answer_logits
+from emoscope.interventions.edits import Edit, apply_edits as steer
+from emoscope.interventions.steering import check, load_steering, make_steering, save_steering
 from emoscope.errors import EmoscopeError
 from emoscope.sae import SAE, SAEConfig
-from emoscope.sae.evaluate import pad_batch
+from emoscope.hooks import pad_batch
 from tiny import CORPUS, tiny_model
 
 
@@ -47,7 +48,7 @@ def test_planted_feature_moves_prediction():
             up, _ = answer_logits(view, ids, mask, last, tokens)
         with steer(view, saes, [Edit(layer=2, feature=5, mode="clamp", value=0.0)], last):
             down, _ = answer_logits(view, ids, mask, last, tokens)
-    joy = lambda l: (torch.log_softmax(l, -1)[:, 0]).mean()
+    joy = lambda logits: (torch.log_softmax(logits, -1)[:, 0]).mean()
     assert joy(up) > joy(base) > joy(down)
     assert (up.argmax(1) == 0).float().mean() > (base.argmax(1) == 0).float().mean() or bool((base.argmax(1) == 0).all())
 
@@ -75,19 +76,18 @@ def test_steering_file_checks(tmp_path):
 def test_classify_python_and_cli(tmp_path, tiny_dir, toy_data):
     import json as _json
     import numpy as np
-    from emoscope.analysis.steer import label_probs
-    from emoscope.evaluate import EvalConfig, Task
-    from emoscope.models import load_model
-    from emoscope.run import RunConfig, run
+    from emoscope.interventions.steering import label_probs
+    from emoscope.pipeline import RunContext
+    from emoscope.config import RunConfig
+    from emoscope.pipeline import run
     from test_cli import cli
 
     cfg = RunConfig.model_validate({"run_dir": str(tmp_path / "run"), "model": {"name": str(tiny_dir)}, "stages": ["evaluate"],
                                     "evaluate": {"data": {"dataset": str(toy_data), "per_class": 2}}})
     run(cfg, log=lambda s: None)
-    view = load_model(str(tiny_dir))
-    ev = _json.loads((tmp_path / "run/evaluate/result.json").read_text())
-    task = Task(EvalConfig.model_validate(ev["config"]), view)
-    p = label_probs(view, task, ["I feel happy", "so scared"])
+    task = RunContext.from_run_dir(tmp_path / "run").task  # the run's task, rebuilt from its evaluate result
+    view = task.model
+    p = label_probs(task, ["I feel happy", "so scared"])
     assert p.shape == (2, 6) and np.allclose(p.sum(1), 1)
     # pushing toward joy (a feature writing joy's unembedding, added at the answer position) raises
     # p(joy) against the unsteered prior; steering the content-free inputs too would absorb the push
@@ -98,10 +98,10 @@ def test_classify_python_and_cli(tmp_path, tiny_dir, toy_data):
         w = view.unembed.weight
         sae.W_dec[3] = (w[first[j]] - w[first].mean(0)) / (w[first[j]] - w[first].mean(0)).norm()
     texts, push = ["I feel happy", "so scared", "what a day"], [Edit(layer=last, feature=3, mode="add", value=20.0)]
-    base = label_probs(view, task, texts)
-    assert np.allclose(label_probs(view, task, texts, {last: sae}, [], steer_prior=False), base)
-    assert label_probs(view, task, texts, {last: sae}, push, steer_prior=False)[:, j].mean() > base[:, j].mean() + 0.05
-    r = cli("classify", "--run", tmp_path / "run", "I feel happy", "so scared")
+    base = label_probs(task, texts)
+    assert np.allclose(label_probs(task, texts, {last: sae}, [], steer_prior=False), base)
+    assert label_probs(task, texts, {last: sae}, push, steer_prior=False)[:, j].mean() > base[:, j].mean() + 0.05
+    r = cli("classify", "--run", tmp_path / "run", "I feel happy", "so scared", "--json")
     assert r.returncode == 0, r.stderr
-    out = _json.loads(r.stdout.strip().splitlines()[-1])
+    out = _json.loads(r.stdout)  # --json: stdout carries only JSON
     assert abs(out[0]["joy"] - p[0, task.classes.index("joy")]) < 1e-3

@@ -3,40 +3,42 @@
 import pytest
 import torch
 
-from emoscope.capture import HookPoint, capture_to_store, record, token_positions
+from emoscope.hooks import HookPoint, record
+from emoscope.store import capture_to_store
 from emoscope.data import EKMAN, Example
 from emoscope.errors import EmoscopeError
-from emoscope.prompts import PromptBuilder, Template
+from emoscope.task import Task
 from emoscope.store import Store, StoreWriter
 from tiny import CORPUS
 
 
-def _builder(view):
-    return PromptBuilder(view.tokenizer, Template(), EKMAN, [], False, view.max_context)
+def _builder(view, data):
+    return Task(view, dataset=str(data), labels=EKMAN)
 
 
-def test_text_positions_cover_exactly_the_text(tiny_llama):
-    b = _builder(tiny_llama)
+def test_text_positions_cover_exactly_the_text(tiny_llama, toy_data):
+    b = _builder(tiny_llama, toy_data)
     text = "I'm terrified of what might happen tomorrow."
-    ids, pos = token_positions(b, text, "text")
+    ids, pos = b.positions(text, "text")
     assert tiny_llama.tokenizer.decode([ids[p] for p in pos]).strip() == text
-    ids2, last = token_positions(b, text, "last")
+    ids2, last = b.positions(text, "last")
     assert ids2 == ids and last == [len(ids) - 1]
-    assert token_positions(b, text, "all")[1] == list(range(1, len(ids)))
+    assert b.positions(text, "all")[1] == list(range(1, len(ids)))
     with pytest.raises(EmoscopeError, match="unknown positions"):
-        token_positions(b, text, "middle")
+        b.positions(text, "middle")
 
 
 @pytest.mark.parametrize("positions,dtype", [("last", "float32"), ("text", "bfloat16")])
-def test_store_round_trip(tiny_llama, tmp_path, positions, dtype):
-    b = _builder(tiny_llama)
+def test_store_round_trip(tiny_llama, tmp_path, positions, dtype, toy_data):
+    b = _builder(tiny_llama, toy_data)
     ex = [Example(f"e{i}", t, ("joy",)) for i, t in enumerate(CORPUS[:5])]
     hooks = [HookPoint(0), HookPoint(3)]
-    store = capture_to_store(tiny_llama, b, ex, hooks, positions, tmp_path / "s", dtype=dtype, batch_size=2)
+    store = capture_to_store(tiny_llama, [b.positions(e.text, positions) for e in ex], [e.id for e in ex], hooks,
+                             positions, tmp_path / "s", dtype=dtype, batch_size=2)
     # reference: one prompt at a time, no padding
     ref, n = {h.name: [] for h in hooks}, 0
     for e in ex:
-        ids, pos = token_positions(b, e.text, positions)
+        ids, pos = b.positions(e.text, positions)
         with torch.no_grad(), record(tiny_llama, hooks) as acts:
             tiny_llama.model(input_ids=torch.tensor([ids]))
         for h in hooks:

@@ -5,12 +5,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from emoscope import calibrate
+from emoscope.task import calibrate
 from emoscope.data import EKMAN, Example
 from emoscope.errors import EmoscopeError
-from emoscope.metrics import classification_metrics
-from emoscope.prompts import PromptBuilder, Template
-from emoscope.score import score_ids, score_naive
+from emoscope.task.metrics import classification_metrics
+from emoscope.task.prompts import PromptBuilder, Template
+from emoscope.task.score import score_ids, score_naive
 from tiny import CORPUS, tiny_model
 
 

@@ -1,7 +1,7 @@
-"""Run-directory artifacts: each stage writes `run_dir/<stage>/` atomically, with its config hash.
+"""Files on disk: folders written atomically, JSON, and the stable hash of configs.
 
-A stage writes everything into a temporary sibling folder and renames it into place at the end, so
-an interrupted run never leaves a half-written stage that could be read as complete.
+A result folder is written into a temporary sibling and renamed into place at the end, so an
+interrupted run never leaves a half-written folder that could be read as complete.
 """
 
 from __future__ import annotations
@@ -24,20 +24,20 @@ def config_hash(*parts) -> str:
 
 
 @contextmanager
-def stage_dir(run_dir: str | Path, stage: str):
-    """Yield a temporary folder; on success it replaces `run_dir/<stage>` in one rename."""
-    final = Path(run_dir) / stage
+def atomic_dir(final: str | Path):
+    """Yield a temporary sibling folder; on success it replaces `final` in one rename. Leftovers of a
+    killed writer (SIGKILL skips the cleanup below) are never read, and are removed here."""
+    final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    # leftovers of a killed run (SIGKILL skips the cleanup below): never read, removed here
-    for stale in [*final.parent.glob(f".{stage}.tmp-*"), *final.parent.glob(f".{stage}.old-*")]:
+    for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{stage}.tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.with_name(f".{stage}.old-{os.getpid()}")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
@@ -50,12 +50,3 @@ def write_json(path: Path, obj) -> None:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
-
-
-def require(run_dir: str | Path, *stages: str) -> None:
-    """One-line error unless each named stage has a result in the run directory."""
-    from .errors import EmoscopeError
-
-    for stage in stages:
-        if not (Path(run_dir) / stage / "result.json").exists():
-            raise EmoscopeError(f"{run_dir} has no {stage}/result.json: run the {stage} stage first")

@@ -1,28 +1,50 @@
-"""Command line: `emoscope evaluate | run | report | summarize`.
+"""Command line: a thin layer over the Python API (`import emoscope as es`).
 
-Every user error (EmoscopeError) becomes one line on stderr and exit code 2, never a traceback.
+Commands: run (the whole pipeline from a config), evaluate, train-saes, phases, trace, steer, audit,
+classify, report, summarize, config-keys. Every option's default lives in the pydantic configs: options
+left unset keep the config's value, and `--set key=value` reaches any key.
+
+Exit codes: 0 success; 1 an audit over its thresholds, or an internal error (the traceback is saved and
+its path printed); 2 bad input or usage (one `error:` line on stderr); 130 interrupted.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import sys
+import tempfile
+import traceback
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, get_args, get_origin
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from .errors import EmoscopeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Mechanistic analysis of emotion inference in language models.")
-console = Console(stderr=True)
+
+SET_HELP = "Set any config key, e.g. --set trace.per_emotion=8 (repeatable; values read as YAML)."
+JSON_HELP = "Print the result as JSON on stdout (and nothing else there)."
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (default: as the run was evaluated)."
+DTYPE_HELP = "float32, bfloat16, float16 or auto (default: as the run was evaluated)."
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+        print(f"emoscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Mechanistic analysis of emotion inference in language models."""
 
 
 def _quiet_libraries() -> None:
@@ -37,429 +59,399 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-def _progress():
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
+def _progress_factory(stack):
+    """Progress per stage: a rich bar on a terminal, plain periodic lines (rate, ETA) in logs."""
+    from .report.console import PlainProgress, err
+
+    if not err.is_terminal:
+        return lambda name, total=None: PlainProgress(name, total)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = stack.enter_context(Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                       TimeElapsedColumn(), console=err, transient=True))
+    def factory(name, total=None):
+        task = bar.add_task(name, total=total)
+        return lambda n=1: bar.advance(task, n)
+    return factory
 
 
-def _fmt(m: dict) -> str:
-    return f"{m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]"
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
 
 
-def print_eval(res: dict, calibrated: bool = True) -> None:
-    t = Table(title=f"{res['model']['name']} · {res['config']['data']['dataset']}/{res['config']['data']['split']} · "
-                    f"{res['config']['shots']}-shot · n={res['n']} · seed {res['seed']}")
-    t.add_column("scores")
-    t.add_column("accuracy [95% CI]")
-    t.add_column("macro-F1 [95% CI]")
-    for name in ["raw", "calibrated"] if calibrated else ["raw"]:
-        t.add_row(name, _fmt(res[name]["accuracy"]), _fmt(res[name]["macro_f1"]))
-    Console().print(t)
-    pc = Table(title="per-class recall (raw → calibrated)")
-    pc.add_column("class")
-    pc.add_column("support")
-    pc.add_column("recall raw")
-    pc.add_column("recall cal.")
-    for lab in res["labels"]:
-        pc.add_row(lab, str(res["raw"]["per_class"][lab]["support"]), f"{res['raw']['per_class'][lab]['recall']['value']:.2f}",
-                   f"{res['calibrated']['per_class'][lab]['recall']['value']:.2f}")
-    Console().print(pc)
+def _help(cls, field: str, extra: str = "") -> str:
+    f = cls.model_fields[field]
+    d = f.default.model_dump(mode="json") if hasattr(f.default, "model_dump") else f.default
+    return f"{f.description or ''}{extra} (config default: {json.dumps(d)})"
+
+
+# ------------------------------------------------------------------------------------------ run
+@app.command()
+def run(config: str = typer.Option(..., help="Run config: a YAML path or a shipped name (quick, full, full-smollm2)."),
+        force: list[str] = typer.Option([], help="Stage to rerun even if up to date (repeatable)."),
+        set_: list[str] = typer.Option([], "--set", help=SET_HELP)):
+    """Run the whole pipeline into the config's run directory and write report.html."""
+    from contextlib import ExitStack
+
+    from .config import load_config
+    from .pipeline import run as run_all
+    from .report.console import err, headlines, print_eval, print_phases, print_saes
+
+    cfg = load_config(config, set_)
+    with ExitStack() as stack:
+        factory = _progress_factory(stack)
+        path = run_all(cfg, set(force), log=lambda m: err.print(m, markup=False, highlight=False),
+                       progress_factory=lambda stage: factory(stage))
+    from .artifacts import read_json
+
+    run_dir = Path(cfg.run_dir).expanduser()
+    for stage, show in (("evaluate", print_eval), ("saes", print_saes), ("phases", print_phases)):
+        if (run_dir / stage / "result.json").exists():
+            show(read_json(run_dir / stage / "result.json"))
+    for line in headlines(run_dir):
+        err.print(line, markup=False)
+    err.print(f"report: {path}", markup=False)
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+from .data import DataConfig  # noqa: E402  (for option help text, read from the configs)
+from .models import ModelConfig  # noqa: E402
+from .task.task import TaskConfig  # noqa: E402
 
 
 @app.command()
 def evaluate(
-    model: str = typer.Option("gemma3-270m", help="Registry name, .gguf file, local dir or HF id."),
-    dataset: str = typer.Option("goemotions_ekman", help="goemotions_ekman, isear, dair_emotion or a CSV/TSV/JSONL file."),
-    split: str = typer.Option("test", help="train, dev or test."),
-    per_class: Optional[int] = typer.Option(50, help="Balanced sample per class (0 = all rows)."),
-    shots: int = typer.Option(0, help="Few-shot demonstrations from the train split."),
-    calibrate: bool = typer.Option(False, "--calibrate", help="Also print calibrated results (always saved)."),
-    calibration: str = typer.Option("contextual", help="contextual (content-free inputs) or train (train-text prior)."),
+    model: Optional[str] = typer.Option(None, help=_help(ModelConfig, "name")),
+    dataset: Optional[str] = typer.Option(None, help=_help(DataConfig, "dataset")),
+    split: Optional[str] = typer.Option(None, help=_help(DataConfig, "split")),
+    per_class: Optional[int] = typer.Option(None, help=_help(DataConfig, "per_class", " 0 = every row.")),
+    shots: Optional[int] = typer.Option(None, help=_help(TaskConfig, "shots")),
+    calibration: Optional[str] = typer.Option(None, help=_help(TaskConfig, "calibration")),
     labels: Optional[str] = typer.Option(None, help="Comma-separated task labels (default: the Ekman six present)."),
-    extra: str = typer.Option("drop", help="Other labels of the data: drop or keep."),
-    text_column: str = typer.Option("text", help="Text column for CSV/TSV/JSONL."),
-    label_column: str = typer.Option("label", help="Label column for CSV/TSV/JSONL."),
-    data_dir: Optional[str] = typer.Option(None, help="Folder with the dataset folders."),
-    device: str = typer.Option("auto"),
-    dtype: str = typer.Option("float32", help="float32 (default), bfloat16, float16, or auto (bf16 where native)."),
-    seed: int = typer.Option(0),
-    batch_size: int = typer.Option(8),
+    extra: Optional[str] = typer.Option(None, help=_help(DataConfig, "extra")),
+    text_column: Optional[str] = typer.Option(None, help=_help(DataConfig, "text_column")),
+    label_column: Optional[str] = typer.Option(None, help=_help(DataConfig, "label_column")),
+    data_dir: Optional[str] = typer.Option(None, help=_help(DataConfig, "data_dir")),
+    device: Optional[str] = typer.Option(None, help=_help(ModelConfig, "device")),
+    dtype: Optional[str] = typer.Option(None, help=_help(ModelConfig, "dtype")),
+    seed: Optional[int] = typer.Option(None, help=_help(TaskConfig, "seed")),
+    batch_size: Optional[int] = typer.Option(None, help=_help(TaskConfig, "batch_size")),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Also print calibrated results (always saved)."),
+    set_: list[str] = typer.Option([], "--set", help="Set a task key, e.g. --set template.instruction=... "
+                                                     "(repeatable; values read as YAML)."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/evaluate/<model>-<dataset>-<split>-k<shots>)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Score the model on an emotion dataset: raw and calibrated accuracy and macro-F1 with 95% CIs."""
-    from .evaluate import DataConfig, EvalConfig, ModelConfig, evaluate as run_eval
+    from contextlib import ExitStack
 
-    cfg = _validated(EvalConfig, model=ModelConfig(name=model, device=device, dtype=dtype),
-                     data=DataConfig(dataset=dataset, split=split, data_dir=data_dir, per_class=per_class or None,
-                                     labels=labels.split(",") if labels else None, extra=extra,
-                                     text_column=text_column, label_column=label_column),
-                     shots=shots, calibration=calibration, seed=seed, batch_size=batch_size)
-    safe = Path(model).name.replace(".gguf", "")
-    run_dir = out or Path("runs/evaluate") / f"{safe}-{Path(dataset).stem}-{split}-k{shots}"
-    with _progress() as p:
-        task = p.add_task("scoring", total=None)
-        res = run_eval(cfg, run_dir, progress=lambda n: p.advance(task, n))
-    print_eval(res, calibrated=calibrate)
-    console.print(f"wrote {run_dir / 'evaluate' / 'result.json'}")
+    from .config import apply_overrides
+    from .errors import validated
+    from .models import load_model
+    from .report.console import err, print_eval
+    from .stages.evaluate import evaluate as run_eval
+    from .task import Task
 
-
-def _validated(cls, **kw):
-    from pydantic import ValidationError
-
-    try:
-        return cls(**kw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise EmoscopeError(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
-
-
-@app.command()
-def run(config: Path = typer.Option(..., help="Run config YAML (see configs/quick.yaml)."),
-        force: list[str] = typer.Option([], help="Stage to rerun even if up to date (repeatable).")):
-    """Run the whole pipeline into the config's run directory and write report.html."""
-    from .run import load_config, run as run_all
-
-    cfg = load_config(config)
-    with _progress() as p:
-        def factory(stage):
-            task = p.add_task(stage, total=None)
-            return lambda n: p.advance(task, n)
-        path = run_all(cfg, set(force), log=console.print, progress_factory=factory)
-    from .artifacts import read_json
-    from .evaluate import load_result
-    print_eval(load_result(cfg.run_dir))
-    run_dir = Path(cfg.run_dir)
-    if (run_dir / "saes" / "result.json").exists():
-        print_saes(read_json(run_dir / "saes" / "result.json"))
-    if (run_dir / "phases" / "result.json").exists():
-        print_phases(read_json(run_dir / "phases" / "result.json"))
-    for line in headlines(run_dir):
-        console.print(line, markup=False)
-    console.print(f"report: {path}")
+    flat = {"dataset": dataset, "split": split, "shots": shots, "calibration": calibration, "extra": extra,
+            "text_column": text_column, "label_column": label_column, "data_dir": data_dir, "seed": seed,
+            "batch_size": batch_size, "labels": labels.split(",") if labels else None}
+    settings = {k: v for k, v in flat.items() if v is not None}
+    if per_class is not None:
+        settings["per_class"] = per_class or None  # 0: every row
+    task_cfg = TaskConfig.build(apply_overrides({}, set_), **settings)
+    mcfg = validated(ModelConfig, {k: v for k, v in (("name", model), ("device", device), ("dtype", dtype)) if v},
+                     "model.")
+    view = load_model(mcfg)
+    task = Task(view, task_cfg)
+    with ExitStack() as stack:
+        res = run_eval(task, progress=_progress_factory(stack)("scoring"))
+    d = task.config.data
+    safe = Path(mcfg.name).name.replace(".gguf", "")
+    run_dir = out or Path("runs/evaluate") / f"{safe}-{Path(str(d.dataset)).stem}-{d.split}-k{task.config.shots}"
+    res.save(Path(run_dir).expanduser() / "evaluate")
+    if as_json:
+        return _print_json(res.data)
+    print_eval(res.data, calibrated=calibrate)
+    err.print(f"wrote {Path(run_dir) / 'evaluate' / 'result.json'}", markup=False)
 
 
-def headlines(run_dir: Path) -> list[str]:
-    """One line each for the tracing, steering and audit results a run directory holds."""
-    from .artifacts import read_json
-
-    out = []
-    f = run_dir / "trace" / "result.json"
-    if f.exists():
-        tr = read_json(f)
-        best = []
-        for lab, e in tr["emotions"].items():
-            ph = e["phases"][str(e["strongest_phase"])]
-            if ph["features"]:
-                top = ph["features"][0]
-                best.append(f"{lab} L{top['layer']}/{top['feature']} {top['effect']['value']:.2f}")
-        out.append("tracing, strongest feature per emotion (margin drop): " + ("; ".join(best) or "none"))
-    f = run_dir / "steer" / "result.json"
-    if f.exists():
-        st = read_json(f)
-        test = {m: v["test"]["macro_f1"]["value"] for m, v in st["methods"].items()}
-        base = max((m for m in test if m not in ("feature_steering", "random_features")), key=test.get)
-        out.append(f"steering: test macro-F1 {test['feature_steering']:.3f} vs best baseline {base} {test[base]:.3f} "
-                   f"(random features {test['random_features']:.3f})")
-    f = run_dir / "audit" / "result.json"
-    if f.exists():
-        au = read_json(f)
-        out.append(f"audit: {len(au['candidates'])} candidates, over the thresholds: {', '.join(au['failed']) or 'none'}")
-    return out
-
-
+# ------------------------------------------------------------------------------------------ train-saes
 @app.command("train-saes")
 def train_saes_cmd(
-    model: str = typer.Option("gemma3-270m", help="Registry name, .gguf file, local dir or HF id."),
-    profile: str = typer.Option("quick", help="quick (minutes, CI/demo) or full (research quality)."),
+    model: Optional[str] = typer.Option(None, help=_help(ModelConfig, "name")),
+    profile: str = typer.Option("quick", help="quick (minutes, CI/demo) or full (research quality): overlays on the "
+                                              "training config."),
     layers: Optional[str] = typer.Option(None, help="Comma-separated layers (default: all)."),
-    tokens: Optional[int] = typer.Option(None, help="Override the profile's training tokens."),
-    expansion: int = typer.Option(8), k: int = typer.Option(32), seed: int = typer.Option(0),
-    pretrained: Optional[str] = typer.Option(None, help="Folder of SAELens-format SAEs to load and evaluate instead."),
-    data_dir: Optional[str] = typer.Option(None), dtype: str = typer.Option("float32"), device: str = typer.Option("auto"),
+    pretrained: Optional[str] = typer.Option(None, help="Folder of SAELens-format SAEs (or a run directory) to load "
+                                                        "and evaluate instead."),
+    data_dir: Optional[str] = typer.Option(None, help=_help(DataConfig, "data_dir")),
+    device: Optional[str] = typer.Option(None, help=_help(ModelConfig, "device")),
+    dtype: Optional[str] = typer.Option(None, help=_help(ModelConfig, "dtype")),
+    set_: list[str] = typer.Option([], "--set", help="Set an SAE stage key, e.g. --set train.tokens=300000 or "
+                                                     "--set train.k=64 (repeatable)."),
     out: Path = typer.Option(Path("runs/saes"), help="Run directory; SAEs go to OUT/saes/<hook>/."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Train (or load) an SAE for every requested layer and evaluate them: L0, FVU, CE-loss recovered, dead %."""
+    from contextlib import ExitStack
+
+    from .config import apply_overrides
+    from .errors import validated
     from .models import load_model
-    from .sae.stage import PROFILES, SAEStageConfig, run_saes
-    from .sae.train import SAETrainConfig
+    from .report.console import err, print_saes
+    from .stages.saes import PROFILES, train_saes
 
     if profile not in PROFILES:
         raise EmoscopeError(f"unknown profile '{profile}': choose {', '.join(PROFILES)}")
-    train = {**PROFILES[profile], "expansion": expansion, "k": k, "seed": seed}
-    if tokens:
-        train["tokens"] = tokens
+    train = {}
     if layers:
         try:
             train["layers"] = [int(x) for x in layers.split(",")]
         except ValueError:
             raise EmoscopeError(f"--layers must be comma-separated integers, got '{layers}'") from None
-    cfg = _validated(SAEStageConfig, train=_validated(SAETrainConfig, **train), pretrained=pretrained)
-    view = load_model(model, device, dtype)
-    with _progress() as p:
-        task = p.add_task("training SAEs (tokens)", total=cfg.train.tokens if not pretrained else None)
-        res = run_saes(cfg, out, view, data_dir, progress=lambda n: p.advance(task, n))
-    print_saes(res)
-    console.print(f"wrote {out / 'saes'}")
+    base = apply_overrides({"pretrained": pretrained} if pretrained else {}, set_)
+    view = load_model(validated(ModelConfig, {k: v for k, v in (("name", model), ("device", device), ("dtype", dtype))
+                                              if v}, "model."))
+    with ExitStack() as stack:
+        res = train_saes(view, base, data_dir, _progress_factory(stack)("training SAEs (tokens)"), profile=profile, **train)
+    res.save(out.expanduser() / "saes")
+    if as_json:
+        return _print_json(res.data)
+    print_saes(res.data)
+    err.print(f"wrote {out / 'saes'}", markup=False)
 
 
-def print_saes(res: dict) -> None:
-    t = Table(title=f"SAEs for {res['model']}: held-out quality by layer")
-    for c in ["hook", "depth", "L0", "FVU", "CE recovered", "dead % (train)", "unseen % (held-out)"]:
-        t.add_column(c)
-    for h in res["hooks"]:
-        q = res["quality"][h]
-        ce, dead = q.get("ce_recovered"), q.get("dead_frac_train")
-        t.add_row(h, f"{res['depth'][h]:.2f}", f"{q['l0']:.1f}", f"{q['fvu']:.3f}", "" if ce is None else f"{ce:.3f}",
-                  "" if dead is None else f"{100 * dead:.1f}", f"{100 * q['dead_frac']:.1f}")
-    Console().print(t)
+# ------------------------------------------------------------------------------------------ stage commands
+def _scalar_type(ann):
+    """The CLI type of a config field, or None when it is not a plain scalar (lists, mappings, models)."""
+    if get_origin(ann) is not None and type(None) in get_args(ann):
+        ann = next(a for a in get_args(ann) if a is not type(None))
+    if getattr(ann, "__name__", "") == "Literal" or str(get_origin(ann)) == "typing.Literal":
+        return str
+    return ann if ann in (int, float, str, bool) else None
 
 
-@app.command()
-def phases(run_dir: Path = typer.Argument(..., help="Run directory with evaluate/ and saes/ results."),
-           fdr: float = typer.Option(0.05), min_auroc: float = typer.Option(0.7), n_boot: int = typer.Option(100),
-           seed: int = typer.Option(0), dtype: str = typer.Option("float32"), device: str = typer.Option("auto")):
-    """Layer-wise analysis: per-layer statistics, the phases, shared vs emotion-specific features."""
-    from .analysis.phases_stage import PhasesConfig, run_phases
-    from .artifacts import read_json
-    from .models import load_model
+def _stage_command(stage: str, cfg_cls, doc: str) -> None:
+    """`emoscope STAGE RUN_DIR [--field value]... [--set key=value]`: one option per scalar config field,
+    its help and default from the config, unset options keeping the config's value."""
+    fields = {n: t for n, f in cfg_cls.model_fields.items() if (t := _scalar_type(f.annotation)) is not None}
+    params = [inspect.Parameter("run_dir", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
+                                default=typer.Argument(..., help="Run directory with the stages this one reads."))]
+    for name, t in fields.items():
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[t],
+                                        default=typer.Option(None, "--" + name.replace("_", "-"), help=_help(cfg_cls, name))))
+    params += [inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, annotation=list[str],
+                                 default=typer.Option([], "--set", help=f"Set any {stage} key (repeatable).")),
+               inspect.Parameter("device", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                                 default=typer.Option(None, help=DEVICE_HELP)),
+               inspect.Parameter("dtype", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                                 default=typer.Option(None, help=DTYPE_HELP)),
+               inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                 default=typer.Option(False, "--json", help=JSON_HELP))]
 
-    f = run_dir / "evaluate" / "result.json"
-    if not f.exists():
-        raise EmoscopeError(f"{run_dir} has no evaluate/result.json: run the evaluate stage first")
-    cfg = _validated(PhasesConfig, fdr=fdr, min_auroc=min_auroc, n_boot=n_boot, seed=seed)
-    view = load_model(read_json(f)["config"]["model"]["name"], device, dtype)
-    with _progress() as p:
-        task = p.add_task("layers", total=view.n_layers)
-        res = run_phases(cfg, run_dir, view, progress=lambda n: p.advance(task, n))
-    print_phases(res)
-    console.print(f"wrote {run_dir / 'phases'}")
+    def command(**kw):
+        from .config import apply_overrides
+        from .errors import validated
 
+        given = {n: kw[n] for n in fields if kw[n] is not None}
+        cfg = validated(cfg_cls, apply_overrides(given, kw["set_"]), f"{stage}.")
+        _run_one(stage, cfg, kw["run_dir"], kw["device"], kw["dtype"], kw["as_json"])
 
-def print_phases(res: dict) -> None:
-    b = ", ".join(f"layer {x['layer']} (depth {x['depth']:.2f}, 95% CI layers {x['lo']:.0f}-{x['hi']:.0f})" for x in res["boundaries"])
-    Console().print(f"{res['model']}: {res['n_phases']} phase(s) ({' -> '.join(res['phase_names'])}); boundaries: {b or 'none'}", markup=False)
-    s = res["last_phase_share"]
-    Console().print(f"share of emotion-selective features in the last phase: {s['value']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}] "
-                    f"({s['n_boot']} subsamples)", markup=False)
-    t = Table(title="emotion-selective features (final token, all examples)")
-    for c in ["emotion", "specific", "shared"]:
-        t.add_column(c)
-    for lab in res["labels"]:
-        t.add_row(lab, str(res["specific_counts"][lab]), str(res["shared_counts"][lab]))
-    Console().print(t)
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = doc
+    app.command(stage)(command)
 
 
-@app.command()
-def trace(run_dir: Path = typer.Argument(..., help="Run directory with evaluate/, saes/ and phases/ results."),
-          examples: str = typer.Option("correct", help="correct or all."), per_emotion: int = typer.Option(16),
-          baseline: str = typer.Option("zero", help="zero or mean."), candidates: int = typer.Option(8),
-          margin: str = typer.Option("best_other", help="best_other (gold minus best other label) or all_others (log-odds)."),
-          n_random: int = typer.Option(20), seed: int = typer.Option(0),
-          dtype: str = typer.Option("float32"), device: str = typer.Option("auto")):
-    """Phase-stratified causal tracing: which SAE features cause each emotion's prediction."""
-    from .analysis.trace_stage import TraceConfig, run_trace
-    from .artifacts import read_json
-    from .models import load_model
+def _run_one(stage: str, cfg, run_dir: Path, device, dtype, as_json: bool) -> None:
+    from contextlib import ExitStack
 
-    f = run_dir / "evaluate" / "result.json"
-    if not f.exists():
-        raise EmoscopeError(f"{run_dir} has no evaluate/result.json: run the evaluate stage first")
-    cfg = _validated(TraceConfig, examples=examples, per_emotion=per_emotion, baseline=baseline, candidates=candidates,
-                     margin=margin, n_random=n_random, seed=seed)
-    view = load_model(read_json(f)["config"]["model"]["name"], device, dtype)
-    with _progress() as p:
-        task = p.add_task("emotion x phase", total=None)
-        res = run_trace(cfg, run_dir, view, progress=lambda n: p.advance(task, n))
-    t = Table(title=f"causal tracing, {res['model']} (margin: {res['config'].get('margin', 'all_others')})")
-    for c in ["emotion", "phase", "top effect [95% CI]", "features for 50% / 80%", "effective n", "random control"]:
-        t.add_column(c)
-    for lab, e in res["emotions"].items():
-        for p_, r in e["phases"].items():
-            top = r["features"][0]["effect"] if r["features"] else None
-            t.add_row(lab, p_, "" if top is None else f"{top['value']:.2f} [{top['lo']:.2f}, {top['hi']:.2f}]",
-                      f"{r['n_for_50'] or '>' + str(len(r['features']))} / {r['n_for_80'] or '>' + str(len(r['features']))}",
-                      f"{r['effective_n']:.1f}", f"{r['random_control']['mean']:.2f}")
-    Console().print(t)
-    for lab, why in res["skipped"].items():
-        console.print(f"skipped {lab}: {why}")
-    console.print(f"wrote {run_dir / 'trace'}")
+    from .pipeline import RunContext, run_stage
+    from .report import console
+
+    with ExitStack() as stack:
+        factory = _progress_factory(stack)
+        ctx = RunContext.from_run_dir(run_dir.expanduser(), device, dtype, log=lambda m: None,
+                                      progress_factory=lambda s: factory(s))
+        res = run_stage(ctx, stage, cfg)
+    if as_json:
+        return _print_json(res.data)
+    getattr(console, f"print_{stage}")(res.data)
+    console.err.print(f"wrote {run_dir / stage}", markup=False)
+
+
+def _register_stage_commands() -> None:
+    from .stages.phases import PhasesConfig
+    from .stages.steer import SteerConfig
+    from .stages.trace import TraceConfig
+
+    _stage_command("phases", PhasesConfig, "Layer-wise analysis: per-layer statistics, the phases, shared vs "
+                                           "emotion-specific features.")
+    _stage_command("trace", TraceConfig, "Phase-stratified causal tracing: which SAE features cause each emotion's "
+                                         "prediction.")
+    _stage_command("steer", SteerConfig, "Choose a feature steering on the dev set; compare it with baselines on "
+                                         "test and other datasets.")
+
+
+_register_stage_commands()
 
 
 @app.command()
-def audit(config: Path = typer.Option(..., help="Run config with an `audit:` section (candidates, thresholds)."),
-          force: list[str] = typer.Option([], help="Stage to rerun even if up to date (repeatable).")):
+def audit(config: str = typer.Option(..., help="Run config with an `audit:` section (candidates, thresholds)."),
+          force: list[str] = typer.Option([], help="Stage to rerun even if up to date (repeatable)."),
+          set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+          as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Brittleness audit: compare prompt and precision candidates with the reference; exit 1 when a
-    candidate breaks a threshold (accuracy drop, flip rate, causal-feature survival)."""
-    from .artifacts import read_json
-    from .run import load_config, run as run_all
+    candidate breaks a threshold (accuracy drop, flip rate, causal-feature survival, effect retained)."""
+    from contextlib import ExitStack
 
-    cfg = load_config(config)
+    from .artifacts import read_json
+    from .config import load_config
+    from .pipeline import run as run_all
+    from .report.console import err, print_audit
+
+    cfg = load_config(config, set_)
     if "audit" not in cfg.stages:
         cfg.stages = [s for s in cfg.stages if s != "audit"] + ["audit"]
-    with _progress() as p:
-        def factory(stage):
-            task = p.add_task(stage, total=None)
-            return lambda n: p.advance(task, n)
-        run_all(cfg, set(force), log=console.print, progress_factory=factory)
-    res = read_json(Path(cfg.run_dir) / "audit" / "result.json")
-    print_audit(res)
+    with ExitStack() as stack:
+        factory = _progress_factory(stack)
+        run_all(cfg, set(force), log=lambda m: err.print(m, markup=False), progress_factory=lambda s: factory(s))
+    res = read_json(Path(cfg.run_dir).expanduser() / "audit" / "result.json")
+    if as_json:
+        _print_json(res)
+    else:
+        print_audit(res)
     if res["failed"]:
-        console.print(f"audit failed: {', '.join(res['failed'])} exceed the thresholds", markup=False)
+        err.print(f"audit failed: {', '.join(res['failed'])} exceed the thresholds", markup=False)
         raise typer.Exit(1)
-
-
-def print_audit(res: dict) -> None:
-    from .report.tables import final_excess, retained
-    t = Table(title=f"brittleness audit, {res['model']}, n={res['n']}, reference accuracy {res['reference_accuracy']:.3f}")
-    for c in ["candidate", "Δ accuracy [95% CI]", "flip rate", "causal survival", "effect retained [95% CI]", "final phase excess drift [95% CI]", "AUROC conf. / feature drift", "verdict"]:
-        t.add_column(c)
-    for r in res["candidates"]:
-        d, a = r["accuracy_change"], r["detection_auroc"]
-        fmt = lambda v: "—" if v is None else f"{v:.2f}"
-        t.add_row(r["name"], f"{d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]", f"{r['flip_rate']:.2f}", fmt(r["causal_survival"]), retained(r),
-                  final_excess(r), f"{fmt(a['confidence_drop'])} / {fmt(a['causal_feature_drift'])}",
-                  "FAIL" if r["failed"] else "ok")
-    Console().print(t)
-
-
-@app.command("steer")
-def steer_cmd(run_dir: Path = typer.Argument(..., help="Run directory with evaluate/, saes/ and trace/ results."),
-              dev_per_class: int = typer.Option(32), seed: int = typer.Option(0),
-              dtype: str = typer.Option("float32"), device: str = typer.Option("auto")):
-    """Choose a feature steering on the dev set; compare it with baselines on test and other datasets."""
-    from .analysis.steer_stage import SteerConfig, run_steer
-    from .artifacts import read_json
-    from .models import load_model
-
-    f = run_dir / "evaluate" / "result.json"
-    if not f.exists():
-        raise EmoscopeError(f"{run_dir} has no evaluate/result.json: run the evaluate stage first")
-    cfg = _validated(SteerConfig, dev_per_class=dev_per_class, seed=seed)
-    view = load_model(read_json(f)["config"]["model"]["name"], device, dtype)
-    with _progress() as p:
-        task = p.add_task("strength search", total=None)
-        res = run_steer(cfg, run_dir, view, progress=lambda n: p.advance(task, n))
-    print_steer(res)
-    console.print(f"wrote {run_dir / 'steer'} (steering file: {run_dir / 'steer' / 'steering.json'})")
-
-
-def print_steer(res: dict) -> None:
-    sets = sorted({k for m in res["methods"].values() for k in m})
-    t = Table(title=f"steering, {res['model']}: macro-F1 [95% CI] (chosen: {res['chosen']['features_per_emotion']} feature(s)/emotion x {res['chosen'].get('strengths', res['chosen']['strength'])})")
-    t.add_column("method")
-    for s_ in sets:
-        t.add_column(s_)
-    for name, m in res["methods"].items():
-        t.add_row(name, *[_fmt(m[s_]["macro_f1"]) if s_ in m else "" for s_ in sets])
-    Console().print(t)
-    se = res["side_effects"]
-    Console().print(f"WikiText-2 perplexity {se['ppl_clean']:.2f} -> {se['ppl_steered_all_positions']:.2f} "
-                    f"({100 * se['ppl_change']:+.1f}%) with steering at every position; KL {se['kl_all_positions']:.4f}", markup=False)
 
 
 @app.command()
 def classify(texts: list[str] = typer.Argument(..., help="Texts to classify."),
-             run_dir: Optional[Path] = typer.Option(None, "--run", help="Run directory (task, SAEs); default: the steering file's."),
+             run_dir: Optional[Path] = typer.Option(None, "--run", help="Run directory (task, SAEs); default: the "
+                                                                      "steering file's."),
              steering: Optional[Path] = typer.Option(None, help="Steering file saved by the steer stage."),
-             dtype: str = typer.Option("float32"), device: str = typer.Option("auto")):
+             device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+             dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+             as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Calibrated emotion probabilities for new texts, optionally with a saved steering applied."""
-    from .analysis.steer import check, label_probs, load_steering
-    from .artifacts import read_json
-    from .evaluate import EvalConfig, Task
-    from .models import load_model
+    from rich.table import Table
+
+    from .interventions.steering import check, label_probs, load_steering
+    from .pipeline import RunContext
+    from .report.console import out
 
     st = load_steering(steering) if steering else None
-    run_dir = run_dir or (Path(st.chosen_on["run_dir"]) if st and "run_dir" in st.chosen_on else None)
+    run_dir = run_dir or (Path(st.chosen_on["run_dir"]) if st and st.chosen_on.get("run_dir") else None)
     if run_dir is None or not (run_dir / "evaluate" / "result.json").exists():
         raise EmoscopeError("give --run RUN_DIR (a run with an evaluate stage) or a steering file that names one")
-    ev = read_json(run_dir / "evaluate" / "result.json")
-    view = load_model(ev["config"]["model"]["name"], device, dtype)
-    task = Task(EvalConfig.model_validate(ev["config"]), view)
+    ctx = RunContext.from_run_dir(run_dir, device, dtype)
     saes = {}
     if st:
-        from .capture import HookPoint
-        from .sae.stage import load_saes
-        saes = {HookPoint.parse(h).layer: s for h, s in load_saes(run_dir, view).items()}
-        check(st, view, saes)
-    probs = label_probs(view, task, texts, saes, st.edits if st else [])
+        saes = ctx.result("saes").by_layer()
+        check(st, ctx.model, saes)
+    probs = label_probs(ctx.task, texts, saes, st.edits if st else [])
+    rows = [{"text": x, **{lab: round(float(v), 4) for lab, v in zip(ctx.task.classes, p)}} for x, p in zip(texts, probs)]
+    if as_json:
+        return _print_json(rows)
     t = Table(title="calibrated label probabilities" + (f" (steering: {steering.name})" if st else ""))
     t.add_column("text")
-    for lab in task.classes:
+    for lab in ctx.task.classes:
         t.add_column(lab)
     for text, p in zip(texts, probs):
         t.add_row(text[:60], *[f"{x:.2f}" for x in p])
-    Console().print(t)
-    print(json.dumps([{"text": x, **{lab: round(float(v), 4) for lab, v in zip(task.classes, p)}} for x, p in zip(texts, probs)]))
+    out.print(t)
 
 
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory.")):
     """(Re)write RUN_DIR/report.html from the saved stage results."""
+    from .report.console import err
     from .report.html import write_report
 
-    console.print(f"wrote {write_report(run_dir)}")
+    err.print(f"wrote {write_report(run_dir)}", markup=False)
 
 
 @app.command()
 def summarize(run_dirs: list[Path] = typer.Argument(..., help="Run directories with evaluate/result.json."),
               stage: str = typer.Option("evaluate", help="evaluate (one row per run), phases, trace, steer or audit.")):
     """Print markdown tables of a stage's headline numbers (evaluate: accuracy and macro-F1 over several runs)."""
-    from .artifacts import read_json
-    from .report.tables import TABLES, ci as c
+    from .report.tables import TABLES, evaluate_table
 
-    if stage != "evaluate":
-        if stage not in TABLES:
-            raise EmoscopeError(f"unknown stage '{stage}': choose evaluate, {', '.join(TABLES)}")
-        for d in run_dirs:
-            print(f"### {d} ({stage})\n")
-            print(TABLES[stage](d) + "\n")
+    if stage == "evaluate":
+        print(evaluate_table(run_dirs))
         return
-
-    print("| model | dataset | shots | n | acc raw | acc calibrated | macro-F1 raw | macro-F1 calibrated |")
-    print("|---|---|---|---|---|---|---|---|")
+    if stage not in TABLES:
+        raise EmoscopeError(f"unknown stage '{stage}': choose evaluate, {', '.join(TABLES)}")
     for d in run_dirs:
-        f = d / "evaluate" / "result.json"
-        if not f.exists():
-            raise EmoscopeError(f"{d} has no evaluate/result.json")
-        r = read_json(f)
-        print(f"| {r['model']['name']} | {r['config']['data']['dataset']} | {r['config']['shots']} | {r['n']} | "
-              f"{c(r['raw']['accuracy'])} | {c(r['calibrated']['accuracy'])} | {c(r['raw']['macro_f1'])} | {c(r['calibrated']['macro_f1'])} |")
+        print(f"### {d} ({stage})\n")
+        print(TABLES[stage](d) + "\n")
 
 
 @app.command("config-keys")
-def config_keys_cmd():
-    """Print every key of a run config as a markdown table (default and meaning)."""
-    from .run import config_keys
+def config_keys_cmd(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
+    """Print every key of a run config with its default and meaning (the source of docs/config.md)."""
+    from .config import config_doc, config_keys
 
-    print("| key | default | meaning |")
-    print("|---|---|---|")
-    for key, default, desc in config_keys():
-        print(f"| `{key}` | `{default}` | {desc} |".replace("``", "none"))
+    if as_json:
+        return _print_json([{"key": k, "default": d, "meaning": m} for k, d, m in config_keys()])
+    print(config_doc(), end="")
 
 
-def main() -> None:
-    _quiet_libraries()
+# ------------------------------------------------------------------------------------------ error boundary
+def _click_exceptions():
+    """click's exception classes, and typer's bundled copies of them where typer vendors click."""
+    import click.exceptions as cx
+
+    mods = [cx]
     try:
-        rc = app(standalone_mode=False)  # returns the code of a typer.Exit instead of raising it
-        if isinstance(rc, int) and rc:
-            sys.exit(rc)
-    except EmoscopeError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        sys.exit(130)
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
+        from typer._click import exceptions as tx  # typer >= 0.2x bundles its own click
+        mods.append(tx)
+    except ImportError:
+        pass
+    return {name: tuple(getattr(m, name) for m in mods if hasattr(m, name))
+            for name in ("Exit", "Abort", "NoArgsIsHelpError", "UsageError", "ClickException")}
 
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
+
+def _internal_error(e: BaseException) -> int:
+    log = Path(tempfile.gettempdir()) / f"emoscope-error-{os.getpid()}.log"
+    try:
+        log.write_text("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        where = f"; traceback in {log}"
+    except OSError:
+        where = ""
+    print(f"error: internal error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){where}",
+          file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    _quiet_libraries()
+    ex = _click_exceptions()
+    try:
+        rc = app(args=argv, standalone_mode=False)  # returns the code of a typer.Exit instead of raising it
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except EmoscopeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (KeyboardInterrupt, *ex["Abort"]):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except ex["Exit"] as e:
+        sys.exit(e.exit_code)
+    except ex["NoArgsIsHelpError"]:  # typer has printed the help
+        sys.exit(2)
+    except ex["UsageError"] as e:
+        if e.ctx is not None:
+            print(e.ctx.get_usage(), file=sys.stderr)
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except ex["ClickException"] as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except SystemExit:
         raise
+    except Exception as e:  # a bug: one line and the saved traceback
+        sys.exit(_internal_error(e))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import EmoscopeError
 
@@ -27,6 +30,28 @@ BUILTIN = {
     "isear": {"splits": {"all": "isear.csv"}, "hub": None},  # one file: split by subject, see _hash_split
 }
 SPLIT_ALIASES = {"validation": "dev", "val": "dev", "valid": "dev"}
+SPLITS = ("train", "dev", "test", "all")
+TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".jsonl")
+
+
+class DataConfig(BaseModel):
+    """Which labelled texts form the task, and how rows become examples."""
+
+    model_config = ConfigDict(extra="forbid")
+    dataset: str | dict[str, str] = Field(
+        "goemotions_ekman", description="goemotions_ekman, isear, dair_emotion, a CSV/TSV/JSONL file, a folder of "
+                                        "train/dev/test files (MELD), or a mapping split -> file.")
+    split: str = Field("test", description="Split to evaluate: train, dev, test, or all (every row).")
+    data_dir: str | None = Field(None, description="Folder holding the dataset folders (else $EMOSCOPE_DATA, "
+                                                   "../shared/data).")
+    labels: list[str] | None = Field(None, description="Task labels; None = the Ekman six that the data has.")
+    extra: Literal["drop", "keep"] = Field("drop", description="Other labels of the data (neutral, love, ...): "
+                                                               "drop the rows or keep as classes.")
+    multi_label: Literal["drop", "first"] = Field("drop", description="Rows with several labels: drop them, or keep "
+                                                                      "their first label.")
+    per_class: int | None = Field(50, ge=1, description="Balanced sample size per class; None = every row.")
+    text_column: str = Field("text", description="Text column of a CSV/TSV/JSONL file (MELD: Utterance).")
+    label_column: str = Field("label", description="Label column of a CSV/TSV/JSONL file (MELD: Emotion).")
 
 # GoEmotions' 28 fine labels -> Ekman, from the dataset authors' ekman_mapping.json (used for the hub copy).
 GOEMOTIONS_TO_EKMAN = {
@@ -203,38 +228,92 @@ def _hash_split(key: str) -> str:
     return "train" if b < 70 else "dev" if b < 80 else "test"
 
 
-def load_split(dataset: str, split: str = "test", data_dir: str | Path | None = None,
+def load_split(dataset: str | dict, split: str = "test", data_dir: str | Path | None = None,
                text_col: str = "text", label_col: str = "label") -> tuple[list[Example], LoadReport]:
-    """All examples of one split of a builtin dataset name or of a file path, with every label."""
+    """All examples of one split (or of every split: `all`), with every label, of a builtin dataset, a
+    file, a folder of split files, or a mapping split -> file."""
     split = SPLIT_ALIASES.get(split, split)
-    if split not in ("train", "dev", "test"):
-        raise EmoscopeError(f"unknown split '{split}': choose train, dev or test")
-    if dataset in BUILTIN:
-        spec = BUILTIN[dataset]
-        tried = []
-        for d in data_dirs(data_dir):
-            folder = d / dataset
-            tried.append(str(folder))
-            if folder.is_dir():
-                name = spec["splits"].get(split) or spec["splits"]["all"]
-                path = folder / name
-                if not path.exists():
-                    raise EmoscopeError(f"missing data file {path}")
-                report = LoadReport(str(path))
-                reader = {"goemotions_ekman": read_goemotions, "isear": read_isear, "dair_emotion": read_dair}[dataset]
-                rows = reader(path, report)
-                if "all" in spec["splits"]:
-                    rows = [r for r in rows if _hash_split(r.id.split("-")[0]) == split]
-                return rows, report
-        if spec["hub"]:
-            return _load_hub(dataset, spec["hub"], split, tried)
-        raise EmoscopeError(f"dataset '{dataset}' not found; looked in: {', '.join(tried)} (set --data-dir or EMOSCOPE_DATA)")
+    if split not in SPLITS:
+        raise EmoscopeError(f"unknown split '{split}': choose {', '.join(SPLITS)}")
+    if isinstance(dataset, str) and dataset in BUILTIN:
+        return _load_builtin(dataset, split, data_dir)
+    files = split_files(dataset)
+    if files is None:  # one file: split by hash of the row id, or every row
+        path = Path(dataset).expanduser()
+        report = LoadReport(str(path))
+        rows = read_table(path, report, text_col, label_col)
+        return (rows if split == "all" else [r for r in rows if _hash_split(r.id) == split]), report
+    wanted = list(files) if split == "all" else [split]
+    missing = [w for w in wanted if w not in files]
+    if missing:
+        raise EmoscopeError(f"dataset {dataset} has no {missing[0]} split (it has {', '.join(files)})")
+    report, rows = LoadReport(", ".join(str(files[w]) for w in wanted)), []
+    for w in wanted:
+        # ids carry the file's split: line numbers repeat across files
+        rows += [Example(f"{w}:{e.id}", e.text, e.labels) for e in read_table(files[w], report, text_col, label_col)]
+    return rows, report
+
+
+def split_files(dataset: str | dict) -> dict[str, Path] | None:
+    """The split -> file mapping of a user dataset: given as a mapping, found in a folder by file name
+    (train / dev, val, valid, validation / test, as MELD's `dev_sent_emo.csv`), or None for one file."""
+    if isinstance(dataset, dict):
+        out = {SPLIT_ALIASES.get(k, k): Path(v).expanduser() for k, v in dataset.items()}
+        bad = [k for k in out if k not in SPLITS[:3]]
+        if bad:
+            raise EmoscopeError(f"dataset mapping: unknown split '{bad[0]}': use train, dev and test")
+        for k, f in out.items():
+            if not f.is_file():
+                raise EmoscopeError(f"dataset mapping: {k} file not found: {f}")
+        return out
     path = Path(dataset).expanduser()
     if not path.exists():
-        raise EmoscopeError(f"unknown dataset '{dataset}': not one of {', '.join(BUILTIN)} and no such file")
-    report = LoadReport(str(path))
-    rows = read_table(path, report, text_col, label_col)
-    return [r for r in rows if _hash_split(r.id) == split], report
+        raise EmoscopeError(f"unknown dataset '{dataset}': not one of {', '.join(BUILTIN)} and no such file or folder")
+    if path.is_file():
+        return None
+    found: dict[str, list[Path]] = {}
+    for f in sorted(path.iterdir()):
+        words = set(f.stem.lower().replace("-", "_").split("_"))
+        for split in ("train", "dev", "test"):
+            names = {split} | {a for a, s in SPLIT_ALIASES.items() if s == split}
+            if f.suffix in TABLE_SUFFIXES and words & names:
+                found.setdefault(split, []).append(f)
+    if not found:
+        raise EmoscopeError(f"folder {path} holds no train/dev/test CSV, TSV or JSONL files")
+    twice = [s for s, fs in found.items() if len(fs) > 1]
+    if twice:
+        raise EmoscopeError(f"folder {path}: several files for the {twice[0]} split ({', '.join(f.name for f in found[twice[0]])})")
+    return {s: fs[0] for s, fs in found.items()}
+
+
+def _load_builtin(dataset: str, split: str, data_dir) -> tuple[list[Example], LoadReport]:
+    spec = BUILTIN[dataset]
+    tried = []
+    for d in data_dirs(data_dir):
+        folder = d / dataset
+        tried.append(str(folder))
+        if not folder.is_dir():
+            continue
+        reader = {"goemotions_ekman": read_goemotions, "isear": read_isear, "dair_emotion": read_dair}[dataset]
+        if "all" in spec["splits"]:  # one file, split by hash of the subject
+            path = folder / spec["splits"]["all"]
+            report = LoadReport(str(path))
+            rows = reader(_existing(path), report)
+            return (rows if split == "all" else [r for r in rows if _hash_split(r.id.split("-")[0]) == split]), report
+        names = list(spec["splits"].values()) if split == "all" else [spec["splits"][split]]
+        report, rows = LoadReport(", ".join(str(folder / n) for n in names)), []
+        for n in names:
+            rows += reader(_existing(folder / n), report)
+        return rows, report
+    if spec["hub"] and split != "all":
+        return _load_hub(dataset, spec["hub"], split, tried)
+    raise EmoscopeError(f"dataset '{dataset}' not found; looked in: {', '.join(tried)} (set --data-dir or EMOSCOPE_DATA)")
+
+
+def _existing(path: Path) -> Path:
+    if not path.exists():
+        raise EmoscopeError(f"missing data file {path}")
+    return path
 
 
 def _load_hub(dataset: str, hub_id: str, split: str, tried: list[str]) -> tuple[list[Example], LoadReport]:
@@ -268,18 +347,18 @@ def _load_hub(dataset: str, hub_id: str, split: str, tried: list[str]) -> tuple[
 def label_set(examples: list[Example], labels: list[str] | None, extra: str) -> list[str]:
     """The task's classes: the requested labels (default: the Ekman six the data has), plus the
     data's other labels when extra == 'keep'."""
-    present = sorted({l for e in examples for l in e.labels})
+    present = sorted({lab for e in examples for lab in e.labels})
     if labels is None:
-        chosen = [l for l in EKMAN if l in present]
+        chosen = [lab for lab in EKMAN if lab in present]
     else:
-        chosen = [l.strip().lower() for l in labels]
-        unknown = [l for l in chosen if l not in present]
+        chosen = [lab.strip().lower() for lab in labels]
+        unknown = [lab for lab in chosen if lab not in present]
         if unknown:
             raise EmoscopeError(f"unknown label(s) {', '.join(unknown)}: the data has {', '.join(present)}")
         if len(set(chosen)) != len(chosen):
             raise EmoscopeError(f"duplicate labels in {chosen}")
     if extra == "keep":
-        chosen += [l for l in present if l not in chosen]
+        chosen += [lab for lab in present if lab not in chosen]
     elif extra != "drop":
         raise EmoscopeError(f"extra must be 'drop' or 'keep', got '{extra}'")
     if len(chosen) < 2:

@@ -17,12 +17,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .errors import EmoscopeError
+from .errors import EmoscopeError, validated
 
 
 def _smollm2_gguf() -> Path:
@@ -59,6 +60,19 @@ DEFAULT_MODEL = "gemma3-270m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class ModelConfig(BaseModel):
+    """Which model to load, where, and in which precision (the run's one model setting)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    name: str = Field(DEFAULT_MODEL, description="Registry name (smollm2-135m-instruct, gemma3-270m), .gguf file, "
+                                                 "local dir or HF id.")
+    device: str = Field("auto", description="cpu, cuda, cuda:N or auto.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="float32 (exact, default), bfloat16, float16, or auto = bfloat16 on CUDA or a CPU "
+                               "with native bf16.")
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the hub (off unless you ask).")
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("EMOSCOPE_CACHE", Path.home() / ".cache" / "emoscope"))
 
@@ -85,6 +99,7 @@ class ModelView:
     softcap: float | None = None
     path: str | None = None  # local directory the weights came from (the safetensors cache for GGUF)
     blocks_path: str = "model.layers"  # attribute path of the blocks (for tools that wrap the model)
+    settings: ModelConfig | None = None  # how it was loaded (None: built in memory, e.g. a test model)
 
     @property
     def n_layers(self) -> int:
@@ -208,10 +223,24 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False) -> ModelView:
+def load_model(name: str | ModelConfig = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32",
+               trust_remote_code: bool = False) -> ModelView:
     """Load a registry model, a .gguf file, a local HF directory or a hub id, as a `ModelView`."""
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    if not isinstance(name, ModelConfig):
+        if dtype not in ("auto", *DTYPES):
+            raise EmoscopeError(f"unknown dtype '{dtype}': choose auto or one of {', '.join(DTYPES)}")
+        name = validated(ModelConfig, {"name": name, "device": device, "dtype": dtype,
+                                       "trust_remote_code": trust_remote_code}, "model.")
+    cfg = name
+    view = _load(cfg)
+    view.settings = cfg
+    return view
+
+
+def _load(cfg: ModelConfig) -> ModelView:
+    name = cfg.name
+    dev = resolve_device(cfg.device)
+    dt = resolve_dtype(cfg.dtype, dev)
     if name in REGISTRY:
         spec = REGISTRY[name]
         model, tok = _load_gguf(spec.gguf(), dt, dev)
@@ -226,7 +255,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "fl
                 raise EmoscopeError(f"GGUF file not found: {path}")
             model, tok = _load_gguf(path.resolve(), dt, dev)
         else:
-            model, tok = _from_dir(name, dt, dev, trust_remote_code=trust_remote_code)
+            model, tok = _from_dir(name, dt, dev, trust_remote_code=cfg.trust_remote_code)
     except EmoscopeError:
         raise
     except (OSError, ValueError, KeyError) as e:

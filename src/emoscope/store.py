@@ -1,4 +1,5 @@
-"""On-disk activation store: sharded safetensors plus a JSON manifest, read back in batches.
+"""On-disk activation store: sharded safetensors plus a JSON manifest, read back in batches, and the
+capture that fills one from forward passes.
 
 Layout of a store folder:
   manifest.json        model, d_model, hooks, dtype, positions, source (dataset, template), shard sizes,
@@ -22,6 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import EmoscopeError
+from .hooks import HookPoint, pad_batch, record
+from .models import ModelView
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -104,3 +107,29 @@ class Store:
     def read(self, key: str) -> torch.Tensor:
         """A whole column (for small stores: final-token activations of a few hundred prompts)."""
         return torch.cat([b[key] for b in self.batches([key], 1 << 30)])
+
+
+@torch.no_grad()
+def capture_to_store(view: ModelView, encoded: list[tuple[list[int], list[int]]], example_ids: list[str],
+                     hooks: list[HookPoint], positions: str, path, source: dict | None = None, dtype: str = "float32",
+                     batch_size: int = 8, progress=None) -> Store:
+    """One forward per batch of prompts records every hook; each prompt's chosen positions go to a store.
+    `encoded` holds (token ids, positions to keep) per prompt, e.g. from `Task.positions`."""
+    writer = StoreWriter(path, {"model": view.name, "d_model": view.d_model, "hooks": [h.name for h in hooks],
+                                "positions": positions, "source": source or {}}, dtype)
+    try:
+        for i in range(0, len(encoded), batch_size):
+            enc, eids = encoded[i:i + batch_size], example_ids[i:i + batch_size]
+            ids, mask = pad_batch([ids for ids, _ in enc], view.device)
+            with record(view, hooks) as acts:
+                view.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+            rows = torch.tensor([r for r, (_, pos) in enumerate(enc) for _ in pos])
+            cols = torch.tensor([p for _, pos in enc for p in pos])
+            writer.add({h.name: acts[h.name][rows, cols] for h in hooks}, ids[rows, cols],
+                       [eids[r] for r in rows.tolist()], cols)
+            if progress:
+                progress(len(enc))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()

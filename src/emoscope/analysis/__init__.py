@@ -1,2 +1,2 @@
-"""Analyses on captured activations and SAE codes: layer statistics and phases (phases.py), feature
-selectivity and shared/specific features (features.py), and the statistics they share (stats.py)."""
+"""Pure statistics, no I/O and no model: statistical tests and intervals (stats.py), per-layer
+statistics (layers.py), phase segmentation (phases.py) and feature drift (drift.py)."""

@@ -102,3 +102,27 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0, 
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=500))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return float(cross_val_score(clf, x, y, cv=cv).mean())
+
+
+def interval(value: float, boot) -> dict:
+    """A value with the percentile 95% interval of its bootstrap replicates."""
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"value": float(value), "lo": float(lo), "hi": float(hi)}
+
+
+def mean_ci(x: np.ndarray, rng, n_boot: int) -> dict:
+    """Mean of x with a percentile-bootstrap 95% interval over its entries, and n."""
+    boot = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
+    return {**interval(x.mean(), boot), "n": int(len(x))}
+
+
+def concentration(effects) -> dict:
+    """How concentrated positive effects are: effective number of features (sum^2 / sum of squares)
+    and the Gini index."""
+    e = np.clip(np.asarray(effects, float), 0, None)
+    if e.sum() <= 0:
+        return {"effective_n": 0.0, "gini": float("nan")}
+    s = np.sort(e)
+    n = len(s)
+    gini = float((2 * np.arange(1, n + 1) - n - 1).dot(s) / (n * s.sum()))
+    return {"effective_n": float(e.sum() ** 2 / (e ** 2).sum()), "gini": gini}

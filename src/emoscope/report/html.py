@@ -74,7 +74,7 @@ def _phases_figures(res: dict, feats: pd.DataFrame) -> dict:
     curves.update_layout(height=420, margin=dict(l=40, r=10, t=60, b=50))
     layers = [r["layer"] for r in rows]
     counts = feats.groupby(["layer", "emotion"]).size().unstack(fill_value=0).reindex(index=layers, columns=res["labels"], fill_value=0)
-    heat = go.Figure(go.Heatmap(z=counts.T.values, x=[f"L{l}" for l in layers], y=res["labels"], colorscale="Viridis",
+    heat = go.Figure(go.Heatmap(z=counts.T.values, x=[f"L{layer}" for layer in layers], y=res["labels"], colorscale="Viridis",
                                 hovertemplate="%{y} at %{x}: %{z} selective features"))
     heat.update_layout(title="emotion-selective features per layer", height=330, margin=dict(l=70, r=10, t=40, b=40))
     jac = go.Figure(go.Heatmap(z=res["jaccard"], x=res["labels"], y=res["labels"], colorscale="Blues", zmin=0, zmax=1,
@@ -147,13 +147,13 @@ def _audit_figures(audit: dict) -> dict:
     norm = "normalized" in next(iter(cands[0]["drift"].values()))
     key = "normalized" if norm else "jaccard"
     depth = go.Figure()
-    layers = sorted(int(l) for l in cands[0]["drift"])
-    phase = {int(l): d["phase"] for l, d in cands[0]["drift"].items()}
+    layers = sorted(int(layer) for layer in cands[0]["drift"])
+    phase = {int(layer): d["phase"] for layer, d in cands[0]["drift"].items()}
     for p in sorted(set(phase.values())):
-        ls = [l for l in layers if phase[l] == p]
+        ls = [layer for layer in layers if phase[layer] == p]
         depth.add_vrect(x0=min(ls) - 0.5, x1=max(ls) + 0.5, fillcolor=["#eef", "#efe", "#fee", "#ffe"][p % 4],
                         line_width=0, layer="below", annotation_text=f"phase {p + 1}", annotation_position="top left")
-    curve = lambda c: [c["drift"][str(l)][key] if norm else 1 - c["drift"][str(l)]["jaccard"] for l in layers]
+    curve = lambda c: [c["drift"][str(layer)][key] if norm else 1 - c["drift"][str(layer)]["jaccard"] for layer in layers]
     for c in cands:
         depth.add_trace(go.Scatter(x=layers, y=curve(c), mode="lines+markers", name=c["name"]))
     depth.update_layout(title="feature drift by depth" + (" (÷ drift between unrelated inputs)" if norm else " (1 − top-k Jaccard)"),

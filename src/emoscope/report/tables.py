@@ -128,4 +128,16 @@ def final_excess(c: dict) -> str:
     return ci(e, "{:+.2f}")
 
 
+def evaluate_table(run_dirs: list[Path]) -> str:
+    """One row per run: model, dataset, shots, n, raw and calibrated accuracy and macro-F1."""
+    out = ["| model | dataset | shots | n | acc raw | acc calibrated | macro-F1 raw | macro-F1 calibrated |",
+           "|---|---|---|---|---|---|---|---|"]
+    for d in run_dirs:
+        r = _load(d, "evaluate")
+        out.append(f"| {r['model']['name']} | {r['config']['data']['dataset']} | {r['config']['shots']} | {r['n']} | "
+                   f"{ci(r['raw']['accuracy'])} | {ci(r['calibrated']['accuracy'])} | {ci(r['raw']['macro_f1'])} | "
+                   f"{ci(r['calibrated']['macro_f1'])} |")
+    return "\n".join(out)
+
+
 TABLES = {"phases": phases, "trace": trace, "steer": steer, "audit": audit}

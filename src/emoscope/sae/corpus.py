@@ -14,7 +14,7 @@ from typing import Iterator
 
 from ..data import EKMAN, data_dirs, label_set, load_split, select
 from ..errors import EmoscopeError
-from ..prompts import PromptBuilder, Template
+from ..task.prompts import PromptBuilder, Template
 
 EMOTION_SETS = ("goemotions_ekman", "isear", "dair_emotion")
 
@@ -25,8 +25,8 @@ def wikitext(split: str = "valid", data_dir=None) -> list[str]:
         f = Path(d) / "wikitext2" / f"{split}.txt"
         if f.is_file():
             lines = f.read_text(encoding="utf-8").splitlines()
-            return [l.strip().replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
-                    for l in lines if l.strip() and not l.strip().startswith("=")]
+            return [line.strip().replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+                    for line in lines if line.strip() and not line.strip().startswith("=")]
     raise EmoscopeError(f"WikiText-2 {split} not found under {', '.join(map(str, data_dirs(data_dir)))}")
 
 

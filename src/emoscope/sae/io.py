@@ -84,7 +84,7 @@ def load(path: str | Path, device: str = "cpu") -> SAE:
 
 def check_against(sae: SAE, view, hook_name: str | None = None) -> None:
     """Refuse an SAE that cannot read this model's activations at this hook."""
-    from ..capture import HookPoint
+    from ..hooks import HookPoint
 
     name = hook_name or sae.cfg.hook_name
     hp = HookPoint.parse(name)

@@ -16,7 +16,7 @@ from typing import Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..capture import HookPoint, record
+from ..hooks import HookPoint, pad_batch, record
 from ..errors import EmoscopeError
 from ..models import ModelView
 from .corpus import sequences
@@ -31,11 +31,11 @@ class SAETrainConfig(BaseModel):
     architecture: Literal["topk", "jumprelu", "relu"] = Field("topk", description="TopK with AuxK (fast sparse path), JumpReLU + L0, or ReLU + L1 (dense autograd).")
     expansion: int = Field(8, ge=1, description="d_sae = expansion * d_model.")
     k: int = Field(32, ge=1, description="Active features per token (TopK).")
-    tokens: int = Field(200_000, ge=1000, description="Training tokens (activations per layer).")
+    tokens: int = Field(120_000, ge=1000, description="Training tokens (activations per layer); profile full: 1,000,000.")
     context: int = Field(128, ge=8, description="Longest sequence, in tokens.")
     seqs_per_forward: int = Field(16, ge=1, description="Sequences per LLM forward pass.")
     batch_tokens: int = Field(1024, ge=64, description="Tokens per SAE optimiser step.")
-    buffer_tokens: int = Field(32768, ge=256, description="Shuffle-buffer size in tokens.")
+    buffer_tokens: int = Field(16384, ge=256, description="Shuffle-buffer size in tokens; profile full: 65,536.")
     lr: float = Field(2e-3, gt=0, description="Adam learning rate (scaled by 1/sqrt(d_sae / 2^14) above 2^14 latents).")
     aux_k: int | None = Field(None, description="Dead latents used by the AuxK loss; None = 2 * k (memory-bound on CPU).")
     aux_coef: float = Field(1 / 32, ge=0, description="Weight of the AuxK loss.")
@@ -65,8 +65,6 @@ def _batches(stream, per_forward: int, pool: int = 8):
 
 def _harvest(view: ModelView, hooks: list[HookPoint], seqs: list[list[int]]) -> dict[str, torch.Tensor]:
     """One forward over a batch of sequences; activations at every non-pad position after the first."""
-    from .evaluate import pad_batch
-
     ids, mask = pad_batch(seqs, view.device)
     keep = mask.bool().clone()
     keep[:, 0] = False  # the first position (BOS) is an outlier the SAEs are not meant to explain
@@ -209,13 +207,13 @@ def _layer_stats(st: "_Layer", cfg: SAETrainConfig, last: int = 20) -> dict:
             "resampled": st.resampled}
 
 
-def train_saes(view: ModelView, cfg: SAETrainConfig, data_dir=None, progress: Callable[[int], None] | None = None,
-               log: Callable[[str], None] = lambda s: None) -> tuple[dict[str, SAE], dict]:
+def train_layers(view: ModelView, cfg: SAETrainConfig, data_dir=None,
+                 progress: Callable[[int], None] | None = None) -> tuple[dict[str, SAE], dict]:
     """Train one SAE per requested layer from a single stream of LLM forwards. Returns SAEs and stats."""
     layers = cfg.layers if cfg.layers is not None else list(range(view.n_layers))
     if not layers:
         raise EmoscopeError("no layers to train SAEs for")
-    hooks = [HookPoint(view.check_layer(l), cfg.kind) for l in layers]
+    hooks = [HookPoint(view.check_layer(layer), cfg.kind) for layer in layers]
     fast = _fast_dtype(cfg.fast_matmul, view.device)
     torch.manual_seed(cfg.seed)
     batches = _batches(sequences(view, "train", cfg.context, cfg.seed, cfg.mix, data_dir), cfg.seqs_per_forward)

@@ -9,29 +9,21 @@ position 1 on, the positions the SAEs were trained on.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 
-from ..capture import HookPoint, hook_module, record
+from ..hooks import HookPoint, edit_output, pad_batch, record, resid
 from ..models import ModelView
 from .model import SAE
 
 
-@contextmanager
 def splice(view: ModelView, hp: HookPoint, fn):
-    """Replace the hook's activation by fn(activation) at positions >= 1 during forwards."""
-    def hook(mod, inp, out):
-        t = out[0] if isinstance(out, tuple) else out
+    """Context manager: replace the hook's activation by fn(activation) at positions >= 1 during forwards."""
+    def edit(t):
         new = t.clone()
         new[:, 1:] = fn(t[:, 1:]).to(t.dtype)
-        return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
-    h = hook_module(view, hp).register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        h.remove()
+        return new
+    return edit_output(view, hp, edit)
 
 
 def lm_loss(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 256) -> torch.Tensor:
@@ -39,7 +31,7 @@ def lm_loss(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, chunk: int =
     in chunks of positions so a 262k-token vocabulary never needs a full [batch, seq, vocab] tensor."""
     with record(view, [HookPoint(view.n_layers - 1)]) as acts:
         view.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-    h = acts[f"blocks.{view.n_layers - 1}.hook_resid_post"][:, 1:-1].reshape(-1, view.d_model)
+    h = acts[resid(view.n_layers - 1)][:, 1:-1].reshape(-1, view.d_model)
     tgt = ids[:, 2:].reshape(-1)
     valid = (mask[:, 2:] > 0).reshape(-1)
     total = torch.zeros((), dtype=torch.float64)
@@ -108,13 +100,3 @@ def heldout_batches(view: ModelView, n_seqs: int, context: int, seed: int, seqs_
     stream = sequences(view, "eval", context, seed + 99991, data_dir=data_dir)
     seqs = sorted((next(stream) for _ in range(n_seqs)), key=len)
     return [pad_batch(seqs[i:i + seqs_per_forward], view.device) for i in range(0, n_seqs, seqs_per_forward)]
-
-
-def pad_batch(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(map(len, seqs))
-    ids = torch.zeros((len(seqs), T), dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids, mask

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..analysis.stats import interval
+
 
 def _prf(cm: np.ndarray):
     """Precision, recall, F1 per class from confusion matrices [..., K, K] (rows = gold)."""
@@ -22,11 +24,6 @@ def _prf(cm: np.ndarray):
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
     return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
-
-
-def _interval(v: float, boot: np.ndarray) -> dict:
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"value": float(v), "lo": float(lo), "hi": float(hi)}
 
 
 def classification_metrics(y_true, y_pred, labels: list[str], n_boot: int = 1000, seed: int = 0) -> dict:
@@ -44,11 +41,11 @@ def classification_metrics(y_true, y_pred, labels: list[str], n_boot: int = 1000
         "n": n,
         "n_boot": n_boot,
         "seed": seed,
-        "accuracy": _interval(np.trace(cm) / n, acc_b),
-        "macro_f1": _interval(f.mean(), bf.mean(-1)),
+        "accuracy": interval(np.trace(cm) / n, acc_b),
+        "macro_f1": interval(f.mean(), bf.mean(-1)),
         "per_class": {
-            lab: {"precision": _interval(p[i], bp[:, i]), "recall": _interval(r[i], br[:, i]),
-                  "f1": _interval(f[i], bf[:, i]), "support": int(cm[i].sum())}
+            lab: {"precision": interval(p[i], bp[:, i]), "recall": interval(r[i], br[:, i]),
+                  "f1": interval(f[i], bf[:, i]), "support": int(cm[i].sum())}
             for i, lab in enumerate(labels)
         },
         "confusion": cm.tolist(),

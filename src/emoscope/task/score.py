@@ -14,7 +14,7 @@ import copy
 import numpy as np
 import torch
 
-from .models import ModelView
+from ..models import ModelView
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -33,14 +33,14 @@ def score_ids(view: ModelView, prompts: list[list[int]], labels: list[list[int]]
               progress=None) -> np.ndarray:
     """[n_prompts, n_labels] summed log-probs of each label's tokens given each prompt's tokens."""
     model, dev = view.model, view.device
-    n_lab, max_lab = len(labels), max(len(l) for l in labels)
+    n_lab, max_lab = len(labels), max(len(lab) for lab in labels)
     P = _common_prefix(prompts)
     prefix_cache = None
     if P > 0:
         out = model(input_ids=torch.tensor([prompts[0][:P]], device=dev), use_cache=True)
         prefix_cache = out.past_key_values
     result = np.zeros((len(prompts), n_lab), dtype=np.float64)
-    first_tok = torch.tensor([l[0] for l in labels], device=dev)
+    first_tok = torch.tensor([lab[0] for lab in labels], device=dev)
     longest = max(len(p) for p in prompts) + max_lab
     for rows in _batches([len(p) - P for p in prompts], batch_size, equal=longest > _sliding_window(model)):
         batch = [prompts[r][P:] for r in rows]
@@ -94,16 +94,16 @@ def _batches(lengths: list[int], size: int, equal: bool) -> list[list[int]]:
 
 def _continuations(model, cache, mask, next_pos, labels, dev) -> torch.Tensor:
     """Log-probs of label tokens 2..m, every label of every prompt in one batch on the shared cache."""
-    B, K, M = mask.shape[0], len(labels), max(len(l) for l in labels) - 1
+    B, K, M = mask.shape[0], len(labels), max(len(lab) for lab in labels) - 1
     cache.batch_repeat_interleave(K)  # rows: prompt-major, label-minor
     ids = torch.zeros((B * K, M), dtype=torch.long, device=dev)
     tgt = torch.zeros((B * K, M), dtype=torch.long, device=dev)
     valid = torch.zeros((B * K, M), dtype=torch.bool, device=dev)
-    for k, l in enumerate(labels):
-        m = len(l) - 1
+    for k, lab in enumerate(labels):
+        m = len(lab) - 1
         if m:
-            ids[k::K, :m] = torch.tensor(l[:-1], device=dev)
-            tgt[k::K, :m] = torch.tensor(l[1:], device=dev)
+            ids[k::K, :m] = torch.tensor(lab[:-1], device=dev)
+            tgt[k::K, :m] = torch.tensor(lab[1:], device=dev)
             valid[k::K, :m] = True
     # label tokens past the first feed in; padding after a short label is masked out
     ids_mask = torch.cat([mask.repeat_interleave(K, 0), valid.long()], 1)
@@ -119,9 +119,9 @@ def score_naive(view: ModelView, prompts: list[list[int]], labels: list[list[int
     only at the label positions, as any sensible per-label implementation would)."""
     out = np.zeros((len(prompts), len(labels)))
     for i, p in enumerate(prompts):
-        for k, l in enumerate(labels):
-            ids = torch.tensor([p + l], device=view.device)
-            logits = view.model(input_ids=ids, logits_to_keep=len(l) + 1).logits[0, :-1]
+        for k, lab in enumerate(labels):
+            ids = torch.tensor([p + lab], device=view.device)
+            logits = view.model(input_ids=ids, logits_to_keep=len(lab) + 1).logits[0, :-1]
             lp = torch.log_softmax(logits.float(), -1)
-            out[i, k] = sum(lp[j, t].item() for j, t in enumerate(l))
+            out[i, k] = sum(lp[j, t].item() for j, t in enumerate(lab))
     return out

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import EmoscopeError
-from ..prompts import Template
+from ..task.prompts import Template
 
 PRECISIONS = ("float32", "bfloat16", "float16", "int8", "int4", "int3")
 

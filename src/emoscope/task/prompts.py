@@ -11,8 +11,8 @@ import warnings
 
 from pydantic import BaseModel, Field, field_validator
 
-from .data import Example
-from .errors import EmoscopeError
+from ..data import Example
+from ..errors import EmoscopeError
 
 
 class Template(BaseModel):

@@ -1,0 +1,149 @@
+"""The run config: one pydantic model composed of each stage's config, the one source of every default.
+
+The command line, YAML files, profiles and the docs all derive from it: `--set key=value` overrides
+any dotted key, SAE profiles are overlays on it, and `emoscope config-keys` / `docs/config.md` are
+generated from its fields.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from .artifacts import config_hash
+from .errors import EmoscopeError, validated
+from .models import ModelConfig
+from .stages.audit import AuditConfig
+from .stages.phases import PhasesConfig
+from .stages.saes import SAEStageConfig
+from .stages.steer import SteerConfig
+from .stages.trace import TraceConfig
+from .task import TaskConfig
+
+STAGES = ("evaluate", "saes", "phases", "trace", "steer", "audit")
+UPSTREAM = {"evaluate": (), "saes": (), "phases": ("evaluate", "saes"), "trace": ("phases",), "steer": ("trace",),
+            "audit": ("phases", "trace")}
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    run_dir: str = Field("runs/demo", description="Where every stage writes its folder and the report.")
+    model: ModelConfig = Field(ModelConfig(), description="The model every stage analyses.")
+    data_dir: str | None = Field(None, description="Folder holding the dataset folders (else $EMOSCOPE_DATA, "
+                                                   "../shared/data).")
+    stages: list[str] = Field(["evaluate", "saes", "phases"], description="Stages to run, in pipeline order "
+                                                                          "(evaluate, saes, phases, trace, steer, audit).")
+    evaluate: TaskConfig = TaskConfig()
+    saes: SAEStageConfig = SAEStageConfig()
+    phases: PhasesConfig = PhasesConfig()
+    trace: TraceConfig = TraceConfig()
+    steer: SteerConfig = SteerConfig()
+    audit: AuditConfig = AuditConfig()
+
+    def stage_config(self, stage: str):
+        """The stage's config as it is hashed and run: the run's data_dir filled into the task's data."""
+        if stage == "evaluate":
+            ev = self.evaluate.model_copy(deep=True)
+            if self.data_dir:
+                ev.data.data_dir = self.data_dir
+            return ev
+        return getattr(self, stage)
+
+    def stage_hash(self, stage: str) -> str:
+        """Hash of a stage's config and of everything it reads: the model, the data, upstream stages."""
+        if stage == "evaluate":
+            return config_hash({"model": self.model.model_dump(mode="json"),
+                                **self.stage_config("evaluate").model_dump(mode="json")})
+        upstream = [self.stage_hash(s) for s in UPSTREAM[stage]]
+        return config_hash(self.stage_config(stage), self.model, self.data_dir, upstream)
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("emoscope").joinpath("configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve(path: str | Path) -> Path:
+    """A config file: the path itself, or the name of one shipped with emoscope (quick, full, ...)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    shipped = resources.files("emoscope").joinpath("configs", f"{path}.yaml")
+    if "/" not in str(path) and shipped.is_file():
+        return Path(str(shipped))
+    raise EmoscopeError(f"config file not found: {p} (shipped configs: {', '.join(shipped_configs())})")
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """A run config from YAML (a path or a shipped name) with `key=value` overrides applied."""
+    p = resolve(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise EmoscopeError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise EmoscopeError(f"config {p} must be a mapping of keys, not a {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides)
+    if isinstance(raw.get("evaluate"), dict) and "model" in raw["evaluate"]:
+        raise EmoscopeError(f"config {p}: set the model once, at the top level (model:), not under evaluate")
+    cfg = validated(RunConfig, raw, f"config {p}: ")
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise EmoscopeError(f"config {p}: unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}")
+    return cfg
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`a.b.c=value` (value read as YAML: numbers, lists, null) set into a nested dict."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise EmoscopeError(f"--set takes key=value, got '{item}'")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise EmoscopeError(f"--set {key}: {part} is not a section")
+        node[parts[-1]] = parsed
+    return out
+
+
+def config_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf key of the run config, for the docs."""
+    out = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += config_keys(ann, key + ".")
+        else:
+            default = field.default
+            out.append((key, "" if default is None else json_default(default), field.description or ""))
+    return out
+
+
+def json_default(v) -> str:
+    if isinstance(v, BaseModel):
+        v = v.model_dump(mode="json")
+    return json.dumps(v) if not isinstance(v, str) else v
+
+
+def config_doc() -> str:
+    """docs/config.md: every key of the run config with its default and meaning, generated."""
+    lines = ["# Run config keys", "",
+             "Generated by `emoscope config-keys` from the pydantic config (`emoscope.config.RunConfig`); a test",
+             "fails when this file disagrees with the code. Set any key in a YAML config or with",
+             "`--set key=value` on the command line.", "", "| key | default | meaning |", "|---|---|---|"]
+    for key, default, desc in config_keys():
+        d = default.replace("\n", "\\n").replace("|", "\\|")
+        lines.append(f"| `{key}` | {'`' + d + '`' if d else 'none'} | {desc.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"

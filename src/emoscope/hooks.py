@@ -1,0 +1,111 @@
+"""Hook addresses, recording and padding: forward hooks on the Hugging Face model itself.
+
+Hook points follow TransformerLens names: `blocks.{L}.hook_resid_post` (block output),
+`blocks.{L}.hook_attn_out` and `blocks.{L}.hook_mlp_out` (what attention / MLP add to the residual:
+after Gemma's post-norms where the block has them). One forward pass records every requested hook.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import EmoscopeError
+from .models import ModelView
+
+KINDS = ("resid_post", "attn_out", "mlp_out")
+_NAME = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|attn_out|mlp_out)$")
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    layer: int
+    kind: str = "resid_post"
+
+    @property
+    def name(self) -> str:
+        return f"blocks.{self.layer}.hook_{self.kind}"
+
+    @classmethod
+    def parse(cls, name: str) -> "HookPoint":
+        m = _NAME.match(name)
+        if not m:
+            raise EmoscopeError(f"unknown hook '{name}': expected blocks.<L>.hook_<resid_post|attn_out|mlp_out>")
+        return cls(int(m.group(1)), m.group(2))
+
+
+def resid(layer: int) -> str:
+    """The name of a layer's residual-stream output, `blocks.{layer}.hook_resid_post`."""
+    return HookPoint(layer).name
+
+
+def layer_of(name: str) -> int:
+    return HookPoint.parse(name).layer
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def hook_module(view: ModelView, hp: HookPoint) -> nn.Module:
+    """The module whose output is the hook point's activation."""
+    block = view.blocks[view.check_layer(hp.layer)]
+    if hp.kind == "resid_post":
+        return block
+    names = {"attn_out": ["post_attention_layernorm", "self_attn", "attn", "attention"],
+             "mlp_out": ["post_feedforward_layernorm", "mlp", "feed_forward"]}[hp.kind]
+    if hp.kind == "attn_out" and not hasattr(block, "post_feedforward_layernorm"):
+        names = names[1:]  # only Gemma-style blocks norm the attention output before adding it
+    for n in names:
+        if isinstance(getattr(block, n, None), nn.Module):
+            return getattr(block, n)
+    raise EmoscopeError(f"cannot find the {hp.kind} module in {type(block).__name__}")
+
+
+@contextmanager
+def record(view: ModelView, hooks: list[HookPoint], detach: bool = True):
+    """Within the block, every forward stores each hook's activation [batch, seq, d] in the yielded dict."""
+    acts: dict[str, torch.Tensor] = {}
+    handles = []
+    for hp in hooks:
+        def fn(mod, inp, out, name=hp.name):
+            t = _first(out)
+            acts[name] = t.detach() if detach else t
+        handles.append(hook_module(view, hp).register_forward_hook(fn))
+    try:
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def edit_output(view: ModelView, hp: HookPoint, fn):
+    """Within the block, every forward replaces the hook's activation t by fn(t) (a new tensor)."""
+    def hook(mod, inp, out):
+        t = fn(_first(out))
+        return (t,) + tuple(out[1:]) if isinstance(out, tuple) else t
+    h = hook_module(view, hp).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+def all_resid(view: ModelView) -> list[HookPoint]:
+    return [HookPoint(layer, "resid_post") for layer in range(view.n_layers)]
+
+
+def pad_batch(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids and attention mask [B, T]."""
+    T = max(map(len, seqs))
+    ids = torch.zeros((len(seqs), T), dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask

@@ -1,0 +1,118 @@
+"""Answer passes: the label logits at each prompt's answer position, with the residuals of chosen
+layers, and batches of prompts whose tokens before the answer run once and are cached.
+
+Every intervention in emoscope acts at the answer position and attention is causal, so the tokens
+before it never change: they run once, and each ablation, attribution or steering pass runs one token
+per example.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..hooks import HookPoint, pad_batch, record, resid
+from ..models import ModelView
+from ..task.calibrate import CONTENT_FREE
+from ..task.score import _sliding_window
+
+
+def answer_logits(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, tokens: list[int],
+                  record_layers: list[int] = (), past=None, pos: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Label first-token logits at each row's answer position `last` [n, K], and the residuals
+    [n, T, d] of the given layers (kept in the graph, for gradients). With `past` (a KV cache of the
+    tokens before `ids`, used up) and `pos` (their position ids), only `ids` run."""
+    layers = sorted(set(record_layers) | {view.n_layers - 1})
+    with record(view, [HookPoint(layer) for layer in layers], detach=False) as acts:
+        # the base model, without the LM head: only the label tokens' logits are needed
+        view.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
+                              use_cache=past is not None)
+    rows = torch.arange(len(ids))
+    final = acts[resid(view.n_layers - 1)][rows, last]
+    logits = view.logits_from_resid(final, tokens).float()
+    return logits, {layer: acts[resid(layer)] for layer in record_layers}
+
+
+def prompt_batches(view: ModelView, prompts: list[list[int]], batch_size: int = 8):
+    """(start, ids, mask, last) for consecutive batches of token lists, right-padded; `last` is each
+    row's answer position (its final real token)."""
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        ids, mask = pad_batch(chunk, view.device)
+        yield i, ids, mask, torch.tensor([len(p) - 1 for p in chunk], device=view.device)
+
+
+@torch.no_grad()
+def answer_resid(view: ModelView, prompts: list[list[int]], layers: list[int], tokens: list[int], batch_size: int = 8):
+    """Per batch of prompts, the residual at each answer position of every given layer: yields
+    {layer: [B, d] float32}."""
+    for _, ids, mask, last in prompt_batches(view, prompts, batch_size):
+        _, res = answer_logits(view, ids, mask, last, tokens, layers)
+        rows = torch.arange(len(ids))
+        yield {layer: res[layer][rows, last].float() for layer in layers}
+
+
+def first_token_prior(task) -> torch.Tensor:
+    """Contextual-calibration prior over the labels' first tokens: the mean label distribution of the
+    task's prompt on content-free inputs, in log space [K]."""
+    view = task.model
+    prompts = task.encode_all(CONTENT_FREE)
+    ids, mask = pad_batch(prompts, view.device)
+    last = torch.tensor([len(p) - 1 for p in prompts], device=view.device)
+    with torch.no_grad():
+        logits, _ = answer_logits(view, ids, mask, last, task.label_tokens)
+    lp = torch.log_softmax(logits, -1)
+    return torch.logsumexp(lp, 0) - np.log(len(prompts))
+
+
+@dataclass
+class AnswerBatch:
+    """Prompts whose answer position runs again and again (every ablation, every steering strength).
+    With `cache`, everything before each row's answer token already ran once and its KV cache is
+    kept: a pass runs the answer tokens only. Exact, because every intervention here acts at the
+    answer position and attention is causal, so no earlier position can change."""
+    start: int  # index of the first row in the prompt list
+    ids: torch.Tensor  # [B, 1] answer tokens (cached) or [B, T] whole prompts, right-padded
+    mask: torch.Tensor  # attention mask over cached tokens + ids
+    last: torch.Tensor  # answer position of each row within ids
+    pos: torch.Tensor | None = None  # position ids of ids, when cached
+    cache: object | None = None
+
+    def logits(self, view: ModelView, tokens: list[int], record_layers: list[int] = ()):
+        past = None if self.cache is None else copy.deepcopy(self.cache)
+        return answer_logits(view, self.ids, self.mask, self.last, tokens, record_layers, past, self.pos)
+
+
+@torch.no_grad()
+def answer_batches(view: ModelView, prompts, batch_size: int = 16) -> list[AnswerBatch]:
+    """The prompts in consecutive batches, each prompt's tokens before its answer token run once and
+    cached (left-padded, explicit positions). Call it with no hooks active. Prompts longer than the
+    smallest sliding attention window run whole (left padding would shift the window); a list that
+    already holds AnswerBatch objects is returned as it is."""
+    if prompts and isinstance(prompts[0], AnswerBatch):
+        return prompts
+    if max(len(p) for p in prompts) > _sliding_window(view.model) or min(len(p) for p in prompts) < 2:
+        return [AnswerBatch(i, ids, mask, last) for i, ids, mask, last in prompt_batches(view, prompts, batch_size)]
+    return [_cached_batch(view, prompts[i:i + batch_size], i) for i in range(0, len(prompts), batch_size)]
+
+
+def _cached_batch(view: ModelView, chunk: list[list[int]], start: int) -> AnswerBatch:
+    dev = view.device
+    B, S = len(chunk), max(len(p) for p in chunk) - 1
+    ids = torch.zeros((B, S), dtype=torch.long, device=dev)
+    mask = torch.zeros((B, S + 1), dtype=torch.long, device=dev)
+    pos = torch.zeros((B, S), dtype=torch.long, device=dev)
+    for r, p in enumerate(chunk):
+        n = len(p) - 1
+        ids[r, S - n:] = torch.tensor(p[:-1], device=dev)
+        mask[r, S - n:] = 1
+        pos[r, S - n:] = torch.arange(n, device=dev)
+    cache = view.model.base_model(input_ids=ids, attention_mask=mask[:, :S], position_ids=pos,
+                                  use_cache=True).past_key_values
+    return AnswerBatch(start, torch.tensor([[p[-1]] for p in chunk], device=dev), mask,
+                       torch.zeros(B, dtype=torch.long, device=dev),
+                       torch.tensor([[len(p) - 1] for p in chunk], device=dev), cache)

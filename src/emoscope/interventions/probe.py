@@ -1,0 +1,30 @@
+"""Steering along probe directions (Tak et al. 2025): the span of the class-mean differences of the
+residual at the answer position, a baseline for SAE feature steering."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..hooks import HookPoint, edit_output
+
+
+class ProbeSteer:
+    """Amplify the residual's component in the span of class-mean differences (dev set) by alpha."""
+
+    def __init__(self, layer: int, resid: np.ndarray, y: np.ndarray):
+        mu = resid.mean(0)
+        means = np.stack([resid[y == e].mean(0) - mu for e in np.unique(y)])
+        u, s, _ = np.linalg.svd(means.T, full_matrices=False)
+        self.layer, self.mu, self.U = layer, torch.from_numpy(mu).float(), torch.from_numpy(u[:, s > 1e-8 * s.max()]).float()
+
+    def context(self, view, alpha: float, positions: torch.Tensor):
+        """Within the block, forwards have the residual at `positions` steered by alpha (1 = unchanged)."""
+        def fn(t):
+            rows = torch.arange(len(t))
+            x = t[rows, positions].float()
+            mu, U = self.mu.to(x.device), self.U.to(x.device)
+            t = t.clone()
+            t[rows, positions] += ((alpha - 1) * ((x - mu) @ U) @ U.T).to(t.dtype)
+            return t
+        return edit_output(view, HookPoint(self.layer), fn)

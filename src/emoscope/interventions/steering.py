@@ -1,0 +1,97 @@
+"""A steering saved as a file, and label probabilities with a steering applied.
+
+A steering file holds its edits with the model name, the SAE hooks and a hash of each SAE's decoder
+rows used, so it cannot be applied to another model or SAE by mistake.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import EmoscopeError
+from ..hooks import resid
+from ..task.calibrate import CONTENT_FREE, apply_prior, prior_from_scores
+from .answers import answer_batches
+from .edits import Edit, apply_edits
+
+
+class Steering(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_name: str = Field(..., description="Model the steering was chosen for.")
+    sae_fingerprints: dict[str, str] = Field(default_factory=dict, description="hook -> hash of the SAE decoder rows used.")
+    edits: list[Edit] = Field(default_factory=list)
+    chosen_on: dict = Field(default_factory=dict, description="Provenance: dataset, split, examples, seed, strength search.")
+
+
+def fingerprint(sae, features: list[int]) -> str:
+    rows = sae.W_dec.detach().float().cpu()[sorted(set(features))].contiguous().numpy()
+    return hashlib.sha256(rows.tobytes()).hexdigest()[:16]
+
+
+def make_steering(view, saes: dict, edits: list[Edit], chosen_on: dict | None = None) -> Steering:
+    by_layer: dict[int, list[int]] = {}
+    for e in edits:
+        by_layer.setdefault(e.layer, []).append(e.feature)
+    fps = {resid(layer): fingerprint(saes[layer], fs) for layer, fs in by_layer.items()}
+    return Steering(model_name=view.name, sae_fingerprints=fps, edits=edits, chosen_on=chosen_on or {})
+
+
+def check(steering: Steering, view, saes: dict) -> None:
+    """Refuse a steering made for another model or other SAEs."""
+    if steering.model_name != view.name:
+        raise EmoscopeError(f"steering was made for model '{steering.model_name}', not '{view.name}'")
+    by_layer: dict[int, list[int]] = {}
+    for e in steering.edits:
+        if e.layer not in saes:
+            raise EmoscopeError(f"steering edits layer {e.layer}, which has no SAE here")
+        if not 0 <= e.feature < saes[e.layer].cfg.d_sae:
+            raise EmoscopeError(f"steering edits feature {e.feature} of layer {e.layer}, beyond its SAE's {saes[e.layer].cfg.d_sae}")
+        by_layer.setdefault(e.layer, []).append(e.feature)
+    for layer, fs in by_layer.items():
+        if steering.sae_fingerprints.get(resid(layer)) != fingerprint(saes[layer], fs):
+            raise EmoscopeError(f"steering was made with another SAE at layer {layer} (decoder rows differ)")
+
+
+def save_steering(steering: Steering, path: str | Path) -> None:
+    p = Path(path)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(steering.model_dump_json(indent=2))
+    tmp.replace(p)
+
+
+def load_steering(path: str | Path) -> Steering:
+    p = Path(path)
+    if not p.is_file():
+        raise EmoscopeError(f"steering file not found: {p}")
+    try:
+        return Steering.model_validate_json(p.read_text())
+    except Exception as e:  # pydantic's ValidationError or bad JSON, in one line
+        first = str(e).splitlines()
+        raise EmoscopeError(f"invalid steering file {p}: {first[-1].strip() if first else e}") from None
+
+
+def label_probs(task, texts: list[str], saes: dict | None = None, edits: list[Edit] = (),
+                batch_size: int = 16, answers: list | None = None, steer_prior: bool = True) -> np.ndarray:
+    """Calibrated label probabilities [n, K] from the labels' first tokens at the answer position,
+    with the edits applied there (and, with `steer_prior`, to the content-free inputs that set the
+    prior: a deployed steering is calibrated as it runs; an `add` push then largely cancels out, so
+    pushing toward an emotion is measured against the unsteered prior). `answers`: answer_batches()
+    of the texts' prompts, built once when the same texts are steered repeatedly."""
+    view, tokens = task.model, task.label_tokens
+
+    def logp(ts, batches=None, edits=edits):
+        out = []
+        batches = batches or answer_batches(view, task.encode_all(ts), batch_size)
+        for b in batches:
+            with torch.no_grad(), apply_edits(view, saes or {}, list(edits), b.last):
+                logits, _ = b.logits(view, tokens)
+            out.append(torch.log_softmax(logits, -1).double().cpu().numpy())
+        return np.concatenate(out)
+
+    prior = prior_from_scores(logp(CONTENT_FREE, edits=edits if steer_prior else []))
+    return np.exp(apply_prior(logp(list(texts), answers), prior))

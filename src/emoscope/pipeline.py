@@ -1,0 +1,162 @@
+"""Stage orchestration: `emoscope run --config CONFIG` runs every stage into one run directory.
+
+A stage is skipped when its saved result carries the hash of its config and of the results it reads
+(so a rerun is cheap, an interrupted run resumes, and changing one key reruns only what depends on
+it); `force` names stages to rerun regardless. The model, the task and the SAEs are loaded once, and
+only if a stage runs. Stages: evaluate, saes, phases, trace, steer, audit, then the report.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from .config import STAGES, RunConfig
+from .errors import EmoscopeError
+from .models import ModelConfig, ModelView, load_model
+from .stages import audit, evaluate, phases, saes, steer, trace
+from .stages.base import StageResult
+from .task import Task, TaskConfig
+
+RESULTS: dict[str, type[StageResult]] = {
+    "evaluate": evaluate.EvalResult, "saes": saes.SAEsResult, "phases": phases.PhasesResult,
+    "trace": trace.TraceResult, "steer": steer.SteerResult, "audit": audit.AuditResult}
+
+
+class RunContext:
+    """What every stage of one run shares, built once and only when needed: the model, the task, the
+    SAEs (from the saes stage) and upstream results (from the run directory)."""
+
+    def __init__(self, run_dir: str | Path, model: ModelConfig, task: TaskConfig, data_dir: str | None = None,
+                 log=print, progress_factory=None):
+        self.run_dir, self.model_config, self.task_config = Path(run_dir), model, task
+        self.data_dir, self.log, self.progress_factory = data_dir, log, progress_factory
+        self._model: ModelView | None = None
+        self._task: Task | None = None
+        self._results: dict[str, StageResult] = {}
+        self.load_seconds = 0.0
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path, device: str | None = None, dtype: str | None = None, **kw) -> "RunContext":
+        """The context of an existing run, rebuilt from its evaluate result (model and task settings)."""
+        ev = cls(run_dir, ModelConfig(), TaskConfig()).result("evaluate", check_model=False)
+        cfg = dict(ev["config"])
+        model = ModelConfig.model_validate(cfg.pop("model"))
+        model = model.model_copy(update={k: v for k, v in (("device", device), ("dtype", dtype)) if v})
+        return cls(run_dir, model, TaskConfig.model_validate(cfg), **kw)
+
+    @property
+    def model(self) -> ModelView:
+        if self._model is None:
+            t = time.time()
+            self._model = load_model(self.model_config)
+            self.load_seconds = time.time() - t
+        return self._model
+
+    @property
+    def task(self) -> Task:
+        if self._task is None:
+            self._task = Task(self.model, self.task_config)
+        return self._task
+
+    @property
+    def saes(self) -> dict:
+        return self.result("saes").saes
+
+    def result(self, stage: str, check_model: bool = True) -> StageResult:
+        """A finished stage's result, read from the run directory once."""
+        if stage not in self._results:
+            folder = self.run_dir / stage
+            if not (folder / "result.json").exists():
+                raise EmoscopeError(f"{self.run_dir} has no {stage}/result.json: run the {stage} stage first")
+            cls = RESULTS[stage]
+            self._results[stage] = cls.load(folder, self.model) if stage == "saes" else cls.load(folder)
+        res = self._results[stage]
+        if check_model and stage == "evaluate" and res["model"]["name"] != self.model_config.name:
+            raise EmoscopeError(f"{self.run_dir} was evaluated with {res['model']['name']}, not {self.model_config.name}")
+        return res
+
+    def optional(self, stage: str) -> StageResult | None:
+        return self.result(stage) if (self.run_dir / stage / "result.json").exists() else None
+
+    def progress(self, stage: str):
+        return self.progress_factory(stage) if self.progress_factory else None
+
+
+def compute(ctx: RunContext, stage: str, cfg, workdir: Path | None = None) -> StageResult:
+    """Run one stage on the context with its config; the result is not saved yet."""
+    prog = ctx.progress(stage)
+    if stage == "evaluate":
+        res = evaluate.evaluate(ctx.task, progress=prog)
+        res.timing = {"load": round(ctx.load_seconds, 2), **res.timing}
+        return res
+    if stage == "saes":
+        return saes.compute(ctx.model, cfg, ctx.data_dir, prog)
+    ev = ctx.result("evaluate")
+    if stage == "phases":
+        return phases.phases(ctx.task, ctx.saes, ev, cfg, prog, workdir=workdir)
+    if stage == "trace":
+        return trace.trace(ctx.task, ctx.saes, ev, ctx.result("phases"), cfg, prog)
+    if stage == "steer":
+        res = steer.steer(ctx.task, ctx.saes, ev, ctx.result("trace"), cfg, prog)
+        res.steering.chosen_on["run_dir"] = str(ctx.run_dir)
+        return res
+    return audit.audit(ctx.task, ctx.saes, ev, ctx.optional("phases"), ctx.optional("trace"), cfg, progress=prog)
+
+
+def run_stage(ctx: RunContext, stage: str, cfg, key: str | None = None) -> StageResult:
+    """Compute a stage and save it into the run directory (atomically), filed under `key` when given."""
+    for need in {"phases": ("evaluate", "saes"), "trace": ("evaluate", "saes", "phases"),
+                 "steer": ("evaluate", "saes", "trace"), "audit": ("evaluate", "saes")}.get(stage, ()):
+        ctx.result(need)  # one line naming a missing upstream stage, before any work
+    work = ctx.run_dir / f".{stage}.work"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        res = compute(ctx, stage, cfg, workdir=work)
+        if key is not None:
+            res.data["config_hash"] = key
+        res.save(ctx.run_dir / stage)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ctx._results.pop(stage, None)  # later stages read what was saved
+    return res
+
+
+def is_current(run_dir: Path, stage: str, cfg: RunConfig) -> bool:
+    f = run_dir / stage / "result.json"
+    try:
+        return f.exists() and json.loads(f.read_text()).get("config_hash") == cfg.stage_hash(stage)
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return False  # an unreadable result is rerun, not trusted
+
+
+def run(cfg: RunConfig, force: set[str] = frozenset(), log=print, progress_factory=None) -> Path:
+    """Every configured stage in order, skipping those that are up to date; then the report."""
+    unknown = sorted(set(force) - set(STAGES))
+    if unknown:
+        raise EmoscopeError(f"--force {unknown[0]}: unknown stage; choose from {', '.join(STAGES)}")
+    run_dir = Path(cfg.run_dir).expanduser()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = _tee(log, run_dir / "run.log")
+    ctx = RunContext(run_dir, cfg.model, cfg.stage_config("evaluate"), cfg.data_dir, log, progress_factory)
+    for stage in [s for s in STAGES if s in cfg.stages]:
+        if stage not in force and is_current(run_dir, stage, cfg):
+            log(f"stage {stage}: up to date, skipped")
+            continue
+        log(f"stage {stage}: running")
+        run_stage(ctx, stage, cfg.stage_config(stage), key=cfg.stage_hash(stage))
+    from .report.html import write_report
+    path = write_report(run_dir)
+    log(f"report: {path}")
+    return path
+
+
+def _tee(log, path: Path):
+    """Log to the caller and, time-stamped, to run_dir/run.log."""
+    def both(msg: str) -> None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+        log(msg)
+    return both

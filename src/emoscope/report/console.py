@@ -1,0 +1,162 @@
+"""What the command line prints for people: tables of each stage's headline numbers (rich), and
+progress that stays readable in a terminal and in CI or cluster logs."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console()  # results: stdout
+err = Console(stderr=True)  # progress and messages: stderr
+
+
+class PlainProgress:
+    """Progress for logs (stderr not a terminal): a line at most every `every` seconds with the count,
+    the rate and, when the total is known, the ETA."""
+
+    def __init__(self, name: str, total: int | None = None, every: float = 10.0, stream=None):
+        self.name, self.total, self.every, self.n = name, total, every, 0
+        self.stream = stream or sys.stderr
+        self.start = self.last = time.time()
+
+    def __call__(self, n: int = 1) -> None:
+        self.n += n
+        now = time.time()
+        if now - self.last >= self.every or (self.total and self.n >= self.total):
+            self.last = now
+            self.stream.write(self.line(now) + "\n")
+            self.stream.flush()
+
+    def line(self, now: float) -> str:
+        rate = self.n / max(now - self.start, 1e-9)
+        done = f"{self.n}/{self.total}" if self.total else str(self.n)
+        eta = ""
+        if self.total and rate > 0:
+            eta = f", ETA {_duration((self.total - self.n) / rate)}"
+        return f"{self.name}: {done} done, {rate:.2f}/s, {_duration(now - self.start)} elapsed{eta}"
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _fmt(m: dict) -> str:
+    return f"{m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]"
+
+
+def print_eval(res: dict, calibrated: bool = True) -> None:
+    t = Table(title=f"{res['model']['name']} · {res['config']['data']['dataset']}/{res['config']['data']['split']} · "
+                    f"{res['config']['shots']}-shot · n={res['n']} · seed {res['seed']}")
+    t.add_column("scores")
+    t.add_column("accuracy [95% CI]")
+    t.add_column("macro-F1 [95% CI]")
+    for name in ["raw", "calibrated"] if calibrated else ["raw"]:
+        t.add_row(name, _fmt(res[name]["accuracy"]), _fmt(res[name]["macro_f1"]))
+    out.print(t)
+    pc = Table(title="per-class recall (raw → calibrated)")
+    pc.add_column("class")
+    pc.add_column("support")
+    pc.add_column("recall raw")
+    pc.add_column("recall cal.")
+    for lab in res["labels"]:
+        pc.add_row(lab, str(res["raw"]["per_class"][lab]["support"]), f"{res['raw']['per_class'][lab]['recall']['value']:.2f}",
+                   f"{res['calibrated']['per_class'][lab]['recall']['value']:.2f}")
+    out.print(pc)
+
+def headlines(run_dir: Path) -> list[str]:
+    """One line each for the tracing, steering and audit results a run directory holds."""
+    from ..artifacts import read_json
+
+    out = []
+    f = run_dir / "trace" / "result.json"
+    if f.exists():
+        tr = read_json(f)
+        best = []
+        for lab, e in tr["emotions"].items():
+            ph = e["phases"][str(e["strongest_phase"])]
+            if ph["features"]:
+                top = ph["features"][0]
+                best.append(f"{lab} L{top['layer']}/{top['feature']} {top['effect']['value']:.2f}")
+        out.append("tracing, strongest feature per emotion (margin drop): " + ("; ".join(best) or "none"))
+    f = run_dir / "steer" / "result.json"
+    if f.exists():
+        st = read_json(f)
+        test = {m: v["test"]["macro_f1"]["value"] for m, v in st["methods"].items()}
+        base = max((m for m in test if m not in ("feature_steering", "random_features")), key=test.get)
+        out.append(f"steering: test macro-F1 {test['feature_steering']:.3f} vs best baseline {base} {test[base]:.3f} "
+                   f"(random features {test['random_features']:.3f})")
+    f = run_dir / "audit" / "result.json"
+    if f.exists():
+        au = read_json(f)
+        out.append(f"audit: {len(au['candidates'])} candidates, over the thresholds: {', '.join(au['failed']) or 'none'}")
+    return out
+
+def print_saes(res: dict) -> None:
+    t = Table(title=f"SAEs for {res['model']}: held-out quality by layer")
+    for c in ["hook", "depth", "L0", "FVU", "CE recovered", "dead % (train)", "unseen % (held-out)"]:
+        t.add_column(c)
+    for h in res["hooks"]:
+        q = res["quality"][h]
+        ce, dead = q.get("ce_recovered"), q.get("dead_frac_train")
+        t.add_row(h, f"{res['depth'][h]:.2f}", f"{q['l0']:.1f}", f"{q['fvu']:.3f}", "" if ce is None else f"{ce:.3f}",
+                  "" if dead is None else f"{100 * dead:.1f}", f"{100 * q['dead_frac']:.1f}")
+    out.print(t)
+
+def print_phases(res: dict) -> None:
+    b = ", ".join(f"layer {x['layer']} (depth {x['depth']:.2f}, 95% CI layers {x['lo']:.0f}-{x['hi']:.0f})" for x in res["boundaries"])
+    out.print(f"{res['model']}: {res['n_phases']} phase(s) ({' -> '.join(res['phase_names'])}); boundaries: {b or 'none'}", markup=False)
+    s = res["last_phase_share"]
+    out.print(f"share of emotion-selective features in the last phase: {s['value']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}] "
+                    f"({s['n_boot']} subsamples)", markup=False)
+    t = Table(title="emotion-selective features (final token, all examples)")
+    for c in ["emotion", "specific", "shared"]:
+        t.add_column(c)
+    for lab in res["labels"]:
+        t.add_row(lab, str(res["specific_counts"][lab]), str(res["shared_counts"][lab]))
+    out.print(t)
+
+def print_audit(res: dict) -> None:
+    from .tables import final_excess, retained
+    t = Table(title=f"brittleness audit, {res['model']}, n={res['n']}, reference accuracy {res['reference_accuracy']:.3f}")
+    for c in ["candidate", "Δ accuracy [95% CI]", "flip rate", "causal survival", "effect retained [95% CI]", "final phase excess drift [95% CI]", "AUROC conf. / feature drift", "verdict"]:
+        t.add_column(c)
+    for r in res["candidates"]:
+        d, a = r["accuracy_change"], r["detection_auroc"]
+        fmt = lambda v: "—" if v is None else f"{v:.2f}"
+        t.add_row(r["name"], f"{d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]", f"{r['flip_rate']:.2f}", fmt(r["causal_survival"]), retained(r),
+                  final_excess(r), f"{fmt(a['confidence_drop'])} / {fmt(a['causal_feature_drift'])}",
+                  "FAIL" if r["failed"] else "ok")
+    out.print(t)
+
+def print_steer(res: dict) -> None:
+    sets = sorted({k for m in res["methods"].values() for k in m})
+    t = Table(title=f"steering, {res['model']}: macro-F1 [95% CI] (chosen: {res['chosen']['features_per_emotion']} feature(s)/emotion x {res['chosen'].get('strengths', res['chosen']['strength'])})")
+    t.add_column("method")
+    for s_ in sets:
+        t.add_column(s_)
+    for name, m in res["methods"].items():
+        t.add_row(name, *[_fmt(m[s_]["macro_f1"]) if s_ in m else "" for s_ in sets])
+    out.print(t)
+    se = res["side_effects"]
+    out.print(f"WikiText-2 perplexity {se['ppl_clean']:.2f} -> {se['ppl_steered_all_positions']:.2f} "
+                    f"({100 * se['ppl_change']:+.1f}%) with steering at every position; KL {se['kl_all_positions']:.4f}", markup=False)
+
+
+def print_trace(res: dict) -> None:
+    t = Table(title=f"causal tracing, {res['model']} (margin: {res['config'].get('margin', 'all_others')})")
+    for c in ["emotion", "phase", "top effect [95% CI]", "features for 50% / 80%", "effective n", "random control"]:
+        t.add_column(c)
+    for lab, e in res["emotions"].items():
+        for p_, r in e["phases"].items():
+            top = r["features"][0]["effect"] if r["features"] else None
+            t.add_row(lab, p_, "" if top is None else f"{top['value']:.2f} [{top['lo']:.2f}, {top['hi']:.2f}]",
+                      f"{r['n_for_50'] or '>' + str(len(r['features']))} / {r['n_for_80'] or '>' + str(len(r['features']))}",
+                      f"{r['effective_n']:.1f}", f"{r['random_control']['mean']:.2f}")
+    out.print(t)
+    for lab, why in res["skipped"].items():
+        err.print(f"skipped {lab}: {why}")

@@ -1,0 +1,340 @@
+"""Stage `audit`: do prompt changes or a lower weight precision silently break emotion inference?
+`audit(task, saes, evaluation, phases, trace)` returns an `AuditResult`.
+
+
+A reference (the run's evaluated model, precision and prompt) is compared with candidates on the
+same examples. For each candidate: accuracy and macro-F1 change with paired-bootstrap intervals,
+prediction flip rate, per-emotion recall change; per layer and phase, drift of SAE features at the
+answer position (per-example correlation of feature vectors, Jaccard of the top-k active features);
+survival of the reference's causal features (still active where they were active) and whether they
+still matter (the drop in each emotion's best-other margin when its causal set is zeroed at the
+answer position, on `ablation_per_emotion` examples, against the same drop in the reference); and
+whether the final phase drifts more than earlier ones, with drift divided by the drift between
+unrelated reference examples (raw drift grows with depth for any change, so only the normalised
+form can say which phase is fragile) and a bootstrap interval on the final phase's excess. Silent
+degradation: AUROC with which a drop in output confidence, and a causal-feature drift score, flag
+the examples whose prediction flipped. Thresholds turn the audit into a deployment gate (non-zero exit).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..analysis.drift import auroc_or_none, derangement, jaccard_topk, phase_drift, retained, rowcorr
+from ..artifacts import config_hash
+from ..errors import EmoscopeError, validated
+from ..hooks import layer_of
+from ..interventions.answers import answer_batches, answer_resid, first_token_prior
+from ..interventions.effects import ablate
+from ..interventions.perturb import PRECISIONS, apply_precision, perturb_text, template_variants
+from ..models import ModelView, load_model
+from ..task import Task, TaskConfig, calibrate
+from ..task.metrics import classification_metrics
+from ..task.prompts import Template
+from .base import StageResult
+from .evaluate import EvalResult
+from .phases import PhasesResult
+from .trace import TraceResult
+
+
+class Candidate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., description="Label of the candidate in tables.")
+    template: Template | None = Field(None, description="Prompt template replacing the reference's.")
+    shots: int | None = Field(None, ge=0, description="Number of demonstrations replacing the reference's.")
+    demo_seed: int | None = Field(None, description="Seed drawing other demonstrations.")
+    text: Literal["lower", "upper", "whitespace", "typos"] | None = Field(None, description="Noise applied to every input text.")
+    precision: Literal["float32", "bfloat16", "float16", "int8", "int4", "int3"] | None = Field(
+        None, description="Weight precision: float32, bfloat16, float16, or weight-only RTN int8 / int4 / int3.")
+    model: str | None = Field(None, description="Another checkpoint of the same model (same tokenizer), e.g. a quantized export.")
+
+
+class Thresholds(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_accuracy_drop: float = Field(0.05, description="Largest tolerated drop in calibrated accuracy.")
+    max_flip_rate: float = Field(0.2, description="Largest tolerated share of changed predictions.")
+    min_causal_survival: float = Field(0.5, description="Smallest tolerated share of causal features still active.")
+    min_effect_retained: float | None = Field(None, description="Smallest tolerated share of the causal sets' ablation effect still there (None: not gated).")
+
+
+class AuditConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    candidates: list[Candidate] | Literal["default"] = Field("default", description="Candidates, or 'default': paraphrases, label order, system prompt, demonstrations, text noise, bf16/fp16/int8/int4/int3.")
+    thresholds: Thresholds = Thresholds()
+    causal_features: dict[str, list[tuple[int, int]]] | None = Field(None, description="Causal features per emotion as [layer, feature] pairs; default: tracing's sets, else the phases stage's top features.")
+    ablation_per_emotion: int = Field(20, ge=0, description="Examples per emotion on which each candidate's causal sets are ablated, to see whether they still matter (0: skip).")
+    top_k: int = Field(32, ge=1, description="Active features compared by Jaccard per layer.")
+    group_size: int = Field(128, ge=8, description="Group size of the RTN weight quantization.")
+    n_boot: int = Field(1000, ge=100, description="Paired bootstrap resamples.")
+    seed: int = Field(0, description="Seed for text noise, demonstrations and the bootstrap.")
+
+
+class AuditResult(StageResult):
+    """One row per candidate (`to_frame()`); `failed` names those over the thresholds."""
+
+    stage = "audit"
+
+    @property
+    def failed(self) -> list[str]:
+        return self.data["failed"]
+
+    def to_frame(self) -> pd.DataFrame:
+        rows = []
+        for c in self.data["candidates"]:
+            ch, eff = c["accuracy_change"], c["causal_effect"] or {}
+            rows.append({"candidate": c["name"], "accuracy": c["accuracy"], "accuracy_change": ch["value"],
+                         "accuracy_change_lo": ch["lo"], "accuracy_change_hi": ch["hi"], "flip_rate": c["flip_rate"],
+                         "causal_survival": c["causal_survival"], "effect_retained": eff.get("value"),
+                         "detection_auroc_confidence": c["detection_auroc"]["confidence_drop"], "failed": c["failed"]})
+        return pd.DataFrame(rows)
+
+
+def default_candidates(ev_cfg: TaskConfig, labels: list[str], seed: int) -> list[Candidate]:
+    out = [Candidate(name=n, template=t) for n, t in template_variants(ev_cfg.template, labels, seed).items()]
+    k = ev_cfg.shots
+    out += [Candidate(name="demos_removed" if k else "demos_added", shots=0 if k else len(labels)),
+            Candidate(name="demos_changed", shots=max(k, len(labels)), demo_seed=seed + 101)]
+    out += [Candidate(name=f"text_{t}", text=t) for t in ("lower", "upper", "whitespace", "typos")]
+    out += [Candidate(name=p, precision=p) for p in PRECISIONS if p != "float32"]
+    return out
+
+
+@dataclass
+class _Reference:
+    """The reference every candidate is compared with, and what the comparison needs."""
+    task: Task
+    saes: dict  # layer -> SAE
+    cfg: AuditConfig
+    texts: list[str]
+    y: np.ndarray
+    labels: list[str]
+    obs: dict  # the reference's observation (see _observe)
+    causal: dict[str, list[list[int]]]
+    phase_of: dict[int, int]
+    n_phases: int
+    boots: np.ndarray
+    unrelated: dict[int, float]
+    abl_idx: dict[str, np.ndarray]
+
+
+def audit(task: Task, saes: dict, evaluation: EvalResult, phases: PhasesResult | None = None,
+          trace: TraceResult | None = None, config: AuditConfig | dict | None = None,
+          load_model: Callable[[str | None], ModelView] | None = None, progress=None) -> AuditResult:
+    """Compare every candidate with the reference on the evaluated examples. `load_model(name=None)`
+    returns a fresh float32 copy of the model (or another checkpoint) for precision and model candidates;
+    by default it reloads the task's model as it was loaded (or copies a model built in memory)."""
+    cfg = config if isinstance(config, AuditConfig) else validated(AuditConfig, config or {}, "audit.")
+    ref = _reference(task, saes, evaluation, phases, trace, cfg)
+    load_view = load_model or _reloader(task.model)
+    cands = default_candidates(task.config, ref.labels, cfg.seed) if cfg.candidates == "default" else cfg.candidates
+    rows = []
+    for cand in cands:
+        rows.append(_compare(cand, ref, load_view))
+        if progress:
+            progress(1)
+    view = task.model
+    data = {"stage": "audit", "config_hash": config_hash(cfg, view.name), "config": cfg.model_dump(mode="json"),
+            "model": view.name, "labels": ref.labels, "n": int(len(ref.y)), "seed": cfg.seed, "n_phases": ref.n_phases,
+            "reference_accuracy": float((ref.obs["pred"] == ref.y).mean()), "candidates": rows,
+            "unrelated_drift": {str(layer): v for layer, v in ref.unrelated.items()},
+            "failed": [r["name"] for r in rows if r["failed"]]}
+    return AuditResult(data)
+
+
+def _reloader(view: ModelView) -> Callable[[str | None], ModelView]:
+    def load(name: str | None = None) -> ModelView:
+        if view.settings is not None:
+            return load_model(view.settings.model_copy(update={"name": name or view.settings.name, "dtype": "float32"}))
+        return copy.deepcopy(view) if name is None else load_model(name)
+    return load
+
+
+def _reference(task, saes, evaluation, phases, trace, cfg) -> _Reference:
+    preds, labels = evaluation.predictions, evaluation.labels
+    texts, y = list(preds.text), np.array([labels.index(g) for g in preds.gold])
+    by_layer = {layer_of(h): s for h, s in saes.items()}
+    phase_of = phases.phase_of_layer if phases is not None else {}
+    n_phases = max(phase_of.values()) + 1 if phase_of else 1
+    causal = ({k: [list(f) for f in v] for k, v in cfg.causal_features.items()} if cfg.causal_features
+              else _causal_sets(trace, phases))
+    obs = _observe(task, texts, by_layer)
+    pick = np.random.default_rng(cfg.seed + 2)
+    abl_idx = {lab: np.sort(pick.permutation(np.flatnonzero(y == e))[:cfg.ablation_per_emotion])
+               for e, lab in enumerate(labels)}
+    obs["effects"] = _ablation_effects(task, texts, by_layer, causal, labels, abl_idx)
+    # drift baseline per layer: 1 - top-k Jaccard between each reference example and another one. Layers
+    # differ in how example-specific their codes are, so raw drift grows with depth for any change;
+    # drift / unrelated is the fraction of the way to an unrelated input.
+    order = derangement(len(texts), cfg.seed + 1)
+    unrelated = {layer: float(1 - jaccard_topk(obs["codes"][layer], obs["codes"][layer][order], cfg.top_k).mean())
+                 for layer in by_layer}
+    boots = np.random.default_rng(cfg.seed).integers(0, len(y), (cfg.n_boot, len(y)))
+    return _Reference(task, by_layer, cfg, texts, y, labels, obs, causal, phase_of, n_phases, boots, unrelated, abl_idx)
+
+
+def _observe(task: Task, texts: list[str], saes: dict) -> dict:
+    """Calibrated predictions and probabilities, and SAE codes at the answer position of every layer."""
+    logp = task.score(texts)
+    cal = calibrate.apply_prior(logp, task.log_prior())
+    codes = {layer: [] for layer in saes}
+    prompts = task.encode_all(texts)
+    with torch.no_grad():
+        for res in answer_resid(task.model, prompts, list(saes), task.label_tokens):
+            for layer, sae in saes.items():
+                codes[layer].append(sae.encode(res[layer]).cpu().numpy())
+    codes = {layer: np.nan_to_num(np.concatenate(v), nan=0.0, posinf=0.0, neginf=0.0) for layer, v in codes.items()}
+    # a candidate can overflow (Gemma in float16 does): such rows count as maximally uncertain and wrong
+    bad = ~np.isfinite(cal).all(1)
+    cal = np.where(bad[:, None], -np.log(cal.shape[1]), cal)
+    return {"cal": cal, "pred": cal.argmax(1), "codes": codes, "prompts": prompts, "non_finite": bad}
+
+
+def _ablation_effects(task: Task, texts, saes, causal, labels, idx) -> dict[str, np.ndarray]:
+    """Per emotion: the drop in its calibrated best-other margin on its chosen examples when its causal
+    set is zeroed at the answer position (SAE error kept). Non-finite margins (an overflowing
+    candidate) count as no effect."""
+    view, tokens = task.model, task.label_tokens
+    prior = first_token_prior(task)
+    out = {}
+    for e, lab in enumerate(labels):
+        feats: dict[int, list[int]] = {}
+        for layer, f in causal.get(lab, []):
+            if layer in saes:
+                feats.setdefault(int(layer), []).append(int(f))
+        if not feats or not len(idx[lab]):
+            continue
+        prompts = task.encode_all(texts[i] for i in idx[lab])
+        try:
+            with torch.no_grad():
+                batches = answer_batches(view, prompts)
+                gold = np.full(len(prompts), e)
+                d = ablate(view, saes, batches, gold, tokens, {}, prior) - ablate(view, saes, batches, gold, tokens, feats, prior)
+        except EmoscopeError:  # the intervention met non-finite activations: the candidate overflows
+            d = np.zeros(len(prompts))
+        out[lab] = np.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
+    return out
+
+
+def _causal_sets(trace: TraceResult | None, phases: PhasesResult | None) -> dict[str, list[list[int]]]:
+    """Causal features per emotion: tracing's chosen sets, else the phases stage's top features."""
+    if trace is not None:
+        return {lab: [f for p in e["phases"].values() for f in p["set"]] for lab, e in trace["emotions"].items()}
+    if phases is not None:
+        return {lab: [[f["layer"], f["feature"]] for f in fs] for lab, fs in phases["top_features"].items()}
+    return {}
+
+
+def _candidate(cand: Candidate, ref: _Reference, load_view) -> tuple[Task, list[str], dict]:
+    """The candidate's task (prompt, demonstrations, model) and input texts, and what was done to the model."""
+    view, info = ref.task.model, {}
+    if cand.model is not None:
+        view = load_view(cand.model)
+        if view.tokenizer.get_vocab() != ref.task.model.tokenizer.get_vocab():
+            raise EmoscopeError(f"candidate {cand.name}: {cand.model} has another tokenizer than the reference; "
+                                "features could not be aligned, so it cannot be audited against it")
+    if cand.precision is not None:
+        view = load_view(cand.model) if view is ref.task.model else view
+        info = apply_precision(view, cand.precision, ref.cfg.group_size)
+    changes = {k: v for k, v in (("template", cand.template), ("shots", cand.shots), ("seed", cand.demo_seed))
+               if v is not None}
+    texts = ref.texts
+    if cand.text is not None:
+        r = random.Random(ref.cfg.seed)
+        texts = [perturb_text(t, cand.text, r) for t in texts]
+    return ref.task.variant(model=view, **changes), texts, info
+
+
+def _compare(cand: Candidate, ref: _Reference, load_view) -> dict:
+    task, texts, info = _candidate(cand, ref, load_view)
+    cur = _observe(task, texts, ref.saes)
+    y, labels = ref.y, ref.labels
+    cur["pred"] = np.where(cur["non_finite"], (y + 1) % len(labels), cur["pred"])  # never the gold label
+    acc = _accuracy(ref, cur)
+    drift = _drift(ref, cur)
+    survival, fdrift, total = _survival(ref, cur)
+    effect = retained(ref.obs["effects"], _ablation_effects(task, texts, ref.saes, ref.causal, labels, ref.abl_idx),
+                      np.random.default_rng(ref.cfg.seed + 3), ref.cfg.n_boot)
+    flipped = ref.obs["pred"] != cur["pred"]
+    t = ref.cfg.thresholds
+    failed = (cur["non_finite"].any() or (-acc["accuracy_change"]["value"] > t.max_accuracy_drop)
+              or (flipped.mean() > t.max_flip_rate) or (survival is not None and survival < t.min_causal_survival)
+              or (t.min_effect_retained is not None and effect is not None and effect["value"] < t.min_effect_retained))
+    return {"name": cand.name, **info, **acc, **drift, "causal_survival": survival, "causal_effect": effect,
+            "detection_auroc": _detection(ref, cur, flipped, fdrift if total else None), "failed": bool(failed)}
+
+
+def _accuracy(ref: _Reference, cur: dict) -> dict:
+    """Accuracy and its change with a paired bootstrap interval, macro-F1 change, flips, recall changes."""
+    y, labels = ref.y, ref.labels
+    acc_r, acc_c = (ref.obs["pred"] == y), (cur["pred"] == y)
+    boot_d = acc_c[ref.boots].mean(1) - acc_r[ref.boots].mean(1)
+    m_r = classification_metrics(y, ref.obs["pred"], labels, 200)
+    m_c = classification_metrics(y, cur["pred"], labels, 200)
+    return {"accuracy": float(acc_c.mean()), "non_finite_frac": float(cur["non_finite"].mean()),
+            "accuracy_change": {"value": float(acc_c.mean() - acc_r.mean()), "lo": float(np.percentile(boot_d, 2.5)),
+                                "hi": float(np.percentile(boot_d, 97.5))},
+            "macro_f1_change": m_c["macro_f1"]["value"] - m_r["macro_f1"]["value"],
+            "flip_rate": float((ref.obs["pred"] != cur["pred"]).mean()),
+            "recall_change": {lab: m_c["per_class"][lab]["recall"]["value"] - m_r["per_class"][lab]["recall"]["value"]
+                              for lab in labels}}
+
+
+def _drift(ref: _Reference, cur: dict) -> dict:
+    """Feature drift per layer (raw and normalised by unrelated-input drift), per phase, final phase's excess."""
+    drift, per_ex = {}, {}
+    for layer in sorted(ref.saes):
+        a, b = ref.obs["codes"][layer], cur["codes"][layer]
+        per_ex[layer] = 1 - jaccard_topk(a, b, ref.cfg.top_k)
+        jac = float(1 - per_ex[layer].mean())
+        u = ref.unrelated[layer]
+        drift[layer] = {"corr": float(rowcorr(a, b).mean()), "jaccard": jac,
+                        "normalized": (1 - jac) / u if u > 0 else (0.0 if jac == 1 else None),
+                        "phase": int(ref.phase_of.get(layer, 0))}
+    by_phase_raw = {p: float(np.mean([1 - d["jaccard"] for d in drift.values() if d["phase"] == p] or [np.nan]))
+                    for p in range(ref.n_phases)}
+    by_phase, excess = phase_drift(per_ex, ref.unrelated, {layer: d["phase"] for layer, d in drift.items()},
+                                   ref.n_phases, ref.boots)
+    return {"drift": {str(layer): d for layer, d in drift.items()},
+            "drift_by_phase": {str(p): v for p, v in by_phase.items()},
+            "drift_by_phase_raw": {str(p): v for p, v in by_phase_raw.items()},
+            "final_phase_excess": excess,
+            "final_phase_drifts_most": bool(excess is not None and excess["value"] >= 0)}
+
+
+def _survival(ref: _Reference, cur: dict) -> tuple[float | None, np.ndarray, int]:
+    """Share of the reference's causal features still active where they were active, and each example's
+    causal-feature drift score."""
+    alive, total, fdrift = 0, 0, np.zeros(len(ref.y))
+    for e, lab in enumerate(ref.labels):
+        feats = ref.causal.get(lab, [])
+        idx = np.flatnonzero(ref.y == e)
+        for layer, f in feats:
+            if layer not in ref.saes:
+                continue
+            a, b = ref.obs["codes"][layer][idx, f], cur["codes"][layer][idx, f]
+            on = a > 0
+            total += int(on.sum())
+            alive += int((b > 0)[on].sum())
+            fdrift[idx] += np.abs(a - b) / (np.abs(a) + 1e-6) / max(len(feats), 1)
+    return (alive / total if total else None), fdrift, total
+
+
+def _detection(ref: _Reference, cur: dict, flipped: np.ndarray, fdrift: np.ndarray | None) -> dict:
+    """AUROC with which output-side signals, and causal-feature drift, flag the flipped examples."""
+    rc, cc = ref.obs["cal"], cur["cal"]
+    def ent(c):
+        return -(np.exp(c) * c).sum(1)
+    def margin(c):
+        return np.sort(c, 1)[:, -1] - np.sort(c, 1)[:, -2]
+    return {"confidence_drop": auroc_or_none(rc.max(1) - cc.max(1), flipped),
+            "entropy_rise": auroc_or_none(ent(cc) - ent(rc), flipped),
+            "margin_drop": auroc_or_none(margin(rc) - margin(cc), flipped),
+            "causal_feature_drift": auroc_or_none(fdrift, flipped) if fdrift is not None else None}

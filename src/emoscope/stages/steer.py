@@ -1,0 +1,417 @@
+"""Stage `steer`: choose a feature steering on a small labelled dev set and measure it honestly on
+the test set and, unchanged, on other datasets, against the baselines a sceptical reviewer asks for.
+`steer(task, saes, evaluation, trace)` returns a `SteerResult` (and its reusable `steering` file).
+
+All methods are scored the same way: calibrated probabilities of the labels' first tokens at the
+answer position (`label_probs`). The steering scales each emotion's top causal features (from the
+trace stage, ranked by exact effect over all phases) by a strength: first one common strength and
+number of features per emotion, then each emotion's own strength (suppression below 1 included) by
+coordinate ascent, all chosen by dev macro-F1 (at most `dev_per_class` dev examples per
+emotion, drawn from the dev split; the test examples are checked to be disjoint). Baselines, same
+splits and the same labelled budget: raw scores, contextual calibration, a prior fitted on the dev
+set, the dev examples as few-shot demonstrations, steering along probe directions (class-mean
+differences of the residual on the dev set, Tak et al. 2025) with its strength chosen on dev, and
+the same number of random SAE features from the same layers (drawn among features active on the dev
+set at the answer position, since scaling an inactive feature changes nothing). Side effects: WikiText-2 test
+perplexity and next-token KL with the steering applied at every position, and per-emotion recall
+changes. For analysis, a dose-response curve of steering toward each emotion (its causal features'
+activations raised by multiples of their mean dev activation) beside the same push on random features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.optimize import minimize
+from scipy.special import log_softmax
+
+from ..artifacts import config_hash
+from ..data import Example, load_split, select
+from ..errors import EmoscopeError, validated
+from ..hooks import layer_of, pad_batch
+from ..interventions.answers import answer_batches, answer_resid
+from ..interventions.edits import Edit, apply_edits
+from ..interventions.probe import ProbeSteer
+from ..interventions.steering import Steering, label_probs, load_steering, make_steering, save_steering
+from ..task import PromptBuilder, Task
+from ..task.calibrate import CONTENT_FREE, normalize
+from ..task.metrics import classification_metrics
+from .base import StageResult
+from .evaluate import EvalResult
+from .trace import TraceResult
+
+
+class SteerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dev_per_class: int = Field(32, ge=1, le=512, description="Labelled dev examples per emotion for every choice.")
+    features_per_emotion: list[int] = Field([1, 2, 4], description="Numbers of top causal features per emotion searched.")
+    strengths: list[float] = Field([1.25, 1.5, 2.0, 3.0, 5.0], description="Common scale factors searched for all emotions' features (1 = no steering).")
+    per_emotion_strengths: list[float] = Field([0.0, 0.5, 1.0, 1.5, 2.0, 3.0], description="Then each emotion's own scale, searched by coordinate ascent on dev from the best common one (below 1 suppresses; empty: skip).")
+    rounds: int = Field(2, ge=0, le=5, description="Coordinate-ascent passes over the emotions for per-emotion strengths.")
+    dose: list[float] = Field([0.0, 1.0, 2.0, 4.0, 8.0], description="Push toward each emotion: amounts added to its features, in units of each feature's mean dev activation (empty: skip).")
+    transfer: list[str] = Field(["isear", "dair_emotion"], description="Datasets evaluated with the steering unchanged (shared labels).")
+    transfer_per_class: int = Field(40, ge=1, description="Examples per shared label in each transfer dataset.")
+    ppl_seqs: int = Field(24, ge=1, description="WikiText-2 test sequences for perplexity and KL.")
+    n_boot: int = Field(1000, ge=100, description="Bootstrap resamples for intervals.")
+    seed: int = Field(0, description="Seed for dev sampling, random features and the bootstrap.")
+
+
+class SteerResult(StageResult):
+    """The chosen steering (`steering`, a reusable file) and every method's test and transfer scores
+    (`to_frame()`)."""
+
+    stage = "steer"
+
+    def __init__(self, data: dict, tables=None, timing=None, steering: Steering | None = None):
+        super().__init__(data, tables, timing)
+        self.steering = steering
+
+    def to_frame(self) -> pd.DataFrame:
+        """Per method and dataset: accuracy and macro-F1 with their intervals."""
+        rows = []
+        for method, sets in self.data["methods"].items():
+            for ds, m in sets.items():
+                rows.append({"method": method, "dataset": ds, **{f"{k}{s}": m[k][v] for k in ("accuracy", "macro_f1")
+                                                                 for s, v in (("", "value"), ("_lo", "lo"), ("_hi", "hi"))}})
+        return pd.DataFrame(rows)
+
+    def _write(self, folder: Path) -> None:
+        super()._write(folder)
+        save_steering(self.steering, folder / "steering.json")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "SteerResult":
+        res = super().load(folder)
+        res.steering = load_steering(Path(folder) / "steering.json")
+        return res
+
+
+@dataclass
+class _Dev:
+    """The labelled dev set every choice is made on, and its prompts' cached answer passes."""
+    examples: list[Example]
+    y: np.ndarray
+    answers: list
+
+    @property
+    def texts(self) -> list[str]:
+        return [e.text for e in self.examples]
+
+
+def steer(task: Task, saes: dict, evaluation: EvalResult, trace: TraceResult,
+          config: SteerConfig | dict | None = None, progress=None) -> SteerResult:
+    """Choose a steering of the traced features on dev; score it and six baselines on the test examples
+    and on other datasets; measure its side effects and a dose-response toward each emotion."""
+    cfg = config if isinstance(config, SteerConfig) else validated(SteerConfig, config or {}, "steer.")
+    view, labels, test = task.model, evaluation.labels, evaluation.predictions
+    saes = {layer_of(h): s for h, s in saes.items()}
+    dev = _dev_set(task, labels, cfg, set(test.id))
+    ranked = {lab: sorted((f for p in e["phases"].values() for f in p["features"]), key=lambda f: -f["effect"]["value"])
+              for lab, e in trace["emotions"].items()}
+
+    def edits_for(n: int, s: float | dict) -> list[Edit]:
+        out = []
+        for lab in labels:
+            v = s.get(lab, 1.0) if isinstance(s, dict) else s
+            for f in [f for f in ranked.get(lab, []) if f["effect"]["value"] > 0][:n]:
+                if v != 1.0:
+                    out.append(Edit(layer=f["layer"], feature=f["feature"], mode="scale", value=v))
+        return out
+
+    best, curve = _search(task, saes, dev, labels, ranked, edits_for, cfg, progress)
+    chosen = edits_for(best["features_per_emotion"], best["strengths"])
+    if not chosen:
+        raise EmoscopeError("the dev search chose no steering at all (every strength 1): nothing to apply")
+    methods = _methods(task, saes, chosen, dev, labels, cfg)
+    y_test = np.array([labels.index(g) for g in test.gold])
+    results = {name: {"test": classification_metrics(y_test, fn(list(test.text)).argmax(1), labels, cfg.n_boot, cfg.seed)}
+               for name, fn in methods.items()}
+    transfer_errors = _transfer(task, methods, labels, cfg, results)
+    dose = _dose_response(task, dev, saes, ranked, labels, best["features_per_emotion"], cfg, progress)
+    side = _side_effects(task, saes, chosen, cfg)
+    d = task.config.data
+    steering = make_steering(view, saes, chosen, {"run_dir": None, "dataset": d.dataset, "split": "dev",
+                                                   "dev_ids": [e.id for e in dev.examples], "search": curve,
+                                                   "seed": cfg.seed})
+    summary = {name: {k: {"accuracy": v["accuracy"], "macro_f1": v["macro_f1"]} for k, v in r.items()}
+               for name, r in results.items()}
+    data = {"stage": "steer", "config_hash": config_hash(cfg, view.name), "config": cfg.model_dump(mode="json"),
+            "model": view.name, "labels": labels, "n_dev": len(dev.examples), "n_test": int(len(test)), "seed": cfg.seed,
+            "search": curve, "chosen": best, "n_features": len(chosen), "methods": summary,
+            "recall_change_vs_contextual": {
+                lab: results["feature_steering"]["test"]["per_class"][lab]["recall"]["value"]
+                - results["contextual_calibration"]["test"]["per_class"][lab]["recall"]["value"] for lab in labels},
+            "side_effects": side, "dose_response": dose, "transfer_errors": transfer_errors}
+    return SteerResult(data, steering=steering)
+
+
+def _dev_set(task: Task, labels: list[str], cfg: SteerConfig, test_ids: set) -> _Dev:
+    """At most `dev_per_class` dev-split examples per emotion (seeded), disjoint from the test examples."""
+    pool = task.examples("dev", per_class=None)
+    rng = random.Random(cfg.seed)
+    dev = []
+    for lab in labels:
+        rows = sorted((e for e in pool if e.label == lab), key=lambda e: e.id)
+        rng.shuffle(rows)
+        dev += rows[:cfg.dev_per_class]
+    if not dev:
+        raise EmoscopeError(f"the dev split of {task.config.data.dataset} has no examples of {labels}: "
+                            "steering needs a labelled dev set")
+    overlap = test_ids & {e.id for e in dev}
+    if overlap:
+        raise EmoscopeError(f"{len(overlap)} test examples are also in the dev set: refusing to choose a steering on them")
+    with torch.no_grad():  # the dev prompts' tokens before the answer run once for the whole search
+        answers = answer_batches(task.model, task.encode_all(e.text for e in dev))
+    return _Dev(dev, np.array([labels.index(e.label) for e in dev]), answers)
+
+
+def _search(task, saes, dev: _Dev, labels, ranked, edits_for, cfg, progress) -> tuple[dict, list]:
+    """The best common (number of features, strength) on dev macro-F1, then each emotion's own strength."""
+    def macro(probs):
+        return classification_metrics(dev.y, probs.argmax(1), labels, 100)["macro_f1"]["value"]
+
+    def probs_for(edits):
+        return label_probs(task, dev.texts, saes, edits, answers=dev.answers)
+
+    curve = []
+    for n in cfg.features_per_emotion:
+        for s in cfg.strengths:
+            ed = edits_for(n, s)
+            if not ed:
+                continue
+            p = probs_for(ed)
+            if not np.isfinite(p).all():
+                continue
+            curve.append({"features_per_emotion": n, "strength": s, "dev_macro_f1": macro(p)})
+            if progress:
+                progress(1)
+    if not curve:
+        raise EmoscopeError("no usable steering: tracing found no feature with a positive effect")
+    best = dict(max(curve, key=lambda c: c["dev_macro_f1"]))
+    best["strengths"], best["dev_macro_f1"] = _per_emotion(
+        lambda st: probs_for(edits_for(best["features_per_emotion"], st)), macro,
+        [lab for lab in labels if ranked.get(lab)], best, cfg, curve, progress)
+    return best, curve
+
+
+def _transfer(task, methods, labels, cfg, results) -> dict:
+    """Every method, unchanged, on the test split of other datasets (their shared labels only)."""
+    errors = {}
+    for ds in cfg.transfer:
+        try:
+            rows, rp = load_split(ds, "test", task.config.data.data_dir)
+        except EmoscopeError as e:
+            errors[ds] = str(e)
+            continue
+        shared = [lab for lab in labels if any(r.label == lab for r in rows)]
+        ex = select(rows, shared, rp, "drop", cfg.transfer_per_class, cfg.seed, "test")
+        y = np.array([labels.index(e.label) for e in ex])
+        present = [labels.index(lab) for lab in shared]
+        for name, fn in methods.items():
+            probs = fn([e.text for e in ex])
+            pred = np.array(present)[probs[:, present].argmax(1)]  # choose among the dataset's labels
+            results[name][ds] = classification_metrics(np.searchsorted(present, y), np.searchsorted(present, pred),
+                                                       shared, cfg.n_boot, cfg.seed)
+    return errors
+
+
+def _resid(task: Task, texts, layers: list[int]) -> dict[int, np.ndarray]:
+    """Residual stream at the answer position, [n, d] per requested layer."""
+    out = {layer: [] for layer in layers}
+    for res in answer_resid(task.model, task.encode_all(texts), layers, task.label_tokens):
+        for layer in layers:
+            out[layer].append(res[layer].cpu().numpy())
+    return {layer: np.concatenate(v) for layer, v in out.items()}
+
+
+def _per_emotion(probs_for, score, labels, best, cfg, curve, progress) -> tuple[dict[str, float], float]:
+    """Coordinate ascent on dev macro-F1 over each emotion's strength, from the best common strength;
+    a change is kept only when it strictly improves dev. Every point tried joins the search curve."""
+    st = {lab: best["strength"] for lab in labels}
+    top = best["dev_macro_f1"]
+    for _ in range(cfg.rounds if cfg.per_emotion_strengths else 0):
+        moved = False
+        for lab in labels:
+            for v in cfg.per_emotion_strengths:
+                if v == st[lab]:
+                    continue
+                trial = {**st, lab: v}
+                p = probs_for(trial)
+                if not np.isfinite(p).all():
+                    continue
+                f1 = score(p)
+                curve.append({"features_per_emotion": best["features_per_emotion"], "strengths": trial, "dev_macro_f1": f1})
+                if progress:
+                    progress(1)
+                if f1 > top + 1e-12:
+                    st, top, moved = trial, f1, True
+        if not moved:
+            break
+    return st, top
+
+
+def _content_free_prior(logp: np.ndarray) -> np.ndarray:
+    """The mean label distribution over content-free inputs, in log space."""
+    return np.log(np.exp(normalize(logp)).mean(0))
+
+
+def _dev_prior_fit(logp: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-label bias b minimising dev cross-entropy of softmax(log p + b) (calibration fitted on dev)."""
+    def loss(b):
+        z = log_softmax(logp + b, axis=1)
+        return -z[np.arange(len(y)), y].mean() + 1e-3 * (b ** 2).sum()
+    return minimize(loss, np.zeros(logp.shape[1]), method="L-BFGS-B").x
+
+
+def _methods(task: Task, saes, chosen, dev: _Dev, labels, cfg) -> dict:
+    """Every method as texts -> calibrated label probabilities [n, K]."""
+    view, tokens, dev_texts, y_dev = task.model, task.label_tokens, dev.texts, dev.y
+    memo: dict = {(id(task.builder), tuple(dev_texts)): dev.answers}  # the search already ran the dev prefixes
+
+    def batches(ts, builder=task.builder):
+        """The texts' prompts with their tokens before the answer run once, shared by every method
+        that reads the same texts (the last few text lists are kept)."""
+        key = (id(builder), tuple(ts))
+        if key not in memo:
+            if len(memo) >= 4:
+                memo.pop(next(iter(memo)))
+            with torch.no_grad():
+                memo[key] = answer_batches(view, [builder.encode(builder.prompt(t)) for t in ts])
+        return memo[key]
+
+    def raw_logp(ts, builder=task.builder, ctx=None):
+        out = []
+        for b in batches(ts, builder):
+            with torch.no_grad(), (ctx(b.last) if ctx else contextlib.nullcontext()):
+                logits, _ = b.logits(view, tokens)
+            out.append(torch.log_softmax(logits, -1).double().cpu().numpy())
+        return np.concatenate(out)
+
+    bias = _dev_prior_fit(raw_logp(dev_texts), y_dev)
+    k = len(labels)
+    rng = np.random.default_rng(cfg.seed + 5)
+    demos = [dev.examples[i] for i in sorted(rng.choice(len(dev.examples), min(k, len(dev.examples)), replace=False))]
+    few = PromptBuilder(view.tokenizer, task.builder.t, labels, demos, task.builder.chat, view.max_context)
+    few_prior = _content_free_prior(raw_logp(CONTENT_FREE, few))
+
+    # probe steering: class-mean directions at the layer the features mostly come from
+    layer = max(set(e.layer for e in chosen), key=[e.layer for e in chosen].count)
+    layers = sorted({e.layer for e in chosen} | {layer})
+    resid = _resid(task, dev_texts, layers)
+    probe = ProbeSteer(layer, resid[layer], y_dev)
+    best_alpha, best_f1 = 1.0, -1.0
+    for a in cfg.strengths:
+        ctx = lambda last, a=a: probe.context(view, a, last)
+        lp = raw_logp(dev_texts, ctx=ctx)
+        prior = _content_free_prior(raw_logp(CONTENT_FREE, ctx=ctx))
+        f1 = classification_metrics(y_dev, (normalize(lp) - prior).argmax(1), labels, 100)["macro_f1"]["value"]
+        if f1 > best_f1:
+            best_alpha, best_f1 = a, f1
+    # control: as many random features from the same layers, drawn among those active on the dev set
+    # at the answer position (scaling an inactive feature is a no-op, which would flatter the steering)
+    active = {layer: np.flatnonzero((saes[layer].encode(torch.from_numpy(resid[layer]).to(saes[layer].W_dec)) > 0).any(0).cpu().numpy())
+              for layer in {e.layer for e in chosen}}
+    random_edits = []
+    for e in chosen:
+        pool = np.setdiff1d(active[e.layer], [c.feature for c in chosen if c.layer == e.layer])
+        if len(pool):
+            random_edits.append(Edit(layer=e.layer, feature=int(rng.choice(pool)), mode="scale", value=e.value))
+
+    def calibrated(ts, ctx=None, builder=task.builder):
+        lp = raw_logp(ts, builder, ctx)
+        prior = _content_free_prior(raw_logp(CONTENT_FREE, builder, ctx))
+        return np.exp(normalize(normalize(lp) - prior))
+
+    return {
+        "raw": lambda ts: np.exp(normalize(raw_logp(ts))),
+        "contextual_calibration": lambda ts: calibrated(ts),
+        "dev_fitted_calibration": lambda ts: np.exp(normalize(raw_logp(ts) + bias)),
+        "few_shot_dev_demos": lambda ts: np.exp(normalize(normalize(raw_logp(ts, few)) - few_prior)),
+        "probe_steering": lambda ts: calibrated(ts, lambda last: probe.context(view, best_alpha, last)),
+        "random_features": lambda ts: label_probs(task, ts, saes, random_edits, answers=batches(ts)),
+        "feature_steering": lambda ts: label_probs(task, ts, saes, chosen, answers=batches(ts)),
+    }
+
+
+def _dose_response(task: Task, dev: _Dev, saes, ranked, labels, n, cfg, progress) -> dict:
+    """Steering toward a target emotion, for analysis: add alpha x (the feature's mean activation where
+    active on dev) to each of the emotion's top-n causal features at the answer position; the share of
+    dev examples of *other* emotions then predicted as the target (calibrated with the unsteered prior,
+    which the same push on the content-free inputs would otherwise cancel), beside the same push on as
+    many random features of the same layers that are active on dev (seeded)."""
+    dev_texts, dev_answers, y_dev = dev.texts, dev.answers, dev.y
+    feats = {lab: [(f["layer"], f["feature"]) for f in ranked.get(lab, []) if f["effect"]["value"] > 0][:n] for lab in labels}
+    layers = sorted({layer for fs in feats.values() for layer, _ in fs})
+    if not cfg.dose or not layers:
+        return {}
+    resid = _resid(task, dev_texts, layers)
+    codes = {layer: saes[layer].encode(torch.from_numpy(resid[layer]).to(saes[layer].W_dec)).detach().cpu().numpy() for layer in layers}
+    unit = {layer: np.where((codes[layer] > 0).any(0), codes[layer].sum(0) / np.maximum((codes[layer] > 0).sum(0), 1), 0.0) for layer in layers}
+    rng = np.random.default_rng(cfg.seed + 11)
+    out = {}
+    for e, lab in enumerate(labels):
+        if not feats[lab]:
+            continue
+        rand = []
+        for layer, _ in feats[lab]:
+            pool = np.setdiff1d(np.flatnonzero(unit[layer] > 0), [f for fl, f in feats[lab] if fl == layer])
+            if len(pool):
+                rand.append((layer, int(rng.choice(pool))))
+        other = y_dev != e
+        curve = []
+        for a in cfg.dose:
+            row = {"strength": a}
+            p = None
+            for name, fs in (("target", feats[lab]), ("random", rand)):
+                if p is None or a != 0:  # at strength 0 both pushes are the same unsteered pass
+                    ed = [Edit(layer=layer, feature=f, mode="add", value=float(a * unit[layer][f])) for layer, f in fs]
+                    p = label_probs(task, dev_texts, saes, ed, answers=dev_answers, steer_prior=False)
+                ok = np.isfinite(p).all(1) & other
+                row[f"{name}_pushed"] = float((p[ok].argmax(1) == e).mean()) if ok.any() else None
+                row[f"{name}_prob"] = float(p[ok, e].mean()) if ok.any() else None
+            curve.append(row)
+            if progress:
+                progress(1)
+        out[lab] = {"features": [list(f) for f in feats[lab]], "random_features": [list(f) for f in rand],
+                    "n_other": int(other.sum()), "curve": curve}
+    return out
+
+
+def _side_effects(task: Task, saes, chosen, cfg) -> dict:
+    """WikiText-2 test perplexity and mean next-token KL(clean || steered), steering at every position."""
+    import torch.nn.functional as F
+
+    from ..sae.corpus import wikitext
+
+    view = task.model
+    tok = view.tokenizer
+    paras = [p for p in wikitext("test", task.config.data.data_dir) if len(p) > 200][:cfg.ppl_seqs]
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None and tok("a").input_ids[:1] == [tok.bos_token_id] else []
+    seqs = [(bos + tok(p, add_special_tokens=False).input_ids)[:128] for p in paras]
+    nll = {"clean": 0.0, "steered": 0.0}
+    kl, n = 0.0, 0
+    for i in range(0, len(seqs), 4):
+        ids, mask = pad_batch(seqs[i:i + 4], view.device)
+        with torch.no_grad():
+            clean = view.model(input_ids=ids, attention_mask=mask).logits.float()
+            with apply_edits(view, saes, chosen, None):
+                steered = view.model(input_ids=ids, attention_mask=mask).logits.float()
+        valid = mask[:, 1:].bool()
+        tgt = ids[:, 1:]
+        for name, lg in (("clean", clean), ("steered", steered)):
+            ce = F.cross_entropy(lg[:, :-1].transpose(1, 2), tgt, reduction="none")
+            nll[name] += float(ce[valid].sum())
+        lc, ls = F.log_softmax(clean[:, :-1], -1), F.log_softmax(steered[:, :-1], -1)
+        kl += float((lc.exp() * (lc - ls)).sum(-1)[valid].sum())
+        n += int(valid.sum())
+    ppl_c, ppl_s = np.exp(nll["clean"] / n), np.exp(nll["steered"] / n)
+    return {"tokens": n, "ppl_clean": float(ppl_c), "ppl_steered_all_positions": float(ppl_s),
+            "ppl_change": float(ppl_s / ppl_c - 1), "kl_all_positions": kl / n,
+            "answer_position_only": "changes only the answer position's residual; earlier tokens' predictions are untouched by construction"}
