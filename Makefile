@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/emoscope run --config configs/quick.yaml
+	$(BIN)/emoscope run --config quick
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/python -m pytest -q -x --durations=15
 
 bench: $(STAMP)
