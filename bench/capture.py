@@ -55,12 +55,14 @@ def main() -> None:
             view.model(input_ids=b[0], attention_mask=b[1], logits_to_keep=1)
         kept[:] = [acts]  # keep every layer's activations alive, as a consumer would
 
-    rows = {"plain forward": _time(plain, batches, a.repeats), "emoscope capture (all layers)": _time(ours, batches, a.repeats)}
+    rows = {"plain forward": _time(plain, batches, a.repeats),
+            "emoscope capture (all layers)": _time(ours, batches, a.repeats)}
     notes = {}
     try:
         from transformer_lens.model_bridge import TransformerBridge
 
-        bridge = TransformerBridge.boot_transformers(view.path, hf_model=view.model, tokenizer=view.tokenizer, device="cpu")
+        bridge = TransformerBridge.boot_transformers(view.path, hf_model=view.model, tokenizer=view.tokenizer,
+                                                     device="cpu")
         names = [f"blocks.{layer}.hook_resid_post" for layer in range(view.n_layers)]
 
         @torch.no_grad()
@@ -91,7 +93,8 @@ def main() -> None:
     except Exception as e:
         notes["nnsight"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
     base = rows["plain forward"]
-    t = Table(title=f"capture of {view.n_layers} residual streams, {view.name}, {a.batches} batches, {n_tok} tokens, best of {a.repeats}")
+    t = Table(title=f"capture of {view.n_layers} residual streams, {view.name}, {a.batches} batches, {n_tok} tokens, "
+                    f"best of {a.repeats}")
     for c in ["method", "seconds", "ratio to plain forward"]:
         t.add_column(c)
     for k, v in rows.items():
@@ -99,7 +102,8 @@ def main() -> None:
     Console().print(t)
     for k, v in notes.items():
         Console().print(f"{k}: not measured ({v})")
-    figures = {"tokens": n_tok, "plain_s": round(base, 4), "capture_ratio": round(rows["emoscope capture (all layers)"] / base, 4)}
+    figures = {"tokens": n_tok, "plain_s": round(base, 4),
+               "capture_ratio": round(rows["emoscope capture (all layers)"] / base, 4)}
     if "TransformerLens bridge run_with_cache" in rows:
         figures["transformer_lens_ratio"] = round(rows["TransformerLens bridge run_with_cache"] / base, 4)
     if "nnsight trace + save" in rows:

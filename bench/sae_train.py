@@ -53,7 +53,8 @@ def train_saelens(x: torch.Tensor, d_sae: int, k: int, batch: int, lr: float, au
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k, device="cpu"))
     with torch.no_grad():  # as SAELens's runner does with b_dec_init_method="mean" (emoscope does the same)
         sae.b_dec.copy_(x.mean(0))
-    cfg = SAETrainerConfig(total_training_samples=len(x) // batch * batch, train_batch_size_samples=batch, lr=lr, lr_end=lr,
+    cfg = SAETrainerConfig(total_training_samples=len(x) // batch * batch, train_batch_size_samples=batch, lr=lr,
+                           lr_end=lr,
                            device="cpu", autocast=autocast, n_batches_for_norm_estimate=1)
     data = (x[i:i + batch] for i in range(0, len(x) - batch + 1, batch))
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=data)
@@ -101,7 +102,8 @@ def main() -> None:
         except Exception as e:
             notes[name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
     trained = len(x) // a.batch * a.batch
-    t = Table(title=f"TopK SAE training, {view.name} layer {a.layer}, d_sae={d_sae}, k={a.k}, {trained} tokens, batch {a.batch}")
+    t = Table(title=f"TopK SAE training, {view.name} layer {a.layer}, d_sae={d_sae}, k={a.k}, {trained} tokens, batch "
+                    f"{a.batch}")
     for c in ["method", "seconds", "tokens/s", "held-out FVU"]:
         t.add_column(c)
     for k, (s, f) in rows.items():

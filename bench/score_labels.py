@@ -48,11 +48,13 @@ def main() -> None:
             ref = score_naive(view, prompts, labels)
             t_naive = time.perf_counter() - t
             fast32 = fast
-            figures.update(n_examples=len(ex), n_labels=len(labels), mean_prompt_tokens=float(np.mean([len(p) for p in prompts])),
+            figures.update(n_examples=len(ex), n_labels=len(labels),
+                           mean_prompt_tokens=float(np.mean([len(p) for p in prompts])),
                            naive_s=round(t_naive, 3), shared_prefix_s=round(times[dtype], 3),
                            speedup=round(t_naive / times[dtype], 2), max_abs_diff=float(np.abs(fast - ref).max()))
         else:
-            figures.update(bf16_s=round(times[dtype], 3), bf16_speedup_vs_fp32=round(times["float32"] / times[dtype], 2),
+            figures.update(bf16_s=round(times[dtype], 3),
+                           bf16_speedup_vs_fp32=round(times["float32"] / times[dtype], 2),
                            bf16_max_abs_diff=float(np.abs(fast - fast32).max()),
                            bf16_argmax_agreement=float((fast.argmax(1) == fast32.argmax(1)).mean()))
     t = Table(title=f"label scoring, {a.model}, {figures['n_examples']} examples x {figures['n_labels']} labels, "
@@ -60,9 +62,11 @@ def main() -> None:
     for c in ["method", "seconds", "ratio", "max |Δ log-prob|"]:
         t.add_column(c)
     t.add_row("naive: one forward per label (fp32)", f"{figures['naive_s']:.2f}", "1.00", "reference")
-    t.add_row("shared prefix + batched labels (fp32)", f"{figures['shared_prefix_s']:.2f}", f"{figures['speedup']:.2f}x", f"{figures['max_abs_diff']:.2e}")
+    t.add_row("shared prefix + batched labels (fp32)", f"{figures['shared_prefix_s']:.2f}",
+              f"{figures['speedup']:.2f}x", f"{figures['max_abs_diff']:.2e}")
     t.add_row("shared prefix + batched labels (bf16)", f"{figures['bf16_s']:.2f}",
-              f"{figures['naive_s'] / figures['bf16_s']:.2f}x", f"{figures['bf16_max_abs_diff']:.2e} vs fp32; argmax agrees {figures['bf16_argmax_agreement']:.0%}")
+              f"{figures['naive_s'] / figures['bf16_s']:.2f}x",
+              f"{figures['bf16_max_abs_diff']:.2e} vs fp32; argmax agrees {figures['bf16_argmax_agreement']:.0%}")
     Console().print(t)
     if a.json:
         with open(a.json, "w") as f:

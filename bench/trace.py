@@ -33,8 +33,10 @@ def main() -> None:
     ap.add_argument("--emotion", default=None, help="default: the emotion with most correct examples")
     ap.add_argument("--n", type=int, default=8, help="examples")
     ap.add_argument("--topk", type=int, default=8, help="candidates validated exactly per phase")
-    ap.add_argument("--sample", type=int, default=24, help="active features ablated exactly per layer, cached passes (extrapolated)")
-    ap.add_argument("--whole", type=int, default=4, help="active features ablated per layer with whole-prompt passes (extrapolated)")
+    ap.add_argument("--sample", type=int, default=24,
+                    help="active features ablated exactly per layer, cached passes (extrapolated)")
+    ap.add_argument("--whole", type=int, default=4,
+                    help="active features ablated per layer with whole-prompt passes (extrapolated)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     ctx = RunContext.from_run_dir(a.run_dir, dtype="float32")
@@ -57,7 +59,8 @@ def main() -> None:
     est = {layer: -v.mean(0) for layer, v in attr.items()}
     exact_top, est_top = [], []
     for p in sorted(set(phase_of.values())):
-        cand = sorted(((est[layer][f], layer, int(f)) for layer in saes if phase_of[layer] == p for f in np.argsort(-est[layer])[:a.topk]),
+        cand = sorted(((est[layer][f], layer, int(f)) for layer in saes if phase_of[layer] == p
+                       for f in np.argsort(-est[layer])[:a.topk]),
                       reverse=True)[:a.topk]
         for e, layer, f in cand:
             exact_top.append(float((clean - ablate(view, saes, batches, gold, tokens, {layer: [f]}, prior)).mean()))
@@ -86,7 +89,8 @@ def main() -> None:
     rho_sample = spearmanr(est_s, ex_s).statistic
     figures = {"emotion": lab, "examples": len(prompts), "layers": len(saes), "phases": len(set(phase_of.values())),
                "active_features": n_active, "screen_plus_validation_s": round(t_screen, 2),
-               "exhaustive_cached_s_extrapolated": round(t_exh_cached, 1), "exhaustive_whole_s_extrapolated": round(t_exh_whole, 1),
+               "exhaustive_cached_s_extrapolated": round(t_exh_cached,
+                                                         1), "exhaustive_whole_s_extrapolated": round(t_exh_whole, 1),
                "speedup_vs_cached_exhaustive": round(t_exh_cached / t_screen, 1),
                "speedup_vs_whole_prompt_exhaustive": round(t_exh_whole / t_screen, 1),
                "rank_corr_validated": round(float(rho_top), 3), "rank_corr_random_sample": round(float(rho_sample), 3)}
@@ -99,7 +103,8 @@ def main() -> None:
     t.add_row(f"exhaustive exact ablation, whole prompts (extrapolated from {n_whole})", f"{t_exh_whole:.0f}",
               f"{figures['speedup_vs_whole_prompt_exhaustive']:.0f}x")
     Console().print(t)
-    Console().print(f"Spearman(attribution, exact): validated top features {rho_top:.2f}, random active features {rho_sample:.2f}")
+    Console().print(f"Spearman(attribution, exact): validated top features {rho_top:.2f}, random active features "
+                    f"{rho_sample:.2f}")
     if a.json:
         Path(a.json).write_text(json.dumps(figures, indent=2))
 

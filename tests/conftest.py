@@ -34,7 +34,8 @@ def toy_data(tmp_path_factory) -> Path:
     """A small generic CSV dataset with every Ekman label, plenty of rows per class per split."""
     import csv
     d = tmp_path_factory.mktemp("toy")
-    words = {"anger": "furious", "disgust": "gross", "fear": "scared", "joy": "happy", "sadness": "sad", "surprise": "wow"}
+    words = {"anger": "furious", "disgust": "gross", "fear": "scared", "joy": "happy", "sadness": "sad",
+             "surprise": "wow"}
     with open(d / "toy.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "text", "label"])

@@ -17,14 +17,15 @@ README = Path(__file__).parents[1] / "README.md"
 SHRINK = {
     'es.load_model("gemma3-270m")': "es.load_model(TINY)",
     'dataset="goemotions_ekman", per_class=20': "dataset=TOY, per_class=4",
-    "es.train_saes(model, layers=[4, 8, 12, 16])": "es.train_saes(model, layers=[1, 3], tokens=4000, expansion=4, k=4, "
-                                                  "batch_tokens=256, buffer_tokens=1024, seqs_per_forward=4, eval_seqs=8)",
+    "es.train_saes(model, layers=[4, 8, 12, 16])": "es.train_saes(model, layers=[1, 3], tokens=4000, expansion=4, "
+                                                   "k=4, batch_tokens=256, buffer_tokens=1024, seqs_per_forward=4, "
+                                                   "eval_seqs=8)",
     "es.phases(task, saes, ev)": 'es.phases(task, saes, ev, {"min_per_class": 3, "n_boot": 10, "probe_folds": 2})',
-    "es.trace(task, saes, ev, ph)": 'es.trace(task, saes, ev, ph, {"examples": "all", "per_emotion": 3, "candidates": 2, '
-                                    '"n_random": 3, "n_boot": 50})',
+    "es.trace(task, saes, ev, ph)": 'es.trace(task, saes, ev, ph, {"examples": "all", "per_emotion": 3, '
+                                    '"candidates": 2, "n_random": 3, "n_boot": 50})',
     "es.steer(task, saes, ev, tr)": 'es.steer(task, saes, ev, tr, {"dev_per_class": 3, "features_per_emotion": [1], '
-                                    '"strengths": [2.0], "transfer": ["isear"], "transfer_per_class": 2, "ppl_seqs": 2, '
-                                    '"n_boot": 100})',
+                                    '"strengths": [2.0], "transfer": ["isear"], "transfer_per_class": 2, '
+                                    '"ppl_seqs": 2, "n_boot": 100})',
     '"precision": "int4"}]}': '"precision": "int4"}], "n_boot": 100, "ablation_per_emotion": 2}',
 }
 
@@ -59,7 +60,8 @@ def test_readme_notebook_example_runs(tiny_dir, toy_data, shared_data, tmp_path,
 
 def test_help_shows_the_api():
     text = pydoc.render_doc(es, renderer=pydoc.plaintext)
-    for name in ("load_model", "Task", "evaluate", "train_saes", "load_saes", "phases", "trace", "steer", "audit", "run"):
+    for name in ("load_model", "Task", "evaluate", "train_saes", "load_saes", "phases", "trace", "steer", "audit",
+                 "run"):
         assert name in es.__all__ and re.search(rf"\b{name}\b", text), name
 
 
@@ -78,7 +80,8 @@ def _write(path: Path, rows, header=("Utterance", "Emotion")):
 
 
 def _rows(n, offset=0):
-    words = {"anger": "furious", "disgust": "gross", "fear": "scared", "joy": "happy", "sadness": "sad", "surprise": "wow"}
+    words = {"anger": "furious", "disgust": "gross", "fear": "scared", "joy": "happy", "sadness": "sad",
+             "surprise": "wow"}
     return [(f"I feel {words[lab]} about {i + offset}", lab) for i, lab in zip(range(n), list(words) * n)]
 
 
@@ -109,7 +112,8 @@ def test_cli_split_all_scores_every_row(tiny_dir, tmp_path):
     from test_cli import cli
     f = tmp_path / "mine.csv"
     _write(f, _rows(30), header=("text", "label"))
-    r = cli("evaluate", "--model", tiny_dir, "--dataset", f, "--split", "all", "--per-class", 0, "--out", tmp_path / "o",
+    r = cli("evaluate", "--model", tiny_dir, "--dataset", f, "--split", "all", "--per-class", 0, "--out",
+            tmp_path / "o",
             "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)  # --json: nothing else on stdout

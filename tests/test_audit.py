@@ -45,7 +45,8 @@ def planted_run(tmp_path_factory, tiny_dir, toy_data, shared_data):
     xc = final_resid(changed.builder)
     # a feature reading what tells the reference's final token from the changed one
     direction = (x.mean(0) - xc.mean(0)) / (x.mean(0) - xc.mean(0)).norm()
-    sae = SAE(SAEConfig(d_in=32, d_sae=4, architecture="jumprelu", hook_name="blocks.2.hook_resid_post", apply_b_dec_to_input=False))
+    sae = SAE(SAEConfig(d_in=32, d_sae=4, architecture="jumprelu", hook_name="blocks.2.hook_resid_post",
+                        apply_b_dec_to_input=False))
     with torch.no_grad():
         sae.W_enc[:, 0] = direction
         sae.W_dec[0] = direction
@@ -100,7 +101,8 @@ def test_identical_candidate_and_planted_breakage(planted_run):
     loose = {"max_accuracy_drop": 1.0, "max_flip_rate": 1.0, "min_causal_survival": 0.0}
     for gate, failed in [(None, []), (0.5, ["final_token_changed"])]:
         t = Thresholds(**loose, min_effect_retained=gate)
-        r = run_audit(AuditConfig(candidates=cands[1:], n_boot=100, causal_features=causal, thresholds=t, ablation_per_emotion=3),
+        r = run_audit(AuditConfig(candidates=cands[1:], n_boot=100, causal_features=causal, thresholds=t,
+                                  ablation_per_emotion=3),
                       d / "run", view, lambda name=None: load_model(str(view.name)))
         assert r["failed"] == failed
     assert res["failed"] == ["final_token_changed"]
@@ -136,7 +138,8 @@ def test_other_tokenizer_is_refused(planted_run, tmp_path):
     other.tokenizer = tiny_tokenizer(vocab_size=300)
     save_tiny(other, tmp_path / "other")
     with pytest.raises(EmoscopeError, match="another tokenizer"):
-        run_audit(AuditConfig(candidates=[Candidate(name="x", model=str(tmp_path / "other"))], n_boot=100), d / "run", view,
+        run_audit(AuditConfig(candidates=[Candidate(name="x", model=str(tmp_path / "other"))], n_boot=100),
+                  d / "run", view,
                   lambda name=None: load_model(name or str(view.name)))
 
 
@@ -150,7 +153,8 @@ def test_candidate_with_non_finite_outputs_is_failed_not_crashed(planted_run):
             v.blocks[1].mlp.down_proj.weight.fill_(float("nan"))
         return v
 
-    res = run_audit(AuditConfig(candidates=[Candidate(name="nan", model=str(view.name))], n_boot=100, causal_features=causal),
+    res = run_audit(AuditConfig(candidates=[Candidate(name="nan", model=str(view.name))], n_boot=100,
+                                causal_features=causal),
                     d / "run", view, broken)
     c = res["candidates"][0]
     assert c["non_finite_frac"] == 1.0 and c["accuracy"] == 0.0 and c["failed"] and res["failed"] == ["nan"]

@@ -19,7 +19,8 @@ def test_report_in_headless_chromium(tmp_path, tiny_dir, toy_data, shared_data):
     assert CHROMIUM, "CI must install Debian's chromium (see .ci/run)"
     rows = toy_data.read_text().splitlines()
     planted = tmp_path / "planted.csv"
-    planted.write_text("\n".join(rows[:1] + [r.replace("I feel", "<script>window.__pwned=1</script> I feel") for r in rows[1:]]) + "\n")
+    planted.write_text("\n".join(rows[:1] + [r.replace("I feel", "<script>window.__pwned=1</script> I feel")
+                                             for r in rows[1:]]) + "\n")
     cfg = RunConfig.model_validate({
         "run_dir": str(tmp_path / "run"), "model": {"name": str(tiny_dir)},
         "stages": ["evaluate", "saes", "phases", "trace", "steer", "audit"],
@@ -30,7 +31,8 @@ def test_report_in_headless_chromium(tmp_path, tiny_dir, toy_data, shared_data):
         "trace": {"examples": "all", "per_emotion": 3, "candidates": 2, "n_random": 3, "n_boot": 50},
         "steer": {"dev_per_class": 3, "features_per_emotion": [1], "strengths": [2.0], "transfer": [],
                   "ppl_seqs": 2, "n_boot": 100},
-        "audit": {"candidates": [{"name": "typos", "text": "typos"}, {"name": "int4", "precision": "int4"}], "n_boot": 100},
+        "audit": {"candidates": [{"name": "typos", "text": "typos"}, {"name": "int4", "precision": "int4"}],
+                  "n_boot": 100},
     })
     report = run(cfg, log=lambda s: None)
     errors = []

@@ -21,7 +21,8 @@ def test_resid_hooks_equal_hidden_states(arch):
     torch.testing.assert_close(v.final_norm(last), hs[-1])
     # resid_post(L) = resid_post(L-1) + attn_out(L) + mlp_out(L)
     torch.testing.assert_close(acts["blocks.1.hook_resid_post"],
-                               hs[1] + acts["blocks.1.hook_attn_out"] + acts["blocks.1.hook_mlp_out"], atol=1e-5, rtol=1e-4)
+                               hs[1] + acts["blocks.1.hook_attn_out"] + acts["blocks.1.hook_mlp_out"],
+                               atol=1e-5, rtol=1e-4)
     with pytest.raises(EmoscopeError, match="unknown hook"):
         HookPoint.parse("blocks.1.resid")
     assert HookPoint.parse("blocks.3.hook_mlp_out") == HookPoint(3, "mlp_out")

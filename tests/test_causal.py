@@ -21,7 +21,8 @@ def _setup(seed=0, arch="llama", **kw):
     tokens = [tok(" " + w, add_special_tokens=False).input_ids[0] for w in ["joy", "fear", "anger"]]
     saes = {}
     for layer in (1, 2):
-        saes[layer] = SAE.init(SAEConfig(d_in=32, d_sae=64, k=8, hook_name=f"blocks.{layer}.hook_resid_post"), seed=layer)
+        saes[layer] = SAE.init(SAEConfig(d_in=32, d_sae=64, k=8, hook_name=f"blocks.{layer}.hook_resid_post"),
+                               seed=layer)
         with torch.no_grad():
             saes[layer].b_enc.fill_(0.1)
     gold = np.array([0, 1, 2, 0, 1, 2])
@@ -98,7 +99,8 @@ def test_planted_causal_feature_found_and_random_control_not():
     rng = np.random.default_rng(0)
     rand = [ablate(view, saes, prompts, joy, tokens, {2: [int(rng.integers(8, 64))]}) for _ in range(5)]
     drop = (clean - planted).mean()
-    assert drop > 0.3 and all(abs((clean - r).mean()) < 0.1 * drop for r in rand), (drop, [(clean - r).mean() for r in rand])
+    assert drop > 0.3 and all(abs((clean - r).mean()) < 0.1 * drop for r in rand), (drop,
+                                                                                    [(clean - r).mean() for r in rand])
 
 
 def test_margin_kinds():
@@ -133,11 +135,13 @@ def test_cached_answer_passes_equal_whole_prompt_passes(arch, window):
     assert all(b.cache is None for b in cached) == (window == 8)
     feats = {1: [0, 3, 5], 2: [1, 2]}
     for fs in ({}, feats):
-        np.testing.assert_allclose(ablate(view, saes, cached, gold, tokens, fs), ablate(view, saes, whole, gold, tokens, fs),
+        np.testing.assert_allclose(ablate(view, saes, cached, gold, tokens, fs),
+                                   ablate(view, saes, whole, gold, tokens, fs),
                                    atol=1e-5)
     a_c, m_c = attribution(view, saes, cached, gold, tokens)
     a_w, m_w = attribution(view, saes, whole, gold, tokens)
     np.testing.assert_allclose(m_c, m_w, atol=1e-5)
     for layer in a_c:
         np.testing.assert_allclose(a_c[layer], a_w[layer], atol=1e-5)
-    assert ablate(view, saes, cached, gold, tokens, feats).tolist() == ablate(view, saes, cached, gold, tokens, feats).tolist()
+    assert ablate(view, saes, cached, gold, tokens, feats).tolist() == ablate(view, saes, cached, gold, tokens,
+                                                                              feats).tolist()

@@ -8,7 +8,8 @@ import pytest
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "emoscope.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "emoscope.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
 
 
 def _one_line_error(r, pattern):
@@ -66,10 +67,13 @@ def test_malformed_file_and_bad_config(tmp_path, tiny_dir):
 
 
 def test_train_saes_bad_input(tmp_path, tiny_dir):
-    _one_line_error(cli("train-saes", "--model", tiny_dir, "--layers", "7", "--out", tmp_path / "r"), "layer 7 out of range")
+    _one_line_error(cli("train-saes", "--model", tiny_dir, "--layers", "7", "--out", tmp_path / "r"),
+                    "layer 7 out of range")
     from emoscope.sae import SAE, SAEConfig
     from emoscope.sae.io import save
-    save(SAE.init(SAEConfig(d_in=16, d_sae=32, hook_name="blocks.1.hook_resid_post")), tmp_path / "pre" / "blocks.1.hook_resid_post")
-    r = cli("train-saes", "--model", tiny_dir, "--layers", "1", "--pretrained", tmp_path / "pre", "--out", tmp_path / "r")
+    save(SAE.init(SAEConfig(d_in=16, d_sae=32, hook_name="blocks.1.hook_resid_post")),
+         tmp_path / "pre" / "blocks.1.hook_resid_post")
+    r = cli("train-saes", "--model", tiny_dir, "--layers", "1", "--pretrained", tmp_path / "pre", "--out",
+            tmp_path / "r")
     _one_line_error(r, "d_in=16")
     assert not (tmp_path / "r" / "saes").exists()

@@ -49,7 +49,8 @@ def test_dair_header_and_labels(shared_data):
 
 
 def test_meld_and_jsonl(tmp_path):
-    (tmp_path / "meld.csv").write_text('Sr No.,Utterance,Speaker,Emotion\n1,"Oh, great.",Joey,Joy\n2,"",Ross,anger\n3,No way!,Rachel,surprise\n')
+    (tmp_path / "meld.csv").write_text('Sr No.,Utterance,Speaker,Emotion\n1,"Oh, '
+                                       'great.",Joey,Joy\n2,"",Ross,anger\n3,No way!,Rachel,surprise\n')
     rep = LoadReport("x")
     rows = read_table(tmp_path / "meld.csv", rep, "Utterance", "Emotion")
     assert [r.label for r in rows] == ["joy", "surprise"] and rep.skipped_empty == 1

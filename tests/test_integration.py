@@ -11,7 +11,8 @@ from emoscope.task.score import score_ids, score_naive
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("name,layers,d,chat", [("smollm2-135m-instruct", 30, 576, True), ("gemma3-270m", 18, 640, False)])
+@pytest.mark.parametrize("name,layers,d,chat",
+                         [("smollm2-135m-instruct", 30, 576, True), ("gemma3-270m", 18, 640, False)])
 def test_embedded_model_scores_like_naive(name, layers, d, chat, shared_data):
     view = load_model(name, device="cpu", dtype="float32")
     assert (view.n_layers, view.d_model, view.chat) == (layers, d, chat)

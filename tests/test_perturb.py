@@ -52,5 +52,7 @@ def test_text_and_template_perturbations():
     vs = template_variants(Template(), labels)
     assert sum(k.startswith("paraphrase") for k in vs) >= 5
     assert all("{options}" in v.instruction for v in vs.values())
-    assert sorted(vs["label_order_permuted"].label_order) == sorted(labels) and vs["label_order_permuted"].label_order != labels
-    assert vs["system_prompt"].system and template_variants(Template(system="x"), labels)["system_prompt"].system is None
+    order = vs["label_order_permuted"].label_order
+    assert sorted(order) == sorted(labels) and order != labels
+    assert vs["system_prompt"].system and template_variants(Template(system="x"),
+                                                            labels)["system_prompt"].system is None

@@ -43,7 +43,8 @@ def test_planted_phases_and_features_recovered():
         assert all(sel[f, f // 2] and sel[f].sum() == 1 for f in range(8))  # specific
         assert sel[8, :2].all() and sel[8].sum() == 2  # shared by emotions 0 and 1
     assert all(r["n_selective"] == 0 for r in rows[:8])
-    S = np.array([[r.get(c, np.nan) if c != "lens_gold_prob" else float(r["layer"] >= 8) for c in SEGMENT_STATS] for r in rows])
+    S = np.array([[r.get(c, np.nan) if c != "lens_gold_prob" else float(r["layer"] >= 8) for c in SEGMENT_STATS]
+                  for r in rows])
     fit = fit_phases(S)
     assert fit["n_phases"] == 3 and fit["boundaries"] == [4, 8]
     assert name_phases(S, SEGMENT_STATS, fit["boundaries"]) == ["surface/syntax", "semantics", "emotion"]

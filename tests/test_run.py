@@ -95,7 +95,8 @@ def test_saes_and_phases_stages_on_tiny_model(tmp_path, tiny_dir, toy_data, shar
 
 def test_trace_stage_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
     cfg = RunConfig.model_validate({
-        "run_dir": str(tmp_path / "run"), "model": {"name": str(tiny_dir)}, "stages": ["evaluate", "saes", "phases", "trace"],
+        "run_dir": str(tmp_path / "run"), "model": {"name": str(tiny_dir)}, "stages": ["evaluate", "saes", "phases",
+                                                                                       "trace"],
         "evaluate": {"data": {"dataset": str(toy_data), "per_class": 4}},
         "saes": {"train": {"tokens": 3000, "layers": [1, 3], "expansion": 2, "k": 4, "batch_tokens": 256,
                            "buffer_tokens": 1024, "seqs_per_forward": 4}, "eval_seqs": 4, "ce": False},
@@ -109,7 +110,8 @@ def test_trace_stage_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
     assert set(tr["label_first_tokens"]) == set(res_labels(tmp_path))
     multi = [lab for lab, t in tr["label_first_tokens"].items() if t["n_tokens"] > 1]
     from emoscope.report.tables import trace as trace_table
-    assert ("proxy: " + multi[0]) in trace_table(tmp_path / "run") if multi else "proxy" not in trace_table(tmp_path / "run")
+    table = trace_table(tmp_path / "run")
+    assert ("proxy: " + multi[0]) in table if multi else "proxy" not in table
     for lab, e in tr["emotions"].items():
         for p in e["phases"].values():
             assert len(p["features"]) <= 2 and p["random_control"]["n"] == 3
@@ -132,7 +134,8 @@ def test_trace_stage_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
     # per-emotion strengths: searched after the common one, the chosen point is the best dev point seen,
     # and the saved edits carry each emotion's chosen scale (emotions left at 1 have no edit)
     ch = st["chosen"]
-    assert any("strengths" in c for c in st["search"]) and ch["dev_macro_f1"] == max(c["dev_macro_f1"] for c in st["search"])
+    assert any("strengths" in c for c in st["search"])
+    assert ch["dev_macro_f1"] == max(c["dev_macro_f1"] for c in st["search"])
     assert {e["value"] for e in steering["edits"]} <= set(ch["strengths"].values()) - {1.0}
     assert len(steering["edits"]) == st["n_features"] > 0
     # dose-response toward each emotion: at strength 0 the target and random pushes are the same no-op
@@ -159,7 +162,8 @@ def _empty_dev_set_is_refused(run_dir, toy_data, tiny_dir, steer_cfg):
 
     lines = toy_data.read_text().splitlines()
     no_dev = run_dir.parent / "no_dev.csv"
-    no_dev.write_text("\n".join([lines[0]] + [line for line in lines[1:] if _hash_split(line.split(",")[0]) != "dev"]) + "\n")
+    kept = [line for line in lines[1:] if _hash_split(line.split(",")[0]) != "dev"]
+    no_dev.write_text("\n".join([lines[0]] + kept) + "\n")
     ev_path = run_dir / "evaluate" / "result.json"
     original = ev_path.read_bytes()
     ev = json.loads(original)
@@ -203,7 +207,8 @@ def test_sae_training_is_deterministic(tmp_path, tiny_dir, shared_data):
     b.save(tmp_path / "b" / "saes")
     w = "saes/blocks.2.hook_resid_post/sae_weights.safetensors"
     assert (tmp_path / "a" / w).read_bytes() == (tmp_path / "b" / w).read_bytes()
-    assert a["quality"] == b["quality"] and (tmp_path / "a/saes/result.json").read_bytes() == (tmp_path / "b/saes/result.json").read_bytes()
+    assert a["quality"] == b["quality"]
+    assert (tmp_path / "a/saes/result.json").read_bytes() == (tmp_path / "b/saes/result.json").read_bytes()
     # the result loads back as it was saved (symmetric save/load)
     from emoscope.stages.saes import SAEsResult
     c = SAEsResult.load(tmp_path / "a" / "saes", view)
@@ -213,7 +218,8 @@ def test_sae_training_is_deterministic(tmp_path, tiny_dir, shared_data):
 
 def _tiny_run_yaml(tmp_path, tiny_dir, toy_data, name):
     cfg = {
-        "run_dir": str(tmp_path / name), "model": {"name": str(tiny_dir)}, "stages": ["evaluate", "saes", "phases", "trace"],
+        "run_dir": str(tmp_path / name), "model": {"name": str(tiny_dir)}, "stages": ["evaluate", "saes", "phases",
+                                                                                      "trace"],
         "evaluate": {"data": {"dataset": str(toy_data), "per_class": 4}},
         "saes": {"train": {"tokens": 24000, "layers": [1, 2, 3], "expansion": 4, "k": 4, "batch_tokens": 256,
                            "buffer_tokens": 1024, "seqs_per_forward": 4}, "eval_seqs": 8},

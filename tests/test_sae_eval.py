@@ -35,7 +35,8 @@ def test_lm_loss_matches_full_logits(tiny_llama):
 
 def test_ce_recovered_identity_is_one_and_zero_sae_is_zero(tiny_llama):
     tok = tiny_llama.tokenizer
-    batches = [pad_batch([tok(t).input_ids for t in ["I am so happy today!", "Why would you do that? I am furious."]], "cpu")]
+    batches = [pad_batch([tok(t).input_ids for t in ["I am so happy today!",
+                                                     "Why would you do that? I am furious."]], "cpu")]
     q = evaluate_saes(tiny_llama, {"blocks.1.hook_resid_post": _identity_sae(32)}, batches)["blocks.1.hook_resid_post"]
     assert abs(q["ce_recovered"] - 1) < 1e-4 and q["fvu"] < 1e-8 and abs(q["cosine"] - 1) < 1e-5
     assert abs(q["delta_lm_loss"]) < 1e-4 and q["ce_zero"] > q["ce_clean"]

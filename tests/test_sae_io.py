@@ -36,7 +36,8 @@ def test_roundtrip_and_saelens_loads_ours(arch, tmp_path):
 def test_we_load_saelens_written(arch, tmp_path):
     sae_lens = pytest.importorskip("sae_lens")
     from sae_lens.saes.sae import SAEMetadata
-    cfg_cls = {"standard": sae_lens.StandardSAEConfig, "topk": sae_lens.TopKSAEConfig, "jumprelu": sae_lens.JumpReLUSAEConfig}[arch]
+    cfg_cls = {"standard": sae_lens.StandardSAEConfig, "topk": sae_lens.TopKSAEConfig,
+               "jumprelu": sae_lens.JumpReLUSAEConfig}[arch]
     sae_cls = {"standard": sae_lens.StandardSAE, "topk": sae_lens.TopKSAE, "jumprelu": sae_lens.JumpReLUSAE}[arch]
     kw = {"k": 8} if arch == "topk" else {}
     cfg = cfg_cls(d_in=32, d_sae=96, **kw, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post"))
@@ -83,13 +84,15 @@ def test_pretrained_release_goes_through_saelens(tmp_path, tiny_llama, monkeypat
 
     def fake_from_pretrained(release, sae_id, device="cpu"):
         assert (release, sae_id) == ("some-release", "layer_2/width_96")
-        s = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=32, d_sae=96, metadata=SAEMetadata(hook_name="blocks.2.hook_resid_post")))
+        s = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=32, d_sae=96,
+                                                            metadata=SAEMetadata(hook_name="blocks.2.hook_resid_post")))
         with torch.no_grad():
             s.W_enc.normal_()
         return s
 
     monkeypatch.setattr(sae_lens.SAE, "from_pretrained", staticmethod(fake_from_pretrained))
-    saes = load_saes("some-release", tiny_llama, hooks=[HookPoint(2).name], ids={"blocks.2.hook_resid_post": "layer_2/width_96"})
+    saes = load_saes("some-release", tiny_llama, hooks=[HookPoint(2).name],
+                     ids={"blocks.2.hook_resid_post": "layer_2/width_96"})
     assert saes["blocks.2.hook_resid_post"].cfg.d_sae == 96
     with pytest.raises(EmoscopeError, match="give pretrained_ids for blocks.3"):
         load_saes("some-release", tiny_llama, hooks=[HookPoint(3).name], ids={"blocks.2.hook_resid_post": "x"})

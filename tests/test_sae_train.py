@@ -26,7 +26,8 @@ def _autograd_loss(x, W_enc, b_enc, W_dec, b_dec, k, dead=None, aux_k=0, aux_coe
 def test_sparse_grads_match_autograd():
     torch.manual_seed(0)
     d, m, B, k = 16, 64, 40, 5
-    params = dict(W_enc=torch.randn(d, m) * 0.3, b_enc=torch.randn(m) * 0.1, W_dec=torch.randn(m, d) * 0.3, b_dec=torch.randn(d) * 0.1)
+    params = dict(W_enc=torch.randn(d, m) * 0.3, b_enc=torch.randn(m) * 0.1, W_dec=torch.randn(m, d) * 0.3,
+                  b_dec=torch.randn(d) * 0.1)
     x = torch.randn(B, d)
     dead = torch.zeros(m, dtype=torch.bool)
     dead[::3] = True
@@ -84,7 +85,8 @@ def test_dense_architectures_train_sparse_codes():
     _, x = planted(16, 32, 20_000, 2, seed=1)
 
     def run(arch, coef):
-        cfg = SAETrainConfig(architecture=arch, expansion=4, lr=3e-3, batch_tokens=256, sparsity_coef=coef, bandwidth=0.2)
+        cfg = SAETrainConfig(architecture=arch, expansion=4, lr=3e-3, batch_tokens=256, sparsity_coef=coef,
+                             bandwidth=0.2)
         sae, _ = fit(x, cfg, epochs=3)
         with torch.no_grad():
             out = sae(x[:2000])

@@ -17,7 +17,8 @@ def test_auroc_and_mannwhitney_match_references():
     p = mannwhitney_p(x, pos)
     for j in range(5):
         assert auc[j] == pytest.approx(roc_auc_score(pos, x[:, j]))
-        ref = mannwhitneyu(x[pos, j], x[~pos, j], alternative="two-sided", method="asymptotic", use_continuity=True).pvalue
+        ref = mannwhitneyu(x[pos, j], x[~pos, j], alternative="two-sided", method="asymptotic",
+                           use_continuity=True).pvalue
         assert p[j] == pytest.approx(ref, rel=1e-6)
     assert auc[5] == 0.5 and p[5] == 1.0
 

@@ -35,7 +35,8 @@ def test_shared_prefix_scoring_equals_naive(arch, window):
 def test_chat_prompts_score_equal_naive(tiny_llama):
     prompts, labels = _prompts(tiny_llama, chat=True)
     assert all(p[:5] == prompts[0][:5] for p in prompts)
-    np.testing.assert_allclose(score_ids(tiny_llama, prompts, labels, 2), score_naive(tiny_llama, prompts, labels), atol=1e-4)
+    np.testing.assert_allclose(score_ids(tiny_llama, prompts, labels, 2), score_naive(tiny_llama, prompts, labels),
+                               atol=1e-4)
 
 
 def test_prompt_builder_plain_and_chat(tiny_llama):

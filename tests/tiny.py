@@ -15,7 +15,8 @@ CORPUS = [
     "Why would you do that? I am furious with you.",
     "I miss her so much, everything feels empty.",
     "Wow, I did not expect that at all!",
-    "Classify the emotion expressed in the text. Answer with one word from: anger, disgust, fear, joy, sadness, surprise.",
+    "Classify the emotion expressed in the text. Answer with one word from: anger, disgust, fear, joy, sadness, "
+    "surprise.",
     "Text: Emotion: The quick brown fox jumps over the lazy dog.",
 ]
 CHATML = (
@@ -40,7 +41,8 @@ def tiny_tokenizer(vocab_size: int = 320):
     return tok
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, n_layers: int = 4, d: int = 32, sliding_window: int = 16) -> ModelView:
+def tiny_model(arch: str = "llama", seed: int = 0, n_layers: int = 4, d: int = 32,
+               sliding_window: int = 16) -> ModelView:
     from transformers import AutoModelForCausalLM
 
     tok = tiny_tokenizer()

@@ -82,7 +82,7 @@ def _print_json(obj) -> None:
 def _help(cls, field: str, extra: str = "") -> str:
     f = cls.model_fields[field]
     d = f.default.model_dump(mode="json") if hasattr(f.default, "model_dump") else f.default
-    return f"{f.description or ''}{extra} (config default: {json.dumps(d)})"
+    return f"{' '.join((f.description or '').split())}{extra} (config default: {json.dumps(d)})"
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -101,7 +101,7 @@ def run(config: str = typer.Option(..., help="Run config: a YAML path or a shipp
     with ExitStack() as stack:
         factory = _progress_factory(stack)
         path = run_all(cfg, set(force), log=lambda m: err.print(m, markup=False, highlight=False),
-                       progress_factory=lambda stage: factory(stage))
+                       progress_factory=factory)
     from .artifacts import read_json
 
     run_dir = Path(cfg.run_dir).expanduser()
@@ -139,7 +139,8 @@ def evaluate(
     calibrate: bool = typer.Option(False, "--calibrate", help="Also print calibrated results (always saved)."),
     set_: list[str] = typer.Option([], "--set", help="Set a task key, e.g. --set template.instruction=... "
                                                      "(repeatable; values read as YAML)."),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/evaluate/<model>-<dataset>-<split>-k<shots>)."),
+    out: Optional[Path] = typer.Option(
+        None, help="Run directory (default runs/evaluate/<model>-<dataset>-<split>-k<shots>)."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Score the model on an emotion dataset: raw and calibrated accuracy and macro-F1 with 95% CIs."""
@@ -213,7 +214,8 @@ def train_saes_cmd(
     view = load_model(validated(ModelConfig, {k: v for k, v in (("name", model), ("device", device), ("dtype", dtype))
                                               if v}, "model."))
     with ExitStack() as stack:
-        res = train_saes(view, base, data_dir, _progress_factory(stack)("training SAEs (tokens)"), profile=profile, **train)
+        res = train_saes(view, base, data_dir, _progress_factory(stack)("training SAEs (tokens)"), profile=profile,
+                         **train)
     res.save(out.expanduser() / "saes")
     if as_json:
         return _print_json(res.data)
@@ -239,7 +241,8 @@ def _stage_command(stage: str, cfg_cls, doc: str) -> None:
                                 default=typer.Argument(..., help="Run directory with the stages this one reads."))]
     for name, t in fields.items():
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[t],
-                                        default=typer.Option(None, "--" + name.replace("_", "-"), help=_help(cfg_cls, name))))
+                                        default=typer.Option(None, "--" + name.replace("_", "-"),
+                                                             help=_help(cfg_cls, name))))
     params += [inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, annotation=list[str],
                                  default=typer.Option([], "--set", help=f"Set any {stage} key (repeatable).")),
                inspect.Parameter("device", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
@@ -271,7 +274,7 @@ def _run_one(stage: str, cfg, run_dir: Path, device, dtype, as_json: bool) -> No
     with ExitStack() as stack:
         factory = _progress_factory(stack)
         ctx = RunContext.from_run_dir(run_dir.expanduser(), device, dtype, log=lambda m: None,
-                                      progress_factory=lambda s: factory(s))
+                                      progress_factory=factory)
         res = run_stage(ctx, stage, cfg)
     if as_json:
         return _print_json(res.data)
@@ -314,7 +317,7 @@ def audit(config: str = typer.Option(..., help="Run config with an `audit:` sect
         cfg.stages = [s for s in cfg.stages if s != "audit"] + ["audit"]
     with ExitStack() as stack:
         factory = _progress_factory(stack)
-        run_all(cfg, set(force), log=lambda m: err.print(m, markup=False), progress_factory=lambda s: factory(s))
+        run_all(cfg, set(force), log=lambda m: err.print(m, markup=False), progress_factory=factory)
     res = read_json(Path(cfg.run_dir).expanduser() / "audit" / "result.json")
     if as_json:
         _print_json(res)
@@ -350,7 +353,8 @@ def classify(texts: list[str] = typer.Argument(..., help="Texts to classify."),
         saes = ctx.result("saes").by_layer()
         check(st, ctx.model, saes)
     probs = label_probs(ctx.task, texts, saes, st.edits if st else [])
-    rows = [{"text": x, **{lab: round(float(v), 4) for lab, v in zip(ctx.task.classes, p)}} for x, p in zip(texts, probs)]
+    rows = [{"text": x, **{lab: round(float(v), 4) for lab, v in zip(ctx.task.classes, p)}} for x,
+            p in zip(texts, probs)]
     if as_json:
         return _print_json(rows)
     t = Table(title="calibrated label probabilities" + (f" (steering: {steering.name})" if st else ""))

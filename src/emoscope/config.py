@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from .artifacts import config_hash
 from .errors import EmoscopeError, validated
@@ -30,13 +30,15 @@ UPSTREAM = {"evaluate": (), "saes": (), "phases": ("evaluate", "saes"), "trace":
 
 
 class RunConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    run_dir: str = Field("runs/demo", description="Where every stage writes its folder and the report.")
-    model: ModelConfig = Field(ModelConfig(), description="The model every stage analyses.")
-    data_dir: str | None = Field(None, description="Folder holding the dataset folders (else $EMOSCOPE_DATA, "
-                                                   "../shared/data).")
-    stages: list[str] = Field(["evaluate", "saes", "phases"], description="Stages to run, in pipeline order "
-                                                                          "(evaluate, saes, phases, trace, steer, audit).")
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), use_attribute_docstrings=True)
+    run_dir: str = "runs/demo"
+    """Where every stage writes its folder and the report."""
+    model: ModelConfig = ModelConfig()
+    """The model every stage analyses."""
+    data_dir: str | None = None
+    """Folder holding the dataset folders (else $EMOSCOPE_DATA, ../shared/data)."""
+    stages: list[str] = ["evaluate", "saes", "phases"]
+    """Stages to run, in pipeline order (evaluate, saes, phases, trace, steer, audit)."""
     evaluate: TaskConfig = TaskConfig()
     saes: SAEStageConfig = SAEStageConfig()
     phases: PhasesConfig = PhasesConfig()
@@ -63,7 +65,8 @@ class RunConfig(BaseModel):
 
 
 def shipped_configs() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("emoscope").joinpath("configs").iterdir() if p.name.endswith(".yaml"))
+    folder = resources.files("emoscope").joinpath("configs")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def resolve(path: str | Path) -> Path:
@@ -127,7 +130,8 @@ def config_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tu
             out += config_keys(ann, key + ".")
         else:
             default = field.default
-            out.append((key, "" if default is None else json_default(default), field.description or ""))
+            desc = " ".join((field.description or "").split())
+            out.append((key, "" if default is None else json_default(default), desc))
     return out
 
 

@@ -25,7 +25,8 @@ EKMAN = ["anger", "disgust", "fear", "joy", "sadness", "surprise"]
 
 # Folder under the data directory, split file names, and the public hub id for users who are online.
 BUILTIN = {
-    "goemotions_ekman": {"splits": {"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"}, "hub": "google-research-datasets/go_emotions"},
+    "goemotions_ekman": {"splits": {"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"},
+                         "hub": "google-research-datasets/go_emotions"},
     "dair_emotion": {"splits": {"train": "train.txt", "dev": "val.txt", "test": "test.txt"}, "hub": "dair-ai/emotion"},
     "isear": {"splits": {"all": "isear.csv"}, "hub": None},  # one file: split by subject, see _hash_split
 }
@@ -37,28 +38,34 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".jsonl")
 class DataConfig(BaseModel):
     """Which labelled texts form the task, and how rows become examples."""
 
-    model_config = ConfigDict(extra="forbid")
-    dataset: str | dict[str, str] = Field(
-        "goemotions_ekman", description="goemotions_ekman, isear, dair_emotion, a CSV/TSV/JSONL file, a folder of "
-                                        "train/dev/test files (MELD), or a mapping split -> file.")
-    split: str = Field("test", description="Split to evaluate: train, dev, test, or all (every row).")
-    data_dir: str | None = Field(None, description="Folder holding the dataset folders (else $EMOSCOPE_DATA, "
-                                                   "../shared/data).")
-    labels: list[str] | None = Field(None, description="Task labels; None = the Ekman six that the data has.")
-    extra: Literal["drop", "keep"] = Field("drop", description="Other labels of the data (neutral, love, ...): "
-                                                               "drop the rows or keep as classes.")
-    multi_label: Literal["drop", "first"] = Field("drop", description="Rows with several labels: drop them, or keep "
-                                                                      "their first label.")
-    per_class: int | None = Field(50, ge=1, description="Balanced sample size per class; None = every row.")
-    text_column: str = Field("text", description="Text column of a CSV/TSV/JSONL file (MELD: Utterance).")
-    label_column: str = Field("label", description="Label column of a CSV/TSV/JSONL file (MELD: Emotion).")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    dataset: str | dict[str, str] = "goemotions_ekman"
+    """goemotions_ekman, isear, dair_emotion, a CSV/TSV/JSONL file, a folder of train/dev/test files (MELD), or a
+    mapping split -> file."""
+    split: str = "test"
+    """Split to evaluate: train, dev, test, or all (every row)."""
+    data_dir: str | None = None
+    """Folder holding the dataset folders (else $EMOSCOPE_DATA, ../shared/data)."""
+    labels: list[str] | None = None
+    """Task labels; None = the Ekman six that the data has."""
+    extra: Literal["drop", "keep"] = "drop"
+    """Other labels of the data (neutral, love, ...): drop the rows or keep as classes."""
+    multi_label: Literal["drop", "first"] = "drop"
+    """Rows with several labels: drop them, or keep their first label."""
+    per_class: int | None = Field(50, ge=1)
+    """Balanced sample size per class; None = every row."""
+    text_column: str = "text"
+    """Text column of a CSV/TSV/JSONL file (MELD: Utterance)."""
+    label_column: str = "label"
+    """Label column of a CSV/TSV/JSONL file (MELD: Emotion)."""
 
 # GoEmotions' 28 fine labels -> Ekman, from the dataset authors' ekman_mapping.json (used for the hub copy).
 GOEMOTIONS_TO_EKMAN = {
     "anger": ["anger", "annoyance", "disapproval"],
     "disgust": ["disgust"],
     "fear": ["fear", "nervousness"],
-    "joy": ["joy", "amusement", "approval", "excitement", "gratitude", "love", "optimism", "relief", "pride", "admiration", "desire", "caring"],
+    "joy": ["joy", "amusement", "approval", "excitement", "gratitude", "love", "optimism", "relief", "pride",
+            "admiration", "desire", "caring"],
     "sadness": ["sadness", "disappointment", "embarrassment", "grief", "remorse"],
     "surprise": ["surprise", "realization", "confusion", "curiosity"],
     "neutral": ["neutral"],
@@ -282,7 +289,8 @@ def split_files(dataset: str | dict) -> dict[str, Path] | None:
         raise EmoscopeError(f"folder {path} holds no train/dev/test CSV, TSV or JSONL files")
     twice = [s for s, fs in found.items() if len(fs) > 1]
     if twice:
-        raise EmoscopeError(f"folder {path}: several files for the {twice[0]} split ({', '.join(f.name for f in found[twice[0]])})")
+        raise EmoscopeError(f"folder {path}: several files for the {twice[0]} split "
+                            f"({', '.join(f.name for f in found[twice[0]])})")
     return {s: fs[0] for s, fs in found.items()}
 
 
@@ -307,7 +315,8 @@ def _load_builtin(dataset: str, split: str, data_dir) -> tuple[list[Example], Lo
         return rows, report
     if spec["hub"] and split != "all":
         return _load_hub(dataset, spec["hub"], split, tried)
-    raise EmoscopeError(f"dataset '{dataset}' not found; looked in: {', '.join(tried)} (set --data-dir or EMOSCOPE_DATA)")
+    raise EmoscopeError(f"dataset '{dataset}' not found; looked in: {', '.join(tried)} (set --data-dir or "
+                        "EMOSCOPE_DATA)")
 
 
 def _existing(path: Path) -> Path:
@@ -326,7 +335,8 @@ def _load_hub(dataset: str, hub_id: str, split: str, tried: list[str]) -> tuple[
     try:
         ds = load_dataset(hub_id, "simplified" if dataset == "goemotions_ekman" else None, split=hub_split)
     except Exception as e:  # offline, renamed, ...: name what was tried
-        raise EmoscopeError(f"dataset '{dataset}' not found; looked in: {', '.join(tried)}; hub '{hub_id}': {str(e).splitlines()[0]}") from None
+        raise EmoscopeError(f"dataset '{dataset}' not found; looked in: {', '.join(tried)}; hub '{hub_id}': "
+                            f"{str(e).splitlines()[0]}") from None
     names = ds.features["label" if dataset == "dair_emotion" else "labels"]
     names = names.names if hasattr(names, "names") else names.feature.names
     report, out = LoadReport(f"hub:{hub_id}"), []

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from .errors import EmoscopeError, validated
@@ -53,7 +53,8 @@ class ModelSpec:
 
 
 REGISTRY: dict[str, ModelSpec] = {
-    "smollm2-135m-instruct": ModelSpec(_smollm2_gguf, True, "SmolLM2-135M-Instruct (Llama, 30 layers, d=576), Q4_1 GGUF"),
+    "smollm2-135m-instruct": ModelSpec(_smollm2_gguf, True,
+                                       "SmolLM2-135M-Instruct (Llama, 30 layers, d=576), Q4_1 GGUF"),
     "gemma3-270m": ModelSpec(_gemma3_gguf, False, "Gemma-3-270M base (18 layers, d=640), Q4_K_M GGUF"),
 }
 DEFAULT_MODEL = "gemma3-270m"
@@ -63,14 +64,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class ModelConfig(BaseModel):
     """Which model to load, where, and in which precision (the run's one model setting)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    name: str = Field(DEFAULT_MODEL, description="Registry name (smollm2-135m-instruct, gemma3-270m), .gguf file, "
-                                                 "local dir or HF id.")
-    device: str = Field("auto", description="cpu, cuda, cuda:N or auto.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "float32", description="float32 (exact, default), bfloat16, float16, or auto = bfloat16 on CUDA or a CPU "
-                               "with native bf16.")
-    trust_remote_code: bool = Field(False, description="Allow custom model code from the hub (off unless you ask).")
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), use_attribute_docstrings=True)
+    name: str = DEFAULT_MODEL
+    """Registry name (smollm2-135m-instruct, gemma3-270m), .gguf file, local dir or HF id."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """float32 (exact, default), bfloat16, float16, or auto = bfloat16 on CUDA or a CPU with native bf16."""
+    trust_remote_code: bool = False
+    """Allow custom model code from the hub (off unless you ask)."""
 
 
 def cache_root() -> Path:
@@ -144,8 +146,10 @@ class ModelView:
 
 
 # Where the decoder blocks and final norm live, by architecture family.
-_BLOCK_PATHS = ["model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"]
-_NORM_PATHS = ["model.norm", "model.language_model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm"]
+_BLOCK_PATHS = ["model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
+                "model.decoder.layers"]
+_NORM_PATHS = ["model.norm", "model.language_model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm",
+               "model.decoder.final_layer_norm"]
 
 
 def _get(obj, dotted: str):
@@ -163,7 +167,8 @@ def make_view(model: nn.Module, tokenizer, name: str, chat: bool | None = None) 
     norm = next((n for p in _NORM_PATHS if (n := _get(model, p)) is not None), None)
     unembed = model.get_output_embeddings()
     if blocks is None or norm is None or unembed is None:
-        raise EmoscopeError(f"unsupported architecture {type(model).__name__}: cannot find blocks, final norm and unembedding")
+        raise EmoscopeError(f"unsupported architecture {type(model).__name__}: cannot find blocks, final norm and "
+                            "unembedding")
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)

@@ -39,7 +39,8 @@ class RunContext:
         self.load_seconds = 0.0
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path, device: str | None = None, dtype: str | None = None, **kw) -> "RunContext":
+    def from_run_dir(cls, run_dir: str | Path, device: str | None = None, dtype: str | None = None,
+                     **kw) -> "RunContext":
         """The context of an existing run, rebuilt from its evaluate result (model and task settings)."""
         ev = cls(run_dir, ModelConfig(), TaskConfig()).result("evaluate", check_model=False)
         cfg = dict(ev["config"])
@@ -75,19 +76,20 @@ class RunContext:
             self._results[stage] = cls.load(folder, self.model) if stage == "saes" else cls.load(folder)
         res = self._results[stage]
         if check_model and stage == "evaluate" and res["model"]["name"] != self.model_config.name:
-            raise EmoscopeError(f"{self.run_dir} was evaluated with {res['model']['name']}, not {self.model_config.name}")
+            raise EmoscopeError(f"{self.run_dir} was evaluated with {res['model']['name']}, not "
+                                f"{self.model_config.name}")
         return res
 
     def optional(self, stage: str) -> StageResult | None:
         return self.result(stage) if (self.run_dir / stage / "result.json").exists() else None
 
-    def progress(self, stage: str):
-        return self.progress_factory(stage) if self.progress_factory else None
+    def progress(self, stage: str, total: int | None = None):
+        return self.progress_factory(stage, total) if self.progress_factory else None
 
 
 def compute(ctx: RunContext, stage: str, cfg, workdir: Path | None = None) -> StageResult:
     """Run one stage on the context with its config; the result is not saved yet."""
-    prog = ctx.progress(stage)
+    prog = ctx.progress(stage, _total(ctx, stage, cfg))
     if stage == "evaluate":
         res = evaluate.evaluate(ctx.task, progress=prog)
         res.timing = {"load": round(ctx.load_seconds, 2), **res.timing}
@@ -104,6 +106,15 @@ def compute(ctx: RunContext, stage: str, cfg, workdir: Path | None = None) -> St
         res.steering.chosen_on["run_dir"] = str(ctx.run_dir)
         return res
     return audit.audit(ctx.task, ctx.saes, ev, ctx.optional("phases"), ctx.optional("trace"), cfg, progress=prog)
+
+
+def _total(ctx: RunContext, stage: str, cfg) -> int | None:
+    """The number of progress steps a stage reports, where it is known before the stage runs."""
+    if stage == "saes" and not cfg.pretrained:
+        return cfg.train.tokens
+    if stage == "phases":
+        return len(ctx.result("saes")["hooks"])
+    return None
 
 
 def run_stage(ctx: RunContext, stage: str, cfg, key: str | None = None) -> StageResult:

@@ -42,11 +42,13 @@ class StoreWriter:
         self.n_pending = 0
         self._ids: dict[str, int] = {}
 
-    def add(self, acts: dict[str, torch.Tensor], token_ids: torch.Tensor, example_ids: list[str], position: torch.Tensor) -> None:
+    def add(self, acts: dict[str, torch.Tensor], token_ids: torch.Tensor, example_ids: list[str],
+            position: torch.Tensor) -> None:
         """Append rows: activations per hook [n, d], and per row its token id, example id and position."""
         idx = torch.tensor([self._ids.setdefault(e, len(self._ids)) for e in example_ids], dtype=torch.int64)
         rows = {**{h: a.detach().to("cpu", self.dtype) for h, a in acts.items()},
-                "token_ids": token_ids.to("cpu", torch.int64), "example_idx": idx, "position": position.to("cpu", torch.int64)}
+                "token_ids": token_ids.to("cpu", torch.int64), "example_idx": idx, "position": position.to("cpu",
+                                                                                                           torch.int64)}
         for k, v in rows.items():
             self.pending.setdefault(k, []).append(v)
         self.n_pending += len(idx)
@@ -83,9 +85,11 @@ class Store:
             raise EmoscopeError(f"{self.path} is not an activation store (no manifest.json)")
         self.manifest = json.loads(f.read_text())
         if model_name is not None and self.manifest.get("model") != model_name:
-            raise EmoscopeError(f"activation store {self.path} was written by model '{self.manifest.get('model')}', not '{model_name}'")
+            raise EmoscopeError(f"activation store {self.path} was written by model '{self.manifest.get('model')}', "
+                                f"not '{model_name}'")
         if d_model is not None and self.manifest.get("d_model") != d_model:
-            raise EmoscopeError(f"activation store {self.path} has d_model={self.manifest.get('d_model')}, the model has {d_model}")
+            raise EmoscopeError(f"activation store {self.path} has d_model={self.manifest.get('d_model')}, the model "
+                                f"has {d_model}")
 
     @property
     def hooks(self) -> list[str]:
@@ -98,7 +102,8 @@ class Store:
         """Consecutive rows of the given keys (hooks or token_ids/example_idx/position), shard by shard."""
         missing = [k for k in keys if k not in self.hooks + ["token_ids", "example_idx", "position"]]
         if missing:
-            raise EmoscopeError(f"activation store {self.path} has no {', '.join(missing)} (hooks: {', '.join(self.hooks)})")
+            raise EmoscopeError(f"activation store {self.path} has no {', '.join(missing)} (hooks: "
+                                f"{', '.join(self.hooks)})")
         for shard in self.manifest["shards"]:
             with safe_open(str(self.path / shard["file"]), framework="pt") as f:
                 for i in range(0, shard["rows"], batch_size):

@@ -43,7 +43,8 @@ def auroc_or_none(score: np.ndarray, flipped: np.ndarray) -> float | None:
     return float(roc_auc_score(flipped, score)) if 0 < flipped.sum() < len(flipped) else None
 
 
-def phase_drift(per_ex: dict, unrelated: dict, phase: dict, n_phases: int, boots: np.ndarray) -> tuple[dict, dict | None]:
+def phase_drift(per_ex: dict, unrelated: dict, phase: dict, n_phases: int, boots: np.ndarray) -> tuple[dict,
+                                                                                                       dict | None]:
     """Normalised drift per phase: the phase's summed drift over its summed unrelated-input drift (a
     ratio of sums, so a layer where unrelated inputs barely differ cannot dominate), None where that
     is undefined; and the final phase's excess over the most-drifting earlier phase, with a bootstrap

@@ -31,7 +31,8 @@ class Selectivity:
         return self.selective.sum(1)
 
 
-def selectivity(codes: np.ndarray, y: np.ndarray, n_classes: int, fdr: float = 0.05, min_auroc: float = 0.7) -> Selectivity:
+def selectivity(codes: np.ndarray, y: np.ndarray, n_classes: int, fdr: float = 0.05,
+                min_auroc: float = 0.7) -> Selectivity:
     """Which features separate each emotion from the rest (codes [n, m], y [n] in 0..E-1)."""
     live = codes.std(0) > 0  # features silent on every example: AUROC 0.5, p = 1, never selective
     au = np.full((codes.shape[1], n_classes), 0.5)
@@ -56,7 +57,8 @@ def text_scores(codes_text: np.ndarray, token_ids: np.ndarray, example_idx: np.n
     return _weighted_eta(codes_text, token_ids), _weighted_eta(codes_text, example_idx)
 
 
-def layer_row(L: int, codes_last: np.ndarray, codes_text: np.ndarray, resid_last: np.ndarray, resid_prev: np.ndarray | None,
+def layer_row(L: int, codes_last: np.ndarray, codes_text: np.ndarray, resid_last: np.ndarray,
+              resid_prev: np.ndarray | None,
               token_ids: np.ndarray, example_idx: np.ndarray, y: np.ndarray, n_classes: int,
               fdr: float = 0.05, min_auroc: float = 0.7) -> tuple[dict, Selectivity]:
     """The statistics of one layer, and its selectivity arrays."""

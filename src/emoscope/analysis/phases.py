@@ -59,7 +59,8 @@ def fit_phases(S: np.ndarray, max_phases: int = 5, min_gain: float = 0.2) -> dic
     best = 1
     while best + 1 in fits and fits[best]["rss"] - fits[best + 1]["rss"] >= min_gain * total:
         best += 1
-    return {"fits": fits, "n_phases": best, "boundaries": fits[best]["boundaries"], "criterion": f"gain >= {min_gain} of 1-phase RSS"}
+    return {"fits": fits, "n_phases": best, "boundaries": fits[best]["boundaries"],
+            "criterion": f"gain >= {min_gain} of 1-phase RSS"}
 
 
 def phase_of(n_layers: int, boundaries: list[int]) -> np.ndarray:
@@ -84,5 +85,6 @@ def boundary_intervals(boot_boundaries: list[list[int]], n_layers: int) -> list[
     out = []
     for j in range(arr.shape[1] if arr.ndim == 2 else 0):
         lo, hi = np.percentile(arr[:, j], [2.5, 97.5])
-        out.append({"lo": float(lo), "hi": float(hi), "lo_depth": float(lo / n_layers), "hi_depth": float(hi / n_layers)})
+        out.append({"lo": float(lo), "hi": float(hi), "lo_depth": float(lo / n_layers),
+                    "hi_depth": float(hi / n_layers)})
     return out

@@ -68,7 +68,8 @@ def attribution(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.
 @torch.no_grad()
 def ablate(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarray, tokens: list[int],
            features: dict[int, list[int]], log_prior: torch.Tensor | None = None,
-           baseline: dict[int, torch.Tensor] | None = None, batch_size: int = 16, kind: str = "best_other") -> np.ndarray:
+           baseline: dict[int,
+                          torch.Tensor] | None = None, batch_size: int = 16, kind: str = "best_other") -> np.ndarray:
     """Exact intervention: the margin of every example [n] with the given features (per layer) set to
     the baseline (zero when none) at the answer position, SAE error terms kept. `prompts` may be
     answer_batches(), built once and reused across interventions."""

@@ -61,7 +61,8 @@ def apply_precision(view, precision: str, group_size: int = 128) -> dict:
             if isinstance(mod, nn.Linear):
                 rtn_quantize_(mod.weight, bits, group_size)
                 n += 1
-    return {"precision": precision, "method": f"weight-only group-wise RTN fake quantization, {bits} bits, group {group_size}",
+    return {"precision": precision,
+            "method": f"weight-only group-wise RTN fake quantization, {bits} bits, group {group_size}",
             "linear_layers": n}
 
 
@@ -91,5 +92,6 @@ def template_variants(base: Template, labels: list[str], seed: int = 0) -> dict[
     if order == labels:
         order = labels[::-1]
     out["label_order_permuted"] = base.model_copy(update={"label_order": order})
-    out["system_prompt"] = base.model_copy(update={"system": None if base.system else "You are a careful annotator of emotions in text."})
+    out["system_prompt"] = base.model_copy(update={"system": None if base.system else "You are a careful annotator of "
+                                                                                      "emotions in text."})
     return out

@@ -16,7 +16,8 @@ class ProbeSteer:
         mu = resid.mean(0)
         means = np.stack([resid[y == e].mean(0) - mu for e in np.unique(y)])
         u, s, _ = np.linalg.svd(means.T, full_matrices=False)
-        self.layer, self.mu, self.U = layer, torch.from_numpy(mu).float(), torch.from_numpy(u[:, s > 1e-8 * s.max()]).float()
+        self.layer, self.mu = layer, torch.from_numpy(mu).float()
+        self.U = torch.from_numpy(u[:, s > 1e-8 * s.max()]).float()
 
     def context(self, view, alpha: float, positions: torch.Tensor):
         """Within the block, forwards have the residual at `positions` steered by alpha (1 = unchanged)."""

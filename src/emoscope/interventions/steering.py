@@ -21,11 +21,14 @@ from .edits import Edit, apply_edits
 
 
 class Steering(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    model_name: str = Field(..., description="Model the steering was chosen for.")
-    sae_fingerprints: dict[str, str] = Field(default_factory=dict, description="hook -> hash of the SAE decoder rows used.")
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), use_attribute_docstrings=True)
+    model_name: str = ...
+    """Model the steering was chosen for."""
+    sae_fingerprints: dict[str, str] = Field(default_factory=dict)
+    """hook -> hash of the SAE decoder rows used."""
     edits: list[Edit] = Field(default_factory=list)
-    chosen_on: dict = Field(default_factory=dict, description="Provenance: dataset, split, examples, seed, strength search.")
+    chosen_on: dict = Field(default_factory=dict)
+    """Provenance: dataset, split, examples, seed, strength search."""
 
 
 def fingerprint(sae, features: list[int]) -> str:
@@ -50,7 +53,8 @@ def check(steering: Steering, view, saes: dict) -> None:
         if e.layer not in saes:
             raise EmoscopeError(f"steering edits layer {e.layer}, which has no SAE here")
         if not 0 <= e.feature < saes[e.layer].cfg.d_sae:
-            raise EmoscopeError(f"steering edits feature {e.feature} of layer {e.layer}, beyond its SAE's {saes[e.layer].cfg.d_sae}")
+            raise EmoscopeError(f"steering edits feature {e.feature} of layer {e.layer}, beyond its SAE's "
+                                f"{saes[e.layer].cfg.d_sae}")
         by_layer.setdefault(e.layer, []).append(e.feature)
     for layer, fs in by_layer.items():
         if steering.sae_fingerprints.get(resid(layer)) != fingerprint(saes[layer], fs):

@@ -64,7 +64,8 @@ def print_eval(res: dict, calibrated: bool = True) -> None:
     pc.add_column("recall raw")
     pc.add_column("recall cal.")
     for lab in res["labels"]:
-        pc.add_row(lab, str(res["raw"]["per_class"][lab]["support"]), f"{res['raw']['per_class'][lab]['recall']['value']:.2f}",
+        pc.add_row(lab, str(res["raw"]["per_class"][lab]["support"]),
+                   f"{res['raw']['per_class'][lab]['recall']['value']:.2f}",
                    f"{res['calibrated']['per_class'][lab]['recall']['value']:.2f}")
     out.print(pc)
 
@@ -93,7 +94,8 @@ def headlines(run_dir: Path) -> list[str]:
     f = run_dir / "audit" / "result.json"
     if f.exists():
         au = read_json(f)
-        out.append(f"audit: {len(au['candidates'])} candidates, over the thresholds: {', '.join(au['failed']) or 'none'}")
+        out.append(f"audit: {len(au['candidates'])} candidates, over the thresholds: "
+                   f"{', '.join(au['failed']) or 'none'}")
     return out
 
 def print_saes(res: dict) -> None:
@@ -108,8 +110,10 @@ def print_saes(res: dict) -> None:
     out.print(t)
 
 def print_phases(res: dict) -> None:
-    b = ", ".join(f"layer {x['layer']} (depth {x['depth']:.2f}, 95% CI layers {x['lo']:.0f}-{x['hi']:.0f})" for x in res["boundaries"])
-    out.print(f"{res['model']}: {res['n_phases']} phase(s) ({' -> '.join(res['phase_names'])}); boundaries: {b or 'none'}", markup=False)
+    b = ", ".join(f"layer {x['layer']} (depth {x['depth']:.2f}, 95% CI layers {x['lo']:.0f}-{x['hi']:.0f})"
+                  for x in res["boundaries"])
+    out.print(f"{res['model']}: {res['n_phases']} phase(s) ({' -> '.join(res['phase_names'])}); boundaries: "
+              f"{b or 'none'}", markup=False)
     s = res["last_phase_share"]
     out.print(f"share of emotion-selective features in the last phase: {s['value']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}] "
                     f"({s['n_boot']} subsamples)", markup=False)
@@ -122,20 +126,24 @@ def print_phases(res: dict) -> None:
 
 def print_audit(res: dict) -> None:
     from .tables import final_excess, retained
-    t = Table(title=f"brittleness audit, {res['model']}, n={res['n']}, reference accuracy {res['reference_accuracy']:.3f}")
-    for c in ["candidate", "Δ accuracy [95% CI]", "flip rate", "causal survival", "effect retained [95% CI]", "final phase excess drift [95% CI]", "AUROC conf. / feature drift", "verdict"]:
+    t = Table(title=f"brittleness audit, {res['model']}, n={res['n']}, reference accuracy "
+                    f"{res['reference_accuracy']:.3f}")
+    for c in ["candidate", "Δ accuracy [95% CI]", "flip rate", "causal survival", "effect retained [95% CI]",
+              "final phase excess drift [95% CI]", "AUROC conf. / feature drift", "verdict"]:
         t.add_column(c)
     for r in res["candidates"]:
         d, a = r["accuracy_change"], r["detection_auroc"]
         fmt = lambda v: "—" if v is None else f"{v:.2f}"
-        t.add_row(r["name"], f"{d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]", f"{r['flip_rate']:.2f}", fmt(r["causal_survival"]), retained(r),
+        t.add_row(r["name"], f"{d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]", f"{r['flip_rate']:.2f}",
+                  fmt(r["causal_survival"]), retained(r),
                   final_excess(r), f"{fmt(a['confidence_drop'])} / {fmt(a['causal_feature_drift'])}",
                   "FAIL" if r["failed"] else "ok")
     out.print(t)
 
 def print_steer(res: dict) -> None:
     sets = sorted({k for m in res["methods"].values() for k in m})
-    t = Table(title=f"steering, {res['model']}: macro-F1 [95% CI] (chosen: {res['chosen']['features_per_emotion']} feature(s)/emotion x {res['chosen'].get('strengths', res['chosen']['strength'])})")
+    t = Table(title=f"steering, {res['model']}: macro-F1 [95% CI] (chosen: {res['chosen']['features_per_emotion']} "
+                    f"feature(s)/emotion x {res['chosen'].get('strengths', res['chosen']['strength'])})")
     t.add_column("method")
     for s_ in sets:
         t.add_column(s_)
@@ -144,7 +152,8 @@ def print_steer(res: dict) -> None:
     out.print(t)
     se = res["side_effects"]
     out.print(f"WikiText-2 perplexity {se['ppl_clean']:.2f} -> {se['ppl_steered_all_positions']:.2f} "
-                    f"({100 * se['ppl_change']:+.1f}%) with steering at every position; KL {se['kl_all_positions']:.4f}", markup=False)
+              f"({100 * se['ppl_change']:+.1f}%) with steering at every position; KL {se['kl_all_positions']:.4f}",
+              markup=False)
 
 
 def print_trace(res: dict) -> None:
@@ -154,8 +163,9 @@ def print_trace(res: dict) -> None:
     for lab, e in res["emotions"].items():
         for p_, r in e["phases"].items():
             top = r["features"][0]["effect"] if r["features"] else None
+            more = ">" + str(len(r["features"]))
             t.add_row(lab, p_, "" if top is None else f"{top['value']:.2f} [{top['lo']:.2f}, {top['hi']:.2f}]",
-                      f"{r['n_for_50'] or '>' + str(len(r['features']))} / {r['n_for_80'] or '>' + str(len(r['features']))}",
+                      f"{r['n_for_50'] or more} / {r['n_for_80'] or more}",
                       f"{r['effective_n']:.1f}", f"{r['random_control']['mean']:.2f}")
     out.print(t)
     for lab, why in res["skipped"].items():

@@ -33,7 +33,8 @@ def _sae_figure(res: dict) -> str:
     q, depth = res["quality"], res["depth"]
     hooks = res["hooks"]
     x = [depth[h] for h in hooks]
-    fig = make_subplots(rows=1, cols=4, subplot_titles=["FVU", "CE-loss recovered", "L0", "dead latents % (training window)"])
+    fig = make_subplots(rows=1, cols=4,
+                        subplot_titles=["FVU", "CE-loss recovered", "L0", "dead latents % (training window)"])
     for col, (key, scale) in enumerate([("fvu", 1), ("ce_recovered", 1), ("l0", 1), ("dead_frac_train", 100)], 1):
         ys = [q[h].get(key) for h in hooks]
         ys = [None if y is None else y * scale for y in ys]
@@ -44,7 +45,8 @@ def _sae_figure(res: dict) -> str:
     return _html(fig)
 
 
-BAND_COLORS = ["rgba(99,110,250,0.10)", "rgba(0,204,150,0.10)", "rgba(239,85,59,0.10)", "rgba(171,99,250,0.10)", "rgba(255,161,90,0.10)"]
+BAND_COLORS = ["rgba(99,110,250,0.10)", "rgba(0,204,150,0.10)", "rgba(239,85,59,0.10)", "rgba(171,99,250,0.10)",
+               "rgba(255,161,90,0.10)"]
 
 
 def _phase_bands(fig, res: dict, rows: list[dict]) -> None:
@@ -67,19 +69,24 @@ def _phases_figures(res: dict, feats: pd.DataFrame) -> dict:
                       ("selective_frac", "emotion-selective fraction")]:
         curves.add_trace(go.Scatter(x=x, y=[r[key] for r in rows], mode="lines+markers", name=name), row=1, col=1)
     for key, name, dash in [("probe_resid", "probe on residual", None), ("probe_codes", "probe on SAE codes", None),
-                            ("probe_resid_shuffled", "probe, shuffled labels", "dot"), ("lens_acc", "logit lens accuracy", "dash")]:
-        curves.add_trace(go.Scatter(x=x, y=[r[key] for r in rows], mode="lines+markers", name=name, line=dict(dash=dash)), row=1, col=2)
+                            ("probe_resid_shuffled", "probe, shuffled labels", "dot"), ("lens_acc",
+                                                                                        "logit lens accuracy", "dash")]:
+        curves.add_trace(go.Scatter(x=x, y=[r[key] for r in rows], mode="lines+markers", name=name,
+                                    line=dict(dash=dash)), row=1, col=2)
     _phase_bands(curves, res, rows)
     curves.update_xaxes(title_text="depth (layer / n_layers)")
     curves.update_layout(height=420, margin=dict(l=40, r=10, t=60, b=50))
     layers = [r["layer"] for r in rows]
-    counts = feats.groupby(["layer", "emotion"]).size().unstack(fill_value=0).reindex(index=layers, columns=res["labels"], fill_value=0)
-    heat = go.Figure(go.Heatmap(z=counts.T.values, x=[f"L{layer}" for layer in layers], y=res["labels"], colorscale="Viridis",
+    counts = feats.groupby(["layer", "emotion"]).size().unstack(fill_value=0)
+    counts = counts.reindex(index=layers, columns=res["labels"], fill_value=0)
+    heat = go.Figure(go.Heatmap(z=counts.T.values, x=[f"L{layer}" for layer in layers], y=res["labels"],
+                                colorscale="Viridis",
                                 hovertemplate="%{y} at %{x}: %{z} selective features"))
     heat.update_layout(title="emotion-selective features per layer", height=330, margin=dict(l=70, r=10, t=40, b=40))
     jac = go.Figure(go.Heatmap(z=res["jaccard"], x=res["labels"], y=res["labels"], colorscale="Blues", zmin=0, zmax=1,
                                text=[[f"{v:.2f}" for v in row] for row in res["jaccard"]], texttemplate="%{text}"))
-    jac.update_layout(title="overlap of selective features (Jaccard)", width=460, height=420, yaxis_autorange="reversed",
+    jac.update_layout(title="overlap of selective features (Jaccard)", width=460, height=420,
+                      yaxis_autorange="reversed",
                       margin=dict(l=70, r=10, t=40, b=40))
     return {"phases_curves": _html(curves), "phases_heat": _html(heat), "phases_jaccard": _html(jac)}
 
@@ -116,7 +123,8 @@ def _cross_figure(tr: dict) -> str:
     fig = go.Figure(go.Heatmap(z=z, x=cols, y=rows, colorscale="RdBu", zmid=0, zmin=-top, zmax=top,
                                text=[["" if v is None else f"{v:+.2f}" for v in r] for r in z], texttemplate="%{text}"))
     fig.update_layout(title="cross-emotion effects: margin change of column's examples when row's set is ablated",
-                      xaxis_title="examples of", yaxis_title="ablated set of", height=380, margin=dict(l=80, r=10, t=40, b=50))
+                      xaxis_title="examples of", yaxis_title="ablated set of", height=380, margin=dict(l=80, r=10,
+                                                                                                       t=40, b=50))
     return _html(fig)
 
 
@@ -130,10 +138,12 @@ def _dose_figure(steer: dict) -> str:
     for i, (lab, d) in enumerate(dose.items()):
         x = [r["strength"] for r in d["curve"]]
         c = colors[i % len(colors)]
-        fig.add_trace(go.Scatter(x=x, y=[r["target_pushed"] for r in d["curve"]], mode="lines+markers", name=lab, line=dict(color=c)))
+        fig.add_trace(go.Scatter(x=x, y=[r["target_pushed"] for r in d["curve"]], mode="lines+markers", name=lab,
+                                 line=dict(color=c)))
         fig.add_trace(go.Scatter(x=x, y=[r["random_pushed"] for r in d["curve"]], mode="lines", name=f"{lab} (random)",
                                  line=dict(color=c, dash="dash"), showlegend=False))
-    fig.update_layout(title="steering toward an emotion: share of other emotions' dev examples now predicted as it (dashed: random features)",
+    fig.update_layout(title="steering toward an emotion: share of other emotions' dev examples now predicted as it "
+                            "(dashed: random features)",
                       xaxis_title="added activation (× the feature's mean dev activation)", yaxis_title="share pushed",
                       height=400, margin=dict(l=50, r=10, t=40, b=40))
     return _html(fig)
@@ -153,10 +163,12 @@ def _audit_figures(audit: dict) -> dict:
         ls = [layer for layer in layers if phase[layer] == p]
         depth.add_vrect(x0=min(ls) - 0.5, x1=max(ls) + 0.5, fillcolor=["#eef", "#efe", "#fee", "#ffe"][p % 4],
                         line_width=0, layer="below", annotation_text=f"phase {p + 1}", annotation_position="top left")
-    curve = lambda c: [c["drift"][str(layer)][key] if norm else 1 - c["drift"][str(layer)]["jaccard"] for layer in layers]
+    curve = lambda c: [c["drift"][str(layer)][key] if norm else 1 - c["drift"][str(layer)]["jaccard"]
+                       for layer in layers]
     for c in cands:
         depth.add_trace(go.Scatter(x=layers, y=curve(c), mode="lines+markers", name=c["name"]))
-    depth.update_layout(title="feature drift by depth" + (" (÷ drift between unrelated inputs)" if norm else " (1 − top-k Jaccard)"),
+    unit = " (÷ drift between unrelated inputs)" if norm else " (1 − top-k Jaccard)"
+    depth.update_layout(title="feature drift by depth" + unit,
                         xaxis_title="layer", yaxis_title="drift", height=420, margin=dict(l=50, r=10, t=40, b=40))
     def mean_drift(c):
         v = [x for x in curve(c) if x is not None]
@@ -165,7 +177,8 @@ def _audit_figures(audit: dict) -> dict:
     flips = go.Figure(go.Scatter(x=mean, y=[c["flip_rate"] for c in cands], mode="markers+text",
                                  text=[c["name"] for c in cands], textposition="top center",
                                  marker=dict(color=["#c0392b" if c["failed"] else "#27ae60" for c in cands], size=9)))
-    flips.update_layout(title="flip rate against mean feature drift (red: fails the thresholds)", xaxis_title="mean drift",
+    flips.update_layout(title="flip rate against mean feature drift (red: fails the thresholds)",
+                        xaxis_title="mean drift",
                         yaxis_title="prediction flip rate", height=400, margin=dict(l=50, r=10, t=40, b=40))
     return {"audit_depth": _html(depth), "audit_flips": _html(flips)}
 

@@ -34,12 +34,15 @@ def phases(run_dir: Path) -> str:
         per = r["per_phase_counts"].get(lab, {})
         by = "; ".join(f"phase {p}: {v['specific']}/{v['shared']}" for p, v in sorted(per.items())) or "-"
         out.append(f"| {lab} | {r['specific_counts'][lab]} | {r['shared_counts'][lab]} | {by} |")
-    out += ["", "| layer | selective | surface | semantic | probe resid (shuffled) | probe codes (shuffled) | logit-lens P(gold) |",
+    out += ["",
+            "| layer | selective | surface | semantic | probe resid (shuffled) | probe codes (shuffled) | "
+            "logit-lens P(gold) |",
             "|---|---|---|---|---|---|---|"]
     for row in r["layers"]["all"]:
         pr = lambda k: row[k]["mean"] if isinstance(row[k], dict) else row[k]
         out.append(f"| {row['layer']} | {row['n_selective']} | {row['surface']:.2f} | {row['semantic']:.3f} | "
-                   f"{pr('probe_resid'):.2f} ({pr('probe_resid_shuffled'):.2f}) | {pr('probe_codes'):.2f} ({pr('probe_codes_shuffled'):.2f}) | "
+                   f"{pr('probe_resid'):.2f} ({pr('probe_resid_shuffled'):.2f}) | "
+                   f"{pr('probe_codes'):.2f} ({pr('probe_codes_shuffled'):.2f}) | "
                    f"{row['lens_gold_prob']:.3f} |")
     return "\n".join(out)
 
@@ -51,7 +54,8 @@ def _num(x) -> str:
 def trace(run_dir: Path) -> str:
     r = _load(run_dir, "trace")
     names = r["phase_names"]
-    out = ["| emotion | n | clean margin | phase | top feature (layer:id) | its effect | features for 50% / 80% | set effect | "
+    out = ["| emotion | n | clean margin | phase | top feature (layer:id) | its effect | features for 50% / 80% | set "
+           "effect | "
            "random control (same size) | top attribution: real / shuffled labels | effective n | strongest phase |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for lab, e in r["emotions"].items():
@@ -59,7 +63,8 @@ def trace(run_dir: Path) -> str:
             f = ph["features"][0] if ph["features"] else None
             rc = ph["random_control"]
             need = ("n/a (margin ≤ 0)" if e["clean_margin"]["value"] <= 0 else
-                    " / ".join(f">{len(ph['features'])}" if ph[k] is None else str(ph[k]) for k in ("n_for_50", "n_for_80")))
+                    " / ".join(f">{len(ph['features'])}" if ph[k] is None else str(ph[k])
+                               for k in ("n_for_50", "n_for_80")))
             out.append(f"| {lab} | {e['n']} | {ci(e['clean_margin'], '{:.2f}')} | {names[int(p)]} | "
                        f"{'-' if f is None else str(f['layer']) + ':' + str(f['feature'])} | "
                        f"{'-' if f is None else ci(f['effect'], '{:.2f}')} | {need} | {ph['set_effect']:.2f} | "
@@ -88,8 +93,10 @@ def steer(run_dir: Path) -> str:
         cells = " | ".join(f"{ci(m[s]['accuracy'])} | {ci(m[s]['macro_f1'])}" if s in m else "- | -" for s in sets)
         out.append(f"| {name} | {cells} |")
     se = r["side_effects"]
-    out += ["", f"WikiText-2 perplexity {se['ppl_clean']:.2f} -> {se['ppl_steered_all_positions']:.2f} with the steering at every "
-                f"position ({100 * se['ppl_change']:+.1f}%), next-token KL {se['kl_all_positions']:.3f} nats, {se['tokens']} tokens"]
+    out += ["",
+            f"WikiText-2 perplexity {se['ppl_clean']:.2f} -> {se['ppl_steered_all_positions']:.2f} with the "
+            f"steering at every position ({100 * se['ppl_change']:+.1f}%), next-token KL "
+            f"{se['kl_all_positions']:.3f} nats, {se['tokens']} tokens"]
     return "\n".join(out)
 
 
@@ -97,8 +104,9 @@ def audit(run_dir: Path) -> str:
     r = _load(run_dir, "audit")
     out = [f"reference calibrated accuracy {r['reference_accuracy']:.3f}, n = {r['n']}; failed thresholds: "
            f"{', '.join(r['failed']) or 'none'}", "",
-           "| candidate | accuracy change | flip rate | drift by phase: 1 - top-k Jaccard (÷ unrelated-input drift) | final phase's normalised excess over earlier ones | "
-           "causal survival / ablation effect retained | AUROC flips: confidence drop / causal drift | worst emotion (recall change) |",
+           "| candidate | accuracy change | flip rate | drift by phase: 1 - top-k Jaccard (÷ unrelated-input drift) | "
+           "final phase's normalised excess over earlier ones | causal survival / ablation effect retained | "
+           "AUROC flips: confidence drop / causal drift | worst emotion (recall change) |",
            "|---|---|---|---|---|---|---|---|"]
     for c in r["candidates"]:
         fmt = lambda v: "-" if v is None or v != v else f"{v:.2f}"

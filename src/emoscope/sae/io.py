@@ -33,7 +33,8 @@ def save(sae: SAE, path: str | Path) -> Path:
         "device": "cpu", "apply_b_dec_to_input": c.apply_b_dec_to_input, "normalize_activations": "none",
         "reshape_activations": "none",
         # sae_lens_version marks the v6 config layout (metadata block), which is what this writes
-        "metadata": {"sae_lens_version": "6.0.0", "hook_name": c.hook_name, "model_name": c.model_name, "emoscope": c.extra},
+        "metadata": {"sae_lens_version": "6.0.0", "hook_name": c.hook_name, "model_name": c.model_name,
+                     "emoscope": c.extra},
     }
     if c.architecture == "topk":
         cfg.update(k=c.k, rescale_acts_by_decoder_norm=False)
@@ -62,13 +63,15 @@ def load(path: str | Path, device: str = "cpu") -> SAE:
         raise EmoscopeError(f"{path / WEIGHTS} is unreadable or truncated ({str(e).splitlines()[0]})") from None
     arch = _FROM_SAELENS.get(raw.get("architecture", "standard"))
     if arch is None:
-        raise EmoscopeError(f"{path}: SAE architecture '{raw.get('architecture')}' is not supported (topk, jumprelu, standard)")
+        raise EmoscopeError(f"{path}: SAE architecture '{raw.get('architecture')}' is not supported (topk, jumprelu, "
+                            "standard)")
     if raw.get("normalize_activations", "none") not in ("none", None):
         raise EmoscopeError(f"{path}: normalize_activations='{raw['normalize_activations']}' is not supported")
     meta = raw.get("metadata") or {}
     cfg = SAEConfig(
         d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]), architecture=arch, k=int(raw.get("k", 32)),
-        hook_name=meta.get("hook_name", raw.get("hook_name", "")), model_name=meta.get("model_name", raw.get("model_name", "")),
+        hook_name=meta.get("hook_name", raw.get("hook_name", "")), model_name=meta.get("model_name",
+                                                                                       raw.get("model_name", "")),
         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)), extra=meta.get("emoscope", {}),
     )
     sae = SAE(cfg)
@@ -90,6 +93,7 @@ def check_against(sae: SAE, view, hook_name: str | None = None) -> None:
     hp = HookPoint.parse(name)
     view.check_layer(hp.layer)
     if sae.cfg.d_in != view.d_model:
-        raise EmoscopeError(f"SAE for {sae.cfg.hook_name or name} has d_in={sae.cfg.d_in} but {view.name} has d_model={view.d_model}")
+        raise EmoscopeError(f"SAE for {sae.cfg.hook_name or name} has d_in={sae.cfg.d_in} but {view.name} has "
+                            f"d_model={view.d_model}")
     if hook_name and sae.cfg.hook_name and sae.cfg.hook_name != hook_name:
         raise EmoscopeError(f"SAE was trained on {sae.cfg.hook_name}, not {hook_name}")

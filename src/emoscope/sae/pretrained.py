@@ -93,6 +93,7 @@ def _from_release(release: str, ids: dict[str, str], hooks: list[str], device: s
         try:
             lens = LensSAE.from_pretrained(release, ids[hook], device="cpu")
         except Exception as e:  # offline, unknown release or id
-            raise EmoscopeError(f"cannot load SAELens release {release} / {ids[hook]}: {str(e).splitlines()[0]}") from None
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise EmoscopeError(f"cannot load SAELens release {release} / {ids[hook]}: {why}") from None
         out[hook] = _convert(lens[0] if isinstance(lens, tuple) else lens, hook, device)
     return out

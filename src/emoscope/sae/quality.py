@@ -77,7 +77,8 @@ def evaluate_saes(view: ModelView, saes: dict[str, SAE], batches: list[tuple[tor
         sq_tot = s["sum_x2"] - float((s["sum_x"] ** 2).sum()) / s["n"]
         frac = fires[n].double() / s["n"]
         r = {"n_tokens": s["n"], "l0": s["l0"] / s["n"], "fvu": s["sq_err"] / sq_tot, "cosine": s["cos"] / s["n"],
-             "dead_frac": float((fires[n] == 0).double().mean()), "dense_frac": float((frac > dense_threshold).double().mean())}
+             "dead_frac": float((fires[n] == 0).double().mean()),
+             "dense_frac": float((frac > dense_threshold).double().mean())}
         if ce:
             hp = HookPoint.parse(n)
             spliced = zero = torch.zeros(2, dtype=torch.float64)

@@ -25,28 +25,50 @@ from .topk_step import _decode, _encode_topk, topk_grads
 
 
 class SAETrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    layers: list[int] | None = Field(None, description="Layers to train SAEs for; None = every layer.")
-    kind: Literal["resid_post", "attn_out", "mlp_out"] = Field("resid_post", description="Hook kind at each layer.")
-    architecture: Literal["topk", "jumprelu", "relu"] = Field("topk", description="TopK with AuxK (fast sparse path), JumpReLU + L0, or ReLU + L1 (dense autograd).")
-    expansion: int = Field(8, ge=1, description="d_sae = expansion * d_model.")
-    k: int = Field(32, ge=1, description="Active features per token (TopK).")
-    tokens: int = Field(120_000, ge=1000, description="Training tokens (activations per layer); profile full: 1,000,000.")
-    context: int = Field(128, ge=8, description="Longest sequence, in tokens.")
-    seqs_per_forward: int = Field(16, ge=1, description="Sequences per LLM forward pass.")
-    batch_tokens: int = Field(1024, ge=64, description="Tokens per SAE optimiser step.")
-    buffer_tokens: int = Field(16384, ge=256, description="Shuffle-buffer size in tokens; profile full: 65,536.")
-    lr: float = Field(2e-3, gt=0, description="Adam learning rate (scaled by 1/sqrt(d_sae / 2^14) above 2^14 latents).")
-    aux_k: int | None = Field(None, description="Dead latents used by the AuxK loss; None = 2 * k (memory-bound on CPU).")
-    aux_coef: float = Field(1 / 32, ge=0, description="Weight of the AuxK loss.")
-    sparsity_coef: float = Field(0.05, ge=0, description="L1 (relu) or L0 (jumprelu) penalty weight, in units of the scaled activations.")
-    bandwidth: float = Field(0.05, gt=0, description="JumpReLU straight-through-estimator bandwidth (scaled units).")
-    threshold_init: float = Field(0.1, gt=0, description="JumpReLU initial threshold (scaled units; learned in log space).")
-    dead_tokens: int = Field(50_000, ge=1, description="A latent unfired for this many tokens counts as dead.")
-    resample_every: int = Field(0, ge=0, description="TopK: every this many steps (in the first 70% of training), re-initialise dead latents on poorly reconstructed inputs; 0 = never.")
-    fast_matmul: Literal["auto", "float32", "bfloat16"] = Field("auto", description="Encoder matmul dtype; auto = bf16 where native.")
-    mix: tuple[float, float, float] = Field((0.5, 0.25, 0.25), description="Weights of WikiText / plain emotion text / task prompts.")
-    seed: int = Field(0, description="Seed for initialisation, corpus order and shuffling.")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    layers: list[int] | None = None
+    """Layers to train SAEs for; None = every layer."""
+    kind: Literal["resid_post", "attn_out", "mlp_out"] = "resid_post"
+    """Hook kind at each layer."""
+    architecture: Literal["topk", "jumprelu", "relu"] = "topk"
+    """TopK with AuxK (fast sparse path), JumpReLU + L0, or ReLU + L1 (dense autograd)."""
+    expansion: int = Field(8, ge=1)
+    """d_sae = expansion * d_model."""
+    k: int = Field(32, ge=1)
+    """Active features per token (TopK)."""
+    tokens: int = Field(120_000, ge=1000)
+    """Training tokens (activations per layer); profile full: 1,000,000."""
+    context: int = Field(128, ge=8)
+    """Longest sequence, in tokens."""
+    seqs_per_forward: int = Field(16, ge=1)
+    """Sequences per LLM forward pass."""
+    batch_tokens: int = Field(1024, ge=64)
+    """Tokens per SAE optimiser step."""
+    buffer_tokens: int = Field(16384, ge=256)
+    """Shuffle-buffer size in tokens; profile full: 65,536."""
+    lr: float = Field(2e-3, gt=0)
+    """Adam learning rate (scaled by 1/sqrt(d_sae / 2^14) above 2^14 latents)."""
+    aux_k: int | None = None
+    """Dead latents used by the AuxK loss; None = 2 * k (memory-bound on CPU)."""
+    aux_coef: float = Field(1 / 32, ge=0)
+    """Weight of the AuxK loss."""
+    sparsity_coef: float = Field(0.05, ge=0)
+    """L1 (relu) or L0 (jumprelu) penalty weight, in units of the scaled activations."""
+    bandwidth: float = Field(0.05, gt=0)
+    """JumpReLU straight-through-estimator bandwidth (scaled units)."""
+    threshold_init: float = Field(0.1, gt=0)
+    """JumpReLU initial threshold (scaled units; learned in log space)."""
+    dead_tokens: int = Field(50_000, ge=1)
+    """A latent unfired for this many tokens counts as dead."""
+    resample_every: int = Field(0, ge=0)
+    """TopK: every this many steps (in the first 70% of training), re-initialise dead latents on poorly reconstructed
+    inputs; 0 = never."""
+    fast_matmul: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Encoder matmul dtype; auto = bf16 where native."""
+    mix: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    """Weights of WikiText / plain emotion text / task prompts."""
+    seed: int = 0
+    """Seed for initialisation, corpus order and shuffling."""
 
 
 def _fast_dtype(choice: str, device) -> torch.dtype:
@@ -76,11 +98,13 @@ def _harvest(view: ModelView, hooks: list[HookPoint], seqs: list[list[int]]) -> 
 class _Layer:
     """Training state of one layer's SAE (parameters in the training scale, Adam, dead counters)."""
 
-    def __init__(self, cfg: SAETrainConfig, hp: HookPoint, d: int, scale: float, b_dec: torch.Tensor, model_name: str, device):
+    def __init__(self, cfg: SAETrainConfig, hp: HookPoint, d: int, scale: float, b_dec: torch.Tensor,
+                 model_name: str, device):
         m = cfg.expansion * d
         self.hp, self.scale, self.k, self.model_name = hp, scale, cfg.k, model_name
         self.arch = cfg.architecture
-        sae = SAE.init(SAEConfig(d_in=d, d_sae=m, k=cfg.k, hook_name=hp.name, model_name=model_name, architecture=cfg.architecture),
+        sae = SAE.init(SAEConfig(d_in=d, d_sae=m, k=cfg.k, hook_name=hp.name, model_name=model_name,
+                                 architecture=cfg.architecture),
                        seed=cfg.seed * 1000 + hp.layer, b_dec=b_dec)
         self.W_enc_T = sae.W_enc.detach().T.contiguous().to(device).requires_grad_()
         self.b_enc = sae.b_enc.detach().clone().to(device).requires_grad_()

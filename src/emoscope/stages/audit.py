@@ -46,35 +46,55 @@ from .trace import TraceResult
 
 
 class Candidate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(..., description="Label of the candidate in tables.")
-    template: Template | None = Field(None, description="Prompt template replacing the reference's.")
-    shots: int | None = Field(None, ge=0, description="Number of demonstrations replacing the reference's.")
-    demo_seed: int | None = Field(None, description="Seed drawing other demonstrations.")
-    text: Literal["lower", "upper", "whitespace", "typos"] | None = Field(None, description="Noise applied to every input text.")
-    precision: Literal["float32", "bfloat16", "float16", "int8", "int4", "int3"] | None = Field(
-        None, description="Weight precision: float32, bfloat16, float16, or weight-only RTN int8 / int4 / int3.")
-    model: str | None = Field(None, description="Another checkpoint of the same model (same tokenizer), e.g. a quantized export.")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    name: str = ...
+    """Label of the candidate in tables."""
+    template: Template | None = None
+    """Prompt template replacing the reference's."""
+    shots: int | None = Field(None, ge=0)
+    """Number of demonstrations replacing the reference's."""
+    demo_seed: int | None = None
+    """Seed drawing other demonstrations."""
+    text: Literal["lower", "upper", "whitespace", "typos"] | None = None
+    """Noise applied to every input text."""
+    precision: Literal["float32", "bfloat16", "float16", "int8", "int4", "int3"] | None = None
+    """Weight precision: float32, bfloat16, float16, or weight-only RTN int8 / int4 / int3."""
+    model: str | None = None
+    """Another checkpoint of the same model (same tokenizer), e.g. a quantized export."""
 
 
 class Thresholds(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    max_accuracy_drop: float = Field(0.05, description="Largest tolerated drop in calibrated accuracy.")
-    max_flip_rate: float = Field(0.2, description="Largest tolerated share of changed predictions.")
-    min_causal_survival: float = Field(0.5, description="Smallest tolerated share of causal features still active.")
-    min_effect_retained: float | None = Field(None, description="Smallest tolerated share of the causal sets' ablation effect still there (None: not gated).")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    max_accuracy_drop: float = 0.05
+    """Largest tolerated drop in calibrated accuracy."""
+    max_flip_rate: float = 0.2
+    """Largest tolerated share of changed predictions."""
+    min_causal_survival: float = 0.5
+    """Smallest tolerated share of causal features still active."""
+    min_effect_retained: float | None = None
+    """Smallest tolerated share of the causal sets' ablation effect still there (None: not gated)."""
 
 
 class AuditConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    candidates: list[Candidate] | Literal["default"] = Field("default", description="Candidates, or 'default': paraphrases, label order, system prompt, demonstrations, text noise, bf16/fp16/int8/int4/int3.")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    candidates: list[Candidate] | Literal["default"] = "default"
+    """Candidates, or 'default': paraphrases, label order, system prompt, demonstrations, text noise,
+    bf16/fp16/int8/int4/int3."""
     thresholds: Thresholds = Thresholds()
-    causal_features: dict[str, list[tuple[int, int]]] | None = Field(None, description="Causal features per emotion as [layer, feature] pairs; default: tracing's sets, else the phases stage's top features.")
-    ablation_per_emotion: int = Field(20, ge=0, description="Examples per emotion on which each candidate's causal sets are ablated, to see whether they still matter (0: skip).")
-    top_k: int = Field(32, ge=1, description="Active features compared by Jaccard per layer.")
-    group_size: int = Field(128, ge=8, description="Group size of the RTN weight quantization.")
-    n_boot: int = Field(1000, ge=100, description="Paired bootstrap resamples.")
-    seed: int = Field(0, description="Seed for text noise, demonstrations and the bootstrap.")
+    causal_features: dict[str, list[tuple[int, int]]] | None = None
+    """Causal features per emotion as [layer, feature] pairs; default: tracing's sets, else the phases stage's top
+    features."""
+    ablation_per_emotion: int = Field(20, ge=0)
+    """Examples per emotion on which each candidate's causal sets are ablated, to see whether they still matter (0:
+    skip)."""
+    top_k: int = Field(32, ge=1)
+    """Active features compared by Jaccard per layer."""
+    group_size: int = Field(128, ge=8)
+    """Group size of the RTN weight quantization."""
+    n_boot: int = Field(1000, ge=100)
+    """Paired bootstrap resamples."""
+    seed: int = 0
+    """Seed for text noise, demonstrations and the bootstrap."""
 
 
 class AuditResult(StageResult):
@@ -216,7 +236,8 @@ def _ablation_effects(task: Task, texts, saes, causal, labels, idx) -> dict[str,
             with torch.no_grad():
                 batches = answer_batches(view, prompts)
                 gold = np.full(len(prompts), e)
-                d = ablate(view, saes, batches, gold, tokens, {}, prior) - ablate(view, saes, batches, gold, tokens, feats, prior)
+                d = ablate(view, saes, batches, gold, tokens, {}, prior) - ablate(view, saes, batches, gold, tokens,
+                                                                                  feats, prior)
         except EmoscopeError:  # the intervention met non-finite activations: the candidate overflows
             d = np.zeros(len(prompts))
         out[lab] = np.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)

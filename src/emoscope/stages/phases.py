@@ -38,22 +38,27 @@ STORES = ("store_last", "store_text")
 
 
 class PhasesConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    fdr: float = Field(0.05, gt=0, lt=1, description="False-discovery rate for emotion-selective features (BH over "
-                                                     "features x emotions).")
-    min_auroc: float = Field(0.7, ge=0.5, le=1, description="Smallest one-vs-rest AUROC that counts as selective "
-                                                            "(effect size).")
-    min_per_class: int = Field(10, ge=2, description="Fewest examples per emotion needed to analyse a subset.")
-    n_boot: int = Field(100, ge=10, description="Resamples (80% subsamples without replacement) for boundary and "
-                                                "share intervals.")
-    max_phases: int = Field(5, ge=2, description="Largest number of phases fitted.")
-    min_gain: float = Field(0.2, gt=0, lt=1, description="Each added phase must explain this share of the 1-phase "
-                                                         "residual.")
-    probe_folds: int = Field(5, ge=2, description="Cross-validation folds of the linear probes.")
-    text_features: int = Field(256, ge=8, description="Most variable features per layer used for the text-token "
-                                                      "scores.")
-    top_features: int = Field(5, ge=1, description="Top features per emotion described with examples and tokens.")
-    seed: int = Field(0, description="Seed for bootstrap, probes and label shuffles.")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    fdr: float = Field(0.05, gt=0, lt=1)
+    """False-discovery rate for emotion-selective features (BH over features x emotions)."""
+    min_auroc: float = Field(0.7, ge=0.5, le=1)
+    """Smallest one-vs-rest AUROC that counts as selective (effect size)."""
+    min_per_class: int = Field(10, ge=2)
+    """Fewest examples per emotion needed to analyse a subset."""
+    n_boot: int = Field(100, ge=10)
+    """Resamples (80% subsamples without replacement) for boundary and share intervals."""
+    max_phases: int = Field(5, ge=2)
+    """Largest number of phases fitted."""
+    min_gain: float = Field(0.2, gt=0, lt=1)
+    """Each added phase must explain this share of the 1-phase residual."""
+    probe_folds: int = Field(5, ge=2)
+    """Cross-validation folds of the linear probes."""
+    text_features: int = Field(256, ge=8)
+    """Most variable features per layer used for the text-token scores."""
+    top_features: int = Field(5, ge=1)
+    """Top features per emotion described with examples and tokens."""
+    seed: int = 0
+    """Seed for bootstrap, probes and label shuffles."""
 
 
 class PhasesResult(StageResult):
@@ -293,7 +298,8 @@ def _features(sels, hooks, labels, ph, codes_keep, saes, task, preds, cfg) -> di
                 "hook": hp.name, "layer": hp.layer, "feature": f, "auroc": float(au), "phase": int(ph[li]),
                 "emotions": [labels[j] for j in np.flatnonzero(sels[li].selective[f])],
                 "top_examples": [{"id": preds.id.iloc[i], "text": preds.text.iloc[i], "gold": preds.gold.iloc[i],
-                                  "activation": float(acts[i]), "token": _top_token(task, saes[hp.name], hp, f, preds.text.iloc[i])}
+                                  "activation": float(acts[i]), "token": _top_token(task, saes[hp.name], hp, f,
+                                                                                    preds.text.iloc[i])}
                                  for i in best if acts[i] > 0],
                 "promoted_tokens": [view.tokenizer.decode([t]) for t in promoted],
             })

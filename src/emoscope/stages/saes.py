@@ -29,15 +29,20 @@ PROFILES = {"quick": {}, "full": {"tokens": 1_000_000, "buffer_tokens": 65536}}
 
 
 class SAEStageConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    train: SAETrainConfig = Field(SAETrainConfig(), description="Training settings (see SAETrainConfig).")
-    pretrained: str | None = Field(None, description="Folder of SAELens-format SAE folders (one per hook), or a "
-                                                     "SAELens release id (online), to load instead of training.")
-    pretrained_ids: dict[str, str] = Field({}, description="With a SAELens release: hook name -> sae_id in that "
-                                                           "release (e.g. layer_12/width_16k/canonical).")
-    eval_seqs: int = Field(48, ge=1, description="Held-out sequences for evaluation.")
-    eval_context: int = Field(128, ge=8, description="Longest held-out sequence, in tokens.")
-    ce: bool = Field(True, description="Compute CE-loss recovered (two extra forwards per layer).")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    train: SAETrainConfig = SAETrainConfig()
+    """Training settings (see SAETrainConfig)."""
+    pretrained: str | None = None
+    """Folder of SAELens-format SAE folders (one per hook), or a SAELens release id (online), to load instead of
+    training."""
+    pretrained_ids: dict[str, str] = {}
+    """With a SAELens release: hook name -> sae_id in that release (e.g. layer_12/width_16k/canonical)."""
+    eval_seqs: int = Field(48, ge=1)
+    """Held-out sequences for evaluation."""
+    eval_context: int = Field(128, ge=8)
+    """Longest held-out sequence, in tokens."""
+    ce: bool = True
+    """Compute CE-loss recovered (two extra forwards per layer)."""
 
 
 class SAEsResult(StageResult):

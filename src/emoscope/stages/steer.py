@@ -49,18 +49,31 @@ from .trace import TraceResult
 
 
 class SteerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    dev_per_class: int = Field(32, ge=1, le=512, description="Labelled dev examples per emotion for every choice.")
-    features_per_emotion: list[int] = Field([1, 2, 4], description="Numbers of top causal features per emotion searched.")
-    strengths: list[float] = Field([1.25, 1.5, 2.0, 3.0, 5.0], description="Common scale factors searched for all emotions' features (1 = no steering).")
-    per_emotion_strengths: list[float] = Field([0.0, 0.5, 1.0, 1.5, 2.0, 3.0], description="Then each emotion's own scale, searched by coordinate ascent on dev from the best common one (below 1 suppresses; empty: skip).")
-    rounds: int = Field(2, ge=0, le=5, description="Coordinate-ascent passes over the emotions for per-emotion strengths.")
-    dose: list[float] = Field([0.0, 1.0, 2.0, 4.0, 8.0], description="Push toward each emotion: amounts added to its features, in units of each feature's mean dev activation (empty: skip).")
-    transfer: list[str] = Field(["isear", "dair_emotion"], description="Datasets evaluated with the steering unchanged (shared labels).")
-    transfer_per_class: int = Field(40, ge=1, description="Examples per shared label in each transfer dataset.")
-    ppl_seqs: int = Field(24, ge=1, description="WikiText-2 test sequences for perplexity and KL.")
-    n_boot: int = Field(1000, ge=100, description="Bootstrap resamples for intervals.")
-    seed: int = Field(0, description="Seed for dev sampling, random features and the bootstrap.")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    dev_per_class: int = Field(32, ge=1, le=512)
+    """Labelled dev examples per emotion for every choice."""
+    features_per_emotion: list[int] = [1, 2, 4]
+    """Numbers of top causal features per emotion searched."""
+    strengths: list[float] = [1.25, 1.5, 2.0, 3.0, 5.0]
+    """Common scale factors searched for all emotions' features (1 = no steering)."""
+    per_emotion_strengths: list[float] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
+    """Then each emotion's own scale, searched by coordinate ascent on dev from the best common one (below 1
+    suppresses; empty: skip)."""
+    rounds: int = Field(2, ge=0, le=5)
+    """Coordinate-ascent passes over the emotions for per-emotion strengths."""
+    dose: list[float] = [0.0, 1.0, 2.0, 4.0, 8.0]
+    """Push toward each emotion: amounts added to its features, in units of each feature's mean dev activation (empty:
+    skip)."""
+    transfer: list[str] = ["isear", "dair_emotion"]
+    """Datasets evaluated with the steering unchanged (shared labels)."""
+    transfer_per_class: int = Field(40, ge=1)
+    """Examples per shared label in each transfer dataset."""
+    ppl_seqs: int = Field(24, ge=1)
+    """WikiText-2 test sequences for perplexity and KL."""
+    n_boot: int = Field(1000, ge=100)
+    """Bootstrap resamples for intervals."""
+    seed: int = 0
+    """Seed for dev sampling, random features and the bootstrap."""
 
 
 class SteerResult(StageResult):
@@ -79,7 +92,8 @@ class SteerResult(StageResult):
         for method, sets in self.data["methods"].items():
             for ds, m in sets.items():
                 rows.append({"method": method, "dataset": ds, **{f"{k}{s}": m[k][v] for k in ("accuracy", "macro_f1")
-                                                                 for s, v in (("", "value"), ("_lo", "lo"), ("_hi", "hi"))}})
+                                                                 for s, v in (("", "value"), ("_lo", "lo"),
+                                                                              ("_hi", "hi"))}})
         return pd.DataFrame(rows)
 
     def _write(self, folder: Path) -> None:
@@ -131,7 +145,8 @@ def steer(task: Task, saes: dict, evaluation: EvalResult, trace: TraceResult,
         raise EmoscopeError("the dev search chose no steering at all (every strength 1): nothing to apply")
     methods = _methods(task, saes, chosen, dev, labels, cfg)
     y_test = np.array([labels.index(g) for g in test.gold])
-    results = {name: {"test": classification_metrics(y_test, fn(list(test.text)).argmax(1), labels, cfg.n_boot, cfg.seed)}
+    results = {name: {"test": classification_metrics(y_test, fn(list(test.text)).argmax(1), labels, cfg.n_boot,
+                                                     cfg.seed)}
                for name, fn in methods.items()}
     transfer_errors = _transfer(task, methods, labels, cfg, results)
     dose = _dose_response(task, dev, saes, ranked, labels, best["features_per_emotion"], cfg, progress)
@@ -143,7 +158,8 @@ def steer(task: Task, saes: dict, evaluation: EvalResult, trace: TraceResult,
     summary = {name: {k: {"accuracy": v["accuracy"], "macro_f1": v["macro_f1"]} for k, v in r.items()}
                for name, r in results.items()}
     data = {"stage": "steer", "config_hash": config_hash(cfg, view.name), "config": cfg.model_dump(mode="json"),
-            "model": view.name, "labels": labels, "n_dev": len(dev.examples), "n_test": int(len(test)), "seed": cfg.seed,
+            "model": view.name, "labels": labels, "n_dev": len(dev.examples), "n_test": int(len(test)),
+            "seed": cfg.seed,
             "search": curve, "chosen": best, "n_features": len(chosen), "methods": summary,
             "recall_change_vs_contextual": {
                 lab: results["feature_steering"]["test"]["per_class"][lab]["recall"]["value"]
@@ -166,7 +182,8 @@ def _dev_set(task: Task, labels: list[str], cfg: SteerConfig, test_ids: set) -> 
                             "steering needs a labelled dev set")
     overlap = test_ids & {e.id for e in dev}
     if overlap:
-        raise EmoscopeError(f"{len(overlap)} test examples are also in the dev set: refusing to choose a steering on them")
+        raise EmoscopeError(f"{len(overlap)} test examples are also in the dev set: refusing to choose a steering on "
+                            "them")
     with torch.no_grad():  # the dev prompts' tokens before the answer run once for the whole search
         answers = answer_batches(task.model, task.encode_all(e.text for e in dev))
     return _Dev(dev, np.array([labels.index(e.label) for e in dev]), answers)
@@ -247,7 +264,8 @@ def _per_emotion(probs_for, score, labels, best, cfg, curve, progress) -> tuple[
                 if not np.isfinite(p).all():
                     continue
                 f1 = score(p)
-                curve.append({"features_per_emotion": best["features_per_emotion"], "strengths": trial, "dev_macro_f1": f1})
+                curve.append({"features_per_emotion": best["features_per_emotion"], "strengths": trial,
+                              "dev_macro_f1": f1})
                 if progress:
                     progress(1)
                 if f1 > top + 1e-12:
@@ -316,7 +334,8 @@ def _methods(task: Task, saes, chosen, dev: _Dev, labels, cfg) -> dict:
             best_alpha, best_f1 = a, f1
     # control: as many random features from the same layers, drawn among those active on the dev set
     # at the answer position (scaling an inactive feature is a no-op, which would flatter the steering)
-    active = {layer: np.flatnonzero((saes[layer].encode(torch.from_numpy(resid[layer]).to(saes[layer].W_dec)) > 0).any(0).cpu().numpy())
+    active = {layer: np.flatnonzero((saes[layer].encode(torch.from_numpy(resid[layer]).to(saes[layer].W_dec)) > 0)
+                                    .any(0).cpu().numpy())
               for layer in {e.layer for e in chosen}}
     random_edits = []
     for e in chosen:
@@ -347,13 +366,16 @@ def _dose_response(task: Task, dev: _Dev, saes, ranked, labels, n, cfg, progress
     which the same push on the content-free inputs would otherwise cancel), beside the same push on as
     many random features of the same layers that are active on dev (seeded)."""
     dev_texts, dev_answers, y_dev = dev.texts, dev.answers, dev.y
-    feats = {lab: [(f["layer"], f["feature"]) for f in ranked.get(lab, []) if f["effect"]["value"] > 0][:n] for lab in labels}
+    feats = {lab: [(f["layer"], f["feature"]) for f in ranked.get(lab, []) if f["effect"]["value"] > 0][:n]
+             for lab in labels}
     layers = sorted({layer for fs in feats.values() for layer, _ in fs})
     if not cfg.dose or not layers:
         return {}
     resid = _resid(task, dev_texts, layers)
-    codes = {layer: saes[layer].encode(torch.from_numpy(resid[layer]).to(saes[layer].W_dec)).detach().cpu().numpy() for layer in layers}
-    unit = {layer: np.where((codes[layer] > 0).any(0), codes[layer].sum(0) / np.maximum((codes[layer] > 0).sum(0), 1), 0.0) for layer in layers}
+    codes = {layer: saes[layer].encode(torch.from_numpy(resid[layer]).to(saes[layer].W_dec)).detach().cpu().numpy()
+             for layer in layers}
+    unit = {layer: np.where((codes[layer] > 0).any(0),
+                            codes[layer].sum(0) / np.maximum((codes[layer] > 0).sum(0), 1), 0.0) for layer in layers}
     rng = np.random.default_rng(cfg.seed + 11)
     out = {}
     for e, lab in enumerate(labels):
@@ -414,4 +436,5 @@ def _side_effects(task: Task, saes, chosen, cfg) -> dict:
     ppl_c, ppl_s = np.exp(nll["clean"] / n), np.exp(nll["steered"] / n)
     return {"tokens": n, "ppl_clean": float(ppl_c), "ppl_steered_all_positions": float(ppl_s),
             "ppl_change": float(ppl_s / ppl_c - 1), "kl_all_positions": kl / n,
-            "answer_position_only": "changes only the answer position's residual; earlier tokens' predictions are untouched by construction"}
+            "answer_position_only": "changes only the answer position's residual; earlier tokens' predictions are "
+                                    "untouched by construction"}

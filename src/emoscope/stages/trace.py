@@ -40,15 +40,23 @@ from .phases import PhasesResult
 
 
 class TraceConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    examples: str = Field("correct", pattern="^(correct|all)$", description="Trace on correctly classified examples, or all.")
-    per_emotion: int = Field(16, ge=2, description="Most examples traced per emotion.")
-    margin: str = Field("best_other", pattern="^(best_other|all_others)$", description="Traced metric: calibrated log-prob of gold minus the best other label, or log-odds of gold against all others.")
-    baseline: str = Field("zero", pattern="^(zero|mean)$", description="Ablation value: zero, or the feature's mean over all examples.")
-    candidates: int = Field(8, ge=1, description="Top attribution candidates validated exactly per emotion and phase.")
-    n_random: int = Field(20, ge=1, description="Random feature sets in the control.")
-    n_boot: int = Field(500, ge=50, description="Bootstrap resamples over examples for effect intervals.")
-    seed: int = Field(0, description="Seed for random controls, shuffles and the bootstrap.")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    examples: str = Field("correct", pattern="^(correct|all)$")
+    """Trace on correctly classified examples, or all."""
+    per_emotion: int = Field(16, ge=2)
+    """Most examples traced per emotion."""
+    margin: str = Field("best_other", pattern="^(best_other|all_others)$")
+    """Traced metric: calibrated log-prob of gold minus the best other label, or log-odds of gold against all others."""
+    baseline: str = Field("zero", pattern="^(zero|mean)$")
+    """Ablation value: zero, or the feature's mean over all examples."""
+    candidates: int = Field(8, ge=1)
+    """Top attribution candidates validated exactly per emotion and phase."""
+    n_random: int = Field(20, ge=1)
+    """Random feature sets in the control."""
+    n_boot: int = Field(500, ge=50)
+    """Bootstrap resamples over examples for effect intervals."""
+    seed: int = 0
+    """Seed for random controls, shuffles and the bootstrap."""
 
 
 class TraceResult(StageResult):
@@ -71,7 +79,8 @@ class TraceResult(StageResult):
     @property
     def causal_sets(self) -> dict[str, list[tuple[int, int]]]:
         """Per emotion, the (layer, feature) pairs of its chosen sets over all phases."""
-        return {lab: [tuple(f) for p in e["phases"].values() for f in p["set"]] for lab, e in self.data["emotions"].items()}
+        return {lab: [tuple(f) for p in e["phases"].values() for f in p["set"]] for lab,
+                e in self.data["emotions"].items()}
 
 
 @dataclass
@@ -146,12 +155,14 @@ def _trace_emotion(tr: _Tracer, rows, e, lab, pool, labels, phase_of, n_phases, 
 def _validate_phase(tr: _Tracer, prompts, gold, clean, attr, est, layers) -> dict:
     """Exact effects of the phase's top attribution candidates, the greedy sets, and the random control."""
     cfg = tr.cfg
-    cand = sorted(((est[layer][f], layer, int(f)) for layer in layers for f in np.argsort(-est[layer])[:cfg.candidates]),
+    cand = sorted(((est[layer][f], layer, int(f)) for layer in layers
+                   for f in np.argsort(-est[layer])[:cfg.candidates]),
                   reverse=True)[:cfg.candidates]
     exact = []
     for a, layer, f in cand:
         m = tr.ablate(prompts, gold, {layer: [f]})
-        exact.append({"layer": layer, "feature": f, "attribution": float(a), "effect": mean_ci(clean - m, tr.rng, cfg.n_boot)})
+        exact.append({"layer": layer, "feature": f, "attribution": float(a),
+                      "effect": mean_ci(clean - m, tr.rng, cfg.n_boot)})
     exact.sort(key=lambda r: -r["effect"]["value"])
     rho = (spearmanr([r["attribution"] for r in exact], [r["effect"]["value"] for r in exact]).statistic
            if len(exact) > 2 else float("nan"))

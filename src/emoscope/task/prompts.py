@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from ..data import Example
 from ..errors import EmoscopeError
@@ -17,13 +17,18 @@ from ..errors import EmoscopeError
 
 class Template(BaseModel):
     """How a text becomes a prompt. `{options}` lists the labels; `{text}` is the text."""
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
-    instruction: str = Field("Classify the emotion expressed in the text. Answer with one word from: {options}.",
-                             description="Task instruction; {options} becomes the comma-separated label list.")
-    example: str = Field("Text: {text}\nEmotion:", description="One query; must contain {text}.")
-    system: str | None = Field(None, description="System prompt (chat models only); None for none.")
-    chat: bool | None = Field(None, description="Use the tokenizer's chat template; None = as the model registry says.")
-    label_order: list[str] | None = Field(None, description="Order of labels in {options}; None = task order.")
+    instruction: str = "Classify the emotion expressed in the text. Answer with one word from: {options}."
+    """Task instruction; {options} becomes the comma-separated label list."""
+    example: str = "Text: {text}\nEmotion:"
+    """One query; must contain {text}."""
+    system: str | None = None
+    """System prompt (chat models only); None for none."""
+    chat: bool | None = None
+    """Use the tokenizer's chat template; None = as the model registry says."""
+    label_order: list[str] | None = None
+    """Order of labels in {options}; None = task order."""
 
     @field_validator("example")
     @classmethod
@@ -72,7 +77,8 @@ class PromptBuilder:
         first = True
         for d in self.demos:
             q = _fill(self.t.example, text=d.text)
-            msgs += [{"role": "user", "content": f"{instr}\n\n{q}" if first else q}, {"role": "assistant", "content": d.label}]
+            msgs += [{"role": "user", "content": f"{instr}\n\n{q}" if first else q},
+                     {"role": "assistant", "content": d.label}]
             first = False
         q = _fill(self.t.example, text=text)
         msgs.append({"role": "user", "content": f"{instr}\n\n{q}" if first else q})
@@ -104,11 +110,13 @@ class PromptBuilder:
             longest_label = max(len(ids) for ids in self.label_ids())
             self._budget = self.max_context - len(self.encode(self._render(""))) - longest_label
             if self._budget < 8:
-                raise EmoscopeError(f"the prompt template and demonstrations leave no room for text in a {self.max_context}-token context")
+                raise EmoscopeError("the prompt template and demonstrations leave no room for text in a "
+                                    f"{self.max_context}-token context")
         ids = self.tok(text, add_special_tokens=False).input_ids
         if len(ids) > self._budget:
             self.n_truncated += 1
             if self.n_truncated == 1:
-                warnings.warn(f"texts longer than the model's context are truncated from the left (to {self._budget} tokens)")
+                warnings.warn(f"texts longer than the model's context are truncated from the left (to {self._budget} "
+                              "tokens)")
             text = self.tok.decode(ids[-self._budget:])
         return text

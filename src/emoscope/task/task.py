@@ -25,16 +25,21 @@ from .score import score_ids
 class TaskConfig(BaseModel):
     """The task's settings: data, prompt, demonstrations, calibration (the run config's `evaluate:`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     data: DataConfig = DataConfig()
     template: Template = Template()
-    shots: int = Field(0, ge=0, description="Few-shot demonstrations, drawn from the train split.")
-    calibration: Literal["contextual", "train"] = Field(
-        "contextual", description="Prior to subtract: content-free inputs, or train texts.")
-    train_prior_n: int = Field(60, ge=1, description="Train texts used to estimate the prior when calibration = train.")
-    seed: int = Field(0, description="Seed for sampling, demonstrations and the bootstrap.")
-    batch_size: int = Field(8, ge=1, description="Prompts per forward pass.")
-    n_boot: int = Field(1000, ge=100, description="Bootstrap replicates for intervals.")
+    shots: int = Field(0, ge=0)
+    """Few-shot demonstrations, drawn from the train split."""
+    calibration: Literal["contextual", "train"] = "contextual"
+    """Prior to subtract: content-free inputs, or train texts."""
+    train_prior_n: int = Field(60, ge=1)
+    """Train texts used to estimate the prior when calibration = train."""
+    seed: int = 0
+    """Seed for sampling, demonstrations and the bootstrap."""
+    batch_size: int = Field(8, ge=1)
+    """Prompts per forward pass."""
+    n_boot: int = Field(1000, ge=100)
+    """Bootstrap replicates for intervals."""
 
     @classmethod
     def build(cls, config: "TaskConfig | dict | None" = None, **settings) -> "TaskConfig":
@@ -134,7 +139,8 @@ class Task:
             else:
                 rng = np.random.default_rng(cfg.seed + 1)
                 n = min(cfg.train_prior_n, len(self.train_pool))
-                texts = [self.train_pool[i].text for i in sorted(rng.choice(len(self.train_pool), size=n, replace=False))]
+                texts = [self.train_pool[i].text
+                         for i in sorted(rng.choice(len(self.train_pool), size=n, replace=False))]
             self._prior = calibrate.prior_from_scores(self.score(texts))
         return self._prior
 
