@@ -288,75 +288,90 @@ def _dev_prior_fit(logp: np.ndarray, y: np.ndarray) -> np.ndarray:
     return minimize(loss, np.zeros(logp.shape[1]), method="L-BFGS-B").x
 
 
-def _methods(task: Task, saes, chosen, dev: _Dev, labels, cfg) -> dict:
-    """Every method as texts -> calibrated label probabilities [n, K]."""
-    view, tokens, dev_texts, y_dev = task.model, task.label_tokens, dev.texts, dev.y
-    memo: dict = {(id(task.builder), tuple(dev_texts)): dev.answers}  # the search already ran the dev prefixes
+class _Scorer:
+    """Label log-probs at the answer position for any prompt builder and hook, with each text list's
+    tokens before the answer run once and shared by every method that reads it (the last few kept)."""
 
-    def batches(ts, builder=task.builder):
-        """The texts' prompts with their tokens before the answer run once, shared by every method
-        that reads the same texts (the last few text lists are kept)."""
+    def __init__(self, task: Task, dev: _Dev):
+        self.task = task
+        self.memo: dict = {(id(task.builder), tuple(dev.texts)): dev.answers}  # the search ran the dev prefixes
+
+    def batches(self, ts, builder=None):
+        builder = builder or self.task.builder
         key = (id(builder), tuple(ts))
-        if key not in memo:
-            if len(memo) >= 4:
-                memo.pop(next(iter(memo)))
+        if key not in self.memo:
+            if len(self.memo) >= 4:
+                self.memo.pop(next(iter(self.memo)))
             with torch.no_grad():
-                memo[key] = answer_batches(view, [builder.encode(builder.prompt(t)) for t in ts])
-        return memo[key]
+                self.memo[key] = answer_batches(self.task.model, [builder.encode(builder.prompt(t)) for t in ts])
+        return self.memo[key]
 
-    def raw_logp(ts, builder=task.builder, ctx=None):
+    def raw_logp(self, ts, builder=None, ctx=None) -> np.ndarray:
         out = []
-        for b in batches(ts, builder):
+        for b in self.batches(ts, builder):
             with torch.no_grad(), (ctx(b.last) if ctx else contextlib.nullcontext()):
-                logits, _ = b.logits(view, tokens)
+                logits, _ = b.logits(self.task.model, self.task.label_tokens)
             out.append(torch.log_softmax(logits, -1).double().cpu().numpy())
         return np.concatenate(out)
 
-    bias = _dev_prior_fit(raw_logp(dev_texts), y_dev)
-    k = len(labels)
-    rng = np.random.default_rng(cfg.seed + 5)
-    demos = [dev.examples[i] for i in sorted(rng.choice(len(dev.examples), min(k, len(dev.examples)), replace=False))]
-    few = PromptBuilder(view.tokenizer, task.builder.t, labels, demos, task.builder.chat, view.max_context)
-    few_prior = _content_free_prior(raw_logp(CONTENT_FREE, few))
+    def calibrated(self, ts, ctx=None, builder=None) -> np.ndarray:
+        lp = self.raw_logp(ts, builder, ctx)
+        prior = _content_free_prior(self.raw_logp(CONTENT_FREE, builder, ctx))
+        return np.exp(normalize(normalize(lp) - prior))
 
+
+def _methods(task: Task, saes, chosen, dev: _Dev, labels, cfg) -> dict:
+    """Every method as texts -> calibrated label probabilities [n, K]."""
+    view, sc = task.model, _Scorer(task, dev)
+    bias = _dev_prior_fit(sc.raw_logp(dev.texts), dev.y)
+    rng = np.random.default_rng(cfg.seed + 5)
+    k, n = len(labels), len(dev.examples)
+    demos = [dev.examples[i] for i in sorted(rng.choice(n, min(k, n), replace=False))]
+    few = PromptBuilder(view.tokenizer, task.builder.t, labels, demos, task.builder.chat, view.max_context)
+    few_prior = _content_free_prior(sc.raw_logp(CONTENT_FREE, few))
     # probe steering: class-mean directions at the layer the features mostly come from
     layer = max(set(e.layer for e in chosen), key=[e.layer for e in chosen].count)
-    layers = sorted({e.layer for e in chosen} | {layer})
-    resid = _resid(task, dev_texts, layers)
-    probe = ProbeSteer(layer, resid[layer], y_dev)
+    resid = _resid(task, dev.texts, sorted({e.layer for e in chosen} | {layer}))
+    probe = ProbeSteer(layer, resid[layer], dev.y)
+    alpha = _probe_strength(sc, probe, dev, labels, cfg)
+    random_edits = _random_edits(saes, resid, chosen, rng)
+    return {
+        "raw": lambda ts: np.exp(normalize(sc.raw_logp(ts))),
+        "contextual_calibration": lambda ts: sc.calibrated(ts),
+        "dev_fitted_calibration": lambda ts: np.exp(normalize(sc.raw_logp(ts) + bias)),
+        "few_shot_dev_demos": lambda ts: np.exp(normalize(normalize(sc.raw_logp(ts, few)) - few_prior)),
+        "probe_steering": lambda ts: sc.calibrated(ts, lambda last: probe.context(view, alpha, last)),
+        "random_features": lambda ts: label_probs(task, ts, saes, random_edits, answers=sc.batches(ts)),
+        "feature_steering": lambda ts: label_probs(task, ts, saes, chosen, answers=sc.batches(ts)),
+    }
+
+
+def _probe_strength(sc: _Scorer, probe: ProbeSteer, dev: _Dev, labels, cfg) -> float:
+    """The probe steering's strength with the best dev macro-F1 (calibrated as it runs)."""
     best_alpha, best_f1 = 1.0, -1.0
     for a in cfg.strengths:
-        ctx = lambda last, a=a: probe.context(view, a, last)
-        lp = raw_logp(dev_texts, ctx=ctx)
-        prior = _content_free_prior(raw_logp(CONTENT_FREE, ctx=ctx))
-        f1 = classification_metrics(y_dev, (normalize(lp) - prior).argmax(1), labels, 100)["macro_f1"]["value"]
+        def ctx(last, a=a):
+            return probe.context(sc.task.model, a, last)
+        lp = sc.raw_logp(dev.texts, ctx=ctx)
+        prior = _content_free_prior(sc.raw_logp(CONTENT_FREE, ctx=ctx))
+        f1 = classification_metrics(dev.y, (normalize(lp) - prior).argmax(1), labels, 100)["macro_f1"]["value"]
         if f1 > best_f1:
             best_alpha, best_f1 = a, f1
-    # control: as many random features from the same layers, drawn among those active on the dev set
-    # at the answer position (scaling an inactive feature is a no-op, which would flatter the steering)
+    return best_alpha
+
+
+def _random_edits(saes, resid, chosen: list[Edit], rng) -> list[Edit]:
+    """Control: as many random features from the same layers, drawn among those active on the dev set at
+    the answer position (scaling an inactive feature is a no-op, which would flatter the steering)."""
     active = {layer: np.flatnonzero((saes[layer].encode(torch.from_numpy(resid[layer]).to(saes[layer].W_dec)) > 0)
                                     .any(0).cpu().numpy())
               for layer in {e.layer for e in chosen}}
-    random_edits = []
+    out = []
     for e in chosen:
         pool = np.setdiff1d(active[e.layer], [c.feature for c in chosen if c.layer == e.layer])
         if len(pool):
-            random_edits.append(Edit(layer=e.layer, feature=int(rng.choice(pool)), mode="scale", value=e.value))
-
-    def calibrated(ts, ctx=None, builder=task.builder):
-        lp = raw_logp(ts, builder, ctx)
-        prior = _content_free_prior(raw_logp(CONTENT_FREE, builder, ctx))
-        return np.exp(normalize(normalize(lp) - prior))
-
-    return {
-        "raw": lambda ts: np.exp(normalize(raw_logp(ts))),
-        "contextual_calibration": lambda ts: calibrated(ts),
-        "dev_fitted_calibration": lambda ts: np.exp(normalize(raw_logp(ts) + bias)),
-        "few_shot_dev_demos": lambda ts: np.exp(normalize(normalize(raw_logp(ts, few)) - few_prior)),
-        "probe_steering": lambda ts: calibrated(ts, lambda last: probe.context(view, best_alpha, last)),
-        "random_features": lambda ts: label_probs(task, ts, saes, random_edits, answers=batches(ts)),
-        "feature_steering": lambda ts: label_probs(task, ts, saes, chosen, answers=batches(ts)),
-    }
+            out.append(Edit(layer=e.layer, feature=int(rng.choice(pool)), mode="scale", value=e.value))
+    return out
 
 
 def _dose_response(task: Task, dev: _Dev, saes, ranked, labels, n, cfg, progress) -> dict:
