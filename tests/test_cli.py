@@ -77,3 +77,36 @@ def test_train_saes_bad_input(tmp_path, tiny_dir):
             tmp_path / "r")
     _one_line_error(r, "d_in=16")
     assert not (tmp_path / "r" / "saes").exists()
+
+
+def test_version_and_usage_errors():
+    from emoscope import __version__
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"emoscope {__version__}"
+    r = cli()
+    assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
+    for args, pattern in [(["no-such-command"], "No such command"), (["evaluate", "--per-class", "abc"], "--per-class"),
+                          (["run"], "--config"), (["evaluate", "--no-such-option"], "--no-such-option")]:
+        r = cli(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and pattern in errors[0] and "Usage:" in r.stderr, (args, r.stderr)
+
+
+def test_unknown_force_stage_and_set_are_one_line_errors(tmp_path):
+    _one_line_error(cli("run", "--config", "quick", "--force", "trace_stage"), "--force trace_stage: unknown stage")
+    _one_line_error(cli("run", "--config", "quick", "--set", "phases.fdr"), "--set takes key=value")
+    _one_line_error(cli("run", "--config", "quick", "--set", "phases.fdr=2"), "phases.fdr")
+    _one_line_error(cli("run", "--config", "no-such-config"), "shipped configs: full, full-smollm2, quick")
+
+
+def test_plain_progress_for_logs():
+    import io
+    from emoscope.report.console import PlainProgress
+    buf = io.StringIO()
+    p = PlainProgress("saes", total=100, every=0.0, stream=buf)
+    p(25)
+    p(75)
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("saes: 25/100 done, ") and "/s" in lines[0] and "ETA" in lines[0]
+    assert lines[-1].startswith("saes: 100/100 done")
