@@ -144,3 +144,30 @@ def test_hub_fallback_maps_goemotions_to_ekman(tmp_path, monkeypatch):
     assert calls == [("google-research-datasets/go_emotions", "simplified", "validation")]
     assert [e.labels for e in out] == [("joy",), ("anger",), ("surprise", "neutral")]
     assert rep.skipped_empty == 1 and rep.source.startswith("hub:")
+
+
+def test_files_are_read_as_written(tmp_path):
+    """TSV without quote processing (an unmatched quote no longer swallows rows), a UTF-8 byte-order mark
+    tolerated, JSONL split on newlines only (U+2028 inside a string), decode errors named by line."""
+    from emoscope.data import LoadReport, read_table
+    from emoscope.errors import EmoscopeError
+
+    tsv = tmp_path / "q.tsv"
+    tsv.write_text('text\tlabel\n"oh no, it is\tfear\nfine day\tjoy\nsad "quoted" day\tsadness\n')
+    rows = read_table(tsv, LoadReport("x"))
+    assert [r.text for r in rows] == ['"oh no, it is', "fine day", 'sad "quoted" day']
+    bom = tmp_path / "b.csv"
+    bom.write_bytes("\ufeffid,text,label\na,I am happy,joy\n".encode())
+    assert [(r.id, r.label) for r in read_table(bom, LoadReport("x"))] == [("a", "joy")]
+    jl = tmp_path / "u.jsonl"
+    jl.write_text('{"text": "line\\u2028 break", "label": "joy"}\n{"text": "x", "label": "fear"}\n'.replace(
+        "\\u2028", "\u2028"))
+    assert [r.label for r in read_table(jl, LoadReport("x"))] == ["joy", "fear"]
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"text,label\nok,joy\n\xff\xfe,fear\n")
+    with pytest.raises(EmoscopeError, match=r"bad.csv:3: not UTF-8"):
+        read_table(bad, LoadReport("x"))
+    extra = tmp_path / "extra.csv"
+    extra.write_text("text,label\nhello,joy,surplus\n")
+    with pytest.raises(EmoscopeError, match=r"extra.csv:2: more fields than the header"):
+        read_table(extra, LoadReport("x"))

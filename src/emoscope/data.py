@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import random
@@ -99,11 +100,22 @@ def _malformed(path: Path, line: int, what: str) -> EmoscopeError:
     return EmoscopeError(f"malformed data file {path}:{line}: {what}")
 
 
-def _read_lines(path: Path) -> list[str]:
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8, a byte-order mark dropped; a decoding error names its line."""
+    data = path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise EmoscopeError(f"malformed data file {path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        line = data[:e.start].count(b"\n") + 1
+        raise _malformed(path, line, f"not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def _read_lines(path: Path) -> list[str]:
+    """Lines split on \n (and \r\n) only: U+2028 and other Unicode line breaks inside a text stay in it."""
+    lines = _read_text(path).split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 # ----------------------------------------------------------------------------- one loader per format
@@ -183,12 +195,7 @@ def read_table(path: Path, report: LoadReport, text_col: str = "text", label_col
             except json.JSONDecodeError as e:
                 raise _malformed(path, i, f"invalid JSON ({e.msg})") from None
     else:
-        delim = "\t" if path.suffix in (".tsv", ".tab") else ","
-        with open(path, encoding="utf-8", newline="") as f:
-            try:
-                rows = list(enumerate(csv.DictReader(f, delimiter=delim), 2))
-            except (csv.Error, UnicodeDecodeError) as e:
-                raise _malformed(path, 0, str(e)) from None
+        rows = _read_csv(path)
     if rows:
         cols = rows[0][1].keys() if isinstance(rows[0][1], dict) else []
         if text_col not in cols or label_col not in cols:
@@ -206,6 +213,23 @@ def read_table(path: Path, report: LoadReport, text_col: str = "text", label_col
         rid = str(row.get("id", row.get("Sr No.", i)))
         out.append(Example(rid, str(text), (str(label).strip().lower(),)))
     return out
+
+
+def _read_csv(path: Path) -> list[tuple[int, dict]]:
+    """(line, row) of a CSV or TSV with a header. TSV is read without quote processing: a text starting
+    with a quote is text, not the start of a field that swallows the following rows."""
+    tsv = path.suffix in (".tsv", ".tab")
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter="\t" if tsv else ",",
+                            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    rows = []
+    try:
+        for row in reader:
+            if None in row:
+                raise _malformed(path, reader.line_num, f"more fields than the header's {len(reader.fieldnames)}")
+            rows.append((reader.line_num, row))
+    except csv.Error as e:
+        raise _malformed(path, reader.line_num, str(e)) from None
+    return rows
 
 
 # ----------------------------------------------------------------------------- locating files
