@@ -89,6 +89,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise EmoscopeError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise EmoscopeError(f"config {p} must be a mapping of keys, not a {type(raw).__name__}")
+    if not raw:
+        raise EmoscopeError(f"config {p} is empty: name at least the stages to run (every key: docs/config.md)")
     raw = apply_overrides(raw, overrides)
     if isinstance(raw.get("evaluate"), dict) and "model" in raw["evaluate"]:
         raise EmoscopeError(f"config {p}: set the model once, at the top level (model:), not under evaluate")

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from .errors import EmoscopeError, validated
+from .constraints import Device
 
 
 def _smollm2_gguf() -> Path:
@@ -67,7 +68,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), use_attribute_docstrings=True)
     name: str = DEFAULT_MODEL
     """Registry name (smollm2-135m-instruct, gemma3-270m), .gguf file, local dir or HF id."""
-    device: str = "auto"
+    device: Device = "auto"
     """cpu, cuda, cuda:N or auto."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     """float32 (exact, default), bfloat16, float16, or auto = bfloat16 on CUDA or a CPU with native bf16."""

@@ -53,6 +53,10 @@ def sequences(view, split: str, context: int, seed: int, weights=(0.5, 0.25, 0.2
     tok = view.tokenizer
     builder = PromptBuilder(tok, template or Template(), EKMAN, [], view.chat, view.max_context)
     bos = [tok.bos_token_id] if tok.bos_token_id is not None and tok("a").input_ids[:1] == [tok.bos_token_id] else []
+    total = sum(weights)
+    if not total > 0:
+        raise EmoscopeError(f"saes.train.mix: the weights {list(weights)} must sum to more than 0")
+    weights = [w / total for w in weights]  # weights, not thresholds: (1, 1, 2) = 25% / 25% / 50%
     rng = random.Random(seed)
     while True:
         r = rng.random()

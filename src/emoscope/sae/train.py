@@ -22,6 +22,7 @@ from ..models import ModelView
 from .corpus import sequences
 from .model import SAE, SAEConfig
 from .topk_step import _decode, _encode_topk, topk_grads
+from ..constraints import NonNegative, Seed
 
 
 class SAETrainConfig(BaseModel):
@@ -65,9 +66,9 @@ class SAETrainConfig(BaseModel):
     inputs; 0 = never."""
     fast_matmul: Literal["auto", "float32", "bfloat16"] = "auto"
     """Encoder matmul dtype; auto = bf16 where native."""
-    mix: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    mix: tuple[NonNegative, NonNegative, NonNegative] = (0.5, 0.25, 0.25)
     """Weights of WikiText / plain emotion text / task prompts."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed for initialisation, corpus order and shuffling."""
 
 
@@ -238,6 +239,9 @@ def train_layers(view: ModelView, cfg: SAETrainConfig, data_dir=None,
     if not layers:
         raise EmoscopeError("no layers to train SAEs for")
     hooks = [HookPoint(view.check_layer(layer), cfg.kind) for layer in layers]
+    if cfg.k > cfg.expansion * view.d_model:
+        raise EmoscopeError(f"saes.train.k = {cfg.k} is more than the {cfg.expansion * view.d_model} features of "
+                            f"each SAE (expansion {cfg.expansion} x d_model {view.d_model})")
     fast = _fast_dtype(cfg.fast_matmul, view.device)
     torch.manual_seed(cfg.seed)
     batches = _batches(sequences(view, "train", cfg.context, cfg.seed, cfg.mix, data_dir), cfg.seqs_per_forward)

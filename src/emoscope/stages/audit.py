@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import numpy as np
 import pandas as pd
@@ -43,6 +43,7 @@ from .base import StageResult
 from .evaluate import EvalResult
 from .phases import PhasesResult
 from .trace import TraceResult
+from ..constraints import Seed
 
 
 class Candidate(BaseModel):
@@ -53,7 +54,7 @@ class Candidate(BaseModel):
     """Prompt template replacing the reference's."""
     shots: int | None = Field(None, ge=0)
     """Number of demonstrations replacing the reference's."""
-    demo_seed: int | None = None
+    demo_seed: Seed | None = None
     """Seed drawing other demonstrations."""
     text: Literal["lower", "upper", "whitespace", "typos"] | None = None
     """Noise applied to every input text."""
@@ -77,7 +78,7 @@ class Thresholds(BaseModel):
 
 class AuditConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-    candidates: list[Candidate] | Literal["default"] = "default"
+    candidates: Annotated[list[Candidate], Field(min_length=1)] | Literal["default"] = "default"
     """Candidates, or 'default': paraphrases, label order, system prompt, demonstrations, text noise,
     bf16/fp16/int8/int4/int3."""
     thresholds: Thresholds = Thresholds()
@@ -93,7 +94,7 @@ class AuditConfig(BaseModel):
     """Group size of the RTN weight quantization."""
     n_boot: int = Field(1000, ge=100)
     """Paired bootstrap resamples."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed for text noise, demonstrations and the bootstrap."""
 
 
@@ -183,7 +184,7 @@ def _reference(task, saes, evaluation, phases, trace, cfg) -> _Reference:
     by_layer = {layer_of(h): s for h, s in saes.items()}
     phase_of = phases.phase_of_layer if phases is not None else {}
     n_phases = max(phase_of.values()) + 1 if phase_of else 1
-    causal = ({k: [list(f) for f in v] for k, v in cfg.causal_features.items()} if cfg.causal_features
+    causal = (_checked_features(cfg.causal_features, labels, by_layer) if cfg.causal_features
               else _causal_sets(trace, phases))
     obs = _observe(task, texts, by_layer)
     pick = np.random.default_rng(cfg.seed + 2)
@@ -198,6 +199,22 @@ def _reference(task, saes, evaluation, phases, trace, cfg) -> _Reference:
                  for layer in by_layer}
     boots = np.random.default_rng(cfg.seed).integers(0, len(y), (cfg.n_boot, len(y)))
     return _Reference(task, by_layer, cfg, texts, y, labels, obs, causal, phase_of, n_phases, boots, unrelated, abl_idx)
+
+
+def _checked_features(features: dict, labels: list[str], saes: dict) -> dict[str, list[list[int]]]:
+    """audit.causal_features as given, refused unless every emotion, layer and feature exists here."""
+    for lab, pairs in features.items():
+        if lab not in labels:
+            raise EmoscopeError(f"audit.causal_features: unknown emotion '{lab}' "
+                                f"(the task's labels: {', '.join(labels)})")
+        for layer, f in pairs:
+            if layer not in saes:
+                raise EmoscopeError(f"audit.causal_features.{lab}: layer {layer} has no SAE (layers with one: "
+                                    f"{', '.join(map(str, sorted(saes)))})")
+            if not 0 <= f < saes[layer].cfg.d_sae:
+                raise EmoscopeError(f"audit.causal_features.{lab}: feature {f} is outside layer {layer}'s SAE "
+                                    f"(0..{saes[layer].cfg.d_sae - 1})")
+    return {k: [list(f) for f in v] for k, v in features.items()}
 
 
 def _observe(task: Task, texts: list[str], saes: dict) -> dict:

@@ -33,6 +33,7 @@ from ..store import capture_to_store
 from ..task import Task
 from .base import Estimate, StageResult
 from .evaluate import EvalResult
+from ..constraints import Seed
 
 STORES = ("store_last", "store_text")
 
@@ -57,7 +58,7 @@ class PhasesConfig(BaseModel):
     """Most variable features per layer used for the text-token scores."""
     top_features: int = Field(5, ge=1)
     """Top features per emotion described with examples and tokens."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed for bootstrap, probes and label shuffles."""
 
 

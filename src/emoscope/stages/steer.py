@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass
+from typing import Annotated
 from pathlib import Path
 
 import numpy as np
@@ -46,22 +47,23 @@ from ..task.metrics import classification_metrics
 from .base import StageResult
 from .evaluate import EvalResult
 from .trace import TraceResult
+from ..constraints import Finite, NonNegative, Positive, Seed
 
 
 class SteerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     dev_per_class: int = Field(32, ge=1, le=512)
     """Labelled dev examples per emotion for every choice."""
-    features_per_emotion: list[int] = [1, 2, 4]
+    features_per_emotion: Annotated[list[Positive], Field(min_length=1)] = [1, 2, 4]
     """Numbers of top causal features per emotion searched."""
-    strengths: list[float] = [1.25, 1.5, 2.0, 3.0, 5.0]
+    strengths: Annotated[list[NonNegative], Field(min_length=1)] = [1.25, 1.5, 2.0, 3.0, 5.0]
     """Common scale factors searched for all emotions' features (1 = no steering)."""
-    per_emotion_strengths: list[float] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
+    per_emotion_strengths: list[NonNegative] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
     """Then each emotion's own scale, searched by coordinate ascent on dev from the best common one (below 1
     suppresses; empty: skip)."""
     rounds: int = Field(2, ge=0, le=5)
     """Coordinate-ascent passes over the emotions for per-emotion strengths."""
-    dose: list[float] = [0.0, 1.0, 2.0, 4.0, 8.0]
+    dose: list[Finite] = [0.0, 1.0, 2.0, 4.0, 8.0]
     """Push toward each emotion: amounts added to its features, in units of each feature's mean dev activation (empty:
     skip)."""
     transfer: list[str] = ["isear", "dair_emotion"]
@@ -72,7 +74,7 @@ class SteerConfig(BaseModel):
     """WikiText-2 test sequences for perplexity and KL."""
     n_boot: int = Field(1000, ge=100)
     """Bootstrap resamples for intervals."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed for dev sampling, random features and the bootstrap."""
 
 

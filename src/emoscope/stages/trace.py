@@ -37,6 +37,7 @@ from ..task import Task
 from .base import StageResult
 from .evaluate import EvalResult
 from .phases import PhasesResult
+from ..constraints import Seed
 
 
 class TraceConfig(BaseModel):
@@ -55,7 +56,7 @@ class TraceConfig(BaseModel):
     """Random feature sets in the control."""
     n_boot: int = Field(500, ge=50)
     """Bootstrap resamples over examples for effect intervals."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed for random controls, shuffles and the bootstrap."""
 
 

@@ -20,6 +20,7 @@ from ..models import ModelView
 from . import calibrate
 from .prompts import PromptBuilder, Template
 from .score import score_ids
+from ..constraints import Seed
 
 
 class TaskConfig(BaseModel):
@@ -34,7 +35,7 @@ class TaskConfig(BaseModel):
     """Prior to subtract: content-free inputs, or train texts."""
     train_prior_n: int = Field(60, ge=1)
     """Train texts used to estimate the prior when calibration = train."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed for sampling, demonstrations and the bootstrap."""
     batch_size: int = Field(8, ge=1)
     """Prompts per forward pass."""
