@@ -110,3 +110,25 @@ def test_plain_progress_for_logs():
     lines = buf.getvalue().splitlines()
     assert lines[0].startswith("saes: 25/100 done, ") and "/s" in lines[0] and "ETA" in lines[0]
     assert lines[-1].startswith("saes: 100/100 done")
+
+
+def test_internal_error_is_one_line_pointing_at_the_saved_traceback(tmp_path, tiny_dir, toy_data, monkeypatch, capsys):
+    import yaml
+
+    from emoscope import cli as app
+    from emoscope.stages import evaluate as evaluate_stage
+
+    def planted_bug(*a, **k):
+        raise RuntimeError("planted bug")
+
+    monkeypatch.setattr(evaluate_stage, "evaluate", planted_bug)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "model": {"name": str(tiny_dir)},
+                                   "stages": ["evaluate"], "evaluate": {"data": {"dataset": str(toy_data)}}}))
+    with pytest.raises(SystemExit) as e:
+        app.main(["run", "--config", str(cfg)])
+    assert e.value.code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "planted bug" in errors[0] and str(tmp_path / "run" / "run.log") in errors[0]
+    assert "RuntimeError: planted bug" in (tmp_path / "run" / "run.log").read_text()
+    assert not (tmp_path / "run" / ".lock").exists() and not (tmp_path / "run" / "evaluate").exists()

@@ -274,3 +274,36 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_dir, toy_
     a, b = _results(run_dir), _results(tmp_path / "clean")
     assert set(a) == set(b) and any(k.startswith("trace/") for k in a)
     assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path, tiny_dir, toy_data):
+    import subprocess
+    import sys
+
+    import pytest
+
+    from emoscope.errors import EmoscopeError
+    from emoscope.pipeline import run_lock
+
+    cfg = _cfg(tmp_path, tiny_dir, toy_data)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cli = [sys.executable, "-m", "emoscope.cli", "run", "--config", str(path)]
+    with run_lock(run_dir):  # this process holds the run directory, as a running `emoscope run` would
+        with pytest.raises(EmoscopeError, match="is in use by process"):
+            with run_lock(run_dir):
+                pass
+        r = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert [line for line in r.stderr.splitlines() if line.startswith("error:")] == [
+            f"error: run directory {run_dir} is in use by process {__import__('os').getpid()} on "
+            f"{__import__('socket').gethostname()}; wait for it, or delete {run_dir / '.lock'} if that run is gone"]
+        assert not (run_dir / "evaluate").exists()
+    # a lock left by a process that is gone (killed) is taken over, with a note in the log
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run_dir / ".lock").write_text(json.dumps({"pid": int(gone.stdout), "host": __import__("socket").gethostname()}))
+    r = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "taking over the lock" in (run_dir / "run.log").read_text() and not (run_dir / ".lock").exists()

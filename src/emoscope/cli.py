@@ -268,14 +268,15 @@ def _stage_command(stage: str, cfg_cls, doc: str) -> None:
 def _run_one(stage: str, cfg, run_dir: Path, device, dtype, as_json: bool) -> None:
     from contextlib import ExitStack
 
-    from .pipeline import RunContext, run_stage
+    from .pipeline import RunContext, run_lock, run_stage, traceback_into
     from .report import console
 
     with ExitStack() as stack:
         factory = _progress_factory(stack)
         ctx = RunContext.from_run_dir(run_dir.expanduser(), device, dtype, log=lambda m: None,
                                       progress_factory=factory)
-        res = run_stage(ctx, stage, cfg)
+        with run_lock(ctx.run_dir), traceback_into(ctx.run_dir / "run.log"):
+            res = run_stage(ctx, stage, cfg)
     if as_json:
         return _print_json(res.data)
     getattr(console, f"print_{stage}")(res.data)
@@ -417,12 +418,16 @@ def _click_exceptions():
 
 
 def _internal_error(e: BaseException) -> int:
-    log = Path(tempfile.gettempdir()) / f"emoscope-error-{os.getpid()}.log"
-    try:
-        log.write_text("".join(traceback.format_exception(type(e), e, e.__traceback__)))
-        where = f"; traceback in {log}"
-    except OSError:
-        where = ""
+    """One line for a bug, pointing at its saved traceback (the run's log, else a temporary file)."""
+    log = getattr(e, "emoscope_log", None)
+    where = f"; traceback in {log}" if log else ""
+    if log is None:
+        try:
+            path = Path(tempfile.gettempdir()) / f"emoscope-error-{os.getpid()}.log"
+            path.write_text("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+            where = f"; traceback in {path}"
+        except OSError:
+            pass
     print(f"error: internal error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){where}",
           file=sys.stderr)
     return 1

@@ -9,8 +9,12 @@ only if a stage runs. Stages: evaluate, saes, phases, trace, steer, audit, then 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import STAGES, RunConfig
@@ -149,19 +153,87 @@ def run(cfg: RunConfig, force: set[str] = frozenset(), log=print, progress_facto
     if unknown:
         raise EmoscopeError(f"--force {unknown[0]}: unknown stage; choose from {', '.join(STAGES)}")
     run_dir = Path(cfg.run_dir).expanduser()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _make_dir(run_dir)
     log = _tee(log, run_dir / "run.log")
     ctx = RunContext(run_dir, cfg.model, cfg.stage_config("evaluate"), cfg.data_dir, log, progress_factory)
-    for stage in [s for s in STAGES if s in cfg.stages]:
-        if stage not in force and is_current(run_dir, stage, cfg):
-            log(f"stage {stage}: up to date, skipped")
-            continue
-        log(f"stage {stage}: running")
-        run_stage(ctx, stage, cfg.stage_config(stage), key=cfg.stage_hash(stage))
-    from .report.html import write_report
-    path = write_report(run_dir)
+    with run_lock(run_dir, log), traceback_into(run_dir / "run.log"):
+        for stage in [s for s in STAGES if s in cfg.stages]:
+            if stage not in force and is_current(run_dir, stage, cfg):
+                log(f"stage {stage}: up to date, skipped")
+                continue
+            log(f"stage {stage}: running")
+            run_stage(ctx, stage, cfg.stage_config(stage), key=cfg.stage_hash(stage))
+        from .report.html import write_report
+        path = write_report(run_dir)
     log(f"report: {path}")
     return path
+
+
+def _make_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise EmoscopeError(f"run directory {run_dir} is a file")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EmoscopeError(f"cannot create run directory {run_dir}: {e.strerror}") from None
+    if not os.access(run_dir, os.W_OK):
+        raise EmoscopeError(f"run directory {run_dir} is not writable")
+
+
+@contextmanager
+def run_lock(run_dir: Path, log=print):
+    """One process at a time per run directory: `.lock` holds the owner's process id and host. A lock
+    left by a process that is gone (killed) is taken over with a note; a live one refuses the run."""
+    f, me = run_dir / ".lock", {"pid": os.getpid(), "host": socket.gethostname()}
+    while True:
+        try:
+            fd = os.open(f, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = _lock_holder(f)
+            if holder is not None and (holder.get("host") != me["host"] or _alive(holder.get("pid"))):
+                raise EmoscopeError(f"run directory {run_dir} is in use by process {holder.get('pid')} on "
+                                    f"{holder.get('host')}; wait for it, or delete {f} if that run is gone") from None
+            log(f"taking over the lock of a run that is gone ({f}: {holder})")
+            f.unlink(missing_ok=True)
+    with os.fdopen(fd, "w") as h:
+        json.dump(me, h)
+    try:
+        yield
+    finally:
+        f.unlink(missing_ok=True)
+
+
+def _lock_holder(f: Path) -> dict | None:
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None  # unreadable or half-written: its writer died between creating and filling it
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True
+    return True
+
+
+@contextmanager
+def traceback_into(log_file: Path):
+    """An unexpected exception (a bug, not bad input) leaves its traceback in the run's log, and the
+    exception knows where, so the command line can point there in one line."""
+    try:
+        yield
+    except (EmoscopeError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        with open(log_file, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} internal error:\n{traceback.format_exc()}")
+        e.emoscope_log = str(log_file)
+        raise
 
 
 def _tee(log, path: Path):
