@@ -36,9 +36,10 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=6)
     ap.add_argument("--seqs", type=int, default=8, help="sequences per batch")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    view = load_model(a.model, device="cpu", dtype="float32")
+    view = load_model(a.model, device=a.device, dtype="float32")
     stream = sequences(view, "eval", 128, 0)
     batches = [pad_batch([next(stream) for _ in range(a.seqs)], "cpu") for _ in range(a.batches)]
     n_tok = sum(int(m.sum()) for _, m in batches)
@@ -62,7 +63,7 @@ def main() -> None:
         from transformer_lens.model_bridge import TransformerBridge
 
         bridge = TransformerBridge.boot_transformers(view.path, hf_model=view.model, tokenizer=view.tokenizer,
-                                                     device="cpu")
+                                                     device=str(view.device))
         names = [f"blocks.{layer}.hook_resid_post" for layer in range(view.n_layers)]
 
         @torch.no_grad()

@@ -45,17 +45,18 @@ def fvu(encode_decode, x: torch.Tensor) -> float:
 
 
 def train_saelens(x: torch.Tensor, d_sae: int, k: int, batch: int, lr: float, autocast: bool):
+    device = str(x.device)
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     torch.manual_seed(0)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k, device="cpu"))
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k, device=device))
     with torch.no_grad():  # as SAELens's runner does with b_dec_init_method="mean" (emoscope does the same)
         sae.b_dec.copy_(x.mean(0))
     cfg = SAETrainerConfig(total_training_samples=len(x) // batch * batch, train_batch_size_samples=batch, lr=lr,
                            lr_end=lr,
-                           device="cpu", autocast=autocast, n_batches_for_norm_estimate=1)
+                           device=device, autocast=autocast, n_batches_for_norm_estimate=1)
     data = (x[i:i + batch] for i in range(0, len(x) - batch + 1, batch))
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=data)
     t = time.perf_counter()
@@ -73,10 +74,11 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--json", default=None)
     ap.add_argument("--cache", default=None, help="save/load the harvested activations here (.pt)")
     a = ap.parse_args()
-    view = load_model(a.model, device="cpu", dtype="float32")
+    view = load_model(a.model, device=a.device, dtype="float32")
     if a.cache and Path(a.cache).exists():
         cached = torch.load(a.cache, weights_only=True)
         x, xt = cached["x"], cached["xt"]

@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--n", type=int, default=24, help="examples (balanced over the six labels)")
     ap.add_argument("--shots", type=int, default=6)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--json", default=None, help="write the figures here as a flat JSON object")
     a = ap.parse_args()
 
@@ -34,7 +35,7 @@ def main() -> None:
     figures = {}
     times = {}
     for dtype in ["float32", "bfloat16"]:
-        view = load_model(a.model, device="cpu", dtype=dtype)
+        view = load_model(a.model, device=a.device, dtype=dtype)
         task = Task(view, per_class=per_class, shots=a.shots)
         ex = select(rows, task.classes, rep, per_class=per_class, seed=0)
         prompts = task.encode_all(e.text for e in ex)

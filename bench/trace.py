@@ -37,9 +37,10 @@ def main() -> None:
                     help="active features ablated exactly per layer, cached passes (extrapolated)")
     ap.add_argument("--whole", type=int, default=4,
                     help="active features ablated per layer with whole-prompt passes (extrapolated)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    ctx = RunContext.from_run_dir(a.run_dir, dtype="float32")
+    ctx = RunContext.from_run_dir(a.run_dir, device=a.device, dtype="float32")
     view, task, ev = ctx.model, ctx.task, ctx.result("evaluate")
     saes = ctx.result("saes").by_layer()
     preds = ev.predictions

@@ -1,0 +1,55 @@
+"""Benchmarks that cannot rot: every `bench/` script runs once with tiny settings on a tiny model (a check
+of its code path and its `--json` output, not of its speed; figures come from full runs, see
+docs/benchmarks.md)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_dir, toy_data, shared_data):
+    from emoscope.config import RunConfig
+    from emoscope.pipeline import run
+    d = tmp_path_factory.mktemp("bench")
+    run(RunConfig.model_validate({
+        "run_dir": str(d / "run"), "model": {"name": str(tiny_dir)}, "stages": ["evaluate", "saes", "phases"],
+        "evaluate": {"data": {"dataset": str(toy_data), "per_class": 4}},
+        "saes": {"train": {"tokens": 3000, "layers": [1, 3], "expansion": 2, "k": 4, "batch_tokens": 256,
+                           "buffer_tokens": 1024, "seqs_per_forward": 4}, "eval_seqs": 4, "ce": False},
+        "phases": {"min_per_class": 3, "n_boot": 10, "probe_folds": 2}}), log=lambda s: None)
+    return d / "run"
+
+
+def test_every_bench_script_is_covered():
+    assert {p.name for p in BENCH.glob("*.py")} == set(ARGS), "a new bench script needs its tiny settings here"
+
+
+ARGS = {
+    "score_labels.py": lambda tiny, run: ["--model", tiny, "--n", "6", "--shots", "1"],
+    "capture.py": lambda tiny, run: ["--model", tiny, "--batches", "2", "--seqs", "2", "--repeats", "1"],
+    "sae_train.py": lambda tiny, run: ["--model", tiny, "--layer", "1", "--tokens", "1024", "--test-tokens", "256",
+                                       "--expansion", "2", "--k", "4", "--batch", "256"],
+    "trace.py": lambda tiny, run: [run, "--n", "2", "--topk", "2", "--sample", "2", "--whole", "1"],
+}
+KEYS = {"score_labels.py": "speedup", "capture.py": None, "sae_train.py": None,
+        "trace.py": "speedup_vs_cached_exhaustive"}
+
+
+@pytest.mark.parametrize("script", sorted(ARGS))
+def test_bench_script_runs(script, tiny_dir, tiny_run, tmp_path):
+    out = tmp_path / "figures.json"
+    args = [str(a) for a in ARGS[script](tiny_dir, tiny_run)]
+    r = subprocess.run([sys.executable, str(BENCH / script), *args, "--json", str(out)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert isinstance(figures, dict) and figures
+    assert all(not isinstance(v, (dict, list)) for v in figures.values()), "--json writes a flat object"
+    if KEYS[script]:
+        assert KEYS[script] in figures
