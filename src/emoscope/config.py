@@ -84,9 +84,13 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """A run config from YAML (a path or a shipped name) with `key=value` overrides applied."""
     p = resolve(path)
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise EmoscopeError(f"config {p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise EmoscopeError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise EmoscopeError(f"config {p} is not valid YAML: {' '.join(str(e).split())[:200]}") from None
+    except OSError as e:
+        raise EmoscopeError(f"cannot read config {p}: {e.strerror}") from None
     if not isinstance(raw, dict):
         raise EmoscopeError(f"config {p} must be a mapping of keys, not a {type(raw).__name__}")
     if not raw:
