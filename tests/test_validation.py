@@ -54,3 +54,59 @@ def test_mix_values_are_weights(tiny_llama, shared_data):
     stream = sequences(tiny_llama, "train", 128, 0, (1, 1, 2), shared_data)
     prompts = sum(next(stream)[:6] == head for _ in range(400))
     assert 0.42 < prompts / 400 < 0.58, prompts
+
+
+def test_corrupt_and_foreign_files_are_one_line_errors(tmp_path, tiny_dir, toy_data, tiny_llama):
+    """Truncated model files, pickled-only model folders, SAE configs without d_in, junk results in a run
+    directory and invalid steering files: each one `error:` line naming the file, exit 2."""
+    import json
+    import shutil
+
+    from emoscope.config import RunConfig
+    from emoscope.interventions.steering import load_steering
+    from emoscope.pipeline import run
+    from emoscope.sae import SAE, SAEConfig
+    from emoscope.sae.io import load, save
+
+    gguf = tmp_path / "cut.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 20)
+    _one_line_error(cli("evaluate", "--model", gguf, "--dataset", toy_data, "--per-class", 4), "cannot load model")
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_dir, pickled)
+    for f in pickled.glob("*.safetensors"):
+        f.unlink()
+    import torch
+    torch.save(tiny_llama.model.state_dict(), pickled / "pytorch_model.bin")  # a pickle: refused unless opted in
+    _one_line_error(cli("evaluate", "--model", pickled, "--dataset", toy_data, "--per-class", 4),
+                    "holds only pickled weights")
+    import os
+    os.environ["EMOSCOPE_ALLOW_PICKLE"] = "1"
+    try:
+        assert es.load_model(str(pickled)).n_layers == tiny_llama.n_layers
+    finally:
+        del os.environ["EMOSCOPE_ALLOW_PICKLE"]
+    save(SAE.init(SAEConfig(d_in=32, d_sae=64)), tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    for bad, pattern in [({k: v for k, v in cfg.items() if k != "d_in"}, "'d_in' must be a positive integer"),
+                         ([1, 2], "must hold a JSON object")]:
+        (tmp_path / "sae" / "cfg.json").write_text(json.dumps(bad))
+        with pytest.raises(es.EmoscopeError, match=pattern):
+            load(tmp_path / "sae")
+    run(RunConfig.model_validate({"run_dir": str(tmp_path / "run"), "model": {"name": str(tiny_dir)},
+                                  "stages": ["evaluate"], "evaluate": {"data": {"dataset": str(toy_data),
+                                                                                "per_class": 2}}}),
+        log=lambda s: None)
+    ev = tmp_path / "run" / "evaluate"
+    good = (ev / "result.json").read_bytes()
+    (ev / "result.json").write_text("{not json")
+    _one_line_error(cli("report", tmp_path / "run"), "is corrupt")
+    _one_line_error(cli("phases", tmp_path / "run"), "result")
+    (ev / "result.json").write_text(json.dumps({"stage": "evaluate"}))
+    _one_line_error(cli("report", tmp_path / "run"), "cannot read")
+    _one_line_error(cli("summarize", tmp_path / "run"), "cannot read")
+    (ev / "result.json").write_bytes(good)
+    (ev / "predictions.parquet").write_text("junk")
+    _one_line_error(cli("report", tmp_path / "run"), "cannot read")
+    (tmp_path / "s.json").write_text(json.dumps({"model_name": "m", "edits": [{"layer": 1, "feature": 2}]}))
+    with pytest.raises(es.EmoscopeError, match=r"s.json: edits.0.value: Field required"):
+        load_steering(tmp_path / "s.json")

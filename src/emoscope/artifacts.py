@@ -48,5 +48,25 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+@contextmanager
+def reading(what):
+    """Errors while reading saved results become one line: the files are corrupt or not emoscope's."""
+    from .errors import EmoscopeError
+    try:
+        yield
+    except EmoscopeError:
+        raise
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError) as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        raise EmoscopeError(f"{what} holds results emoscope cannot read ({why}); "
+                            "rerun the stage that wrote them") from None
+
+
 def read_json(path: Path):
-    return json.loads(Path(path).read_text())
+    """A JSON file written by emoscope; a corrupt one is reported as such, in one line."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        from .errors import EmoscopeError
+        raise EmoscopeError(f"{path} is corrupt (not JSON: {getattr(e, 'msg', None) or e.reason}); rerun the stage "
+                            "that wrote it") from None

@@ -147,6 +147,7 @@ def evaluate(
     from contextlib import ExitStack
 
     from .config import apply_overrides
+    from .data import check as check_data
     from .errors import validated
     from .models import load_model
     from .report.console import err, print_eval
@@ -162,6 +163,7 @@ def evaluate(
     task_cfg = TaskConfig.build(apply_overrides({}, set_), **settings)
     mcfg = validated(ModelConfig, {k: v for k, v in (("name", model), ("device", device), ("dtype", dtype)) if v},
                      "model.")
+    check_data(task_cfg.data)  # before the model: bad data fails in a second, not after a load
     view = load_model(mcfg)
     task = Task(view, task_cfg)
     with ExitStack() as stack:
@@ -380,16 +382,19 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory.")):
 def summarize(run_dirs: list[Path] = typer.Argument(..., help="Run directories with evaluate/result.json."),
               stage: str = typer.Option("evaluate", help="evaluate (one row per run), phases, trace, steer or audit.")):
     """Print markdown tables of a stage's headline numbers (evaluate: accuracy and macro-F1 over several runs)."""
+    from .artifacts import reading
     from .report.tables import TABLES, evaluate_table
 
     if stage == "evaluate":
-        print(evaluate_table(run_dirs))
+        with reading(", ".join(map(str, run_dirs))):
+            print(evaluate_table(run_dirs))
         return
     if stage not in TABLES:
         raise EmoscopeError(f"unknown stage '{stage}': choose evaluate, {', '.join(TABLES)}")
     for d in run_dirs:
-        print(f"### {d} ({stage})\n")
-        print(TABLES[stage](d) + "\n")
+        with reading(d):
+            table = TABLES[stage](d)
+        print(f"### {d} ({stage})\n\n{table}\n")
 
 
 @app.command("config-keys")

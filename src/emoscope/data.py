@@ -343,6 +343,14 @@ def _load_builtin(dataset: str, split: str, data_dir) -> tuple[list[Example], Lo
                         "EMOSCOPE_DATA)")
 
 
+def check(cfg: DataConfig) -> None:
+    """Read the configured data once, so that a bad path, file or label fails before a model is loaded."""
+    train, report = load_split(cfg.dataset, "train", cfg.data_dir, cfg.text_column, cfg.label_column)
+    classes = label_set(train, cfg.labels, cfg.extra)
+    rows, report = load_split(cfg.dataset, cfg.split, cfg.data_dir, cfg.text_column, cfg.label_column)
+    select(rows, classes, report, cfg.multi_label, cfg.per_class, 0, cfg.split)
+
+
 def _existing(path: Path) -> Path:
     if not path.exists():
         raise EmoscopeError(f"missing data file {path}")

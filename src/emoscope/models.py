@@ -181,7 +181,10 @@ def _from_dir(path: str | Path, dtype: torch.dtype, device: str, trust_remote_co
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
+    # safetensors only: a pickled checkpoint (pytorch_model.bin) can run code when loaded
+    pickle_ok = os.environ.get("EMOSCOPE_ALLOW_PICKLE") == "1"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=None if pickle_ok else True, **kw)
     return model.to(device).eval(), tok
 
 
@@ -255,6 +258,10 @@ def _load(cfg: ModelConfig) -> ModelView:
     if not path.exists() and path.suffix != ".gguf" and "/" not in name:
         raise EmoscopeError(f"cannot load model '{name}': not one of {', '.join(REGISTRY)}, an existing path, "
                             f"or a Hugging Face id of the form owner/name")
+    if path.is_dir() and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")) and \
+            os.environ.get("EMOSCOPE_ALLOW_PICKLE") != "1":
+        raise EmoscopeError(f"model folder {path} holds only pickled weights (*.bin), which can run code when "
+                            "loaded: convert them to safetensors, or set EMOSCOPE_ALLOW_PICKLE=1 if you trust them")
     try:
         if path.suffix == ".gguf":
             if not path.is_file():
@@ -264,8 +271,8 @@ def _load(cfg: ModelConfig) -> ModelView:
             model, tok = _from_dir(name, dt, dev, trust_remote_code=cfg.trust_remote_code)
     except EmoscopeError:
         raise
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # missing, pickled only, truncated or foreign files: say which, in one line
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise EmoscopeError(
             f"cannot load model '{name}': not one of {', '.join(REGISTRY)}, a .gguf file, a local model "
             f"directory or a reachable Hugging Face id ({first})"

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .config import STAGES, RunConfig
+from .data import check as check_data
 from .errors import EmoscopeError
 from .models import ModelConfig, ModelView, load_model
 from .stages import audit, evaluate, phases, saes, steer, trace
@@ -157,6 +158,8 @@ def run(cfg: RunConfig, force: set[str] = frozenset(), log=print, progress_facto
     log = _tee(log, run_dir / "run.log")
     ctx = RunContext(run_dir, cfg.model, cfg.stage_config("evaluate"), cfg.data_dir, log, progress_factory)
     with run_lock(run_dir, log), traceback_into(run_dir / "run.log"):
+        if "evaluate" in cfg.stages and ("evaluate" in force or not is_current(run_dir, "evaluate", cfg)):
+            check_data(ctx.task_config.data)  # bad data fails before the model is loaded
         for stage in [s for s in STAGES if s in cfg.stages]:
             if stage not in force and is_current(run_dir, stage, cfg):
                 log(f"stage {stage}: up to date, skipped")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import EmoscopeError
 from ..hooks import resid
@@ -73,10 +73,11 @@ def load_steering(path: str | Path) -> Steering:
     if not p.is_file():
         raise EmoscopeError(f"steering file not found: {p}")
     try:
-        return Steering.model_validate_json(p.read_text())
-    except Exception as e:  # pydantic's ValidationError or bad JSON, in one line
-        first = str(e).splitlines()
-        raise EmoscopeError(f"invalid steering file {p}: {first[-1].strip() if first else e}") from None
+        return Steering.model_validate_json(p.read_bytes())
+    except ValidationError as e:  # bad JSON or bad values: the first problem, where it is
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise EmoscopeError(f"invalid steering file {p}: {where + ': ' if where else ''}{err['msg']}") from None
 
 
 def label_probs(task, texts: list[str], saes: dict | None = None, edits: list[Edit] = (),

@@ -12,7 +12,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from ..artifacts import read_json
+from ..artifacts import read_json, reading
 from ..errors import EmoscopeError
 
 
@@ -191,6 +191,12 @@ def _highlight(text: str, token: str) -> tuple[str, str, str]:
 
 
 def write_report(run_dir: str | Path) -> Path:
+    """Write run_dir/report.html from every stage result the run directory holds."""
+    with reading(run_dir):
+        return _write_report(Path(run_dir))
+
+
+def _write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     f = run_dir / "evaluate" / "result.json"
     if not f.exists():

@@ -54,9 +54,14 @@ def load(path: str | Path, device: str = "cpu") -> SAE:
     if not (path / CFG).is_file() or not (path / WEIGHTS).is_file():
         raise EmoscopeError(f"{path} is not an SAE folder: it needs {CFG} and {WEIGHTS}")
     try:
-        raw = json.loads((path / CFG).read_text())
-    except json.JSONDecodeError as e:
-        raise EmoscopeError(f"{path / CFG} is not valid JSON ({e.msg})") from None
+        raw = json.loads((path / CFG).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EmoscopeError(f"{path / CFG} is not valid JSON ({getattr(e, 'msg', None) or e.reason})") from None
+    if not isinstance(raw, dict):
+        raise EmoscopeError(f"{path / CFG} must hold a JSON object, not a {type(raw).__name__}")
+    for key in ("d_in", "d_sae"):
+        if not isinstance(raw.get(key), int) or raw[key] < 1:
+            raise EmoscopeError(f"{path / CFG}: '{key}' must be a positive integer, found {raw.get(key)!r}")
     try:
         tensors = load_file(str(path / WEIGHTS), device=device)
     except (SafetensorError, OSError, RuntimeError) as e:
