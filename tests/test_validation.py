@@ -110,3 +110,43 @@ def test_corrupt_and_foreign_files_are_one_line_errors(tmp_path, tiny_dir, toy_d
     (tmp_path / "s.json").write_text(json.dumps({"model_name": "m", "edits": [{"layer": 1, "feature": 2}]}))
     with pytest.raises(es.EmoscopeError, match=r"s.json: edits.0.value: Field required"):
         load_steering(tmp_path / "s.json")
+
+
+def test_unwritable_outputs_are_one_line_errors(tmp_path, monkeypatch):
+    """An output path under a file, a read-only folder, a full disk: one line, nothing half-written."""
+    import os
+
+    from emoscope.artifacts import atomic_dir
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(es.EmoscopeError, match="cannot write"):
+        with atomic_dir(blocker / "evaluate"):
+            pass
+    with pytest.raises(es.EmoscopeError, match="it exists and is a file"):
+        with atomic_dir(blocker):
+            pass
+
+
+def test_read_only_output_folder(tmp_path):
+    import os
+
+    from emoscope.artifacts import atomic_dir
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    if os.access(ro, os.W_OK):  # root ignores permissions: the read-only case cannot be shown here
+        pytest.skip("running as root")
+    with pytest.raises(es.EmoscopeError, match="cannot write"):
+        with atomic_dir(ro / "evaluate"):
+            pass
+
+
+def test_full_disk_leaves_nothing(tmp_path):
+    import errno
+
+    from emoscope.artifacts import atomic_dir
+    with pytest.raises(es.EmoscopeError, match="No space left on device"):
+        with atomic_dir(tmp_path / "evaluate") as tmp:
+            (tmp / "result.json").write_text("{}")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []

@@ -27,16 +27,27 @@ def config_hash(*parts) -> str:
 def atomic_dir(final: str | Path):
     """Yield a temporary sibling folder; on success it replaces `final` in one rename. Leftovers of a
     killed writer (SIGKILL skips the cleanup below) are never read, and are removed here."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    from .errors import EmoscopeError
+
+    final = Path(final).expanduser()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    except OSError as e:  # a parent that is a file, a read-only folder
+        raise EmoscopeError(f"cannot write {final}: {e.strerror or e}") from None
     try:
         yield tmp
+    except OSError as e:  # a full disk, a quota: nothing half-written is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EmoscopeError(f"cannot write {final}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if final.exists() and not final.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EmoscopeError(f"cannot write {final}: it exists and is a file")
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)
