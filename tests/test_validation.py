@@ -112,10 +112,8 @@ def test_corrupt_and_foreign_files_are_one_line_errors(tmp_path, tiny_dir, toy_d
         load_steering(tmp_path / "s.json")
 
 
-def test_unwritable_outputs_are_one_line_errors(tmp_path, monkeypatch):
-    """An output path under a file, a read-only folder, a full disk: one line, nothing half-written."""
-    import os
-
+def test_unwritable_outputs_are_one_line_errors(tmp_path):
+    """An output path under a file or that is a file: one line, nothing half-written."""
     from emoscope.artifacts import atomic_dir
     blocker = tmp_path / "file"
     blocker.write_text("x")
