@@ -145,3 +145,34 @@ def test_cached_answer_passes_equal_whole_prompt_passes(arch, window):
         np.testing.assert_allclose(a_c[layer], a_w[layer], atol=1e-5)
     assert ablate(view, saes, cached, gold, tokens, feats).tolist() == ablate(view, saes, cached, gold, tokens,
                                                                               feats).tolist()
+
+
+def test_screen_check_flags_a_screen_that_misranks():
+    """Planted effects: a screen whose estimates follow the exact effects passes; a reversed one is flagged,
+    and the strong feature it missed is reported."""
+
+    from emoscope.stages.trace import TraceConfig, _screen_check
+
+    effects = {(1, f): float(f) for f in range(20)}  # feature f's exact effect is f
+
+    class Fake:
+        cfg = TraceConfig(screen_check=10)
+        check_rng = np.random.default_rng(0)
+
+        def ablate(self, prompts, gold, features):
+            (layer, fs), = features.items()
+            return np.full(4, 100.0) - effects[(layer, fs[0])]
+
+    clean = np.full(4, 100.0)
+    for sign, flagged in ((1.0, False), (-1.0, True)):
+        est = {1: sign * (np.arange(20, dtype=float) + 1)}
+        attr = {1: -np.tile(est[1], (4, 1))}  # nonzero attribution: every feature is live
+        top = np.argsort(-est[1])[:3]
+        exact = [{"layer": 1, "feature": int(f), "attribution": float(est[1][f]),
+                  "effect": {"value": effects[(1, int(f))]}} for f in top]
+        c = _screen_check(Fake(), None, None, clean, attr, est, [1], exact)
+        assert c["flagged"] == flagged and c["sampled"] == 10 and c["pool"] == 20
+        if flagged:
+            assert c["spearman"]["value"] < 0 and c["top_recall"]["value"] == 0 and c["beats_best"]
+        else:
+            assert c["spearman"]["value"] == 1.0 and c["top_recall"]["value"] == 1.0 and not c["beats_best"]

@@ -120,6 +120,14 @@ def test_trace_stage_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
             assert 0 < p["random_control"]["pool"] <= 4 * e["n"] * len(p["layers"]) < 64 * len(p["layers"])
             for f in p["features"]:
                 assert f["effect"]["lo"] <= f["effect"]["value"] <= f["effect"]["hi"]
+            # the screen's measured validity: sampled live features ablated exactly beside the validated ones
+            c = p["screen_check"]
+            if c is not None:
+                assert 0 < c["sampled"] <= 8 and c["spearman"]["n"] == len(p["features"]) + c["sampled"]
+                assert 0 <= c["top_recall"]["value"] <= 1 and c["top_recall"]["k"] == len(p["features"])
+                best = max(f["effect"]["value"] for f in p["features"])
+                assert all(e > best for _, _, e in c["beats_best"])
+                assert c["flagged"] == bool(not c["spearman"]["value"] >= 0.5 or c["beats_best"])
     cfg.stages.append("steer")
     cfg.steer = cfg.steer.model_validate({"dev_per_class": 3, "features_per_emotion": [1], "strengths": [2.0],
                                           "transfer": ["isear"], "transfer_per_class": 2, "ppl_seqs": 2, "n_boot": 100})

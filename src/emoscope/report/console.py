@@ -170,3 +170,7 @@ def print_trace(res: dict) -> None:
     out.print(t)
     for lab, why in res["skipped"].items():
         err.print(f"skipped {lab}: {why}")
+    from .tables import weak_screens
+    if weak_screens(res):
+        err.print(f"attribution screen flagged ({', '.join(weak_screens(res))}): validate more candidates "
+                  "(trace.candidates) or train better SAEs", markup=False)

@@ -14,6 +14,7 @@ from plotly.subplots import make_subplots
 
 from ..artifacts import read_json, reading
 from ..errors import EmoscopeError
+from .tables import screen, weak_screens
 
 
 def _html(fig) -> str:
@@ -218,7 +219,8 @@ def _write_report(run_dir: Path) -> Path:
         ctx.update(ph=ph, **_phases_figures(ph, pd.read_parquet(run_dir / "phases" / "features.parquet")))
     if (run_dir / "trace" / "result.json").exists():
         tr = read_json(run_dir / "trace" / "result.json")
-        ctx.update(tr=tr, trace_fig=_trace_figure(tr), cross_fig=_cross_figure(tr))
+        ctx.update(tr=tr, trace_fig=_trace_figure(tr), cross_fig=_cross_figure(tr), screen=screen,
+                   weak_screens=weak_screens(tr))
     for stage in ("steer", "audit"):
         if (run_dir / stage / "result.json").exists():
             ctx[stage] = read_json(run_dir / stage / "result.json")

@@ -55,9 +55,9 @@ def trace(run_dir: Path) -> str:
     r = _load(run_dir, "trace")
     names = r["phase_names"]
     out = ["| emotion | n | clean margin | phase | top feature (layer:id) | its effect | features for 50% / 80% | set "
-           "effect | "
-           "random control (same size) | top attribution: real / shuffled labels | effective n | strongest phase |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "effect | random control (same size) | top attribution: real / shuffled labels | effective n | "
+           "strongest phase | screen check: Spearman / top recall |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for lab, e in r["emotions"].items():
         for p, ph in e["phases"].items():
             f = ph["features"][0] if ph["features"] else None
@@ -70,14 +70,37 @@ def trace(run_dir: Path) -> str:
                        f"{'-' if f is None else ci(f['effect'], '{:.2f}')} | {need} | {ph['set_effect']:.2f} | "
                        f"{rc['mean']:.2f} [{rc['lo']:.2f}, {rc['hi']:.2f}] | {_num(ph.get('top_attribution'))} / "
                        f"{_num(ph.get('shuffled_label_top_attribution'))} | {ph['effective_n']:.1f} | "
-                       f"{names[e['strongest_phase']]} |")
+                       f"{names[e['strongest_phase']]} | {screen(ph.get('screen_check'))} |")
     for lab, why in r["skipped"].items():
         out.append(f"| {lab} | skipped: {why} |")
+    weak = weak_screens(r)
+    if weak:
+        out += ["", f"Attribution screen flagged ({', '.join(weak)}): its ranking disagrees with exact ablation or "
+                "a sampled feature beats every validated one; validate more candidates (trace.candidates) or "
+                "train better SAEs before reading the causal sets."]
     multi = {lab: t for lab, t in r.get("label_first_tokens", {}).items() if t["n_tokens"] > 1}
     if multi:
         out += ["", "Margins read the labels' first tokens; these labels have more, so their margin is a proxy: " +
                 ", ".join(f"{lab} ({t['n_tokens']} tokens, first {t['first']!r})" for lab, t in multi.items())]
     return "\n".join(out)
+
+
+def screen(c: dict | None) -> str:
+    """The screen check of one emotion and phase: Spearman [interval] / top recall, and a flag."""
+    if not c:
+        return "-"
+    s = c["spearman"]
+    rho = "-" if s["value"] != s["value"] else f"{s['value']:.2f}"
+    if s["lo"] is not None:
+        rho += f" [{s['lo']:.2f}, {s['hi']:.2f}]"
+    beaten = f", {len(c['beats_best'])} sampled beat the best" if c["beats_best"] else ""
+    return f"{rho} / {c['top_recall']['value']:.2f} (n = {s['n']}{beaten}){' FLAGGED' if c['flagged'] else ''}"
+
+
+def weak_screens(r: dict) -> list[str]:
+    """emotion/phase pairs whose attribution screen the check flagged."""
+    return [f"{lab} phase {int(p) + 1}" for lab, e in r["emotions"].items() for p, ph in e["phases"].items()
+            if (ph.get("screen_check") or {}).get("flagged")]
 
 
 def steer(run_dir: Path) -> str:

@@ -58,6 +58,11 @@ class TraceConfig(BaseModel):
     """Bootstrap resamples over examples for effect intervals."""
     seed: Seed = 0
     """Seed for random controls, shuffles and the bootstrap."""
+    screen_check: int = Field(8, ge=0)
+    """Random features with nonzero attribution per emotion and phase, ablated exactly beside the validated
+    candidates to measure how well the attribution screen ranks effects (0: skip)."""
+    min_screen_agreement: float = Field(0.5, ge=-1, le=1)
+    """A screen whose attribution-vs-exact Spearman is below this, or that a sampled feature beats, is flagged."""
 
 
 class TraceResult(StageResult):
@@ -92,6 +97,7 @@ class _Tracer:
     cfg: TraceConfig
     ctx: dict  # tokens, log_prior, baseline, kind: the keyword arguments of attribution/ablate
     rng: np.random.Generator
+    check_rng: np.random.Generator  # the screen check's own draws: the others stay as they were without it
 
     def ablate(self, prompts, gold, features) -> np.ndarray:
         return ablate(self.task.model, self.saes, prompts, gold, features=features, **self.ctx)
@@ -113,7 +119,7 @@ def trace(task: Task, saes: dict, evaluation: EvalResult, phases: PhasesResult,
     pool = preds if cfg.examples == "all" else preds[preds.correct_cal]
     baseline = _mean_features(task, by_layer, task.encode_all(preds.text)) if cfg.baseline == "mean" else None
     tr = _Tracer(task, by_layer, cfg, {"tokens": task.label_tokens, "log_prior": prior, "baseline": baseline,
-                                       "kind": cfg.margin}, rng)
+                                       "kind": cfg.margin}, rng, np.random.default_rng(cfg.seed + 7919))
     per_emotion, skipped, sets = {}, {}, {}
     for e, lab in enumerate(labels):
         rows = pool[pool.gold == lab]
@@ -170,10 +176,50 @@ def _validate_phase(tr: _Tracer, prompts, gold, clean, attr, est, layers) -> dic
     chosen, need = _greedy_sets(tr, prompts, gold, exact, clean)
     control = _random_control(tr, prompts, gold, clean, attr, layers, max(len(chosen), 1))
     joint = float((clean - tr.ablate(prompts, gold, _group(chosen))).mean()) if chosen else 0.0
-    return {"layers": layers, "features": exact, "rank_correlation": float(rho),
-            "n_for_50": need[0.5], "n_for_80": need[0.8], "set": chosen, "set_effect": joint,
-            **concentration([r["effect"]["value"] for r in exact]),
-            "random_control": control, "top_attribution": float(cand[0][0]) if cand else None}
+    out = {"layers": layers, "features": exact, "rank_correlation": float(rho),
+           "n_for_50": need[0.5], "n_for_80": need[0.8], "set": chosen, "set_effect": joint,
+           **concentration([r["effect"]["value"] for r in exact]),
+           "random_control": control, "top_attribution": float(cand[0][0]) if cand else None}
+    if tr.cfg.screen_check:
+        out["screen_check"] = _screen_check(tr, prompts, gold, clean, attr, est, layers, exact)
+    return out
+
+
+def _screen_check(tr: _Tracer, prompts, gold, clean, attr, est, layers, exact) -> dict | None:
+    """How far the attribution screen can be trusted here. `screen_check` random features of the phase with
+    nonzero attribution are ablated exactly beside the validated candidates: the Spearman correlation of
+    attribution and exact effect over all of them (bootstrap interval over features), the share of the
+    k largest exact effects that the screen had picked (k = candidates validated), and the sampled features
+    whose exact effect beats the best validated one (with the number expected in the whole phase)."""
+    chosen = {(r["layer"], r["feature"]) for r in exact}
+    live = [(layer, int(f)) for layer in layers for f in np.flatnonzero(np.abs(attr[layer]).sum(0) > 0)
+            if (layer, int(f)) not in chosen]
+    if not live or not exact:
+        return None
+    pick = [live[i] for i in tr.check_rng.choice(len(live), min(tr.cfg.screen_check, len(live)), replace=False)]
+    sampled = [(float(est[layer][f]), float((clean - tr.ablate(prompts, gold, {layer: [f]})).mean()), layer, f)
+               for layer, f in pick]
+    att = np.array([r["attribution"] for r in exact] + [s[0] for s in sampled])
+    eff = np.array([r["effect"]["value"] for r in exact] + [s[1] for s in sampled])
+    screened = np.arange(len(att)) < len(exact)
+    rho = _spearman(att, eff)
+    boot = [_spearman(att[i], eff[i]) for i in tr.check_rng.integers(0, len(att), (200, len(att)))]
+    boot = [b for b in boot if b == b]
+    best = max(r["effect"]["value"] for r in exact)
+    beats = [[layer, f, e] for _, e, layer, f in sampled if e > best]
+    recall = float(screened[np.argsort(-eff, kind="stable")[:len(exact)]].mean())
+    flagged = bool(rho != rho or rho < tr.cfg.min_screen_agreement or beats)
+    return {"sampled": len(pick), "pool": len(live) + len(exact),
+            "spearman": {"value": rho, "lo": float(np.percentile(boot, 2.5)) if boot else None,
+                         "hi": float(np.percentile(boot, 97.5)) if boot else None, "n": int(len(att))},
+            "top_recall": {"value": recall, "k": len(exact)}, "beats_best": beats,
+            "beats_best_expected": len(beats) / len(pick) * len(live), "flagged": flagged}
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
 
 
 def _random_control(tr: _Tracer, prompts, gold, clean, attr, layers, size: int) -> dict:
