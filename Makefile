@@ -26,6 +26,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15
 
 bench: $(STAMP)
+	# bench/trace.py reads the demo's run directory: made here, or resumed when it is already there
+	$(BIN)/emoscope run --config quick
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 clean:
