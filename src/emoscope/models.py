@@ -183,9 +183,11 @@ def _from_dir(path: str | Path, dtype: torch.dtype, device: str, trust_remote_co
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
     # safetensors only: a pickled checkpoint (pytorch_model.bin) can run code when loaded
     pickle_ok = os.environ.get("EMOSCOPE_ALLOW_PICKLE") == "1"
+    # weights go straight to the target device in the target dtype (no full float32 copy on the CPU first)
+    placement = {} if device == "cpu" else {"device_map": {"": device}}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 use_safetensors=None if pickle_ok else True, **kw)
-    return model.to(device).eval(), tok
+                                                 use_safetensors=None if pickle_ok else True, **placement, **kw)
+    return model.eval(), tok
 
 
 def _load_gguf(gguf: Path, dtype: torch.dtype, device: str):

@@ -21,6 +21,7 @@ from .config import STAGES, RunConfig
 from .data import check as check_data
 from .errors import EmoscopeError
 from .models import ModelConfig, ModelView, load_model
+from .resources import peak_memory
 from .stages import audit, evaluate, phases, saes, steer, trace
 from .stages.base import StageResult
 from .task import Task, TaskConfig
@@ -42,6 +43,7 @@ class RunContext:
         self._task: Task | None = None
         self._results: dict[str, StageResult] = {}
         self.load_seconds = 0.0
+        self.saes_device: str | None = None  # None: the model's device
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, device: str | None = None, dtype: str | None = None,
@@ -78,7 +80,8 @@ class RunContext:
             if not (folder / "result.json").exists():
                 raise EmoscopeError(f"{self.run_dir} has no {stage}/result.json: run the {stage} stage first")
             cls = RESULTS[stage]
-            self._results[stage] = cls.load(folder, self.model) if stage == "saes" else cls.load(folder)
+            self._results[stage] = cls.load(folder, self.model, self.saes_device) if stage == "saes" else \
+                cls.load(folder)
         res = self._results[stage]
         if check_model and stage == "evaluate" and res["model"]["name"] != self.model_config.name:
             raise EmoscopeError(f"{self.run_dir} was evaluated with {res['model']['name']}, not "
@@ -130,7 +133,9 @@ def run_stage(ctx: RunContext, stage: str, cfg, key: str | None = None) -> Stage
     work = ctx.run_dir / f".{stage}.work"
     shutil.rmtree(work, ignore_errors=True)
     try:
-        res = compute(ctx, stage, cfg, workdir=work)
+        with peak_memory() as mem:
+            res = compute(ctx, stage, cfg, workdir=work)
+        res.timing = {**(res.timing or {}), **mem}
         if key is not None:
             res.data["config_hash"] = key
         res.save(ctx.run_dir / stage)
@@ -157,6 +162,7 @@ def run(cfg: RunConfig, force: set[str] = frozenset(), log=print, progress_facto
     _make_dir(run_dir)
     log = _tee(log, run_dir / "run.log")
     ctx = RunContext(run_dir, cfg.model, cfg.stage_config("evaluate"), cfg.data_dir, log, progress_factory)
+    ctx.saes_device = cfg.saes.device
     with run_lock(run_dir, log), traceback_into(run_dir / "run.log"):
         if "evaluate" in cfg.stages and ("evaluate" in force or not is_current(run_dir, "evaluate", cfg)):
             check_data(ctx.task_config.data)  # bad data fails before the model is loaded

@@ -47,18 +47,19 @@ def apply_edits(view, saes: dict, edits: list[Edit], positions: torch.Tensor | N
     handles = []
     for layer, es in by_layer.items():
         sae = saes[layer]
-        idx = torch.tensor([e.feature for e in es])
-        val = torch.tensor([e.value for e in es])
+        idx = torch.tensor([e.feature for e in es], device=sae.W_dec.device)
+        val = torch.tensor([e.value for e in es], device=sae.W_dec.device)
         mode = [e.mode for e in es]
 
         def hook(mod, inp, out, sae=sae, idx=idx, val=val, mode=mode):
             t = out[0] if isinstance(out, tuple) else out
             x = t if positions is None else t[torch.arange(len(t), device=t.device), positions]
-            f = sae.encode(x.float())[..., idx]
+            x = x.to(sae.W_dec.device, torch.float32)
+            f = sae.encode(x)[..., idx]
             new = f.clone()
             for j, m in enumerate(mode):
                 new[..., j] = f[..., j] * val[j] if m == "scale" else f[..., j] + val[j] if m == "add" else val[j]
-            delta = ((new - f) @ sae.W_dec[idx]).to(t.dtype)
+            delta = (((new - f) @ sae.W_dec[idx]) * sae.out_scale(x)).to(t.device, t.dtype)
             if not torch.isfinite(delta).all():
                 raise EmoscopeError("steering produced non-finite activations: lower the strengths")
             t = t.clone()

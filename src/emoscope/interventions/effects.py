@@ -56,11 +56,14 @@ def attribution(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.
         margins.append(m.detach().cpu().numpy())
         for layer, gfull in zip(layers, grads):
             sae = saes[layer]
-            x = res[layer].detach()[rows, last].float()
-            gx = gfull[rows, last]
+            dev = sae.W_dec.device
+            x = res[layer].detach()[rows, last].to(dev, torch.float32)
+            gx = gfull[rows, last].to(dev, torch.float32)
             f = sae.encode(x)
-            base = torch.zeros_like(f) if baseline is None else baseline[layer].expand_as(f)
-            g_f = gx.float() @ sae.W_dec.detach().T  # d margin / d f = W_dec grad_x (decode is linear)
+            base = torch.zeros_like(f) if baseline is None else baseline[layer].to(dev).expand_as(f)
+            # d margin / d f = (W_dec grad_x) times the SAE's output scale (decode is linear; an edit's
+            # delta is rescaled into the residual with the scale of the unedited input, see edits.py)
+            g_f = (gx @ sae.W_dec.detach().T) * sae.out_scale(x)
             out[layer].append(((base - f) * g_f).detach().cpu().numpy())
     return {layer: np.concatenate(v) for layer, v in out.items()}, np.concatenate(margins)
 

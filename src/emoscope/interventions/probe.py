@@ -22,7 +22,7 @@ class ProbeSteer:
     def context(self, view, alpha: float, positions: torch.Tensor):
         """Within the block, forwards have the residual at `positions` steered by alpha (1 = unchanged)."""
         def fn(t):
-            rows = torch.arange(len(t))
+            rows = torch.arange(len(t), device=t.device)
             x = t[rows, positions].float()
             mu, U = self.mu.to(x.device), self.U.to(x.device)
             t = t.clone()

@@ -30,7 +30,7 @@ def save(sae: SAE, path: str | Path) -> Path:
     c = sae.cfg
     cfg = {
         "architecture": _TO_SAELENS[c.architecture], "d_in": c.d_in, "d_sae": c.d_sae, "dtype": "float32",
-        "device": "cpu", "apply_b_dec_to_input": c.apply_b_dec_to_input, "normalize_activations": "none",
+        "device": "cpu", "apply_b_dec_to_input": c.apply_b_dec_to_input, "normalize_activations": c.normalize,
         "reshape_activations": "none",
         # sae_lens_version marks the v6 config layout (metadata block), which is what this writes
         "metadata": {"sae_lens_version": "6.0.0", "hook_name": c.hook_name, "model_name": c.model_name,
@@ -70,14 +70,20 @@ def load(path: str | Path, device: str = "cpu") -> SAE:
     if arch is None:
         raise EmoscopeError(f"{path}: SAE architecture '{raw.get('architecture')}' is not supported (topk, jumprelu, "
                             "standard)")
-    if raw.get("normalize_activations", "none") not in ("none", None):
-        raise EmoscopeError(f"{path}: normalize_activations='{raw['normalize_activations']}' is not supported")
+    normalize = raw.get("normalize_activations") or "none"
+    if normalize not in ("none", "constant_norm_rescale", "layer_norm"):
+        # expected_average_only_in needs a dataset-wide factor that the folder does not hold: SAELens folds
+        # it into the weights when it loads the release (load those through the release id instead)
+        raise EmoscopeError(f"{path}: normalize_activations='{normalize}' is not supported here (none, "
+                            "constant_norm_rescale, layer_norm); load the SAE by its SAELens release id instead")
     meta = raw.get("metadata") or {}
     cfg = SAEConfig(
         d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]), architecture=arch, k=int(raw.get("k", 32)),
         hook_name=meta.get("hook_name", raw.get("hook_name", "")), model_name=meta.get("model_name",
                                                                                        raw.get("model_name", "")),
-        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)), extra=meta.get("emoscope", {}),
+        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)), normalize=normalize,
+        extra={**({"neuronpedia_id": meta["neuronpedia_id"]} if meta.get("neuronpedia_id") else {}),
+               **meta.get("emoscope", {})},
     )
     sae = SAE(cfg)
     want = {k: tuple(v.shape) for k, v in sae.state_dict().items()}

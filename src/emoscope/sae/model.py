@@ -32,6 +32,9 @@ class SAEConfig:
     """Model the SAE was trained on (checked when loading against a model)."""
     apply_b_dec_to_input: bool = True
     """Subtract b_dec from the input before encoding (False in e.g. Gemma Scope)."""
+    normalize: Literal["none", "constant_norm_rescale", "layer_norm"] = "none"
+    """Input normalisation (SAELens `normalize_activations`): each token is normalised before encoding and the
+    reconstruction mapped back, so feature edits act in the SAE's space and are rescaled into the residual."""
     extra: dict = field(default_factory=dict)
     """Free-form provenance (training tokens, seed, corpus) saved into cfg.json metadata."""
 
@@ -77,7 +80,25 @@ class SAE(nn.Module):
                 sae.threshold.fill_(1e-3)
         return sae
 
+    def norm_stats(self, x: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """Per-token (shift, scale): the reconstruction in the SAE's space maps back to the residual as
+        recon * scale + shift; (0, 1) without normalisation. As SAELens computes them (layer_norm divides the
+        input by std + 1e-5 but multiplies the output by std)."""
+        if self.cfg.normalize == "constant_norm_rescale":
+            return 0.0, x.norm(dim=-1, keepdim=True) / self.cfg.d_in ** 0.5
+        if self.cfg.normalize == "layer_norm":
+            return x.mean(-1, keepdim=True), (x - x.mean(-1, keepdim=True)).std(-1, keepdim=True)
+        return 0.0, 1.0
+
+    def out_scale(self, x: torch.Tensor) -> torch.Tensor | float:
+        """What a change of the reconstruction in the SAE's space is multiplied by in the residual."""
+        return self.norm_stats(x)[1]
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.W_enc.device, self.W_enc.dtype)  # activations from any device / dtype (no-op when equal)
+        if self.cfg.normalize != "none":
+            shift, scale = self.norm_stats(x)
+            x = (x - shift) / (scale + 1e-5 if self.cfg.normalize == "layer_norm" else scale)
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
         return x @ self.W_enc + self.b_enc
@@ -101,7 +122,11 @@ class SAE(nn.Module):
     def forward(self, x: torch.Tensor) -> SAEOutput:
         pre = self.pre_acts(x)
         feats = self.activate(pre)
-        return SAEOutput(self.decode(feats), feats, pre)
+        recon = self.decode(feats)
+        if self.cfg.normalize != "none":
+            shift, scale = self.norm_stats(x)
+            recon = recon * scale + shift
+        return SAEOutput(recon, feats, pre)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

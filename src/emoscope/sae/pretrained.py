@@ -7,6 +7,7 @@ against the model when one is given.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -16,18 +17,23 @@ from . import io
 from .model import SAE
 
 
-def load_saes(source, model=None, hooks: list[str] | None = None, ids: dict[str, str] | None = None,
+def load_saes(source, model=None, hooks: list[str] | None = None, ids: dict[str, str] | str | None = None,
               device: str | None = None) -> dict[str, SAE]:
     """hook name -> SAE, in layer order. `source`: a run directory (its `saes/`), a folder of SAE folders
-    named by hook, one SAE folder, a SAELens release id (with `ids`: hook -> sae_id), or a mapping hook ->
-    SAE / `sae_lens.SAE`. `hooks` picks some; `model` (a ModelView) checks width and layer range, and
-    is where the SAEs go unless `device` says otherwise."""
-    dev = device or (str(model.device) if model is not None else "cpu")
+    named by hook, one SAE folder, a SAELens release id, or a mapping hook -> SAE / `sae_lens.SAE`.
+    For a release, `ids` is a mapping hook -> sae_id, a template such as `layer_{layer}/width_16k/canonical`
+    (filled in for each of `hooks`), or `all` (every hook the release has one SAE for, found in SAELens's
+    release directory). `hooks` picks some; `model` (a ModelView) checks width and layer range, and is
+    where the SAEs go unless `device` says otherwise."""
+    from ..models import resolve_device
+
+    dev = resolve_device(device) if device else str(model.device) if model is not None else "cpu"
     if isinstance(source, dict):
         saes = {name: _convert(sae, name, dev) for name, sae in source.items()}
     elif Path(source).is_dir():
         saes = _from_folder(Path(source), hooks, dev)
     elif ids:
+        ids = release_ids(str(source), ids, hooks)
         saes = _from_release(str(source), ids, hooks or list(ids), dev)
     else:
         raise EmoscopeError(f"SAE folder not found: {source} (for a SAELens release, also give ids: hook -> sae_id)")
@@ -96,4 +102,75 @@ def _from_release(release: str, ids: dict[str, str], hooks: list[str], device: s
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise EmoscopeError(f"cannot load SAELens release {release} / {ids[hook]}: {why}") from None
         out[hook] = _convert(lens[0] if isinstance(lens, tuple) else lens, hook, device)
+        out[hook].cfg.hook_name = hook  # e.g. blocks.L.hook_resid_pre is read here as blocks.(L-1).hook_resid_post
+        np_id = (_directory().get(release) and _directory()[release].neuronpedia_id or {}).get(ids[hook])
+        if np_id:
+            out[hook].cfg.extra = {**out[hook].cfg.extra, "neuronpedia_id": np_id}
+        out[hook].cfg.extra = {**out[hook].cfg.extra, "release": release, "sae_id": ids[hook]}
     return out
+
+
+# Hook names from the sae_ids of the suites in SAELens's directory: Gemma Scope (layer_12/width_16k/...,
+# kind from the release name), Llama Scope (l12r_8x: r residual, m MLP, a attention output), and
+# TransformerLens-named ids (blocks.12.hook_resid_post; resid_pre of block L is resid_post of L - 1).
+_GEMMA_KIND = {"res": "resid_post", "mlp": "mlp_out"}
+_LLAMA_KIND = {"r": "resid_post", "m": "mlp_out", "a": "attn_out"}
+
+
+def hook_of(release: str, sae_id: str) -> str | None:
+    """The emoscope hook an SAE of a release reads, or None where emoscope has no such hook."""
+    if m := re.fullmatch(r"blocks\.(\d+)\.hook_(resid_post|resid_pre|attn_out|mlp_out)", sae_id):
+        layer, kind = int(m.group(1)), m.group(2)
+        if kind == "resid_pre":
+            return HookPoint(layer - 1).name if layer > 0 else None
+        return HookPoint(layer, kind).name
+    if m := re.match(r"layer_(\d+)/", sae_id):
+        kind = next((v for k, v in _GEMMA_KIND.items() if f"-{k}" in release), None)
+        return HookPoint(int(m.group(1)), kind).name if kind else None
+    if m := re.fullmatch(r"l(\d+)([rma])_\w+", sae_id):
+        return HookPoint(int(m.group(1)), _LLAMA_KIND[m.group(2)]).name
+    return None
+
+
+def _directory() -> dict:
+    try:
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+    except ImportError:
+        return {}
+    return get_pretrained_saes_directory()
+
+
+def release_ids(release: str, ids: dict[str, str] | str, hooks: list[str] | None) -> dict[str, str]:
+    """hook -> sae_id for a release, from a mapping (as given), a template with {layer}, or `all`."""
+    if isinstance(ids, dict):
+        return ids
+    if ids != "all":
+        if "{layer}" not in ids:
+            raise EmoscopeError(f"pretrained_ids '{ids}' must be a mapping hook -> sae_id, 'all', or a template "
+                                "with {layer}, e.g. layer_{layer}/width_16k/canonical")
+        if hooks is None:
+            raise EmoscopeError("an sae_id template needs the hooks (layers) to fill it in for")
+        out = {h: ids.replace("{layer}", str(HookPoint.parse(h).layer)) for h in hooks}
+        known = _directory().get(release)
+        unknown = [i for i in out.values() if known is not None and i not in known.saes_map]
+        if unknown:
+            raise EmoscopeError(f"release {release} has no SAE {unknown[0]} (from the template '{ids}')")
+        return out
+    known = _directory().get(release)
+    if known is None:
+        raise EmoscopeError(f"'{release}' is not in SAELens's release directory (installed sae_lens): give "
+                            "pretrained_ids as a template or a mapping hook -> sae_id")
+    found: dict[str, list[str]] = {}
+    for sae_id in known.saes_map:
+        hook = hook_of(release, sae_id)
+        if hook is not None and (hooks is None or hook in hooks):
+            found.setdefault(hook, []).append(sae_id)
+    several = {h: v for h, v in found.items() if len(v) > 1}
+    if several:
+        h, v = next(iter(several.items()))
+        example = re.sub(r"(?<=layer_)\d+|(?<=^l)\d+", "{layer}", v[0])
+        raise EmoscopeError(f"release {release} has {len(v)} SAEs for {h} ({', '.join(v[:3])}): choose one per "
+                            f"layer with an sae_id template, e.g. pretrained_ids: '{example}'")
+    if not found:
+        raise EmoscopeError(f"release {release} has no SAE for the requested hooks")
+    return {h: v[0] for h, v in sorted(found.items(), key=lambda kv: HookPoint.parse(kv[0]).layer)}

@@ -21,7 +21,7 @@ def splice(view: ModelView, hp: HookPoint, fn):
     """Context manager: replace the hook's activation by fn(activation) at positions >= 1 during forwards."""
     def edit(t):
         new = t.clone()
-        new[:, 1:] = fn(t[:, 1:]).to(t.dtype)
+        new[:, 1:] = fn(t[:, 1:]).to(t.device, t.dtype)
         return new
     return edit_output(view, hp, edit)
 
@@ -39,7 +39,7 @@ def lm_loss(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, chunk: int =
         logits = view.logits_from_resid(h[i:i + chunk]).float()
         ce = F.cross_entropy(logits, tgt[i:i + chunk], reduction="none")
         total += (ce * valid[i:i + chunk]).sum().double()
-    return torch.stack([total, valid.sum().double()])
+    return torch.stack([total, valid.sum().double().cpu()])
 
 
 @torch.no_grad()
@@ -48,7 +48,7 @@ def evaluate_saes(view: ModelView, saes: dict[str, SAE], batches: list[tuple[tor
     """Per-hook quality metrics on the given held-out (ids, mask) batches."""
     hooks = [HookPoint.parse(n) for n in saes]
     sums = {n: {"sq_err": 0.0, "sq_tot": 0.0, "cos": 0.0, "l0": 0.0, "n": 0, "sum_x": 0.0, "sum_x2": 0.0} for n in saes}
-    fires = {n: torch.zeros(s.cfg.d_sae, dtype=torch.long) for n, s in saes.items()}
+    fires = {n: torch.zeros(s.cfg.d_sae, dtype=torch.long, device=s.W_dec.device) for n, s in saes.items()}
     clean = torch.zeros(2, dtype=torch.float64)
     for ids, mask in batches:
         keep = mask.bool().clone()
@@ -56,7 +56,7 @@ def evaluate_saes(view: ModelView, saes: dict[str, SAE], batches: list[tuple[tor
         with record(view, hooks) as acts:
             view.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
         for n, sae in saes.items():
-            x = acts[n][keep].float()
+            x = acts[n][keep].to(sae.W_dec.device, torch.float32)
             out = sae(x)
             s = sums[n]
             s["sq_err"] += float((out.recon - x).pow(2).sum())

@@ -93,7 +93,10 @@ def _harvest(view: ModelView, hooks: list[HookPoint], seqs: list[list[int]]) -> 
     keep[:, 0] = False  # the first position (BOS) is an outlier the SAEs are not meant to explain
     with torch.no_grad(), record(view, hooks) as acts:
         view.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-    return {h.name: acts[h.name][keep].float() for h in hooks}
+    out = {h.name: acts[h.name][keep].float() for h in hooks}
+    if view.device.type == "cuda":  # the shuffle buffer lives in (pinned) CPU memory, not on the GPU
+        out = {n: a.cpu().pin_memory() for n, a in out.items()}
+    return out
 
 
 class _Layer:
@@ -233,8 +236,10 @@ def _layer_stats(st: "_Layer", cfg: SAETrainConfig, last: int = 20) -> dict:
 
 
 def train_layers(view: ModelView, cfg: SAETrainConfig, data_dir=None,
-                 progress: Callable[[int], None] | None = None) -> tuple[dict[str, SAE], dict]:
-    """Train one SAE per requested layer from a single stream of LLM forwards. Returns SAEs and stats."""
+                 progress: Callable[[int], None] | None = None, device=None) -> tuple[dict[str, SAE], dict]:
+    """Train one SAE per requested layer from a single stream of LLM forwards, on `device` (default the
+    model's). Returns the SAEs (on that device) and stats."""
+    device = torch.device(device) if device is not None else view.device
     layers = cfg.layers if cfg.layers is not None else list(range(view.n_layers))
     if not layers:
         raise EmoscopeError("no layers to train SAEs for")
@@ -242,7 +247,7 @@ def train_layers(view: ModelView, cfg: SAETrainConfig, data_dir=None,
     if cfg.k > cfg.expansion * view.d_model:
         raise EmoscopeError(f"saes.train.k = {cfg.k} is more than the {cfg.expansion * view.d_model} features of "
                             f"each SAE (expansion {cfg.expansion} x d_model {view.d_model})")
-    fast = _fast_dtype(cfg.fast_matmul, view.device)
+    fast = _fast_dtype(cfg.fast_matmul, device)
     torch.manual_seed(cfg.seed)
     batches = _batches(sequences(view, "train", cfg.context, cfg.seed, cfg.mix, data_dir), cfg.seqs_per_forward)
     t0, t_fwd, seen = time.time(), 0.0, 0
@@ -263,10 +268,10 @@ def train_layers(view: ModelView, cfg: SAETrainConfig, data_dir=None,
         take = min(n_buf, cfg.tokens - seen)
         perm = torch.randperm(n_buf, generator=gen)[:take]
         for h in hooks:
-            x = torch.cat(buf[h.name])[perm].to(view.device)
+            x = torch.cat(buf[h.name])[perm].to(device, non_blocking=True)
             buf[h.name] = []
             if h.name not in states:  # first buffer: scale and b_dec init from data
-                states[h.name] = _Layer.start(cfg, h, x, view.name, view.device)
+                states[h.name] = _Layer.start(cfg, h, x, view.name, device)
             st = states[h.name]
             x = x / st.scale
             for i in range(0, take - cfg.batch_tokens + 1, cfg.batch_tokens):
@@ -281,5 +286,5 @@ def train_layers(view: ModelView, cfg: SAETrainConfig, data_dir=None,
     saes = {}
     for name, st in states.items():
         stats["layers"][name] = _layer_stats(st, cfg)
-        saes[name] = st.export({"tokens": seen, "seed": cfg.seed, "k": cfg.k, "expansion": cfg.expansion})
+        saes[name] = st.export({"tokens": seen, "seed": cfg.seed, "k": cfg.k, "expansion": cfg.expansion}).to(device)
     return saes, stats

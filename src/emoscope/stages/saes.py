@@ -14,8 +14,9 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..artifacts import config_hash
+from ..constraints import Device
 from ..hooks import HookPoint
-from ..models import ModelView
+from ..models import ModelView, resolve_device
 from ..sae import io
 from ..sae.model import SAE
 from ..sae.pretrained import load_saes
@@ -35,8 +36,12 @@ class SAEStageConfig(BaseModel):
     pretrained: str | None = None
     """Folder of SAELens-format SAE folders (one per hook), or a SAELens release id (online), to load instead of
     training."""
-    pretrained_ids: dict[str, str] = {}
-    """With a SAELens release: hook name -> sae_id in that release (e.g. layer_12/width_16k/canonical)."""
+    pretrained_ids: dict[str, str] | str = {}
+    """With a SAELens release: an sae_id template filled in for every layer (layer_{layer}/width_16k/canonical),
+    `all` (every hook the release has one SAE for), or a mapping hook name -> sae_id."""
+    device: Device | None = Field(None, exclude=True)
+    """Where the SAEs live (cpu, cuda, cuda:N, auto); unset: the model's device. Every later stage uses them there.
+    Placement only: not part of the stage's hash or saved config."""
     eval_seqs: int = Field(48, ge=1)
     """Held-out sequences for evaluation."""
     eval_context: int = Field(128, ge=8)
@@ -67,12 +72,13 @@ class SAEsResult(StageResult):
         super()._write(folder)
 
     @classmethod
-    def load(cls, folder: str | Path, model: ModelView | None = None) -> "SAEsResult":
+    def load(cls, folder: str | Path, model: ModelView | None = None, device: str | None = None) -> "SAEsResult":
+        """The result and its SAEs, placed on `device` (default: the model's device, else the CPU)."""
         res = super().load(folder)
         if model is not None and res.data["model"] != model.name:
             from ..errors import EmoscopeError
             raise EmoscopeError(f"{folder} holds SAEs for {res.data['model']}, not {model.name}")
-        res.saes = load_saes(folder, model, hooks=res.data["hooks"], device="cpu")
+        res.saes = load_saes(folder, model, hooks=res.data["hooks"], device=device)
         return res
 
 
@@ -93,12 +99,13 @@ def compute(model: ModelView, cfg: SAEStageConfig, data_dir=None, progress=None)
     t0 = time.time()
     layers = cfg.train.layers if cfg.train.layers is not None else list(range(model.n_layers))
     hooks = [HookPoint(model.check_layer(layer), cfg.train.kind) for layer in layers]
+    device = resolve_device(cfg.device) if cfg.device else model.device
     if cfg.pretrained:
         ids = cfg.pretrained_ids or None
-        saes = load_saes(cfg.pretrained, model, hooks=[h.name for h in hooks], ids=ids)
+        saes = load_saes(cfg.pretrained, model, hooks=[h.name for h in hooks], ids=ids, device=str(device))
         train_stats = {"pretrained": cfg.pretrained}
     else:
-        saes, train_stats = train_layers(model, cfg.train, data_dir, progress)
+        saes, train_stats = train_layers(model, cfg.train, data_dir, progress, device=device)
     t_train = time.time() - t0
     batches = heldout_batches(model, cfg.eval_seqs, cfg.eval_context, cfg.train.seed, data_dir=data_dir)
     quality = evaluate_saes(model, saes, batches, ce=cfg.ce)
@@ -115,6 +122,9 @@ def compute(model: ModelView, cfg: SAEStageConfig, data_dir=None, progress=None)
         "train": {k: v for k, v in train_stats.items() if k not in ("seconds", "forward_seconds", "tokens_per_second")},
         "quality": quality,
     }
+    public = {h: s.cfg.extra["neuronpedia_id"] for h, s in saes.items() if s.cfg.extra.get("neuronpedia_id")}
+    if public:  # the release's public dashboards, linked from the report's feature cards
+        data["neuronpedia"] = public
     timing = {"train_seconds": round(t_train, 1), "eval_seconds": round(t_eval, 1),
               **{k: train_stats[k] for k in ("seconds", "forward_seconds", "tokens_per_second") if k in train_stats}}
     return SAEsResult(data, timing=timing, saes=saes)
