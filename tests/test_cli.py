@@ -98,7 +98,8 @@ def test_unknown_force_stage_and_set_are_one_line_errors(tmp_path):
     _one_line_error(cli("run", "--config", "quick", "--force", "trace_stage"), "--force trace_stage: unknown stage")
     _one_line_error(cli("run", "--config", "quick", "--set", "phases.fdr"), "--set takes key=value")
     _one_line_error(cli("run", "--config", "quick", "--set", "phases.fdr=2"), "phases.fdr")
-    _one_line_error(cli("run", "--config", "no-such-config"), "shipped configs: full, full-smollm2, gemma2-2b-gemmascope, quick")
+    _one_line_error(cli("run", "--config", "no-such-config"),
+                    "shipped configs: full, full-smollm2, gemma2-2b-gemmascope, quick")
 
 
 def test_plain_progress_for_logs():
@@ -125,7 +126,8 @@ def test_internal_error_is_one_line_pointing_at_the_saved_traceback(tmp_path, ti
     monkeypatch.setattr(evaluate_stage, "evaluate", planted_bug)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "model": {"name": str(tiny_dir)},
-                                   "stages": ["evaluate"], "evaluate": {"data": {"dataset": str(toy_data), "per_class": 4}}}))
+                                   "stages": ["evaluate"],
+                                   "evaluate": {"data": {"dataset": str(toy_data), "per_class": 4}}}))
     with pytest.raises(SystemExit) as e:
         app.main(["run", "--config", str(cfg)])
     assert e.value.code == 1

@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from emoscope.interventions.perturb import apply_precision, perturb_text, rtn_quantize_, template_variants
+from emoscope.interventions.perturb import (apply_precision, perturb_text, precision_applied, rtn_quantize_,
+                                            template_variants)
 from emoscope.errors import EmoscopeError
 from emoscope.task.prompts import Template
 from tiny import tiny_model
@@ -38,6 +39,32 @@ def test_apply_precision_and_unknown_schemes():
         apply_precision(v, "int5x")
     with pytest.raises(EmoscopeError, match="unsupported bit width"):
         rtn_quantize_(torch.randn(2, 8), 1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_precision_in_place_is_undone_bit_for_bit(arch, tmp_path, monkeypatch):
+    """The audit changes the loaded model in place; afterwards every parameter and buffer (dtype and bytes)
+    and the logits are as before, and the originals were parked on disk, not in memory."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    v = tiny_model(arch)
+    before = {n: t.clone() for n, t in [*v.model.named_parameters(), *v.model.named_buffers()]}
+    ids = torch.tensor([[1, 5, 9, 12, 7]])
+    clean = v.model(ids).logits
+    for precision in ["bfloat16", "float16", "int8", "int4", "int3"]:
+        with precision_applied(v, precision, group_size=16) as info:
+            changed = v.model(ids).logits
+            assert info["precision"] == precision and not torch.equal(changed.float(), clean)
+            assert any(p.name.startswith("emoscope-weights-") for p in tmp_path.iterdir())
+        after = dict([*v.model.named_parameters(), *v.model.named_buffers()])
+        assert all(before[n].dtype == after[n].dtype and torch.equal(before[n], after[n]) for n in before), precision
+        assert torch.equal(v.model(ids).logits, clean)
+    assert not list(tmp_path.iterdir())  # nothing left behind
+    with pytest.raises(RuntimeError, match="planted"):  # undone after an error too
+        with precision_applied(v, "int4", group_size=16):
+            raise RuntimeError("planted")
+    assert torch.equal(v.model(ids).logits, clean)
 
 
 def test_text_and_template_perturbations():

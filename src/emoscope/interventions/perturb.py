@@ -12,7 +12,11 @@ weight-only RTN kernels, not a speed-up.
 from __future__ import annotations
 
 import random
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -64,6 +68,55 @@ def apply_precision(view, precision: str, group_size: int = 128) -> dict:
     return {"precision": precision,
             "method": f"weight-only group-wise RTN fake quantization, {bits} bits, group {group_size}",
             "linear_layers": n}
+
+
+def _changed_tensors(view, precision: str) -> dict[str, torch.Tensor]:
+    """The tensors a precision change rewrites: every floating parameter and buffer for a cast, the
+    linear weights of the blocks for RTN (tied parameters once)."""
+    if precision in ("float32", "bfloat16", "float16"):
+        named = [*view.model.named_parameters(), *view.model.named_buffers()]
+        return {n: t for n, t in named if t.is_floating_point()}
+    prefix = view.blocks_path + "."
+    return {f"{prefix}{i}.{n}.weight": m.weight for i, block in enumerate(view.blocks)
+            for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _by_name(model: nn.Module, names) -> dict[str, torch.Tensor]:
+    every = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return {n: every[n] for n in names}
+
+
+@contextmanager
+def precision_applied(view, precision: str, group_size: int = 128):
+    """Within the block the loaded model runs at `precision` (yields what was done); afterwards its weights
+    are restored bit for bit. The originals wait in raw files in a temporary folder (written and read back
+    one tensor at a time, memory-mapped), so a second copy of the model is never held in memory."""
+    if precision not in PRECISIONS:
+        raise EmoscopeError(f"unknown precision '{precision}': choose {', '.join(PRECISIONS)}")
+    changed = _changed_tensors(view, precision)
+    dtypes = {n: t.dtype for n, t in changed.items()}
+    with tempfile.TemporaryDirectory(prefix="emoscope-weights-") as tmp:
+        for i, t in enumerate(changed.values()):
+            _raw(t).numpy().tofile(Path(tmp) / str(i))  # a contiguous CPU tensor is written without a copy
+        try:
+            yield apply_precision(view, precision, group_size)
+        finally:
+            with torch.no_grad():
+                for i, (n, t) in enumerate(_by_name(view.model, changed).items()):
+                    if t.dtype != dtypes[n]:  # a cast replaced it: back to the loaded dtype, then the loaded bytes
+                        t.data = t.data.to(dtypes[n])
+                    if t.numel():
+                        kept = np.memmap(Path(tmp) / str(i), dtype=_INT[t.element_size()], mode="c", shape=t.numel())
+                        t.copy_(torch.from_numpy(kept).view(t.dtype).view(t.shape))
+
+
+_INT = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """A CPU view of a tensor's bytes as an integer type NumPy can write (bfloat16 has no NumPy dtype)."""
+    cpu = t.detach().cpu().contiguous()
+    return cpu.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[cpu.element_size()])
 
 
 def perturb_text(text: str, kind: str, rng: random.Random, rate: float = 0.05) -> str:

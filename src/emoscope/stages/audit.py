@@ -18,8 +18,8 @@ the examples whose prediction flipped. Thresholds turn the audit into a deployme
 
 from __future__ import annotations
 
-import copy
 import random
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Annotated, Callable, Literal
 
@@ -34,8 +34,8 @@ from ..errors import EmoscopeError, validated
 from ..hooks import layer_of
 from ..interventions.answers import answer_batches, answer_resid, first_token_prior
 from ..interventions.effects import ablate
-from ..interventions.perturb import PRECISIONS, apply_precision, perturb_text, template_variants
-from ..models import ModelView, load_model
+from ..interventions.perturb import PRECISIONS, perturb_text, precision_applied, template_variants
+from ..models import ModelConfig, ModelView, load_model
 from ..task import Task, TaskConfig, calibrate
 from ..task.metrics import classification_metrics
 from ..task.prompts import Template
@@ -149,9 +149,9 @@ class _Reference:
 def audit(task: Task, saes: dict, evaluation: EvalResult, phases: PhasesResult | None = None,
           trace: TraceResult | None = None, config: AuditConfig | dict | None = None,
           load_model: Callable[[str | None], ModelView] | None = None, progress=None) -> AuditResult:
-    """Compare every candidate with the reference on the evaluated examples. `load_model(name=None)`
-    returns a fresh float32 copy of the model (or another checkpoint) for precision and model candidates;
-    by default it reloads the task's model as it was loaded (or copies a model built in memory)."""
+    """Compare every candidate with the reference on the evaluated examples. Precision candidates change
+    the task's model in place and restore it bit for bit (one model in memory); `load_model(name)` loads
+    the checkpoint of a `model` candidate (default: float32, on the reference's device)."""
     cfg = config if isinstance(config, AuditConfig) else validated(AuditConfig, config or {}, "audit.")
     ref = _reference(task, saes, evaluation, phases, trace, cfg)
     load_view = load_model or _reloader(task.model)
@@ -170,11 +170,11 @@ def audit(task: Task, saes: dict, evaluation: EvalResult, phases: PhasesResult |
     return AuditResult(data)
 
 
-def _reloader(view: ModelView) -> Callable[[str | None], ModelView]:
-    def load(name: str | None = None) -> ModelView:
-        if view.settings is not None:
-            return load_model(view.settings.model_copy(update={"name": name or view.settings.name, "dtype": "float32"}))
-        return copy.deepcopy(view) if name is None else load_model(name)
+def _reloader(view: ModelView) -> Callable[[str], ModelView]:
+    """Loads a `model` candidate where and as the reference was loaded (float32 unless told otherwise)."""
+    def load(name: str) -> ModelView:
+        settings = view.settings or ModelConfig(device=str(view.device))
+        return load_model(settings.model_copy(update={"name": name, "dtype": "float32"}))
     return load
 
 
@@ -270,36 +270,43 @@ def _causal_sets(trace: TraceResult | None, phases: PhasesResult | None) -> dict
     return {}
 
 
-def _candidate(cand: Candidate, ref: _Reference, load_view) -> tuple[Task, list[str], dict]:
-    """The candidate's task (prompt, demonstrations, model) and input texts, and what was done to the model."""
-    view, info = ref.task.model, {}
+@contextmanager
+def _candidate(cand: Candidate, ref: _Reference, load_view):
+    """Within the block: the candidate's task (prompt, demonstrations, model) and input texts, and what was
+    done to the model. A precision change applies to the loaded weights in place and is undone afterwards
+    (one model in memory); a `model` candidate is loaded beside the reference."""
+    view = ref.task.model
     if cand.model is not None:
         view = load_view(cand.model)
         if view.tokenizer.get_vocab() != ref.task.model.tokenizer.get_vocab():
             raise EmoscopeError(f"candidate {cand.name}: {cand.model} has another tokenizer than the reference; "
                                 "features could not be aligned, so it cannot be audited against it")
-    if cand.precision is not None:
-        view = load_view(cand.model) if view is ref.task.model else view
-        info = apply_precision(view, cand.precision, ref.cfg.group_size)
     changes = {k: v for k, v in (("template", cand.template), ("shots", cand.shots), ("seed", cand.demo_seed))
                if v is not None}
     texts = ref.texts
     if cand.text is not None:
         r = random.Random(ref.cfg.seed)
         texts = [perturb_text(t, cand.text, r) for t in texts]
-    return ref.task.variant(model=view, **changes), texts, info
+    precision = precision_applied(view, cand.precision, ref.cfg.group_size) if cand.precision else nullcontext({})
+    with precision as info:
+        yield ref.task.variant(model=view, **changes), texts, info
 
 
 def _compare(cand: Candidate, ref: _Reference, load_view) -> dict:
-    task, texts, info = _candidate(cand, ref, load_view)
-    cur = _observe(task, texts, ref.saes)
+    with _candidate(cand, ref, load_view) as (task, texts, info):
+        cur = _observe(task, texts, ref.saes)
+        cur["effects"] = _ablation_effects(task, texts, ref.saes, ref.causal, ref.labels, ref.abl_idx)
+    return _verdict(cand, ref, cur, info)
+
+
+def _verdict(cand: Candidate, ref: _Reference, cur: dict, info: dict) -> dict:
+    """The candidate's row: accuracy and flips, drift, causal survival and effect retained, detection, failed."""
     y, labels = ref.y, ref.labels
     cur["pred"] = np.where(cur["non_finite"], (y + 1) % len(labels), cur["pred"])  # never the gold label
     acc = _accuracy(ref, cur)
     drift = _drift(ref, cur)
     survival, fdrift, total = _survival(ref, cur)
-    effect = retained(ref.obs["effects"], _ablation_effects(task, texts, ref.saes, ref.causal, labels, ref.abl_idx),
-                      np.random.default_rng(ref.cfg.seed + 3), ref.cfg.n_boot)
+    effect = retained(ref.obs["effects"], cur["effects"], np.random.default_rng(ref.cfg.seed + 3), ref.cfg.n_boot)
     flipped = ref.obs["pred"] != cur["pred"]
     t = ref.cfg.thresholds
     failed = (cur["non_finite"].any() or (-acc["accuracy_change"]["value"] > t.max_accuracy_drop)
