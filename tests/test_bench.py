@@ -36,9 +36,11 @@ ARGS = {
     "sae_train.py": lambda tiny, run: ["--model", tiny, "--layer", "1", "--tokens", "1024", "--test-tokens", "256",
                                        "--expansion", "2", "--k", "4", "--batch", "256"],
     "trace.py": lambda tiny, run: [run, "--n", "2", "--topk", "2", "--sample", "2", "--whole", "1"],
+    # the large-model path on a narrow model with many layers and wide SAEs (the tiny model's tokenizer)
+    "scale.py": lambda tiny, run: ["--sizes", "deep", "--tokenizer", tiny],
 }
 KEYS = {"score_labels.py": "speedup", "capture.py": None, "sae_train.py": None,
-        "trace.py": "speedup_vs_cached_exhaustive"}
+        "trace.py": "speedup_vs_cached_exhaustive", "scale.py": "deep_peak_over_bytes"}
 
 
 @pytest.mark.parametrize("script", sorted(ARGS))
@@ -53,3 +55,7 @@ def test_bench_script_runs(script, tiny_dir, tiny_run, tmp_path):
     assert all(not isinstance(v, (dict, list)) for v in figures.values()), "--json writes a flat object"
     if KEYS[script]:
         assert KEYS[script] in figures
+    if script == "scale.py":  # every stage ran and recorded its time and peak memory
+        stages = ("evaluate", "saes", "phases", "trace", "steer", "audit")
+        assert all(figures[f"deep_{s}_s"] > 0 and figures[f"deep_{s}_peak_gb"] > 0 for s in stages)
+        assert figures["deep_layers"] == 16 and figures["deep_sae_width"] == 2048

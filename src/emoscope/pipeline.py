@@ -133,9 +133,10 @@ def run_stage(ctx: RunContext, stage: str, cfg, key: str | None = None) -> Stage
     work = ctx.run_dir / f".{stage}.work"
     shutil.rmtree(work, ignore_errors=True)
     try:
+        t0 = time.time()
         with peak_memory() as mem:
             res = compute(ctx, stage, cfg, workdir=work)
-        res.timing = {**(res.timing or {}), **mem}
+        res.timing = {**(res.timing or {}), "stage_seconds": round(time.time() - t0, 2), **mem}
         if key is not None:
             res.data["config_hash"] = key
         res.save(ctx.run_dir / stage)
