@@ -1,5 +1,6 @@
 """TopK SAE: hand-written sparse gradients equal autograd; training recovers a planted dictionary."""
 
+import pytest
 import torch
 
 from emoscope.sae.topk_step import topk_grads
@@ -161,3 +162,72 @@ def test_resampling_revives_dead_latents_in_training():
     assert stats[0]["dead_frac_train"] > 0.4 and stats[0]["resampled"] == 0
     assert stats[20]["resampled"] > 0 and stats[20]["dead_frac_train"] < stats[0]["dead_frac_train"] / 2
     assert stats[20]["train_fvu_last"] < stats[0]["train_fvu_last"]
+
+
+def _tiny_cfg(**kw):
+    from emoscope.sae.train import SAETrainConfig
+
+    return SAETrainConfig(layers=[0, 1, 2], tokens=3000, expansion=2, k=4, batch_tokens=256, buffer_tokens=1024,
+                          seqs_per_forward=4, fast_matmul="float32", **kw)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return list(a) == list(b) and all(torch.equal(x, y) for h in a for x, y in
+                                      zip(a[h].state_dict().values(), b[h].state_dict().values()))
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_training_resumes_from_a_checkpoint_bit_for_bit(arch, tiny_llama, shared_data, tmp_path):
+    """Interrupted after its second buffer (a checkpoint after each), training resumes where the checkpoint
+    left it and ends with the SAEs of an uninterrupted run; layer groups that fit a memory budget, too."""
+    from emoscope.sae.train import layer_groups, train_layers
+
+    cfg = _tiny_cfg(architecture=arch, checkpoint_minutes=1e-9)
+    clean, clean_stats = train_layers(tiny_llama, cfg, data_dir=shared_data)
+    done = []
+
+    def interrupt(n):
+        done.append(n)
+        if len(done) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_layers(tiny_llama, cfg, data_dir=shared_data, progress=interrupt, checkpoint_dir=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["train-0-2.pt"]
+    resumed_at = []
+    saes, stats = train_layers(tiny_llama, cfg, data_dir=shared_data, progress=resumed_at.append,
+                               checkpoint_dir=tmp_path)
+    assert resumed_at[0] == done[0]  # picked up after the first buffer, the last checkpoint
+    assert _same(saes, clean) and stats["layers"] == clean_stats["layers"]
+    # another config does not resume from this checkpoint
+    other, _ = train_layers(tiny_llama, _tiny_cfg(architecture=arch, seed=1), data_dir=shared_data,
+                            checkpoint_dir=tmp_path)
+    assert not _same(other, clean)
+    # groups: a budget for about one layer's SAE at a time trains them one by one, with the same result
+    tight = _tiny_cfg(architecture=arch, max_memory_gb=(16 * 2 * 64 * 32 + 4 * 1024 * 32) * 1.5 / 2**30)
+    assert [[h for h in g] for g in layer_groups([0, 1, 2], 32, tight)] == [[0], [1], [2]]
+    grouped, gstats = train_layers(tiny_llama, tight, data_dir=shared_data)
+    assert _same(grouped, clean) and gstats["groups"] == [[0], [1], [2]]
+    assert "max_memory_gb" not in tight.model_dump() and "checkpoint_minutes" not in tight.model_dump()
+
+
+def test_saes_stage_keeps_trained_saes_before_evaluating(tiny_llama, shared_data, tmp_path, monkeypatch):
+    """A saes stage killed during evaluation does not train again: the trained SAEs wait in the checkpoint folder."""
+    from emoscope.sae import quality
+    from emoscope.stages import saes as stage
+
+    cfg = stage.SAEStageConfig(train=_tiny_cfg().model_dump(), eval_seqs=2, ce=False)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, "evaluate_saes", killed)
+    with pytest.raises(KeyboardInterrupt):
+        stage.compute(tiny_llama, cfg, shared_data, checkpoint_dir=tmp_path)
+    assert (tmp_path / "trained" / "stats.json").is_file()
+    monkeypatch.setattr(stage, "evaluate_saes", quality.evaluate_saes)
+    monkeypatch.setattr(stage, "train_layers", killed)  # must not train again
+    res = stage.compute(tiny_llama, cfg, shared_data, checkpoint_dir=tmp_path)
+    monkeypatch.undo()
+    fresh = stage.compute(tiny_llama, cfg, shared_data)
+    assert res.data == fresh.data and _same(res.saes, fresh.saes)

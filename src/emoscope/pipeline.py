@@ -22,10 +22,13 @@ from .data import check as check_data
 from .errors import EmoscopeError
 from .models import ModelConfig, ModelView, load_model
 from .resources import peak_memory
+from .sae.train import layer_groups
 from .stages import audit, evaluate, phases, saes, steer, trace
 from .stages.base import StageResult
 from .task import Task, TaskConfig
 
+# SAE training checkpoints and trained SAEs awaiting evaluation, so a killed saes stage resumes
+CHECKPOINTS = ".saes.checkpoint"
 RESULTS: dict[str, type[StageResult]] = {
     "evaluate": evaluate.EvalResult, "saes": saes.SAEsResult, "phases": phases.PhasesResult,
     "trace": trace.TraceResult, "steer": steer.SteerResult, "audit": audit.AuditResult}
@@ -103,7 +106,7 @@ def compute(ctx: RunContext, stage: str, cfg, workdir: Path | None = None) -> St
         res.timing = {"load": round(ctx.load_seconds, 2), **res.timing}
         return res
     if stage == "saes":
-        return saes.compute(ctx.model, cfg, ctx.data_dir, prog)
+        return saes.compute(ctx.model, cfg, ctx.data_dir, prog, checkpoint_dir=ctx.run_dir / CHECKPOINTS)
     ev = ctx.result("evaluate")
     if stage == "phases":
         return phases.phases(ctx.task, ctx.saes, ev, cfg, prog, workdir=workdir)
@@ -119,7 +122,8 @@ def compute(ctx: RunContext, stage: str, cfg, workdir: Path | None = None) -> St
 def _total(ctx: RunContext, stage: str, cfg) -> int | None:
     """The number of progress steps a stage reports, where it is known before the stage runs."""
     if stage == "saes" and not cfg.pretrained:
-        return cfg.train.tokens
+        layers = cfg.train.layers if cfg.train.layers is not None else list(range(ctx.model.n_layers))
+        return cfg.train.tokens * len(layer_groups(layers, ctx.model.d_model, cfg.train))
     if stage == "phases":
         return len(ctx.result("saes")["hooks"])
     return None
@@ -140,6 +144,8 @@ def run_stage(ctx: RunContext, stage: str, cfg, key: str | None = None) -> Stage
         if key is not None:
             res.data["config_hash"] = key
         res.save(ctx.run_dir / stage)
+        if stage == "saes":
+            shutil.rmtree(ctx.run_dir / CHECKPOINTS, ignore_errors=True)  # saved: no longer needed
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ctx._results.pop(stage, None)  # later stages read what was saved

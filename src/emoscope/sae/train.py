@@ -10,12 +10,15 @@ activations and report features in raw units, with unit-norm decoder rows.
 from __future__ import annotations
 
 import math
+import os
 import time
+from pathlib import Path
 from typing import Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..artifacts import config_hash
 from ..hooks import HookPoint, pad_batch, record
 from ..errors import EmoscopeError
 from ..models import ModelView
@@ -70,6 +73,13 @@ class SAETrainConfig(BaseModel):
     """Weights of WikiText / plain emotion text / task prompts."""
     seed: Seed = 0
     """Seed for initialisation, corpus order and shuffling."""
+    max_memory_gb: float | None = Field(None, gt=0, exclude=True)
+    """Memory for the SAEs trained at once (weights, gradients and Adam state: 16 bytes a parameter, plus each layer's
+    shuffle buffer): layers are trained in groups that fit, each group sharing its LLM forwards, with the same result
+    as all at once; unset: all layers at once. Not part of the hash."""
+    checkpoint_minutes: float = Field(10.0, gt=0, exclude=True)
+    """Minutes between training checkpoints when training into a run directory: a killed run resumes from the last
+    one with the same result. Not part of the hash."""
 
 
 def _fast_dtype(choice: str, device) -> torch.dtype:
@@ -192,6 +202,26 @@ class _Layer:
                 and steps <= 0.7 * cfg.tokens / cfg.batch_tokens):
             self.resample(x, cfg, fast)
 
+    def state(self) -> dict:
+        """Everything a resumed run needs to continue bit for bit (CPU tensors and plain values)."""
+        names = ["W_enc_T", "b_enc", "W_dec", "b_dec"] + (["log_threshold"] if self.arch == "jumprelu" else [])
+        return {"params": {n: getattr(self, n).detach().cpu() for n in names}, "opt": self.opt.state_dict(),
+                "since_fired": self.since_fired.cpu(), "stats": self.stats, "resampled": self.resampled,
+                "scale": self.scale, "gen": self.gen.get_state()}
+
+    @classmethod
+    def restore(cls, blob: dict, cfg: SAETrainConfig, hp: HookPoint, model_name: str, device) -> "_Layer":
+        p = blob["params"]
+        st = cls(cfg, hp, p["W_dec"].shape[1], blob["scale"], p["b_dec"], model_name, device)
+        with torch.no_grad():
+            for n, t in p.items():
+                getattr(st, n).copy_(t)
+        st.opt.load_state_dict(blob["opt"])
+        st.since_fired = blob["since_fired"].to(device)
+        st.stats, st.resampled = blob["stats"], blob["resampled"]
+        st.gen.set_state(blob["gen"])
+        return st
+
     def export(self, extra: dict) -> SAE:
         """Fold the training scale back in: features and thresholds in raw units, decoder unit-norm."""
         d, m = self.W_dec.shape[1], self.W_dec.shape[0]
@@ -235,10 +265,21 @@ def _layer_stats(st: "_Layer", cfg: SAETrainConfig, last: int = 20) -> dict:
             "resampled": st.resampled}
 
 
-def train_layers(view: ModelView, cfg: SAETrainConfig, data_dir=None,
-                 progress: Callable[[int], None] | None = None, device=None) -> tuple[dict[str, SAE], dict]:
-    """Train one SAE per requested layer from a single stream of LLM forwards, on `device` (default the
-    model's). Returns the SAEs (on that device) and stats."""
+def layer_groups(hooks: list[HookPoint], d: int, cfg: SAETrainConfig) -> list[list[HookPoint]]:
+    """Consecutive layers in groups whose training memory fits `max_memory_gb` (one group when unset)."""
+    if cfg.max_memory_gb is None:
+        return [hooks]
+    m = cfg.expansion * d
+    per_layer = 16 * (2 * m * d + 2 * m + d) + 4 * cfg.buffer_tokens * d
+    size = max(1, int(cfg.max_memory_gb * 2**30 // per_layer))
+    return [hooks[i:i + size] for i in range(0, len(hooks), size)]
+
+
+def train_layers(view: ModelView, cfg: SAETrainConfig, data_dir=None, progress: Callable[[int], None] | None = None,
+                 device=None, checkpoint_dir: Path | None = None) -> tuple[dict[str, SAE], dict]:
+    """Train one SAE per requested layer, on `device` (default the model's): every layer of a group from one
+    stream of LLM forwards (groups by `max_memory_gb`). With `checkpoint_dir`, training state is saved there
+    every `checkpoint_minutes` and a rerun resumes from it. Returns the SAEs (on that device) and stats."""
     device = torch.device(device) if device is not None else view.device
     layers = cfg.layers if cfg.layers is not None else list(range(view.n_layers))
     if not layers:
@@ -247,17 +288,53 @@ def train_layers(view: ModelView, cfg: SAETrainConfig, data_dir=None,
     if cfg.k > cfg.expansion * view.d_model:
         raise EmoscopeError(f"saes.train.k = {cfg.k} is more than the {cfg.expansion * view.d_model} features of "
                             f"each SAE (expansion {cfg.expansion} x d_model {view.d_model})")
+    t0, t_fwd, saes, per_layer = time.time(), 0.0, {}, {}
+    groups = layer_groups(hooks, view.d_model, cfg)
+    for group in groups:
+        ckpt = checkpoint_dir / f"train-{group[0].layer}-{group[-1].layer}.pt" if checkpoint_dir else None
+        states, seen, t = _train_group(view, cfg, group, data_dir, progress, device, ckpt)
+        t_fwd += t
+        for name, st in states.items():
+            per_layer[name] = _layer_stats(st, cfg)
+            saes[name] = st.export({"tokens": seen, "seed": cfg.seed, "k": cfg.k,
+                                    "expansion": cfg.expansion}).to(device)
+    wall = time.time() - t0
+    stats = {"tokens": seen, "seconds": round(wall, 1), "forward_seconds": round(t_fwd, 1),
+             "tokens_per_second": round(seen / wall, 1),
+             "fast_matmul": str(_fast_dtype(cfg.fast_matmul, device)).replace("torch.", ""), "layers": per_layer}
+    if len(groups) > 1:
+        stats["groups"] = [[h.layer for h in g] for g in groups]
+    return saes, stats
+
+
+def _train_group(view: ModelView, cfg: SAETrainConfig, hooks: list[HookPoint], data_dir, progress, device,
+                 ckpt: Path | None) -> tuple[dict[str, "_Layer"], int, float]:
+    """One stream of LLM forwards training every hook's SAE; resumes from `ckpt` when it holds this run's state."""
     fast = _fast_dtype(cfg.fast_matmul, device)
     torch.manual_seed(cfg.seed)
     batches = _batches(sequences(view, "train", cfg.context, cfg.seed, cfg.mix, data_dir), cfg.seqs_per_forward)
-    t0, t_fwd, seen = time.time(), 0.0, 0
+    key = config_hash(cfg, view.name, [h.name for h in hooks], str(data_dir))
+    t_fwd, seen, n_batches = 0.0, 0, 0
     states: dict[str, _Layer] = {}
     gen = torch.Generator().manual_seed(cfg.seed)
+    if ckpt is not None and ckpt.is_file():
+        blob = torch.load(ckpt, weights_only=True)
+        if blob.get("key") == key:
+            seen, n_batches, t_fwd = blob["seen"], blob["n_batches"], blob["t_fwd"]
+            gen.set_state(blob["gen"])
+            torch.set_rng_state(blob["rng"])
+            states = {h.name: _Layer.restore(blob["layers"][h.name], cfg, h, view.name, device) for h in hooks}
+            for _ in range(n_batches):  # the corpus where it was: tokenising only, no forwards
+                next(batches)
+            if progress:
+                progress(seen)
+    last_save = time.time()
     buf: dict[str, list[torch.Tensor]] = {h.name: [] for h in hooks}
     n_buf = 0
     while seen < cfg.tokens:
         t = time.time()
         acts = _harvest(view, hooks, next(batches))
+        n_batches += 1
         t_fwd += time.time() - t
         n = next(iter(acts.values())).shape[0]
         for name, a in acts.items():
@@ -280,11 +357,16 @@ def train_layers(view: ModelView, cfg: SAETrainConfig, data_dir=None,
         n_buf = 0
         if progress:
             progress(take)
-    wall = time.time() - t0
-    stats = {"tokens": seen, "seconds": round(wall, 1), "forward_seconds": round(t_fwd, 1),
-             "tokens_per_second": round(seen / wall, 1), "fast_matmul": str(fast).replace("torch.", ""), "layers": {}}
-    saes = {}
-    for name, st in states.items():
-        stats["layers"][name] = _layer_stats(st, cfg)
-        saes[name] = st.export({"tokens": seen, "seed": cfg.seed, "k": cfg.k, "expansion": cfg.expansion}).to(device)
-    return saes, stats
+        if ckpt is not None and seen < cfg.tokens and time.time() - last_save > 60 * cfg.checkpoint_minutes:
+            _save_checkpoint(ckpt, {"key": key, "seen": seen, "n_batches": n_batches, "t_fwd": t_fwd,
+                                    "gen": gen.get_state(), "rng": torch.get_rng_state(),
+                                    "layers": {n: st.state() for n, st in states.items()}})
+            last_save = time.time()
+    return states, seen, t_fwd
+
+
+def _save_checkpoint(path: Path, blob: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)

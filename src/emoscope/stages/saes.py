@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..artifacts import config_hash
+from ..artifacts import config_hash, read_json, write_json
 from ..constraints import Device
 from ..hooks import HookPoint
 from ..models import ModelView, resolve_device
@@ -95,7 +95,10 @@ def train_saes(model: ModelView, config: SAEStageConfig | dict | None = None, da
     return compute(model, cfg, data_dir, progress)
 
 
-def compute(model: ModelView, cfg: SAEStageConfig, data_dir=None, progress=None) -> SAEsResult:
+def compute(model: ModelView, cfg: SAEStageConfig, data_dir=None, progress=None,
+            checkpoint_dir: Path | None = None) -> SAEsResult:
+    """Train or load, then evaluate. With `checkpoint_dir`, training checkpoints and the trained SAEs are
+    kept there before evaluation, so a killed stage resumes (training) or skips training (evaluation)."""
     t0 = time.time()
     layers = cfg.train.layers if cfg.train.layers is not None else list(range(model.n_layers))
     hooks = [HookPoint(model.check_layer(layer), cfg.train.kind) for layer in layers]
@@ -105,7 +108,7 @@ def compute(model: ModelView, cfg: SAEStageConfig, data_dir=None, progress=None)
         saes = load_saes(cfg.pretrained, model, hooks=[h.name for h in hooks], ids=ids, device=str(device))
         train_stats = {"pretrained": cfg.pretrained}
     else:
-        saes, train_stats = train_layers(model, cfg.train, data_dir, progress, device=device)
+        saes, train_stats = _trained(model, cfg, data_dir, progress, device, checkpoint_dir)
     t_train = time.time() - t0
     batches = heldout_batches(model, cfg.eval_seqs, cfg.eval_context, cfg.train.seed, data_dir=data_dir)
     quality = evaluate_saes(model, saes, batches, ce=cfg.ce)
@@ -128,3 +131,20 @@ def compute(model: ModelView, cfg: SAEStageConfig, data_dir=None, progress=None)
     timing = {"train_seconds": round(t_train, 1), "eval_seconds": round(t_eval, 1),
               **{k: train_stats[k] for k in ("seconds", "forward_seconds", "tokens_per_second") if k in train_stats}}
     return SAEsResult(data, timing=timing, saes=saes)
+
+
+def _trained(model: ModelView, cfg: SAEStageConfig, data_dir, progress, device, checkpoint_dir: Path | None):
+    """Train (resuming from checkpoints), and keep the result in `checkpoint_dir/trained` before anything
+    else runs; the SAEs already there when they come from this same training."""
+    if checkpoint_dir is None:
+        return train_layers(model, cfg.train, data_dir, progress, device=device)
+    done, key = checkpoint_dir / "trained", config_hash(cfg.train, model.name, str(data_dir))
+    marker = done / "stats.json"
+    if marker.is_file() and read_json(marker).get("key") == key:
+        stats = read_json(marker)["stats"]
+        return {h: io.load(done / h, str(device)) for h in stats["layers"]}, stats
+    saes, stats = train_layers(model, cfg.train, data_dir, progress, device=device, checkpoint_dir=checkpoint_dir)
+    for h, sae in saes.items():
+        io.save(sae, done / h)
+    write_json(marker, {"key": key, "stats": stats})  # written last: the folder is complete
+    return saes, stats
