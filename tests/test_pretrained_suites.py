@@ -107,6 +107,10 @@ def test_sae_device_setting(tiny_llama, tmp_path):
     from emoscope.stages.saes import SAEStageConfig
 
     assert "device" not in SAEStageConfig(device="cpu").model_dump()  # placement is not part of the hash
+    if not torch.cuda.is_available():  # the setting reaches the stage through a config object too
+        from emoscope.stages.saes import train_saes
+        with pytest.raises(EmoscopeError, match="CUDA is not available"):
+            train_saes(tiny_llama, SAEStageConfig(device="cuda"), layers=[1])
     with pytest.raises(EmoscopeError, match="CUDA is not available"):
         if torch.cuda.is_available():
             pytest.skip("CUDA present")

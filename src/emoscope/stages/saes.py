@@ -88,11 +88,18 @@ def train_saes(model: ModelView, config: SAEStageConfig | dict | None = None, da
     `profile` (quick, full) and `train` keys (layers, tokens, k, expansion, ...) override the config."""
     from ..errors import validated
 
-    base = config.model_dump() if isinstance(config, BaseModel) else dict(config or {})
+    base = _fields(config) if isinstance(config, BaseModel) else dict(config or {})
     overlay = {**PROFILES[profile], **train} if profile else train
     stage_keys = {k: overlay.pop(k) for k in list(overlay) if k in SAEStageConfig.model_fields and k != "train"}
-    cfg = validated(SAEStageConfig, {**base, **stage_keys, "train": {**dict(base.get("train") or {}), **overlay}})
+    train_base = base.get("train") or {}
+    train_base = _fields(train_base) if isinstance(train_base, BaseModel) else dict(train_base)
+    cfg = validated(SAEStageConfig, {**base, **stage_keys, "train": {**train_base, **overlay}})
     return compute(model, cfg, data_dir, progress)
+
+
+def _fields(cfg: BaseModel) -> dict:
+    """Every field's value, placement-only ones too (model_dump leaves out fields marked exclude)."""
+    return {k: getattr(cfg, k) for k in type(cfg).model_fields}
 
 
 def compute(model: ModelView, cfg: SAEStageConfig, data_dir=None, progress=None,
