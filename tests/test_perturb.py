@@ -2,6 +2,8 @@
 
 import random
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -83,3 +85,32 @@ def test_text_and_template_perturbations():
     assert sorted(order) == sorted(labels) and order != labels
     assert vs["system_prompt"].system and template_variants(Template(system="x"),
                                                             labels)["system_prompt"].system is None
+
+
+def test_gguf_types_are_llama_cpp_bit_exact():
+    """A gguf:TYPE candidate holds exactly gguf.dequantize(gguf.quantize(w)) in every tensor llama.cpp stores in
+    that type (the blocks' 2-D weights and this untied embedding; the output projection, Q6_K in llama.cpp,
+    stays), and is undone."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import dequantize, quantize
+    from emoscope.interventions.perturb import check_precision, gguf_types
+
+    assert {"Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"} <= set(gguf_types())
+    v = tiny_model("llama")  # d_model 32: rows a multiple of the 32-value blocks
+    weights = {n: p.detach().clone() for n, p in v.model.named_parameters()}
+    ids = torch.tensor([[1, 5, 9, 12, 7]])
+    clean = v.model(ids).logits
+    for t in ("Q8_0", "Q4_0", "Q5_1"):
+        with precision_applied(v, f"gguf:{t}") as info:
+            assert info["tensors"] == 4 * 7 + 1 and info["method"].startswith(f"llama.cpp {t}")
+            for n, p in v.model.named_parameters():
+                w = weights[n].numpy()
+                if (n.startswith("model.layers.") and p.dim() == 2) or n == "model.embed_tokens.weight":
+                    kind = getattr(gguf.GGMLQuantizationType, t)
+                    want = dequantize(quantize(w, kind), kind).reshape(w.shape)
+                    assert np.array_equal(p.detach().numpy(), want), n
+                else:
+                    assert torch.equal(p, weights[n]), n
+        assert torch.equal(v.model(ids).logits, clean)
+    with pytest.raises(EmoscopeError, match="gguf:Q8_0"):
+        check_precision("gguf:Q4_K")  # k-quants: the gguf package cannot produce them, listed choices instead

@@ -7,10 +7,20 @@ cut into groups of `group_size` values, each group is scaled symmetrically to th
 float, as in common weight-only schemes. The error of every weight is at most half its group's
 step (scale / 2), which a test checks. This is a faithful simulation of the arithmetic of
 weight-only RTN kernels, not a speed-up.
+
+llama.cpp formats (`gguf:Q8_0`, `gguf:Q5_1`, `gguf:Q5_0`, `gguf:Q4_1`, `gguf:Q4_0`, and any other type the
+installed `gguf` package can quantize): each weight is quantized and dequantized by the `gguf` package
+itself (`gguf.quants.quantize` / `dequantize`), so the model holds exactly the values llama.cpp would
+compute with. They apply to the tensors llama.cpp stores in that type: every 2-D weight of the
+transformer blocks and an untied token embedding. The output projection (or a tied embedding, which
+serves as it) stays in float: llama.cpp stores it as Q6_K, which the `gguf` package cannot produce. A
+tensor whose rows are not a multiple of the type's block size stays in float (llama.cpp falls back to
+another type there); both are counted in what the change reports.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import tempfile
 from contextlib import contextmanager
@@ -51,10 +61,83 @@ def rtn_quantize_(weight: torch.Tensor, bits: int, group_size: int = 128) -> tor
     return step[..., 0]
 
 
+@functools.cache
+def gguf_types() -> tuple[str, ...]:
+    """The llama.cpp quantization types the installed `gguf` package can produce (quantize and dequantize)."""
+    try:
+        from gguf import GGMLQuantizationType
+        from gguf.constants import GGML_QUANT_SIZES
+        from gguf.quants import dequantize, quantize
+    except ImportError:
+        return ()
+    out = []
+    for t in GGMLQuantizationType:
+        if t.name in ("F32", "F16", "BF16", "F64") or t not in GGML_QUANT_SIZES:
+            continue
+        try:
+            dequantize(quantize(np.zeros((1, 256), np.float32), t), t)
+        except (NotImplementedError, ValueError, TypeError, KeyError):
+            continue
+        out.append(t.name)
+    return tuple(out)
+
+
+def check_precision(precision: str) -> str:
+    """The precision itself, or one line naming the choices."""
+    if precision in PRECISIONS or (precision.startswith("gguf:") and precision[5:] in gguf_types()):
+        return precision
+    kinds = ", ".join([*PRECISIONS, *(f"gguf:{t}" for t in gguf_types())])
+    raise EmoscopeError(f"unknown precision '{precision}': choose {kinds}")
+
+
+def gguf_quantize_(weight: torch.Tensor, type_name: str) -> bool:
+    """Replace a 2-D weight in place by its llama.cpp quantize-dequantize round trip (through the gguf
+    package); False, unchanged, when its rows are not a multiple of the type's block size."""
+    from gguf import GGMLQuantizationType
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.quants import dequantize, quantize
+
+    t = GGMLQuantizationType[type_name]
+    if weight.shape[-1] % GGML_QUANT_SIZES[t][0]:
+        return False
+    w = weight.detach().float().cpu().numpy()
+    with torch.no_grad():
+        weight.copy_(torch.from_numpy(dequantize(quantize(w, t), t).reshape(w.shape)).to(weight.dtype))
+    return True
+
+
+def _apply_gguf(view, type_name: str) -> dict:
+    done = skipped = 0
+    for w in _gguf_targets(view):
+        if gguf_quantize_(w, type_name):
+            done += 1
+        else:
+            skipped += 1
+    return {"precision": f"gguf:{type_name}", "method": f"llama.cpp {type_name} round trip through gguf "
+            f"{_version('gguf')}", "tensors": done,
+            "kept_float": {"output projection / tied embedding (llama.cpp: Q6_K)": 1, "rows not a multiple of the "
+                           "block size": skipped}}
+
+
+def _gguf_targets(view) -> list[torch.Tensor]:
+    """The tensors llama.cpp stores in the file's type: the blocks' 2-D weights and an untied token embedding."""
+    emb, out = view.model.get_input_embeddings().weight, view.model.get_output_embeddings().weight
+    blocks = [p for p in view.blocks.parameters() if p.dim() == 2]
+    return blocks + ([emb] if emb.data_ptr() != out.data_ptr() else [])
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "?"
+
+
 def apply_precision(view, precision: str, group_size: int = 128) -> dict:
     """Change the loaded model in place to the given precision; returns what was done."""
-    if precision not in PRECISIONS:
-        raise EmoscopeError(f"unknown precision '{precision}': choose {', '.join(PRECISIONS)}")
+    if check_precision(precision).startswith("gguf:"):
+        return _apply_gguf(view, precision[5:])
     if precision in ("float32", "bfloat16", "float16"):
         view.model.to(getattr(torch, precision))
         return {"precision": precision, "method": "cast"}
@@ -76,6 +159,9 @@ def _changed_tensors(view, precision: str) -> dict[str, torch.Tensor]:
     if precision in ("float32", "bfloat16", "float16"):
         named = [*view.model.named_parameters(), *view.model.named_buffers()]
         return {n: t for n, t in named if t.is_floating_point()}
+    if precision.startswith("gguf:"):
+        targets = {id(t) for t in _gguf_targets(view)}
+        return {n: p for n, p in view.model.named_parameters() if id(p) in targets}
     prefix = view.blocks_path + "."
     return {f"{prefix}{i}.{n}.weight": m.weight for i, block in enumerate(view.blocks)
             for n, m in block.named_modules() if isinstance(m, nn.Linear)}
@@ -91,9 +177,7 @@ def precision_applied(view, precision: str, group_size: int = 128):
     """Within the block the loaded model runs at `precision` (yields what was done); afterwards its weights
     are restored bit for bit. The originals wait in raw files in a temporary folder (written and read back
     one tensor at a time, memory-mapped), so a second copy of the model is never held in memory."""
-    if precision not in PRECISIONS:
-        raise EmoscopeError(f"unknown precision '{precision}': choose {', '.join(PRECISIONS)}")
-    changed = _changed_tensors(view, precision)
+    changed = _changed_tensors(view, check_precision(precision))
     dtypes = {n: t.dtype for n, t in changed.items()}
     with tempfile.TemporaryDirectory(prefix="emoscope-weights-") as tmp:
         for i, t in enumerate(changed.values()):

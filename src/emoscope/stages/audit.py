@@ -26,7 +26,7 @@ from typing import Annotated, Callable, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..analysis.drift import auroc_or_none, derangement, jaccard_topk, phase_drift, retained, rowcorr
 from ..artifacts import config_hash
@@ -34,7 +34,7 @@ from ..errors import EmoscopeError, validated
 from ..hooks import layer_of
 from ..interventions.answers import answer_batches, answer_resid, first_token_prior
 from ..interventions.effects import ablate
-from ..interventions.perturb import PRECISIONS, perturb_text, precision_applied, template_variants
+from ..interventions.perturb import PRECISIONS, check_precision, perturb_text, precision_applied, template_variants
 from ..models import ModelConfig, ModelView, load_model
 from ..task import Task, TaskConfig, calibrate
 from ..task.metrics import classification_metrics
@@ -44,6 +44,13 @@ from .evaluate import EvalResult
 from .phases import PhasesResult
 from .trace import TraceResult
 from ..constraints import Seed
+
+
+def _known_precision(v: str) -> str:
+    try:
+        return check_precision(v)
+    except EmoscopeError as e:
+        raise ValueError(str(e)) from None
 
 
 class Candidate(BaseModel):
@@ -58,8 +65,9 @@ class Candidate(BaseModel):
     """Seed drawing other demonstrations."""
     text: Literal["lower", "upper", "whitespace", "typos"] | None = None
     """Noise applied to every input text."""
-    precision: Literal["float32", "bfloat16", "float16", "int8", "int4", "int3"] | None = None
-    """Weight precision: float32, bfloat16, float16, or weight-only RTN int8 / int4 / int3."""
+    precision: Annotated[str, AfterValidator(_known_precision)] | None = None
+    """Weight precision: float32, bfloat16, float16, weight-only RTN int8 / int4 / int3, or a llama.cpp type
+    through the gguf package (gguf:Q8_0, gguf:Q5_1, gguf:Q5_0, gguf:Q4_1, gguf:Q4_0, ...)."""
     model: str | None = None
     """Another checkpoint of the same model (same tokenizer), e.g. a quantized export."""
 
