@@ -80,6 +80,9 @@ def test_identical_candidate_and_planted_breakage(planted_run):
     res = run_audit(AuditConfig(candidates=cands, n_boot=200, causal_features=causal), d / "run", view,
                     lambda name=None: load_model(str(view.name)))
     same, changed = res["candidates"]
+    # provenance: what the reference weights are, and what each candidate changed
+    assert "checkpoint" in res["reference"]["weights"] and res["reference"]["weights"].endswith("run in float32")
+    assert same["changed"] == {} and set(changed["changed"]) == {"template"}
     assert same["flip_rate"] == 0 and same["accuracy_change"]["value"] == 0 and same["causal_survival"] == 1.0
     assert all(v["jaccard"] == 1.0 and v["corr"] > 0.999 for v in same["drift"].values()) and not same["failed"]
     # drift is also read against unrelated inputs: zero for the identical candidate, positive for the changed one

@@ -41,3 +41,14 @@ def test_auto_dtype():
     assert resolve_dtype("auto", "cuda") == torch.bfloat16
     native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+
+
+def test_weights_are_described_for_results():
+    """What the reference weights are, read from the GGUF header (fast) or the checkpoint's config."""
+    from emoscope.models import REGISTRY, gguf_file_type
+
+    try:
+        files = {name: spec.gguf() for name, spec in REGISTRY.items()}
+    except Exception:
+        pytest.skip("embedded GGUF packages not installed")
+    assert gguf_file_type(files["gemma3-270m"]) == "Q4_K_M" and gguf_file_type(files["smollm2-135m-instruct"]) == "Q4_1"

@@ -103,6 +103,7 @@ class ModelView:
     path: str | None = None  # local directory the weights came from (the safetensors cache for GGUF)
     blocks_path: str = "model.layers"  # attribute path of the blocks (for tools that wrap the model)
     settings: ModelConfig | None = None  # how it was loaded (None: built in memory, e.g. a test model)
+    weights: str | None = None  # what the weights are, e.g. "Q4_K_M GGUF (x.gguf) dequantised, run in float32"
 
     @property
     def n_layers(self) -> int:
@@ -245,7 +246,58 @@ def load_model(name: str | ModelConfig = DEFAULT_MODEL, device: str = "auto", dt
     cfg = name
     view = _load(cfg)
     view.settings = cfg
+    view.weights = describe_weights(cfg.name, view)
     return view
+
+
+def describe_weights(name: str, view: ModelView) -> str:
+    """Where the weights come from and in what precision they run (for results that compare precisions)."""
+    run_in = str(view.dtype).replace("torch.", "")
+    gguf = REGISTRY[name].gguf() if name in REGISTRY else Path(name) if str(name).endswith(".gguf") else None
+    if gguf is not None:
+        kind = gguf_file_type(gguf)
+        return f"{kind or 'quantized'} GGUF ({gguf.name}), dequantised, run in {run_in}"
+    stored = getattr(view.model.config, "torch_dtype", None) or getattr(view.model.config, "dtype", None)
+    stored = str(stored).replace("torch.", "") if stored is not None else "unknown-precision"
+    return f"{stored} checkpoint ({name}), run in {run_in}"
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_file_type(path: Path) -> str | None:
+    """The GGUF's `general.file_type` as llama.cpp names it (Q4_K_M, Q4_1, F16, ...), read from the header
+    alone (the gguf package's reader maps every tensor first: seconds); None when absent or unreadable."""
+    import struct
+
+    def scalar(f, t):
+        fmt = _GGUF_SCALARS[t]
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+    def skip(f, t):
+        if t == 8:
+            f.seek(scalar(f, 10), 1)
+        elif t == 9:
+            et, n = scalar(f, 4), scalar(f, 10)
+            for _ in range(n):
+                skip(f, et)
+        else:
+            scalar(f, t)
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return None
+            scalar(f, 4), scalar(f, 10)
+            for _ in range(scalar(f, 10)):
+                key = f.read(scalar(f, 10)).decode("utf-8", "replace")
+                t = scalar(f, 4)
+                if key == "general.file_type":
+                    from gguf import LlamaFileType
+                    return LlamaFileType(scalar(f, t)).name.replace("MOSTLY_", "")
+                skip(f, t)
+    except (OSError, struct.error, KeyError, ValueError):
+        return None
+    return None
 
 
 def _load(cfg: ModelConfig) -> ModelView:

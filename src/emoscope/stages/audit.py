@@ -172,7 +172,10 @@ def audit(task: Task, saes: dict, evaluation: EvalResult, phases: PhasesResult |
     view = task.model
     data = {"stage": "audit", "config_hash": config_hash(cfg, view.name), "config": cfg.model_dump(mode="json"),
             "model": view.name, "labels": ref.labels, "n": int(len(ref.y)), "seed": cfg.seed, "n_phases": ref.n_phases,
-            "reference_accuracy": float((ref.obs["pred"] == ref.y).mean()), "candidates": rows,
+            "reference_accuracy": float((ref.obs["pred"] == ref.y).mean()),
+            "reference": {"weights": view.weights or "a model built in memory, run in "
+                                                     + str(view.dtype).replace("torch.", "")},
+            "candidates": rows,
             "unrelated_drift": {str(layer): v for layer, v in ref.unrelated.items()},
             "failed": [r["name"] for r in rows if r["failed"]]}
     return AuditResult(data)
@@ -320,8 +323,10 @@ def _verdict(cand: Candidate, ref: _Reference, cur: dict, info: dict) -> dict:
     failed = (cur["non_finite"].any() or (-acc["accuracy_change"]["value"] > t.max_accuracy_drop)
               or (flipped.mean() > t.max_flip_rate) or (survival is not None and survival < t.min_causal_survival)
               or (t.min_effect_retained is not None and effect is not None and effect["value"] < t.min_effect_retained))
-    return {"name": cand.name, **info, **acc, **drift, "causal_survival": survival, "causal_effect": effect,
-            "detection_auroc": _detection(ref, cur, flipped, fdrift if total else None), "failed": bool(failed)}
+    changed = cand.model_dump(mode="json", exclude_none=True, exclude={"name"})
+    return {"name": cand.name, "changed": changed, **info, **acc, **drift, "causal_survival": survival,
+            "causal_effect": effect, "detection_auroc": _detection(ref, cur, flipped, fdrift if total else None),
+            "failed": bool(failed)}
 
 
 def _accuracy(ref: _Reference, cur: dict) -> dict:
