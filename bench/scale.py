@@ -43,13 +43,14 @@ GEMMA2_2B = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, nu
                  num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
                  sliding_window=4096, max_position_embeddings=8192, attn_logit_softcapping=50.0,
                  final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6)
+SHORT = dict(sliding_window=256, max_position_embeddings=1024)  # tiny test models: short caches
 # name: (config overrides of Gemma-2-2B, SAE width). `deep` (a narrow model with many layers and wide
 # SAEs) and `tiny` are for the test suite.
 SIZES = {
     "tiny": (dict(vocab_size=None, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16), 256),
+                  num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, **SHORT), 256),
     "deep": (dict(vocab_size=None, hidden_size=32, intermediate_size=64, num_hidden_layers=16, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16), 2048),
+                  num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, **SHORT), 2048),
     "small": (dict(hidden_size=576, intermediate_size=2304, num_hidden_layers=12, head_dim=64,
                    query_pre_attn_scalar=64), 4608),
     "medium": (dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=18), 16384),

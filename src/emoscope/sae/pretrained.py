@@ -94,7 +94,7 @@ def _from_release(release: str, ids: dict[str, str], hooks: list[str], device: s
     missing = [h for h in hooks if h not in ids]
     if missing:
         raise EmoscopeError(f"release {release}: give pretrained_ids for {', '.join(missing)} (hook -> sae_id)")
-    out = {}
+    out, known = {}, _directory().get(release)
     for hook in hooks:
         try:
             lens = LensSAE.from_pretrained(release, ids[hook], device="cpu")
@@ -103,10 +103,9 @@ def _from_release(release: str, ids: dict[str, str], hooks: list[str], device: s
             raise EmoscopeError(f"cannot load SAELens release {release} / {ids[hook]}: {why}") from None
         out[hook] = _convert(lens[0] if isinstance(lens, tuple) else lens, hook, device)
         out[hook].cfg.hook_name = hook  # e.g. blocks.L.hook_resid_pre is read here as blocks.(L-1).hook_resid_post
-        np_id = (_directory().get(release) and _directory()[release].neuronpedia_id or {}).get(ids[hook])
-        if np_id:
-            out[hook].cfg.extra = {**out[hook].cfg.extra, "neuronpedia_id": np_id}
-        out[hook].cfg.extra = {**out[hook].cfg.extra, "release": release, "sae_id": ids[hook]}
+        np_id = (known.neuronpedia_id or {}).get(ids[hook]) if known else None  # its public dashboard
+        out[hook].cfg.extra = {**out[hook].cfg.extra, "release": release, "sae_id": ids[hook],
+                               **({"neuronpedia_id": np_id} if np_id else {})}
     return out
 
 
