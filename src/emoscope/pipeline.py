@@ -176,6 +176,8 @@ def run(cfg: RunConfig, force: set[str] = frozenset(), log=print, progress_facto
         for stage in [s for s in STAGES if s in cfg.stages]:
             if stage not in force and is_current(run_dir, stage, cfg):
                 log(f"stage {stage}: up to date, skipped")
+                if stage == "saes":  # a checkpoint left by a killed run of other settings
+                    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
                 continue
             log(f"stage {stage}: running")
             run_stage(ctx, stage, cfg.stage_config(stage), key=cfg.stage_hash(stage))
