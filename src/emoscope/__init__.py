@@ -15,7 +15,7 @@ and `.load(dir)`):
     au = es.audit(task, saes, ev, ph, tr)                # prompt / precision brittleness
 
 `es.run(config)` runs all of it into a resumable run directory with an HTML report, as
-`emoscope run --config quick` does.
+`emoscope run --config quick` does; `es.compare([run_dir, ...])` gives the paper's claims across runs.
 """
 
 from .errors import EmoscopeError
@@ -35,6 +35,7 @@ from .interventions.edits import Edit, apply_edits
 from .interventions.steering import Steering, label_probs, load_steering, save_steering
 from .config import RunConfig, load_config
 from .pipeline import run
+from .report.compare import Comparison, compare
 
 __version__ = "0.2.0"
 
@@ -45,5 +46,6 @@ __all__ = [
     "phases", "PhasesConfig", "PhasesResult", "trace", "TraceConfig", "TraceResult",
     "steer", "SteerConfig", "SteerResult", "Steering", "Edit", "apply_edits", "label_probs", "load_steering",
     "save_steering", "audit", "AuditConfig", "AuditResult", "Candidate",
-    "RunConfig", "load_config", "run", "Estimate", "StageResult", "EmoscopeError", "__version__",
+    "RunConfig", "load_config", "run", "compare", "Comparison",
+    "Estimate", "StageResult", "EmoscopeError", "__version__",
 ]

@@ -397,6 +397,22 @@ def summarize(run_dirs: list[Path] = typer.Argument(..., help="Run directories w
         print(f"### {d} ({stage})\n\n{table}\n")
 
 
+@app.command()
+def compare(run_dirs: list[Path] = typer.Argument(..., help="Run directories (one per model x dataset)."),
+            out: Path = typer.Option(Path("compare.html"), help="HTML page to write (its .json beside it)."),
+            as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
+    """The paper's claims across runs: a verdict per claim and run, with the number, interval and n behind it."""
+    from .report.compare import compare as claims_matrix
+
+    c = claims_matrix(run_dirs)
+    path = c.save(out)
+    if as_json:
+        _print_json({"runs": c.runs, "verdicts": c.rows})
+    else:
+        print(c.to_markdown())
+        print(f"\nwrote {path} and {path.with_suffix('.json')}")
+
+
 @app.command("config-keys")
 def config_keys_cmd(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Print every key of a run config with its default and meaning (the source of docs/config.md)."""

@@ -1,0 +1,105 @@
+"""`compare(run_dirs)`: the claims matrix across runs (one column per model x dataset), from result files.
+
+Verdicts come from `analysis.claims` (the rules, written once); this module reads the runs, lays the
+verdicts out, and writes them as JSON, a markdown table and a self-contained HTML page with the phase
+boundaries of every run on one depth axis.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import pandas as pd
+from plotly.offline import get_plotlyjs
+
+from ..analysis.claims import __doc__ as claims_doc
+from ..analysis.claims import claims
+from ..artifacts import read_json, reading
+from ..errors import EmoscopeError
+
+STAGES = ("evaluate", "phases", "trace", "steer", "audit")
+COLOURS = {"reproduced": "#1a7f37", "not reproduced": "#b42318", "inconclusive": "#9a6700"}
+
+
+class Comparison:
+    """Verdicts per run (`to_frame()`: one row per run and claim), the runs' labels and their phases."""
+
+    def __init__(self, rows: list[dict], runs: dict[str, dict]):
+        self.rows, self.runs = rows, runs
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows)
+
+    def matrix(self) -> dict[str, dict[str, str]]:
+        """claim -> run -> 'verdict (value [lo, hi], n = ...)', claims in order; '—' where a run has no verdict."""
+        out: dict[str, dict[str, str]] = {}
+        for r in self.rows:
+            out.setdefault(r["claim"], {run: "—" for run in self.runs})[r["run"]] = _cell(r)
+        return out
+
+    def to_markdown(self) -> str:
+        lines = ["| claim | " + " | ".join(self.runs) + " |", "|---" * (len(self.runs) + 1) + "|"]
+        lines += [f"| {claim} | " + " | ".join(row.values()) + " |" for claim, row in self.matrix().items()]
+        return "\n".join(lines)
+
+    def save(self, out: str | Path) -> Path:
+        """`out` (.html) and the same name with .json beside it."""
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"runs": self.runs, "verdicts": self.rows}, indent=2) + "\n")
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(_page(self), encoding="utf-8")
+        tmp.replace(out)
+        return out
+
+
+def _cell(r) -> str:
+    if r["value"] is None:
+        return r["verdict"]
+    num = f"{r['value']:.3g}" + (f" [{r['lo']:.3g}, {r['hi']:.3g}]" if r["lo"] is not None else "")
+    return f"{r['verdict']} ({num}" + (f", n = {r['n']})" if r["n"] is not None else ")")
+
+
+def compare(run_dirs: list[str | Path]) -> Comparison:
+    """The claims matrix of several runs (each a run directory with at least an evaluate result)."""
+    if not run_dirs:
+        raise EmoscopeError("compare needs at least one run directory")
+    rows, runs = [], {}
+    for d in map(Path, run_dirs):
+        if not (d / "evaluate" / "result.json").is_file():
+            raise EmoscopeError(f"{d} is not a run directory (no evaluate/result.json)")
+        with reading(d):
+            res = {s: read_json(d / s / "result.json") for s in STAGES if (d / s / "result.json").is_file()}
+            ev = res["evaluate"]
+            label = f"{ev['model']['name']} × {Path(str(ev['config']['data']['dataset'])).stem}"
+            label = label if label not in runs else f"{label} ({d})"
+            runs[label] = {"run_dir": str(d), "n": ev["n"],
+                           "boundaries": [b["depth"] for b in res.get("phases", {}).get("boundaries", [])]}
+            rows += [{"run": label, **v._asdict()} for v in claims(res)]
+    return Comparison(rows, runs)
+
+
+def _page(c: Comparison) -> str:
+    head = "".join(f"<th>{html.escape(r)}</th>" for r in c.runs)
+    body = ""
+    for claim, row in c.matrix().items():
+        cells = "".join(f'<td style="color:{COLOURS.get(v.split(" (")[0], "#555")}">{html.escape(v)}</td>'
+                        for v in row.values())
+        body += f"<tr><th>{html.escape(claim)}</th>{cells}</tr>\n"
+    traces = [{"x": r["boundaries"], "y": [name] * len(r["boundaries"]), "mode": "markers", "type": "scatter",
+               "name": name, "marker": {"size": 12, "symbol": "line-ns-open"}} for name, r in c.runs.items()]
+    layout = {"title": "phase boundaries by depth (layer / n_layers)", "xaxis": {"range": [0, 1], "title": "depth"},
+              "height": 120 + 40 * len(c.runs), "margin": {"l": 260}}
+    fig = json.dumps({"data": traces, "layout": layout}).replace("</", "<\\/")
+    rules = html.escape(claims_doc or "")
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>emoscope: claims across runs</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ddd;padding:4px 8px;text-align:left;font-size:13px}}pre{{white-space:pre-wrap}}</style>
+<script>{get_plotlyjs()}</script></head><body><h1>The paper's claims, run by run</h1>
+<table><tr><th>claim</th>{head}</tr>
+{body}</table><div id="depth"></div>
+<script>var f={fig};Plotly.newPlot("depth",f.data,f.layout);</script>
+<h2>Rules</h2><pre>{rules}</pre></body></html>
+"""

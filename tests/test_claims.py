@@ -1,0 +1,109 @@
+"""The claims' verdict rules on planted results, and `emoscope compare` over run directories."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from emoscope.analysis.claims import INCONCLUSIVE, NOT, REPRODUCED, claims
+
+
+def est(v, lo, hi, n=30):
+    return {"value": v, "lo": lo, "hi": hi, "n": n}
+
+
+def phases(k=3, share=(0.8, 0.6, 0.95), shared=2, specific=5):
+    labs = ["anger", "disgust"]
+    return {"n_phases": k, "n": 120, "boundaries": [{"depth": d} for d in (0.3, 0.7)[:k - 1]],
+            "last_phase_share": est(*share), "shared_counts": dict(zip(labs, (shared, 0))),
+            "specific_counts": dict(zip(labs, (specific, 0)))}
+
+
+def emotion(top, n80=2, rnd_hi=0.1):
+    return {"strongest_phase": 1, "phases": {"1": {"features": [{"effect": top}], "n_for_80": n80,
+                                                   "random_control": {"hi": rnd_hi}}}}
+
+
+def trace(disgust=est(0.3, 0.2, 0.4), n80=2):
+    others = {lab: emotion(est(2.0, 1.5, 2.5), n80) for lab in ("anger", "fear", "joy")}
+    return {"emotions": {**others, "disgust": emotion(disgust, n80)}}
+
+
+def steer(fs=(0.6, 0.55, 0.65), ppl=0.01, transfer=(0.6, 0.55, 0.65)):
+    f1 = lambda v: {"macro_f1": est(*v)}  # noqa: E731
+    return {"n_test": 300, "side_effects": {"ppl_change": ppl, "tokens": 1000},
+            "methods": {"feature_steering": {"test": f1(fs), "isear": f1(transfer)},
+                        "contextual_calibration": {"test": f1((0.45, 0.4, 0.5)), "isear": f1((0.45, 0.4, 0.5))},
+                        "dev_fitted_calibration": {"test": f1((0.5, 0.45, 0.54))},
+                        "few_shot_dev_demos": None, "probe_steering": {"test": f1((0.3, 0.2, 0.4))}}}
+
+
+def cand(name, flips, acc, excess=None, precision=None, failed=False):
+    return {"name": name, "flip_rate": flips, "accuracy_change": est(acc, acc - 0.02, acc + 0.02),
+            "final_phase_excess": excess, "precision": precision, "failed": failed, "changed": {}}
+
+
+def audit(excess=est(0.2, 0.1, 0.3)):
+    return {"candidates": [cand("paraphrase", 0.3, -0.01, excess), cand("typos", 0.05, 0.0, excess),
+                           cand("int4", 0.4, -0.1, est(-0.2, -0.3, -0.1), "int4", failed=True)]}
+
+
+def verdicts(**results):
+    return {v.claim: v for v in claims(results)}
+
+
+def test_everything_reproduced_when_planted():
+    v = verdicts(phases=phases(), trace=trace(), steer=steer(), audit=audit())
+    assert all(x.verdict == REPRODUCED for x in v.values()), {k: x.verdict for k, x in v.items()}
+    assert v["5a silent degradation under prompt changes"].value == 0.5  # paraphrase flips silently, typos do not
+    assert v["4a steering improves recognition"].value == pytest.approx(0.1)  # over dev-fitted, the best baseline
+    assert len(v) == 11
+
+
+def test_each_rule_can_say_no_or_inconclusive():
+    v = verdicts(phases=phases(k=2, share=(0.3, 0.1, 0.45), shared=0))
+    assert [v[c].verdict for c in v] == [NOT, NOT, NOT]
+    assert verdicts(phases=phases(share=(0.55, 0.3, 0.8)))["1b emotion features in the last phase"].verdict \
+        == INCONCLUSIVE
+    assert verdicts(phases=phases(shared=0, specific=0))["2 shared and specific features"].verdict == INCONCLUSIVE
+    t = verdicts(trace=trace(disgust=est(1.8, 1.0, 2.6)))
+    assert t["3b Disgust weakest"].verdict == INCONCLUSIVE  # smallest, but its interval overlaps the others'
+    assert verdicts(trace=trace(disgust=est(2.2, 2.0, 2.4)))["3b Disgust weakest"].verdict == NOT
+    assert verdicts(trace=trace(n80=9))["3a few high-impact features per emotion"].verdict == NOT
+    s = verdicts(steer=steer(fs=(0.52, 0.45, 0.6), ppl=0.2, transfer=(0.4, 0.3, 0.5)))
+    assert s["4a steering improves recognition"].verdict == INCONCLUSIVE
+    assert s["4b transfer to isear"].verdict == NOT and s["4c keeps language modelling"].verdict == NOT
+    assert verdicts(steer=steer(fs=(0.49, 0.4, 0.55)))["4a steering improves recognition"].verdict == NOT
+    a = verdicts(audit={"candidates": [cand("p", 0.05, 0.0, est(-0.2, -0.3, -0.1)),
+                                       cand("q", 0.3, -0.2, est(0.1, -0.1, 0.3)),
+                                       cand("int8", 0.01, 0.0, None, "int8")]})
+    assert a["5a silent degradation under prompt changes"].verdict == NOT  # flips only with a visible drop
+    assert a["5b last phase most fragile"].verdict == NOT and a["5c quantization breaks it"].verdict == NOT
+
+
+def _run_dir(root, name, model, **results):
+    d = root / name
+    for stage, data in {"evaluate": {"model": {"name": model}, "n": 120,
+                                     "config": {"data": {"dataset": "goemotions_ekman"}}}, **results}.items():
+        (d / stage).mkdir(parents=True)
+        (d / stage / "result.json").write_text(json.dumps(data))
+    return d
+
+
+def test_compare_command_writes_matrix_json_and_escaped_html(tmp_path):
+    a = _run_dir(tmp_path, "a", "<script>alert(1)</script>", phases=phases(), trace=trace(), steer=steer(),
+                 audit=audit())
+    b = _run_dir(tmp_path, "b", "other-model", phases=phases(k=2))
+    out = tmp_path / "c" / "compare.html"
+    r = subprocess.run([sys.executable, "-m", "emoscope.cli", "compare", str(a), str(b), "--out", str(out), "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert len(got["runs"]) == 2 and len(got["verdicts"]) == 11 + 3
+    page = out.read_text()
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page and "not reproduced" in page
+    assert json.loads(out.with_suffix(".json").read_text()) == got
+    bad = subprocess.run([sys.executable, "-m", "emoscope.cli", "compare", str(tmp_path / "nothing")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
