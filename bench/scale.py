@@ -175,6 +175,18 @@ def run_size(size: str, a, tok, root: Path) -> dict:
     return row
 
 
+def cpu_name() -> str:
+    """The CPU model and whether it has AMX / AVX512-BF16 (bf16 speed differs 2x between them)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    feats = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"{name}, {'+'.join(feats) or 'no bf16 instructions'}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="small,medium", help=f"comma-separated, from {', '.join(SIZES)}")
@@ -193,7 +205,7 @@ def main() -> None:
     rows = [run_size(s, a, tok, root) for s in sizes]
     if not a.out and not a.keep:
         shutil.rmtree(root, ignore_errors=True)
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_name()
     t = Table(title=f"pipeline scale, {a.device} {a.dtype} ({cpu}, {os.cpu_count()} cores)")
     for col in ["size", "params (M)", "SAEs", "model+SAEs GB", "evaluate", "saes", "phases", "trace", "steer", "audit",
                 "peak GB", "peak / bytes"]:
