@@ -21,7 +21,7 @@ def phases(k=3, share=(0.8, 0.6, 0.95), shared=2, specific=5):
 
 
 def emotion(top, n80=2, rnd_hi=0.1):
-    return {"strongest_phase": 1, "phases": {"1": {"features": [{"effect": top}], "n_for_80": n80,
+    return {"strongest_phase": 1, "phases": {"1": {"features": [{"effect": top}], "n_for_80": n80, "effective_n": 2.0,
                                                    "random_control": {"hi": rnd_hi}}}}
 
 
@@ -80,6 +80,28 @@ def test_each_rule_can_say_no_or_inconclusive():
                                        cand("int8", 0.01, 0.0, None, "int8")]})
     assert a["5a silent degradation under prompt changes"].verdict == NOT  # flips only with a visible drop
     assert a["5b last phase most fragile"].verdict == NOT and a["5c quantization breaks it"].verdict == NOT
+
+
+def test_why_some_emotions_are_harder():
+    labs = ["anger", "disgust", "fear", "joy"]
+    conf = [[8, 1, 0, 1], [6, 3, 1, 0], [0, 0, 9, 1], [0, 0, 1, 9]]  # disgust mostly read as anger
+    ev = {"labels": labs, "calibrated": {"confusion": conf}}
+    tr = trace()
+    for lab, n_eff in zip(labs + ["surprise"], (5.0, 4.0, 1.5, 6.0, 1.2)):
+        tr["emotions"].setdefault(lab, emotion(est(2.0, 1.5, 2.5)))["phases"]["1"]["effective_n"] = n_eff
+    tr["cross_effects"] = {"anger": {"disgust": 0.4}}
+    v = verdicts(evaluate=ev, trace=tr)
+    assert v["3c Disgust overshadowed by Anger"].verdict == REPRODUCED and v["3c Disgust overshadowed by Anger"].n == 10
+    assert v["3c Disgust overshadowed by Anger"].value == pytest.approx(0.6)
+    assert v["3d Surprise and Fear concentrated"].verdict == REPRODUCED
+    assert [c for c in v][2:4] == ["3c Disgust overshadowed by Anger", "3d Surprise and Fear concentrated"]
+    tr["cross_effects"] = {"anger": {"disgust": -0.4}}
+    tr["emotions"]["fear"]["phases"]["1"]["effective_n"] = 7.0
+    v = verdicts(evaluate=ev, trace=tr)
+    assert v["3c Disgust overshadowed by Anger"].verdict == INCONCLUSIVE  # confused, but anger's set does not help
+    assert v["3d Surprise and Fear concentrated"].verdict == INCONCLUSIVE  # only surprise is among the two
+    ev["calibrated"]["confusion"] = [[8, 1, 0, 1], [1, 3, 6, 0], [0, 0, 9, 1], [0, 0, 1, 9]]
+    assert verdicts(evaluate=ev, trace=tr)["3c Disgust overshadowed by Anger"].verdict == NOT
 
 
 def _run_dir(root, name, model, **results):

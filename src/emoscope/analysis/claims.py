@@ -17,6 +17,10 @@ The rules (an interval is the stage's 95% bootstrap interval):
   for fewer than half, else inconclusive.
 - 3b Disgust weakest: disgust's top single-feature effect is the smallest; reproduced when its interval
   lies below every other emotion's, inconclusive when only its point estimate is smallest.
+- 3c Disgust overshadowed by Anger (v2): disgust's most frequent wrong calibrated prediction is anger, and
+  ablating anger's causal set raises disgust's margin; reproduced when both hold, not when neither,
+  else inconclusive. 3d Surprise and Fear concentrated (v2): in their strongest phase they have the two
+  smallest effective numbers of features; inconclusive when only one of them does.
 - 4a steering improves recognition: feature steering's test macro-F1 against the best baseline
   (contextual, dev-fitted, few-shot, probe steering); reproduced when its interval lies above the
   baseline's, not when its point estimate is not above, else inconclusive. 4b the same per transfer
@@ -100,6 +104,32 @@ def trace_claims(tr: dict) -> list[Verdict]:
     return out
 
 
+def harder_claims(ev: dict, tr: dict) -> list[Verdict]:
+    """The second version's questions: why Disgust is hard, whether Surprise and Fear are concentrated."""
+    labels, out = ev.get("labels") or [], []
+    conf = (ev.get("calibrated") or {}).get("confusion")  # rows: gold, columns: predicted
+    if conf and {"disgust", "anger"} <= set(labels):
+        d = labels.index("disgust")
+        wrong = {lab: n for j, (lab, n) in enumerate(zip(labels, conf[d])) if j != d}
+        confused = max(wrong, key=wrong.get) == "anger" and wrong["anger"] > 0
+        helped = (tr.get("cross_effects", {}).get("anger") or {}).get("disgust")
+        both = [confused, helped is not None and helped > 0]
+        out.append(Verdict("3c Disgust overshadowed by Anger",
+                           REPRODUCED if all(both) else NOT if not any(both) else INCONCLUSIVE,
+                           wrong["anger"] / max(sum(conf[d]), 1), None, None, sum(conf[d]),
+                           "share of disgust predicted as anger; ablating anger's set changes disgust's margin by "
+                           + ("n/a" if helped is None else f"{helped:+.2f}")))
+    eff = {lab: e["phases"][str(e["strongest_phase"])]["effective_n"] for lab, e in tr["emotions"].items()
+           if str(e.get("strongest_phase")) in e["phases"]}
+    if {"surprise", "fear"} <= set(eff) and len(eff) > 2:
+        two = set(sorted(eff, key=eff.get)[:2])
+        hits = len(two & {"surprise", "fear"})
+        out.append(Verdict("3d Surprise and Fear concentrated", REPRODUCED if hits == 2 else INCONCLUSIVE if hits
+                           else NOT, (eff["surprise"] + eff["fear"]) / 2, None, None, len(eff),
+                           "their mean effective number of features (the two smallest of all emotions?)"))
+    return out
+
+
 def steer_claims(st: dict) -> list[Verdict]:
     m = st["methods"]
     fs = m["feature_steering"]["test"]["macro_f1"]
@@ -153,4 +183,8 @@ def audit_claims(au: dict) -> list[Verdict]:
 def claims(results: dict[str, dict]) -> list[Verdict]:
     """Every claim the given stage results speak to, in claim order."""
     rules = {"phases": phases_claims, "trace": trace_claims, "steer": steer_claims, "audit": audit_claims}
-    return [v for stage, rule in rules.items() if stage in results for v in rule(results[stage])]
+    out = [v for stage, rule in rules.items() if stage in results for v in rule(results[stage])]
+    if "evaluate" in results and "trace" in results:
+        at = next((i for i, v in enumerate(out) if v.claim.startswith("4")), len(out))
+        out[at:at] = harder_claims(results["evaluate"], results["trace"])
+    return out
