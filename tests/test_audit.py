@@ -146,6 +146,23 @@ def test_other_tokenizer_is_refused(planted_run, tmp_path):
                   lambda name=None: load_model(name or str(view.name)))
 
 
+def test_a_second_model_file_is_a_candidate(planted_run, tmp_path):
+    """The file a team ships (here the same tiny model saved again, in bfloat16) audited against the reference,
+    with what its weights are named in the result."""
+    d, view, _, causal = planted_run
+    from tiny import save_tiny
+    shipped = load_model(str(view.name), dtype="bfloat16")
+    shipped.model.to(torch.bfloat16)
+    save_tiny(shipped, tmp_path / "shipped")
+    res = run_audit(AuditConfig(candidates=[Candidate(name="shipped", model=str(tmp_path / "shipped"))], n_boot=100,
+                                causal_features=causal, ablation_per_emotion=2),
+                    d / "run", view, lambda name=None: load_model(name, dtype="float32"))
+    row = res["candidates"][0]
+    assert row["changed"] == {"model": str(tmp_path / "shipped")}, row["changed"]
+    assert row["weights"].startswith("bfloat16 checkpoint"), row["weights"]
+    assert 0 <= row["flip_rate"] <= 1 and row["causal_effect"] is not None
+
+
 def test_candidate_with_non_finite_outputs_is_failed_not_crashed(planted_run):
     """Gemma-3 in float16 overflows to NaN on a CPU; such a candidate must be reported, not crash the audit."""
     d, view, _, causal = planted_run

@@ -11,6 +11,7 @@ on load, which takes 15-40 s; the dequantised weights are cached as safetensors 
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
 import os
 import shutil
@@ -257,9 +258,16 @@ def describe_weights(name: str, view: ModelView) -> str:
     if gguf is not None:
         kind = gguf_file_type(gguf)
         return f"{kind or 'quantized'} GGUF ({gguf.name}), dequantised, run in {run_in}"
-    stored = getattr(view.model.config, "torch_dtype", None) or getattr(view.model.config, "dtype", None)
-    stored = str(stored).replace("torch.", "") if stored is not None else "unknown-precision"
-    return f"{stored} checkpoint ({name}), run in {run_in}"
+    return f"{_stored_dtype(Path(name).expanduser())} checkpoint ({name}), run in {run_in}"
+
+
+def _stored_dtype(folder: Path) -> str:
+    """The dtype a checkpoint folder says its weights are stored in (config.json), before any cast at load."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return "stored-precision-unknown"  # a hub id: its files are not read here
+    return str(cfg.get("dtype") or cfg.get("torch_dtype") or "stored-precision-unknown")
 
 
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}

@@ -286,12 +286,13 @@ def _candidate(cand: Candidate, ref: _Reference, load_view):
     """Within the block: the candidate's task (prompt, demonstrations, model) and input texts, and what was
     done to the model. A precision change applies to the loaded weights in place and is undone afterwards
     (one model in memory); a `model` candidate is loaded beside the reference."""
-    view = ref.task.model
+    view, weights = ref.task.model, {}
     if cand.model is not None:
         view = load_view(cand.model)
         if view.tokenizer.get_vocab() != ref.task.model.tokenizer.get_vocab():
             raise EmoscopeError(f"candidate {cand.name}: {cand.model} has another tokenizer than the reference; "
                                 "features could not be aligned, so it cannot be audited against it")
+        weights = {"weights": view.weights or cand.model}  # e.g. the Q4_K_M GGUF a team ships
     changes = {k: v for k, v in (("template", cand.template), ("shots", cand.shots), ("seed", cand.demo_seed))
                if v is not None}
     texts = ref.texts
@@ -300,7 +301,7 @@ def _candidate(cand: Candidate, ref: _Reference, load_view):
         texts = [perturb_text(t, cand.text, r) for t in texts]
     precision = precision_applied(view, cand.precision, ref.cfg.group_size) if cand.precision else nullcontext({})
     with precision as info:
-        yield ref.task.variant(model=view, **changes), texts, info
+        yield ref.task.variant(model=view, **changes), texts, {**weights, **info}
 
 
 def _compare(cand: Candidate, ref: _Reference, load_view) -> dict:
