@@ -199,6 +199,11 @@ def test_training_resumes_from_a_checkpoint_bit_for_bit(arch, tiny_llama, shared
                                checkpoint_dir=tmp_path)
     assert resumed_at[0] == done[0]  # picked up after the first buffer, the last checkpoint
     assert _same(saes, clean) and stats["layers"] == clean_stats["layers"]
+    # a truncated checkpoint is ignored: training starts over, with the same result
+    ck = tmp_path / "train-0-2.pt"
+    ck.write_bytes(b"\x80\x02junk")
+    again, _ = train_layers(tiny_llama, cfg, data_dir=shared_data, checkpoint_dir=tmp_path)
+    assert _same(again, clean)
     # another config does not resume from this checkpoint
     other, _ = train_layers(tiny_llama, _tiny_cfg(architecture=arch, seed=1), data_dir=shared_data,
                             checkpoint_dir=tmp_path)

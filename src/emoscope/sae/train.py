@@ -317,17 +317,16 @@ def _train_group(view: ModelView, cfg: SAETrainConfig, hooks: list[HookPoint], d
     t_fwd, seen, n_batches = 0.0, 0, 0
     states: dict[str, _Layer] = {}
     gen = torch.Generator().manual_seed(cfg.seed)
-    if ckpt is not None and ckpt.is_file():
-        blob = torch.load(ckpt, weights_only=True)
-        if blob.get("key") == key:
-            seen, n_batches, t_fwd = blob["seen"], blob["n_batches"], blob["t_fwd"]
-            gen.set_state(blob["gen"])
-            torch.set_rng_state(blob["rng"])
-            states = {h.name: _Layer.restore(blob["layers"][h.name], cfg, h, view.name, device) for h in hooks}
-            for _ in range(n_batches):  # the corpus where it was: tokenising only, no forwards
-                next(batches)
-            if progress:
-                progress(seen)
+    blob = _load_checkpoint(ckpt)
+    if blob is not None and blob.get("key") == key:
+        seen, n_batches, t_fwd = blob["seen"], blob["n_batches"], blob["t_fwd"]
+        gen.set_state(blob["gen"])
+        torch.set_rng_state(blob["rng"])
+        states = {h.name: _Layer.restore(blob["layers"][h.name], cfg, h, view.name, device) for h in hooks}
+        for _ in range(n_batches):  # the corpus where it was: tokenising only, no forwards
+            next(batches)
+        if progress:
+            progress(seen)
     last_save = time.time()
     buf: dict[str, list[torch.Tensor]] = {h.name: [] for h in hooks}
     n_buf = 0
@@ -363,6 +362,17 @@ def _train_group(view: ModelView, cfg: SAETrainConfig, hooks: list[HookPoint], d
                                     "layers": {n: st.state() for n, st in states.items()}})
             last_save = time.time()
     return states, seen, t_fwd
+
+
+def _load_checkpoint(path: Path | None) -> dict | None:
+    """A checkpoint written by _save_checkpoint; None when there is none or it cannot be read (start over)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, weights_only=True)
+    except Exception:  # truncated or foreign file: training restarts from the beginning, which is always correct
+        return None
+    return blob if isinstance(blob, dict) else None
 
 
 def _save_checkpoint(path: Path, blob: dict) -> None:
