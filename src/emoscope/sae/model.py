@@ -94,11 +94,17 @@ class SAE(nn.Module):
         """What a change of the reconstruction in the SAE's space is multiplied by in the residual."""
         return self.norm_stats(x)[1]
 
-    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+    def _normalized(self, x: torch.Tensor):
+        """The input on the SAE's device and dtype, normalised, with its (shift, scale)."""
         x = x.to(self.W_enc.device, self.W_enc.dtype)  # activations from any device / dtype (no-op when equal)
-        if self.cfg.normalize != "none":
-            shift, scale = self.norm_stats(x)
-            x = (x - shift) / (scale + 1e-5 if self.cfg.normalize == "layer_norm" else scale)
+        if self.cfg.normalize == "none":
+            return x, 0.0, 1.0
+        shift, scale = self.norm_stats(x)
+        return (x - shift) / (scale + 1e-5 if self.cfg.normalize == "layer_norm" else scale), shift, scale
+
+    def pre_acts(self, x: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+        if not normalized:
+            x = self._normalized(x)[0]
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
         return x @ self.W_enc + self.b_enc
@@ -120,13 +126,11 @@ class SAE(nn.Module):
         return feats @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> SAEOutput:
-        pre = self.pre_acts(x)
+        xn, shift, scale = self._normalized(x)
+        pre = self.pre_acts(xn, normalized=True)
         feats = self.activate(pre)
         recon = self.decode(feats)
-        if self.cfg.normalize != "none":
-            shift, scale = self.norm_stats(x)
-            recon = recon * scale + shift
-        return SAEOutput(recon, feats, pre)
+        return SAEOutput(recon * scale + shift if self.cfg.normalize != "none" else recon, feats, pre)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
