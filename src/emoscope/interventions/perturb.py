@@ -142,12 +142,10 @@ def apply_precision(view, precision: str, group_size: int = 128) -> dict:
         view.model.to(getattr(torch, precision))
         return {"precision": precision, "method": "cast"}
     bits = int(precision[3:])
-    n = 0
-    for block in view.blocks:
-        for mod in block.modules():
-            if isinstance(mod, nn.Linear):
-                rtn_quantize_(mod.weight, bits, group_size)
-                n += 1
+    weights = _changed_tensors(view, precision)  # the same tensors precision_applied parks and restores
+    for w in weights.values():
+        rtn_quantize_(w, bits, group_size)
+    n = len(weights)
     return {"precision": precision,
             "method": f"weight-only group-wise RTN fake quantization, {bits} bits, group {group_size}",
             "linear_layers": n}
@@ -200,7 +198,7 @@ _INT = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 def _raw(t: torch.Tensor) -> torch.Tensor:
     """A CPU view of a tensor's bytes as an integer type NumPy can write (bfloat16 has no NumPy dtype)."""
     cpu = t.detach().cpu().contiguous()
-    return cpu.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[cpu.element_size()])
+    return cpu.view(getattr(torch, np.dtype(_INT[cpu.element_size()]).name))
 
 
 def perturb_text(text: str, kind: str, rng: random.Random, rate: float = 0.05) -> str:
