@@ -129,3 +129,7 @@ def test_compare_command_writes_matrix_json_and_escaped_html(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "emoscope.cli", "compare", str(tmp_path / "nothing")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+    (tmp_path / "file").write_text("x")  # an --out under a file: one line, exit 2, nothing written
+    under = subprocess.run([sys.executable, "-m", "emoscope.cli", "compare", str(b), "--out",
+                            str(tmp_path / "file" / "c.html")], capture_output=True, text=True)
+    assert under.returncode == 2 and under.stderr.startswith("error: cannot write"), under.stderr

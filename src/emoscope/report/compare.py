@@ -45,13 +45,18 @@ class Comparison:
         return "\n".join(lines)
 
     def save(self, out: str | Path) -> Path:
-        """`out` (.html) and the same name with .json beside it."""
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({"runs": self.runs, "verdicts": self.rows}, indent=2) + "\n")
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(_page(self), encoding="utf-8")
-        tmp.replace(out)
+        """`out` (.html) and the same name with .json beside it, each written whole or not at all."""
+        out = Path(out).expanduser()
+        files = {out.with_suffix(".json"): json.dumps({"runs": self.runs, "verdicts": self.rows}, indent=2) + "\n",
+                 out: _page(self)}
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            for f, text in files.items():
+                tmp = f.with_name(f".{f.name}.tmp")
+                tmp.write_text(text, encoding="utf-8")
+                tmp.replace(f)
+        except OSError as e:
+            raise EmoscopeError(f"cannot write {out}: {e.strerror or e}") from None
         return out
 
 
