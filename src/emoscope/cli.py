@@ -97,11 +97,16 @@ def run(config: str = typer.Option(..., help="Run config: a YAML path or a shipp
     from .pipeline import run as run_all
     from .report.console import err, headlines, print_eval, print_phases, print_saes
 
+    from . import distributed as dist
+
     cfg = load_config(config, set_)
     with ExitStack() as stack:
-        factory = _progress_factory(stack)
+        factory = _progress_factory(stack) if dist.env_rank() == 0 else None
         path = run_all(cfg, set(force), log=lambda m: err.print(m, markup=False, highlight=False),
                        progress_factory=factory)
+    dist.shutdown()
+    if dist.env_rank() != 0:  # under torchrun, rank 0 alone reports
+        return
     from .artifacts import read_json
 
     run_dir = Path(cfg.run_dir).expanduser()

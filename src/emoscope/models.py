@@ -218,10 +218,13 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, device: str):
 
 
 def resolve_device(device: str) -> str:
+    """cpu, cuda:N, ...; under a launcher with several ranks, `auto` and `cuda` mean this rank's GPU."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EmoscopeError(f"device '{device}' asked for but CUDA is not available")
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return device
 
 

@@ -17,6 +17,7 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import distributed as dist
 from .config import STAGES, RunConfig
 from .data import check as check_data
 from .errors import EmoscopeError
@@ -62,7 +63,8 @@ class RunContext:
     def model(self) -> ModelView:
         if self._model is None:
             t = time.time()
-            self._model = load_model(self.model_config)
+            with dist.main_first():  # rank 0 fills the model cache (a GGUF dequantised once) for the others
+                self._model = load_model(self.model_config)
             self.load_seconds = time.time() - t
         return self._model
 
@@ -135,19 +137,26 @@ def run_stage(ctx: RunContext, stage: str, cfg, key: str | None = None) -> Stage
                  "steer": ("evaluate", "saes", "trace"), "audit": ("evaluate", "saes")}.get(stage, ()):
         ctx.result(need)  # one line naming a missing upstream stage, before any work
     work = ctx.run_dir / f".{stage}.work"
-    shutil.rmtree(work, ignore_errors=True)
+    if dist.is_main():
+        shutil.rmtree(work, ignore_errors=True)
+    dist.barrier()
     try:
         t0 = time.time()
         with peak_memory() as mem:
             res = compute(ctx, stage, cfg, workdir=work)
         res.timing = {**(res.timing or {}), "stage_seconds": round(time.time() - t0, 2), **mem}
+        if dist.world_size() > 1:
+            res.timing["ranks"] = dist.world_size()
         if key is not None:
             res.data["config_hash"] = key
-        res.save(ctx.run_dir / stage)
-        if stage == "saes":
-            shutil.rmtree(ctx.run_dir / CHECKPOINTS, ignore_errors=True)  # saved: no longer needed
+        if dist.is_main():  # every rank holds the same result; one writes it
+            res.save(ctx.run_dir / stage)
+            if stage == "saes":
+                shutil.rmtree(ctx.run_dir / CHECKPOINTS, ignore_errors=True)  # saved: no longer needed
+        dist.barrier()
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if dist.is_main():
+            shutil.rmtree(work, ignore_errors=True)
     ctx._results.pop(stage, None)  # later stages read what was saved
     return res
 
@@ -167,22 +176,26 @@ def run(cfg: RunConfig, force: set[str] = frozenset(), log=print, progress_facto
         raise EmoscopeError(f"--force {unknown[0]}: unknown stage; choose from {', '.join(STAGES)}")
     run_dir = Path(cfg.run_dir).expanduser()
     _make_dir(run_dir)
-    log = _tee(log, run_dir / "run.log")
-    ctx = RunContext(run_dir, cfg.model, cfg.stage_config("evaluate"), cfg.data_dir, log, progress_factory)
+    dist.init(cfg.model.device)  # with several ranks (torchrun): join them; rank 0 alone logs and writes
+    log = _tee(log, run_dir / "run.log") if dist.is_main() else (lambda msg: None)
+    ctx = RunContext(run_dir, cfg.model, cfg.stage_config("evaluate"), cfg.data_dir, log,
+                     progress_factory if dist.is_main() else None)
     ctx.saes_device = cfg.saes.device
-    with run_lock(run_dir, log), traceback_into(run_dir / "run.log"):
+    with main_lock(run_dir, log), traceback_into(run_dir / "run.log"):
+        if dist.world_size() > 1:
+            log(f"data parallel: {dist.world_size()} ranks ({dist.backend()})")
         if "evaluate" in cfg.stages and ("evaluate" in force or not is_current(run_dir, "evaluate", cfg)):
             check_data(ctx.task_config.data)  # bad data fails before the model is loaded
         for stage in [s for s in STAGES if s in cfg.stages]:
             if stage not in force and is_current(run_dir, stage, cfg):
                 log(f"stage {stage}: up to date, skipped")
-                if stage == "saes":  # a checkpoint left by a killed run of other settings
+                if stage == "saes" and dist.is_main():  # a checkpoint left by a killed run of other settings
                     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
                 continue
             log(f"stage {stage}: running")
             run_stage(ctx, stage, cfg.stage_config(stage), key=cfg.stage_hash(stage))
         from .report.html import write_report
-        path = write_report(run_dir)
+        path = write_report(run_dir) if dist.is_main() else run_dir / "report.html"
     log(f"report: {path}")
     return path
 
@@ -196,6 +209,18 @@ def _make_dir(run_dir: Path) -> None:
         raise EmoscopeError(f"cannot create run directory {run_dir}: {e.strerror}") from None
     if not os.access(run_dir, os.W_OK):
         raise EmoscopeError(f"run directory {run_dir} is not writable")
+
+
+@contextmanager
+def main_lock(run_dir: Path, log=print):
+    """The run directory's lock, held by rank 0 for all ranks (the others wait until it has it)."""
+    if not dist.is_main():
+        dist.barrier()
+        yield
+        return
+    with run_lock(run_dir, log):
+        dist.barrier()
+        yield
 
 
 @contextmanager

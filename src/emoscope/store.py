@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import distributed as dist
 from .errors import EmoscopeError
 from .hooks import HookPoint, pad_batch, record
 from .models import ModelView
@@ -30,7 +31,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class StoreWriter:
-    def __init__(self, path: str | Path, manifest: dict, dtype: str = "float32", shard_tokens: int = 65536):
+    def __init__(self, path: str | Path, manifest: dict, dtype: str = "float32", shard_tokens: int = 65536,
+                 example_ids: list[str] = ()):
+        """`example_ids`: the ids rows will carry, in order, when known in advance (a rank writing its
+        part of a store numbers its rows' examples as the whole store does)."""
         if dtype not in DTYPES:
             raise EmoscopeError(f"unknown store dtype '{dtype}': choose {', '.join(DTYPES)}")
         self.path = Path(path)
@@ -40,7 +44,7 @@ class StoreWriter:
         self.dtype, self.shard_tokens = DTYPES[dtype], shard_tokens
         self.pending: dict[str, list[torch.Tensor]] = {}
         self.n_pending = 0
-        self._ids: dict[str, int] = {}
+        self._ids: dict[str, int] = {e: i for i, e in enumerate(dict.fromkeys(example_ids))}
 
     def add(self, acts: dict[str, torch.Tensor], token_ids: torch.Tensor, example_ids: list[str],
             position: torch.Tensor) -> None:
@@ -119,11 +123,15 @@ def capture_to_store(view: ModelView, encoded: list[tuple[list[int], list[int]]]
                      hooks: list[HookPoint], positions: str, path, source: dict | None = None, dtype: str = "float32",
                      batch_size: int = 8, progress=None) -> Store:
     """One forward per batch of prompts records every hook; each prompt's chosen positions go to a store.
-    `encoded` holds (token ids, positions to keep) per prompt, e.g. from `Task.positions`."""
-    writer = StoreWriter(path, {"model": view.name, "d_model": view.d_model, "hooks": [h.name for h in hooks],
-                                "positions": positions, "source": source or {}}, dtype)
+    `encoded` holds (token ids, positions to keep) per prompt, e.g. from `Task.positions`. With several
+    ranks, each captures its block of batches into a part and rank 0 joins the parts in order."""
+    path, several = Path(path), dist.world_size() > 1
+    part = path.with_name(f"{path.name}.part{dist.rank()}") if several else path
+    writer = StoreWriter(part, {"model": view.name, "d_model": view.d_model, "hooks": [h.name for h in hooks],
+                                "positions": positions, "source": source or {}}, dtype,
+                         example_ids=example_ids if several else ())
     try:
-        for i in range(0, len(encoded), batch_size):
+        for i in dist.my_items(range(0, len(encoded), batch_size)):
             enc, eids = encoded[i:i + batch_size], example_ids[i:i + batch_size]
             ids, mask = pad_batch([ids for ids, _ in enc], view.device)
             with record(view, hooks) as acts:
@@ -137,4 +145,31 @@ def capture_to_store(view: ModelView, encoded: list[tuple[list[int], list[int]]]
     except BaseException:
         writer.abort()
         raise
-    return writer.close()
+    store = writer.close()
+    if not several:
+        return store
+    dist.barrier()
+    if dist.is_main():
+        join_parts([path.with_name(f"{path.name}.part{r}") for r in range(dist.world_size())], path)
+    dist.barrier()
+    return Store(path)
+
+
+def join_parts(parts: list[Path], path: Path) -> None:
+    """One store from parts written with the same example numbering, rows in part order; the parts'
+    shard files are moved, not copied, and the parts removed."""
+    manifests = [json.loads((p / "manifest.json").read_text()) for p in parts]
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    manifest = {**manifests[0], "shards": [], "example_ids": max((m["example_ids"] for m in manifests), key=len)}
+    for p, m in zip(parts, manifests):
+        for shard in m["shards"]:
+            name = f"shard-{len(manifest['shards']):05d}.safetensors"
+            os.replace(p / shard["file"], tmp / name)
+            manifest["shards"].append({"file": name, "rows": shard["rows"]})
+    manifest["rows"] = sum(s["rows"] for s in manifest["shards"])
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    for p in parts:
+        shutil.rmtree(p, ignore_errors=True)

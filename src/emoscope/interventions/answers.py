@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import distributed as dist
 from ..hooks import HookPoint, pad_batch, record, resid
 from ..models import ModelView
 from ..task.calibrate import CONTENT_FREE
@@ -39,8 +40,9 @@ def answer_logits(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, last: 
 
 def prompt_batches(view: ModelView, prompts: list[list[int]], batch_size: int = 8):
     """(start, ids, mask, last) for consecutive batches of token lists, right-padded; `last` is each
-    row's answer position (its final real token)."""
-    for i in range(0, len(prompts), batch_size):
+    row's answer position (its final real token). With several ranks, this rank's block of batches
+    only: whoever collects per-batch results gathers them (`distributed.gather`)."""
+    for i in dist.my_items(range(0, len(prompts), batch_size)):
         chunk = prompts[i:i + batch_size]
         ids, mask = pad_batch(chunk, view.device)
         yield i, ids, mask, torch.tensor([len(p) - 1 for p in chunk], device=view.device)
@@ -48,8 +50,8 @@ def prompt_batches(view: ModelView, prompts: list[list[int]], batch_size: int = 
 
 @torch.no_grad()
 def answer_resid(view: ModelView, prompts: list[list[int]], layers: list[int], tokens: list[int], batch_size: int = 8):
-    """Per batch of prompts, the residual at each answer position of every given layer: yields
-    {layer: [B, d] float32}."""
+    """Per batch of prompts (this rank's, see prompt_batches), the residual at each answer position of
+    every given layer: yields {layer: [B, d] float32}."""
     for _, ids, mask, last in prompt_batches(view, prompts, batch_size):
         _, res = answer_logits(view, ids, mask, last, tokens, layers)
         rows = torch.arange(len(ids))
@@ -92,12 +94,19 @@ def answer_batches(view: ModelView, prompts, batch_size: int = 16) -> list[Answe
     """The prompts in consecutive batches, each prompt's tokens before its answer token run once and
     cached (left-padded, explicit positions). Call it with no hooks active. Prompts longer than the
     smallest sliding attention window run whole (left padding would shift the window); a list that
-    already holds AnswerBatch objects is returned as it is."""
-    if prompts and isinstance(prompts[0], AnswerBatch):
+    already holds AnswerBatch objects is returned as it is. With several ranks, this rank's block of
+    batches only (each keeps its global `start`)."""
+    if isinstance(prompts, AnswerBatches) or (prompts and isinstance(prompts[0], AnswerBatch)):
         return prompts
     if max(len(p) for p in prompts) > _sliding_window(view.model) or min(len(p) for p in prompts) < 2:
-        return [AnswerBatch(i, ids, mask, last) for i, ids, mask, last in prompt_batches(view, prompts, batch_size)]
-    return [_cached_batch(view, prompts[i:i + batch_size], i) for i in range(0, len(prompts), batch_size)]
+        return AnswerBatches(AnswerBatch(i, ids, mask, last)
+                             for i, ids, mask, last in prompt_batches(view, prompts, batch_size))
+    return AnswerBatches(_cached_batch(view, prompts[i:i + batch_size], i)
+                         for i in dist.my_items(range(0, len(prompts), batch_size)))
+
+
+class AnswerBatches(list):
+    """What answer_batches returns (this rank's batches, possibly none), recognised when passed back in."""
 
 
 def _cached_batch(view: ModelView, chunk: list[list[int]], start: int) -> AnswerBatch:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import distributed as dist
 from ..models import ModelView
 from .answers import answer_batches
 from .edits import set_features
@@ -44,28 +45,33 @@ def attribution(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.
     baseline (zero when none given). `prompts` may be answer_batches(). Returns {layer: [n, d_sae]}
     and the clean margins [n]."""
     layers = sorted(saes)
-    out = {layer: [] for layer in layers}
-    margins = []
-    for b in answer_batches(view, prompts, batch_size):
-        g = torch.as_tensor(gold[b.start:b.start + len(b.ids)], device=view.device)
-        rows, last = torch.arange(len(b.ids), device=view.device), b.last
-        with torch.enable_grad():
-            logits, res = b.logits(view, tokens, layers)
-            m = margin(logits, g, log_prior, kind)
-            grads = torch.autograd.grad(m.sum(), [res[layer] for layer in layers])
-        margins.append(m.detach().cpu().numpy())
-        for layer, gfull in zip(layers, grads):
-            sae = saes[layer]
-            dev = sae.W_dec.device
-            x = res[layer].detach()[rows, last].to(dev, torch.float32)
-            gx = gfull[rows, last].to(dev, torch.float32)
-            f = sae.encode(x)
-            base = torch.zeros_like(f) if baseline is None else baseline[layer].to(dev).expand_as(f)
-            # d margin / d f = (W_dec grad_x) times the SAE's output scale (decode is linear; an edit's
-            # delta is rescaled into the residual with the scale of the unedited input, see edits.py)
-            g_f = (gx @ sae.W_dec.detach().T) * sae.out_scale(x)
-            out[layer].append(((base - f) * g_f).detach().cpu().numpy())
-    return {layer: np.concatenate(v) for layer, v in out.items()}, np.concatenate(margins)
+    parts = dist.gather(lambda: [_attribute(view, saes, b, gold, tokens, log_prior, baseline, kind, layers)
+                                 for b in answer_batches(view, prompts, batch_size)])
+    return ({layer: np.concatenate([p[0][layer] for p in parts]) for layer in layers},
+            np.concatenate([p[1] for p in parts]))
+
+
+def _attribute(view, saes, b, gold, tokens, log_prior, baseline, kind, layers) -> tuple[dict, np.ndarray]:
+    """One answer batch's attribution scores per layer [B, d_sae] and clean margins [B]."""
+    out = {}
+    g = torch.as_tensor(gold[b.start:b.start + len(b.ids)], device=view.device)
+    rows, last = torch.arange(len(b.ids), device=view.device), b.last
+    with torch.enable_grad():
+        logits, res = b.logits(view, tokens, layers)
+        m = margin(logits, g, log_prior, kind)
+        grads = torch.autograd.grad(m.sum(), [res[layer] for layer in layers])
+    for layer, gfull in zip(layers, grads):
+        sae = saes[layer]
+        dev = sae.W_dec.device
+        x = res[layer].detach()[rows, last].to(dev, torch.float32)
+        gx = gfull[rows, last].to(dev, torch.float32)
+        f = sae.encode(x)
+        base = torch.zeros_like(f) if baseline is None else baseline[layer].to(dev).expand_as(f)
+        # d margin / d f = (W_dec grad_x) times the SAE's output scale (decode is linear; an edit's
+        # delta is rescaled into the residual with the scale of the unedited input, see edits.py)
+        g_f = (gx @ sae.W_dec.detach().T) * sae.out_scale(x)
+        out[layer] = ((base - f) * g_f).detach().cpu().numpy()
+    return out, m.detach().cpu().numpy()
 
 
 @torch.no_grad()
@@ -76,10 +82,10 @@ def ablate(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarr
     """Exact intervention: the margin of every example [n] with the given features (per layer) set to
     the baseline (zero when none) at the answer position, SAE error terms kept. `prompts` may be
     answer_batches(), built once and reused across interventions."""
-    margins = []
-    for b in answer_batches(view, prompts, batch_size):
+    def one(b):
         g = torch.as_tensor(gold[b.start:b.start + len(b.ids)], device=view.device)
         with set_features(view, saes, features, b.last, baseline):
             logits, _ = b.logits(view, tokens)
-        margins.append(margin(logits, g, log_prior, kind).cpu().numpy())
-    return np.concatenate(margins)
+        return margin(logits, g, log_prior, kind).cpu().numpy()
+
+    return dist.concat(dist.gather(lambda: [one(b) for b in answer_batches(view, prompts, batch_size)]))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .. import distributed as dist
 from ..errors import EmoscopeError
 from ..hooks import resid
 from ..task.calibrate import CONTENT_FREE, apply_prior, prior_from_scores
@@ -89,14 +90,14 @@ def label_probs(task, texts: list[str], saes: dict | None = None, edits: list[Ed
     of the texts' prompts, built once when the same texts are steered repeatedly."""
     view, tokens = task.model, task.label_tokens
 
+    def one(b, edits):
+        with torch.no_grad(), apply_edits(view, saes or {}, list(edits), b.last):
+            logits, _ = b.logits(view, tokens)
+        return torch.log_softmax(logits, -1).double().cpu().numpy()
+
     def logp(ts, batches=None, edits=edits):
-        out = []
         batches = batches or answer_batches(view, task.encode_all(ts), batch_size)
-        for b in batches:
-            with torch.no_grad(), apply_edits(view, saes or {}, list(edits), b.last):
-                logits, _ = b.logits(view, tokens)
-            out.append(torch.log_softmax(logits, -1).double().cpu().numpy())
-        return np.concatenate(out)
+        return np.concatenate(dist.gather(lambda: [one(b, edits) for b in batches]))
 
     prior = prior_from_scores(logp(CONTENT_FREE, edits=edits if steer_prior else []))
     return np.exp(apply_prior(logp(list(texts), answers), prior))

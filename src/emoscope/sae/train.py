@@ -18,6 +18,7 @@ from typing import Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import distributed as dist
 from ..artifacts import config_hash
 from ..hooks import HookPoint, pad_batch, record
 from ..errors import EmoscopeError
@@ -184,23 +185,46 @@ class _Layer:
                                               getattr(self, "log_threshold", None), cfg.sparsity_coef, cfg.bandwidth)
             loss.backward()
             aux = torch.zeros(())
+        var = float((x - x.mean(0)).pow(2).sum(-1).mean())
+        if dist.world_size() > 1:
+            mse, l0, fired, aux, var = self._all_reduce(mse, l0, fired, aux, var)
         with torch.no_grad():
             # keep decoder rows on the unit sphere: drop the gradient component along each row
             g_dec = self.W_dec.grad
             g_dec -= (g_dec * self.W_dec).sum(-1, keepdim=True) * self.W_dec
             self.opt.step()
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
-            self.since_fired += x.shape[0]
+            self.since_fired += x.shape[0] * dist.world_size()
             self.since_fired[fired] = 0
             s = self.stats
             s["mse"].append(float(mse))
-            s["var"].append(float((x - x.mean(0)).pow(2).sum(-1).mean()))
+            s["var"].append(var)
             s["l0"].append(l0)
             s["aux"].append(float(aux))
         steps = len(self.stats["mse"])
         if (self.arch == "topk" and cfg.resample_every and steps % cfg.resample_every == 0
                 and steps <= 0.7 * cfg.tokens / cfg.batch_tokens):
             self.resample(x, cfg, fast)
+            if dist.world_size() > 1:  # every rank chose the same latents; rank 0's new directions hold
+                for t in (self.W_enc_T, self.W_dec, self.b_enc):
+                    torch.distributed.broadcast(t.data, 0)
+
+    @torch.no_grad()
+    def _all_reduce(self, mse, l0, fired, aux, var):
+        """DDP: gradients averaged over ranks (each rank's batch is its share of the step's tokens, so the
+        mean is the gradient of the whole step), latents fired on any rank, loss statistics averaged."""
+        params = [p for p in self.opt.param_groups[0]["params"]]
+        flat = torch.cat([p.grad.reshape(-1) for p in params] + [
+            fired.float(), torch.tensor([float(mse), l0, float(aux), var], device=fired.device)])
+        dist.all_sum(flat)
+        flat /= dist.world_size()
+        i = 0
+        for p in params:
+            p.grad.copy_(flat[i:i + p.numel()].view_as(p))
+            i += p.numel()
+        m = len(fired)
+        mse, l0, aux, var = flat[i + m:].tolist()
+        return mse, l0, flat[i:i + m] > 0, aux, var
 
     def state(self) -> dict:
         """Everything a resumed run needs to continue bit for bit (CPU tensors and plain values)."""
@@ -238,9 +262,14 @@ class _Layer:
 
     @classmethod
     def start(cls, cfg: SAETrainConfig, hp: HookPoint, x: torch.Tensor, model_name: str, device) -> "_Layer":
-        """Training state for a layer, with the scale and b_dec taken from its first activations."""
-        scale = float(x.pow(2).sum(-1).mean().sqrt() / math.sqrt(x.shape[1]))
-        return cls(cfg, hp, x.shape[1], scale, (x / scale).mean(0).cpu(), model_name, device)
+        """Training state for a layer, with the scale and b_dec taken from its first activations (of every
+        rank: each holds an equal share)."""
+        if dist.world_size() == 1:
+            scale = float(x.pow(2).sum(-1).mean().sqrt() / math.sqrt(x.shape[1]))
+            return cls(cfg, hp, x.shape[1], scale, (x / scale).mean(0).cpu(), model_name, device)
+        stats = dist.all_sum(torch.cat([x.pow(2).sum(-1).mean()[None], x.mean(0)])) / dist.world_size()
+        scale = float(stats[0].sqrt() / math.sqrt(x.shape[1]))
+        return cls(cfg, hp, x.shape[1], scale, (stats[1:] / scale).cpu(), model_name, device)
 
 
 def fit(x: torch.Tensor, cfg: SAETrainConfig, hook_name: str = "blocks.0.hook_resid_post", epochs: int = 1,
@@ -309,16 +338,27 @@ def train_layers(view: ModelView, cfg: SAETrainConfig, data_dir=None, progress: 
 
 def _train_group(view: ModelView, cfg: SAETrainConfig, hooks: list[HookPoint], data_dir, progress, device,
                  ckpt: Path | None) -> tuple[dict[str, "_Layer"], int, float]:
-    """One stream of LLM forwards training every hook's SAE; resumes from `ckpt` when it holds this run's state."""
+    """One stream of LLM forwards training every hook's SAE; resumes from `ckpt` when it holds this run's state.
+    With several ranks (DDP), each harvests every world-size-th batch of the corpus into its own buffer and
+    takes its share of each optimiser step's tokens; gradients are averaged over ranks at every step."""
     fast = _fast_dtype(cfg.fast_matmul, device)
+    w = dist.world_size()
+    if cfg.batch_tokens % w or cfg.buffer_tokens % w:
+        raise EmoscopeError(f"saes.train.batch_tokens ({cfg.batch_tokens}) and buffer_tokens ({cfg.buffer_tokens}) "
+                            f"must divide by the {w} ranks")
     torch.manual_seed(cfg.seed)
     batches = _batches(sequences(view, "train", cfg.context, cfg.seed, cfg.mix, data_dir), cfg.seqs_per_forward)
-    key = config_hash(cfg, view.name, [h.name for h in hooks], str(data_dir))
+    batches = (b for i, b in enumerate(batches) if i % w == dist.rank())
+    key = config_hash(cfg, view.name, [h.name for h in hooks], str(data_dir), w)
     t_fwd, seen, n_batches = 0.0, 0, 0
     states: dict[str, _Layer] = {}
     gen = torch.Generator().manual_seed(cfg.seed)
+    if ckpt is not None and w > 1:
+        ckpt = ckpt.with_name(f"{ckpt.stem}.rank{dist.rank()}{ckpt.suffix}")
     blob = _load_checkpoint(ckpt)
-    if blob is not None and blob.get("key") == key:
+    if dist.all_min(int(blob is not None and blob.get("key") == key)) == 0:
+        blob = None  # resume only when every rank can
+    if blob is not None:
         seen, n_batches, t_fwd = blob["seen"], blob["n_batches"], blob["t_fwd"]
         gen.set_state(blob["gen"])
         torch.set_rng_state(blob["rng"])
@@ -329,7 +369,7 @@ def _train_group(view: ModelView, cfg: SAETrainConfig, hooks: list[HookPoint], d
             progress(seen)
     last_save = time.time()
     buf: dict[str, list[torch.Tensor]] = {h.name: [] for h in hooks}
-    n_buf = 0
+    n_buf, step_tokens = 0, cfg.batch_tokens // w
     while seen < cfg.tokens:
         t = time.time()
         acts = _harvest(view, hooks, next(batches))
@@ -339,9 +379,10 @@ def _train_group(view: ModelView, cfg: SAETrainConfig, hooks: list[HookPoint], d
         for name, a in acts.items():
             buf[name].append(a)
         n_buf += n
-        if n_buf < cfg.buffer_tokens and seen + n_buf < cfg.tokens:
+        if n_buf < cfg.buffer_tokens // w and seen + n_buf * w < cfg.tokens:
             continue
-        take = min(n_buf, cfg.tokens - seen)
+        # every rank takes as many tokens as the smallest buffer holds, so all take the same steps
+        take = min(dist.all_min(n_buf), -(-(cfg.tokens - seen) // w))
         perm = torch.randperm(n_buf, generator=gen)[:take]
         for h in hooks:
             x = torch.cat(buf[h.name])[perm].to(device, non_blocking=True)
@@ -350,13 +391,13 @@ def _train_group(view: ModelView, cfg: SAETrainConfig, hooks: list[HookPoint], d
                 states[h.name] = _Layer.start(cfg, h, x, view.name, device)
             st = states[h.name]
             x = x / st.scale
-            for i in range(0, take - cfg.batch_tokens + 1, cfg.batch_tokens):
-                st.step(x[i:i + cfg.batch_tokens], cfg, fast)
-        seen += take
+            for i in range(0, take - step_tokens + 1, step_tokens):
+                st.step(x[i:i + step_tokens], cfg, fast)
+        seen += take * w
         n_buf = 0
         if progress:
-            progress(take)
-        if ckpt is not None and seen < cfg.tokens and time.time() - last_save > 60 * cfg.checkpoint_minutes:
+            progress(take * w)
+        if ckpt is not None and seen < cfg.tokens and dist.agree(time.time() - last_save > 60 * cfg.checkpoint_minutes):
             _save_checkpoint(ckpt, {"key": key, "seen": seen, "n_batches": n_batches, "t_fwd": t_fwd,
                                     "gen": gen.get_state(), "rng": torch.get_rng_state(),
                                     "layers": {n: st.state() for n, st in states.items()}})

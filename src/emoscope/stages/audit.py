@@ -30,6 +30,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..analysis.drift import auroc_or_none, derangement, jaccard_topk, phase_drift, retained, rowcorr
 from ..artifacts import config_hash
+from .. import distributed as dist
 from ..errors import EmoscopeError, validated
 from ..hooks import layer_of
 from ..interventions.answers import answer_batches, answer_resid, first_token_prior
@@ -232,13 +233,12 @@ def _observe(task: Task, texts: list[str], saes: dict) -> dict:
     """Calibrated predictions and probabilities, and SAE codes at the answer position of every layer."""
     logp = task.score(texts)
     cal = calibrate.apply_prior(logp, task.log_prior())
-    codes = {layer: [] for layer in saes}
     prompts = task.encode_all(texts)
     with torch.no_grad():
-        for res in answer_resid(task.model, prompts, list(saes), task.label_tokens):
-            for layer, sae in saes.items():
-                codes[layer].append(sae.encode(res[layer]).cpu().numpy())
-    codes = {layer: np.nan_to_num(np.concatenate(v), nan=0.0, posinf=0.0, neginf=0.0) for layer, v in codes.items()}
+        parts = dist.gather(lambda: [{layer: sae.encode(res[layer]).cpu().numpy() for layer, sae in saes.items()}
+                                     for res in answer_resid(task.model, prompts, list(saes), task.label_tokens)])
+    codes = {layer: np.nan_to_num(np.concatenate([p[layer] for p in parts]), nan=0.0, posinf=0.0, neginf=0.0)
+             for layer in saes}
     # a candidate can overflow (Gemma in float16 does): such rows count as maximally uncertain and wrong
     bad = ~np.isfinite(cal).all(1)
     cal = np.where(bad[:, None], -np.log(cal.shape[1]), cal)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import distributed as dist
 from ..artifacts import config_hash, read_json, write_json
 from ..constraints import Device
 from ..hooks import HookPoint
@@ -151,7 +152,8 @@ def _trained(model: ModelView, cfg: SAEStageConfig, data_dir, progress, device, 
         stats = read_json(marker)["stats"]
         return {h: io.load(done / h, str(device)) for h in stats["layers"]}, stats
     saes, stats = train_layers(model, cfg.train, data_dir, progress, device=device, checkpoint_dir=checkpoint_dir)
-    for h, sae in saes.items():
-        io.save(sae, done / h)
-    write_json(marker, {"key": key, "stats": stats})  # written last: the folder is complete
+    if dist.is_main():  # every rank holds the same SAEs
+        for h, sae in saes.items():
+            io.save(sae, done / h)
+        write_json(marker, {"key": key, "stats": stats})  # written last: the folder is complete
     return saes, stats

@@ -35,6 +35,7 @@ from scipy.special import log_softmax
 
 from ..artifacts import config_hash
 from ..data import Example, load_split, select
+from .. import distributed as dist
 from ..errors import EmoscopeError, validated
 from ..hooks import layer_of, pad_batch
 from ..interventions.answers import answer_batches, answer_resid
@@ -243,11 +244,9 @@ def _transfer(task, methods, labels, cfg, results) -> dict:
 
 def _resid(task: Task, texts, layers: list[int]) -> dict[int, np.ndarray]:
     """Residual stream at the answer position, [n, d] per requested layer."""
-    out = {layer: [] for layer in layers}
-    for res in answer_resid(task.model, task.encode_all(texts), layers, task.label_tokens):
-        for layer in layers:
-            out[layer].append(res[layer].cpu().numpy())
-    return {layer: np.concatenate(v) for layer, v in out.items()}
+    parts = dist.gather(lambda: [{layer: r[layer].cpu().numpy() for layer in layers}
+                                 for r in answer_resid(task.model, task.encode_all(texts), layers, task.label_tokens)])
+    return {layer: np.concatenate([p[layer] for p in parts]) for layer in layers}
 
 
 def _per_emotion(probs_for, score, labels, best, cfg, curve, progress) -> tuple[dict[str, float], float]:
@@ -309,12 +308,11 @@ class _Scorer:
         return self.memo[key]
 
     def raw_logp(self, ts, builder=None, ctx=None) -> np.ndarray:
-        out = []
-        for b in self.batches(ts, builder):
+        def one(b):
             with torch.no_grad(), (ctx(b.last) if ctx else contextlib.nullcontext()):
                 logits, _ = b.logits(self.task.model, self.task.label_tokens)
-            out.append(torch.log_softmax(logits, -1).double().cpu().numpy())
-        return np.concatenate(out)
+            return torch.log_softmax(logits, -1).double().cpu().numpy()
+        return np.concatenate(dist.gather(lambda: [one(b) for b in self.batches(ts, builder)]))
 
     def calibrated(self, ts, ctx=None, builder=None) -> np.ndarray:
         lp = self.raw_logp(ts, builder, ctx)

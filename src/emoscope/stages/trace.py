@@ -29,6 +29,7 @@ from scipy.stats import spearmanr
 
 from ..analysis.stats import concentration, mean_ci
 from ..artifacts import config_hash
+from .. import distributed as dist
 from ..errors import validated
 from ..hooks import layer_of
 from ..interventions.answers import answer_batches, answer_resid, first_token_prior
@@ -298,9 +299,11 @@ def _cross(tr: _Tracer, pool, labels, sets) -> dict:
 
 def _mean_features(task: Task, saes: dict, prompts) -> dict[int, torch.Tensor]:
     """Each layer's mean feature activation at the answer position over the given prompts."""
-    sums = {layer: 0 for layer in saes}
     with torch.no_grad():
-        for res in answer_resid(task.model, prompts, list(saes), [0]):
-            for layer, sae in saes.items():
-                sums[layer] = sums[layer] + sae.encode(res[layer]).sum(0)
+        parts = dist.gather(lambda: [{layer: sae.encode(res[layer]).sum(0).cpu() for layer, sae in saes.items()}
+                                     for res in answer_resid(task.model, prompts, list(saes), [0])])
+    sums = {layer: 0 for layer in saes}
+    for part in parts:  # in batch order, as one process adds them
+        for layer, sae in saes.items():
+            sums[layer] = sums[layer] + part[layer].to(sae.W_dec.device)
     return {layer: (s / len(prompts))[None] for layer, s in sums.items()}

@@ -14,6 +14,7 @@ import copy
 import numpy as np
 import torch
 
+from .. import distributed as dist
 from ..models import ModelView
 
 
@@ -42,7 +43,8 @@ def score_ids(view: ModelView, prompts: list[list[int]], labels: list[list[int]]
     result = np.zeros((len(prompts), n_lab), dtype=np.float64)
     first_tok = torch.tensor([lab[0] for lab in labels], device=dev)
     longest = max(len(p) for p in prompts) + max_lab
-    for rows in _batches([len(p) - P for p in prompts], batch_size, equal=longest > _sliding_window(model)):
+    batches = _batches([len(p) - P for p in prompts], batch_size, equal=longest > _sliding_window(model))
+    for rows in batches[dist.rank()::dist.world_size()]:  # with several ranks, every rank its share
         batch = [prompts[r][P:] for r in rows]
         B, S = len(batch), max(len(s) for s in batch)
         ids = torch.zeros((B, S), dtype=torch.long, device=dev)
@@ -66,7 +68,8 @@ def score_ids(view: ModelView, prompts: list[list[int]], labels: list[list[int]]
         result[rows] = scores.double().cpu().numpy()
         if progress:
             progress(B)
-    return result
+    # each row was filled by exactly one rank (zeros elsewhere): the sum is exact
+    return dist.all_sum(torch.from_numpy(result)).numpy()
 
 
 def _sliding_window(model) -> int:
