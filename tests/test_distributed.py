@@ -1,0 +1,229 @@
+"""Data parallelism with torch.distributed (gloo, CPU, 2 processes): the same results as one process.
+
+Tolerance stated in docs/design.md: the example-parallel stages compute every batch exactly as one
+process does, so their results must match to float round-off (rtol 1e-5, atol 1e-6; on this CPU they
+are bit-identical); DDP SAE training averages gradients over ranks, so one step on two halves of a
+batch equals one step on the whole batch to rtol 1e-4, and whole trainings (other shuffles) reach a
+held-out FVU within 0.03 of one process's.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+RTOL, ATOL = 1e-5, 1e-6
+STAGES = ["evaluate", "saes", "phases", "trace", "steer", "audit"]
+
+
+def _config(tmp_path, tiny_dir, toy_data, name, stages=STAGES) -> Path:
+    cfg = {
+        "run_dir": str(tmp_path / name), "model": {"name": str(tiny_dir)}, "stages": stages,
+        "evaluate": {"data": {"dataset": str(toy_data), "per_class": 6}},
+        "saes": {"train": {"tokens": 24000, "layers": [1, 2, 3], "expansion": 4, "k": 4, "batch_tokens": 256,
+                           "buffer_tokens": 1024, "seqs_per_forward": 4}, "eval_seqs": 8},
+        "phases": {"min_per_class": 3, "n_boot": 10, "probe_folds": 2},
+        "trace": {"examples": "all", "per_emotion": 5, "candidates": 2, "n_random": 3, "n_boot": 50},
+        "steer": {"dev_per_class": 4, "features_per_emotion": [1], "strengths": [1.5, 2.0],
+                  "per_emotion_strengths": [0.5, 1.5], "rounds": 1, "dose": [0.0, 1.0], "transfer": [],
+                  "ppl_seqs": 4, "n_boot": 100},
+        "audit": {"ablation_per_emotion": 3, "n_boot": 100,
+                  "candidates": [{"name": "int8", "precision": "int8"}, {"name": "lower", "text": "lower"},
+                                 {"name": "shots", "shots": 1}]},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _close(a, b, where=""):
+    """Equal structure, equal strings/ints/bools, floats within the stated tolerance."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for k in a:
+            _close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and not isinstance(b, bool):
+        assert isinstance(b, (int, float)), where
+        assert np.isclose(a, b, rtol=RTOL, atol=ATOL, equal_nan=True), f"{where}: {a} vs {b}"
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def _same_run_files(one: Path, two: Path, stages) -> list[str]:
+    """Compare every result file of the stages; returns the files that are not byte-identical."""
+    from emoscope.store import Store
+
+    differ = []
+    for stage in stages:
+        for f in sorted((one / stage).rglob("*")):
+            rel = f.relative_to(one)
+            g = two / rel
+            if f.is_dir() or f.name == "timing.json" or f.parent.name.startswith("store_"):
+                continue
+            assert g.is_file(), rel
+            if f.read_bytes() == g.read_bytes():
+                continue
+            differ.append(str(rel))
+            if f.suffix == ".json":
+                a, b = json.loads(f.read_text()), json.loads(g.read_text())
+                if f.name == "steering.json":  # names the run directory it was chosen in
+                    a["chosen_on"].pop("run_dir"), b["chosen_on"].pop("run_dir")
+                _close(a, b, str(rel))
+            elif f.suffix == ".parquet":
+                pd.testing.assert_frame_equal(pd.read_parquet(f), pd.read_parquet(g), rtol=RTOL, atol=ATOL)
+            else:
+                raise AssertionError(f"{rel} differs")
+        for store in sorted((one / stage).glob("store_*")):  # rows split into other shard files; same rows
+            a, b = Store(store), Store(two / store.relative_to(one))
+            assert a.hooks == b.hooks and len(a) == len(b) and a.manifest["example_ids"] == b.manifest["example_ids"]
+            for key in a.hooks + ["token_ids", "example_idx", "position"]:
+                torch.testing.assert_close(a.read(key), b.read(key), rtol=RTOL, atol=ATOL)
+    return differ
+
+
+def test_two_ranks_write_the_same_results_as_one(tmp_path, tiny_dir, toy_data, shared_data):
+    """`torchrun --nproc_per_node 2 -m emoscope run`: every example-parallel stage (evaluate, phases,
+    trace, steer, audit) recomputed with 2 gloo ranks on the same SAEs equals one process's results."""
+    one = _config(tmp_path, tiny_dir, toy_data, "one")
+    out = subprocess.run([sys.executable, "-m", "emoscope", "run", "--config", str(one)], capture_output=True,
+                         text=True, timeout=600, env=_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    two = _config(tmp_path, tiny_dir, toy_data, "two")
+    shutil.copytree(tmp_path / "one", tmp_path / "two")  # the same SAEs; every other stage rerun
+    (tmp_path / "two" / "run.log").unlink()
+    force = [a for s in STAGES if s != "saes" for a in ("--force", s)]
+    out = subprocess.run(TORCHRUN + ["-m", "emoscope", "run", "--config", str(two)] + force, capture_output=True,
+                         text=True, timeout=600, env=_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = (tmp_path / "two" / "run.log").read_text()
+    assert "data parallel: 2 ranks (gloo)" in log and "stage saes: up to date, skipped" in log
+    for s in STAGES:
+        if s != "saes":
+            assert f"stage {s}: running" in log
+            assert json.loads((tmp_path / "two" / s / "timing.json").read_text())["ranks"] == 2
+    differ = _same_run_files(tmp_path / "one", tmp_path / "two", [s for s in STAGES if s != "saes"])
+    assert differ == ["steer/steering.json"]  # on this CPU the rest is bit-identical (only the run_dir differs)
+    assert not [p for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_ddp_sae_training_matches_one_process(tmp_path, tiny_dir, toy_data, shared_data):
+    """The saes stage under 2 ranks (each its share of the corpus, gradients all-reduced): SAEs of the
+    same shapes whose held-out quality is within the stated tolerance of one process's."""
+    stages = ["evaluate", "saes"]
+    one = _config(tmp_path, tiny_dir, toy_data, "one", stages)
+    two = _config(tmp_path, tiny_dir, toy_data, "two", stages)
+    a = subprocess.run([sys.executable, "-m", "emoscope", "run", "--config", str(one)], capture_output=True,
+                       text=True, timeout=600, env=_env())
+    b = subprocess.run(TORCHRUN + ["-m", "emoscope", "run", "--config", str(two)], capture_output=True, text=True,
+                       timeout=600, env=_env())
+    assert a.returncode == 0 and b.returncode == 0, (a.stderr + b.stderr)[-3000:]
+    qa = json.loads((tmp_path / "one" / "saes" / "result.json").read_text())
+    qb = json.loads((tmp_path / "two" / "saes" / "result.json").read_text())
+    assert qa["train"]["tokens"] == qb["train"]["tokens"] >= 24000
+    for h in qa["quality"]:
+        fa, fb = qa["quality"][h]["fvu"], qb["quality"][h]["fvu"]
+        assert abs(fa - fb) < 0.03, (h, fa, fb)
+        assert fb < 0.5  # trained, not the initialisation
+        assert qa["quality"][h]["l0"] == qb["quality"][h]["l0"] == 4.0
+
+
+# ---------------------------------------------------------------------------- one DDP step, exactly
+def _ddp_steps(rank, world, init_file, arch, x, out_dir):
+    import torch.distributed as tdist
+
+    from emoscope.hooks import HookPoint
+    from emoscope.sae.train import SAETrainConfig, _Layer
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = SAETrainConfig(architecture=arch, expansion=4, k=4, batch_tokens=64)
+        mine = torch.cat([x[i * 64 + rank * (64 // world): i * 64 + (rank + 1) * (64 // world)]
+                          for i in range(x.shape[0] // 64)])
+        st = _Layer.start(cfg, HookPoint.parse("blocks.0.hook_resid_post"), mine, "m", torch.device("cpu"))
+        for i in range(0, len(mine), 64 // world):
+            st.step(mine[i:i + 64 // world] / st.scale, cfg, torch.float32)
+        buf = io.BytesIO()
+        torch.save({k: v for k, v in st.state()["params"].items()} | {"scale": torch.tensor(st.scale)}, buf)
+        (Path(out_dir) / f"rank{rank}.pt").write_bytes(buf.getvalue())
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_one_ddp_step_equals_a_step_on_the_whole_batch(tmp_path, arch):
+    """Each of 2 ranks steps on its half of every 64-token batch; the parameters equal (within rtol
+    1e-4) those of one process stepping on whole batches, and both ranks hold the same parameters."""
+    import torch.multiprocessing as mp
+
+    from emoscope.hooks import HookPoint
+    from emoscope.sae.train import SAETrainConfig, _Layer
+
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    mp.spawn(_ddp_steps, args=(2, tmp_path / "init", arch, x, tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    cfg = SAETrainConfig(architecture=arch, expansion=4, k=4, batch_tokens=64)
+    st = _Layer.start(cfg, HookPoint.parse("blocks.0.hook_resid_post"), x, "m", torch.device("cpu"))
+    for i in range(0, 256, 64):
+        st.step(x[i:i + 64] / st.scale, cfg, torch.float32)
+    whole = st.state()["params"]
+    assert float(ranks[0]["scale"]) == pytest.approx(st.scale, rel=1e-5)
+    for name, p in whole.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        torch.testing.assert_close(ranks[0][name], p, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- failing ranks
+RANK_SCRIPT = """
+import os, sys, time
+from emoscope import distributed as dist
+from emoscope.errors import EmoscopeError
+dist.init()
+def local():
+    if dist.rank() == 1:
+        if sys.argv[1] == "crash":
+            os._exit(3)  # a rank that dies (out of memory, killed)
+        raise EmoscopeError("non-finite activations on rank 1")
+    return [1.0]
+try:
+    dist.gather(local)
+except EmoscopeError as e:
+    print(f"rank {dist.rank()}: error: {e}", flush=True)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("how", ["error", "crash"])
+def test_a_failing_rank_fails_the_run_on_every_rank_without_hanging(tmp_path, how):
+    """An EmoscopeError on one rank inside a shared loop is raised on every rank; a rank that dies
+    makes torchrun stop the others. Either way the launch ends, non-zero, within seconds."""
+    import time
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    t = time.time()
+    out = subprocess.run(TORCHRUN + [str(script), how], capture_output=True, text=True, timeout=120, env=_env())
+    assert out.returncode != 0 and time.time() - t < 100
+    if how == "error":
+        assert "rank 0: error: non-finite activations on rank 1" in out.stdout
+        assert "rank 1: error: non-finite activations on rank 1" in out.stdout
