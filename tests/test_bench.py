@@ -38,9 +38,11 @@ ARGS = {
     "trace.py": lambda tiny, run: [run, "--n", "2", "--topk", "2", "--sample", "2", "--whole", "1"],
     # the large-model path on a narrow model with many layers and wide SAEs (the tiny model's tokenizer)
     "scale.py": lambda tiny, run: ["--sizes", "deep", "--tokenizer", tiny],
+    "parallel.py": lambda tiny, run: ["--model", tiny, "--per-class", "6", "--sae-tokens", "6000", "--layers", "1,3"],
 }
 KEYS = {"score_labels.py": "speedup", "capture.py": None, "sae_train.py": None,
-        "trace.py": "speedup_vs_cached_exhaustive", "scale.py": "deep_peak_over_bytes"}
+        "trace.py": "speedup_vs_cached_exhaustive", "scale.py": "deep_peak_over_bytes",
+        "parallel.py": "evaluate_speedup"}
 
 
 @pytest.mark.parametrize("script", sorted(ARGS))
@@ -55,6 +57,8 @@ def test_bench_script_runs(script, tiny_dir, tiny_run, tmp_path):
     assert all(not isinstance(v, (dict, list)) for v in figures.values()), "--json writes a flat object"
     if KEYS[script]:
         assert KEYS[script] in figures
+    if script == "parallel.py":  # 2 ranks wrote one process's results
+        assert figures["ranks"] == 2 and figures["identical_files"] == figures["compared_files"] > 0
     if script == "scale.py":  # every stage ran and recorded its time and peak memory
         stages = ("evaluate", "saes", "phases", "trace", "steer", "audit")
         assert all(figures[f"deep_{s}_s"] > 0 and figures[f"deep_{s}_peak_gb"] > 0 for s in stages)

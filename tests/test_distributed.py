@@ -227,3 +227,60 @@ def test_a_failing_rank_fails_the_run_on_every_rank_without_hanging(tmp_path, ho
     if how == "error":
         assert "rank 0: error: non-finite activations on rank 1" in out.stdout
         assert "rank 1: error: non-finite activations on rank 1" in out.stdout
+
+
+# ---------------------------------------------------------------------------- model.device_map (accelerate)
+OFFLOAD = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu",
+           "model.layers.3": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+
+
+def test_an_offloaded_model_gives_the_same_numbers(tmp_path, tiny_dir):
+    """`model.device_map` with CPU and disk offload: accelerate's dispatch hooks sit on real layers (their
+    weights are meta placeholders here), and label scores, recorded activations, cached answer passes,
+    SAE splices (ablation, attribution), feature edits and activation capture equal the plain model's.
+    Precision candidates, which change weights in place, are refused in one line."""
+    from accelerate.hooks import AlignDevicesHook
+    from test_causal import _setup
+
+    from emoscope.errors import EmoscopeError
+    from emoscope.hooks import HookPoint
+    from emoscope.interventions.answers import answer_batches
+    from emoscope.interventions.edits import Edit, apply_edits
+    from emoscope.interventions.effects import ablate, attribution
+    from emoscope.interventions.perturb import precision_applied
+    from emoscope.models import ModelConfig, load_model
+    from emoscope.store import capture_to_store
+    from emoscope.task.score import score_ids
+
+    plain = load_model(ModelConfig(name=str(tiny_dir), device="cpu"))
+    off = load_model(ModelConfig(name=str(tiny_dir), device="cpu", device_map=OFFLOAD,
+                                 offload_folder=str(tmp_path / "offload")))
+    assert all(isinstance(getattr(b, "_hf_hook", None), AlignDevicesHook) for b in off.blocks)
+    assert off.offloaded and not plain.offloaded and off.device == torch.device("cpu")
+    assert off.blocks[1].self_attn.q_proj.weight.device.type == "meta"
+    _, saes, prompts, tokens, gold = _setup()
+    np.testing.assert_array_equal(score_ids(off, prompts, [[5], [6, 7]]), score_ids(plain, prompts, [[5], [6, 7]]))
+    a, b = answer_batches(off, prompts, 4), answer_batches(plain, prompts, 4)
+    feats = {1: [0, 3, 5], 2: [1, 2]}
+    np.testing.assert_array_equal(ablate(off, saes, a, gold, tokens, feats),
+                                  ablate(plain, saes, b, gold, tokens, feats))
+    (ea, ma), (eb, mb) = attribution(off, saes, a, gold, tokens), attribution(plain, saes, b, gold, tokens)
+    np.testing.assert_array_equal(ma, mb)
+    for layer in saes:
+        np.testing.assert_array_equal(ea[layer], eb[layer])
+    edits = [Edit(layer=1, feature=3, mode="add", value=2.0)]
+    with torch.no_grad(), apply_edits(off, saes, edits, a[0].last):
+        la, _ = a[0].logits(off, tokens)
+    with torch.no_grad(), apply_edits(plain, saes, edits, b[0].last):
+        lb, _ = b[0].logits(plain, tokens)
+    torch.testing.assert_close(la, lb, rtol=0, atol=0)
+    hooks = [HookPoint(1), HookPoint(3, "mlp_out")]
+    enc = [(p, list(range(len(p)))) for p in prompts]
+    ids = [f"e{i}" for i in range(len(prompts))]
+    sa = capture_to_store(off, enc, ids, hooks, "all", tmp_path / "a")
+    sb = capture_to_store(plain, enc, ids, hooks, "all", tmp_path / "b")
+    for h in hooks:
+        assert torch.equal(sa.read(h.name), sb.read(h.name))
+    with pytest.raises(EmoscopeError, match="offloaded"):
+        with precision_applied(off, "int8"):
+            pass

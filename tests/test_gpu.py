@@ -75,3 +75,19 @@ def test_bench_scripts_take_cuda(tmp_path):
     r = subprocess.run([sys.executable, str(bench / "scale.py"), "--device", "cuda", "--sizes", "tiny",
                         "--json", str(tmp_path / "s.json")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_device_map_over_gpus_and_cpu_matches_one_device(tiny_dir, toy_data, tmp_path):
+    """A model spread by accelerate over every GPU and the CPU (offload) scores and ablates as on one
+    GPU (within the tolerance above): activations and SAEs meet on the right device at every layer."""
+    from emoscope.models import ModelConfig, load_model
+
+    n = torch.cuda.device_count()
+    dm = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": n - 1, "model.layers.2": "cpu",
+          "model.layers.3": n - 1, "model.norm": n - 1, "model.rotary_emb": 0, "lm_head": n - 1}
+    one = load_model(ModelConfig(name=str(tiny_dir), device="cuda"))
+    spread = load_model(ModelConfig(name=str(tiny_dir), device="cuda", device_map=dm))
+    task_a = es.Task(one, dataset=str(toy_data), per_class=4)
+    task_b = es.Task(spread, dataset=str(toy_data), per_class=4)
+    texts = [e.text for e in task_a.examples()]
+    np.testing.assert_allclose(task_b.score(texts), task_a.score(texts), atol=1e-3)

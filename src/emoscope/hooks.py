@@ -96,6 +96,12 @@ def edit_output(view: ModelView, hp: HookPoint, fn):
         h.remove()
 
 
+def at(t: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of position positions[b] in each row b of t [B, T, ...], on t's device (with a model spread over
+    devices, a layer's activations need not be where the inputs are): t[at(t, positions)] is [B, ...]."""
+    return torch.arange(len(t), device=t.device), positions.to(t.device)
+
+
 def all_resid(view: ModelView) -> list[HookPoint]:
     return [HookPoint(layer, "resid_post") for layer in range(view.n_layers)]
 

@@ -16,12 +16,13 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from .errors import EmoscopeError, validated
@@ -75,6 +76,15 @@ class ModelConfig(BaseModel):
     """float32 (exact, default), bfloat16, float16, or auto = bfloat16 on CUDA or a CPU with native bf16."""
     trust_remote_code: bool = False
     """Allow custom model code from the hub (off unless you ask)."""
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, int | str] | None = Field(
+        None, exclude=True)
+    """Spread the model over devices with accelerate: auto, balanced, sequential, or a map from module names to a
+    GPU index, "cpu" or "disk" (offload); unset: the whole model on `device`. Placement only (the same numbers,
+    tested): not part of any hash or saved config."""
+    max_memory: dict[str, str] | None = Field(None, exclude=True)
+    """Memory per device for a device_map, e.g. {"0": "20GiB", "cpu": "60GiB"} (GPU indices as keys)."""
+    offload_folder: str | None = Field(None, exclude=True)
+    """Where weights mapped to "disk" are kept (default: a temporary folder, removed with the model)."""
 
 
 def cache_root() -> Path:
@@ -116,7 +126,19 @@ class ModelView:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the embedding's device, or its execution device when accelerate dispatched the
+        model (its weights may be offloaded to the CPU or disk and brought in for each forward)."""
+        emb = self.model.get_input_embeddings()
+        hook = getattr(emb, "_hf_hook", None)
+        if getattr(hook, "execution_device", None) is not None:
+            dev = hook.execution_device
+            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+        return next(emb.parameters()).device
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether some weights live off their execution device (accelerate offload: meta placeholders here)."""
+        return any(p.device.type == "meta" for p in self.model.parameters())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -135,9 +157,14 @@ class ModelView:
         if tokens is None:
             logits = self.unembed(self.final_norm(resid))
         else:
-            idx = torch.as_tensor(tokens, device=resid.device)
-            bias = None if getattr(self.unembed, "bias", None) is None else self.unembed.bias[idx]
-            logits = torch.nn.functional.linear(self.final_norm(resid), self.unembed.weight[idx], bias)
+            from accelerate.utils import align_module_device
+
+            h = self.final_norm(resid)
+            with align_module_device(self.unembed):  # offloaded weights brought in (a no-op otherwise)
+                w = self.unembed.weight
+                idx = torch.as_tensor(tokens, device=w.device)
+                bias = None if getattr(self.unembed, "bias", None) is None else self.unembed.bias[idx]
+                logits = torch.nn.functional.linear(h.to(w.device), w[idx], bias)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -179,20 +206,42 @@ def make_view(model: nn.Module, tokenizer, name: str, chat: bool | None = None) 
     return ModelView(model, tokenizer, name, blocks, norm, unembed, chat, softcap, str(path) if path else None, bpath)
 
 
-def _from_dir(path: str | Path, dtype: torch.dtype, device: str, trust_remote_code: bool = False, **kw):
+def _placement(cfg: ModelConfig | None, device: str) -> dict:
+    """from_pretrained's placement arguments: weights straight to the target device in the target dtype (no
+    full float32 copy on the CPU first), or spread by accelerate over devices, CPU and disk."""
+    if cfg is None or cfg.device_map is None:
+        return {} if device == "cpu" else {"device_map": {"": device}}
+    out = {"device_map": cfg.device_map}
+    if cfg.max_memory:
+        out["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in cfg.max_memory.items()}
+    if cfg.offload_folder:
+        out["offload_folder"] = cfg.offload_folder
+    elif _uses_disk(cfg.device_map):  # removed with the model
+        out["offload_folder"] = out["temporary"] = tempfile.mkdtemp(prefix="emoscope-offload-")
+    return out
+
+
+def _uses_disk(device_map) -> bool:
+    return not isinstance(device_map, dict) or "disk" in device_map.values()
+
+
+def _from_dir(path: str | Path, dtype: torch.dtype, device: str, trust_remote_code: bool = False,
+              placement: dict | None = None, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
     # safetensors only: a pickled checkpoint (pytorch_model.bin) can run code when loaded
     pickle_ok = os.environ.get("EMOSCOPE_ALLOW_PICKLE") == "1"
-    # weights go straight to the target device in the target dtype (no full float32 copy on the CPU first)
-    placement = {} if device == "cpu" else {"device_map": {"": device}}
+    placement = dict(placement if placement is not None else _placement(None, device))
+    temporary = placement.pop("temporary", None)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                  use_safetensors=None if pickle_ok else True, **placement, **kw)
+    if temporary:
+        weakref.finalize(model, shutil.rmtree, temporary, True)
     return model.eval(), tok
 
 
-def _load_gguf(gguf: Path, dtype: torch.dtype, device: str):
+def _load_gguf(gguf: Path, dtype: torch.dtype, device: str, placement: dict | None = None):
     """Dequantise once into a safetensors cache keyed by the GGUF's hash; load from the cache after."""
     cache = cache_root() / "models" / _sha256(gguf)[:20]
     if not (cache / "complete").exists():
@@ -212,7 +261,7 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, device: str):
         (tmp / "complete").write_text(str(gguf) + "\n")
         shutil.rmtree(cache, ignore_errors=True)
         os.replace(tmp, cache)
-    model, tok = _from_dir(cache, dtype, device)
+    model, tok = _from_dir(cache, dtype, device, placement=placement)
     model.name_or_path = str(cache)
     return model, tok
 
@@ -317,7 +366,7 @@ def _load(cfg: ModelConfig) -> ModelView:
     dt = resolve_dtype(cfg.dtype, dev)
     if name in REGISTRY:
         spec = REGISTRY[name]
-        model, tok = _load_gguf(spec.gguf(), dt, dev)
+        model, tok = _load_gguf(spec.gguf(), dt, dev, _placement(cfg, dev))
         return make_view(model, tok, name, spec.chat)
     path = Path(name).expanduser()
     if not path.exists() and path.suffix != ".gguf" and "/" not in name:
@@ -331,9 +380,10 @@ def _load(cfg: ModelConfig) -> ModelView:
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise EmoscopeError(f"GGUF file not found: {path}")
-            model, tok = _load_gguf(path.resolve(), dt, dev)
+            model, tok = _load_gguf(path.resolve(), dt, dev, _placement(cfg, dev))
         else:
-            model, tok = _from_dir(name, dt, dev, trust_remote_code=cfg.trust_remote_code)
+            model, tok = _from_dir(name, dt, dev, trust_remote_code=cfg.trust_remote_code,
+                                   placement=_placement(cfg, dev))
     except EmoscopeError:
         raise
     except Exception as e:  # missing, pickled only, truncated or foreign files: say which, in one line

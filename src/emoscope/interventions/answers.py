@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import distributed as dist
-from ..hooks import HookPoint, pad_batch, record, resid
+from ..hooks import HookPoint, at, pad_batch, record, resid
 from ..models import ModelView
 from ..task.calibrate import CONTENT_FREE
 from ..task.score import _sliding_window
@@ -32,8 +32,8 @@ def answer_logits(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, last: 
         # the base model, without the LM head: only the label tokens' logits are needed
         view.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
                               use_cache=past is not None)
-    rows = torch.arange(len(ids))
-    final = acts[resid(view.n_layers - 1)][rows, last]
+    out = acts[resid(view.n_layers - 1)]
+    final = out[at(out, last)]
     logits = view.logits_from_resid(final, tokens).float()
     return logits, {layer: acts[resid(layer)] for layer in record_layers}
 
@@ -54,8 +54,7 @@ def answer_resid(view: ModelView, prompts: list[list[int]], layers: list[int], t
     every given layer: yields {layer: [B, d] float32}."""
     for _, ids, mask, last in prompt_batches(view, prompts, batch_size):
         _, res = answer_logits(view, ids, mask, last, tokens, layers)
-        rows = torch.arange(len(ids))
-        yield {layer: res[layer][rows, last].float() for layer in layers}
+        yield {layer: res[layer][at(res[layer], last)].float() for layer in layers}
 
 
 def first_token_prior(task) -> torch.Tensor:

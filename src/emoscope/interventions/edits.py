@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from ..errors import EmoscopeError
-from ..hooks import HookPoint, hook_module
+from ..hooks import HookPoint, at, hook_module
 
 
 class Edit(BaseModel):
@@ -53,7 +53,7 @@ def apply_edits(view, saes: dict, edits: list[Edit], positions: torch.Tensor | N
 
         def hook(mod, inp, out, sae=sae, idx=idx, val=val, mode=mode):
             t = out[0] if isinstance(out, tuple) else out
-            x = t if positions is None else t[torch.arange(len(t), device=t.device), positions]
+            x = t if positions is None else t[at(t, positions)]
             x = x.to(sae.W_dec.device, torch.float32)
             f = sae.encode(x)[..., idx]
             new = f.clone()
@@ -66,7 +66,7 @@ def apply_edits(view, saes: dict, edits: list[Edit], positions: torch.Tensor | N
             if positions is None:
                 t = t + delta
             else:
-                t[torch.arange(len(t), device=t.device), positions] += delta
+                t[at(t, positions)] += delta
             return (t,) + tuple(out[1:]) if isinstance(out, tuple) else t
         handles.append(hook_module(view, HookPoint(layer)).register_forward_hook(hook))
     try:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .. import distributed as dist
+from ..hooks import at
 from ..models import ModelView
 from .answers import answer_batches
 from .edits import set_features
@@ -55,7 +56,6 @@ def _attribute(view, saes, b, gold, tokens, log_prior, baseline, kind, layers) -
     """One answer batch's attribution scores per layer [B, d_sae] and clean margins [B]."""
     out = {}
     g = torch.as_tensor(gold[b.start:b.start + len(b.ids)], device=view.device)
-    rows, last = torch.arange(len(b.ids), device=view.device), b.last
     with torch.enable_grad():
         logits, res = b.logits(view, tokens, layers)
         m = margin(logits, g, log_prior, kind)
@@ -63,8 +63,8 @@ def _attribute(view, saes, b, gold, tokens, log_prior, baseline, kind, layers) -
     for layer, gfull in zip(layers, grads):
         sae = saes[layer]
         dev = sae.W_dec.device
-        x = res[layer].detach()[rows, last].to(dev, torch.float32)
-        gx = gfull[rows, last].to(dev, torch.float32)
+        x = res[layer].detach()[at(res[layer], b.last)].to(dev, torch.float32)
+        gx = gfull[at(gfull, b.last)].to(dev, torch.float32)
         f = sae.encode(x)
         base = torch.zeros_like(f) if baseline is None else baseline[layer].to(dev).expand_as(f)
         # d margin / d f = (W_dec grad_x) times the SAE's output scale (decode is linear; an edit's

@@ -175,6 +175,9 @@ def precision_applied(view, precision: str, group_size: int = 128):
     """Within the block the loaded model runs at `precision` (yields what was done); afterwards its weights
     are restored bit for bit. The originals wait in raw files in a temporary folder (written and read back
     one tensor at a time, memory-mapped), so a second copy of the model is never held in memory."""
+    if view.offloaded:
+        raise EmoscopeError(f"precision {precision}: the model is partly offloaded (model.device_map), so its weights "
+                            "cannot be changed in place; audit precisions with the model in memory")
     changed = _changed_tensors(view, check_precision(precision))
     dtypes = {n: t.dtype for n, t in changed.items()}
     with tempfile.TemporaryDirectory(prefix="emoscope-weights-") as tmp:

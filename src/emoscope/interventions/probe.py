@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..hooks import HookPoint, edit_output
+from ..hooks import HookPoint, at, edit_output
 
 
 class ProbeSteer:
@@ -22,10 +22,9 @@ class ProbeSteer:
     def context(self, view, alpha: float, positions: torch.Tensor):
         """Within the block, forwards have the residual at `positions` steered by alpha (1 = unchanged)."""
         def fn(t):
-            rows = torch.arange(len(t), device=t.device)
-            x = t[rows, positions].float()
+            x = t[at(t, positions)].float()
             mu, U = self.mu.to(x.device), self.U.to(x.device)
             t = t.clone()
-            t[rows, positions] += ((alpha - 1) * ((x - mu) @ U) @ U.T).to(t.dtype)
+            t[at(t, positions)] += ((alpha - 1) * ((x - mu) @ U) @ U.T).to(t.dtype)
             return t
         return edit_output(view, HookPoint(self.layer), fn)
