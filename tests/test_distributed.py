@@ -166,6 +166,7 @@ def _ddp_steps(rank, world, init_file, arch, x, out_dir):
         buf = io.BytesIO()
         torch.save({k: v for k, v in st.state()["params"].items()} | {"scale": torch.tensor(st.scale)}, buf)
         (Path(out_dir) / f"rank{rank}.pt").write_bytes(buf.getvalue())
+        tdist.barrier()  # neither rank leaves (and removes the store file) while the other still uses it
     finally:
         tdist.destroy_process_group()
 
