@@ -202,3 +202,39 @@ def test_phase_drift_is_a_ratio_of_sums_with_an_interval():
     assert by_phase[0] is None and excess is None
     # one phase: nothing to compare with
     assert _phase_drift(per_ex, unrelated, {layer: 0 for layer in per_ex}, 1, boots)[1] is None
+
+
+def test_library_kernels_are_candidates(planted_run):
+    """torchao and optimum-quanto quantize the reference's weights on load and their kernels run (on this
+    CPU: torchao int8 / intx-int4, quanto int8 / int4); the result names the library, its version and the
+    tensor types the weights became; an int4 candidate drifts where a float32 one does not; bitsandbytes
+    off CUDA and a model file combined with a library precision are one-line errors."""
+    pytest.importorskip("torchao")
+    pytest.importorskip("optimum.quanto")
+    import importlib.metadata as md
+
+    d, view, _, causal = planted_run
+    cands = [Candidate(name="same", precision="float32"), Candidate(name="ao8", precision="torchao:int8"),
+             Candidate(name="ao4", precision="torchao:int4"), Candidate(name="q4", precision="quanto:int4")]
+    res = run_audit(AuditConfig(candidates=cands, n_boot=100, causal_features=causal, ablation_per_emotion=2),
+                    d / "run", view, None)
+    rows = {r["name"]: r for r in res["candidates"]}
+    assert rows["ao8"]["library"] == f"torchao {md.version('torchao')}" and rows["ao8"]["kernels"] == ["Int8Tensor"]
+    assert rows["ao4"]["kernels"] == ["IntxUnpackedToInt8Tensor"]  # torchao's CPU int4 path
+    assert rows["q4"]["library"] == f"optimum-quanto {md.version('optimum-quanto')}"
+    assert "WeightQBitsTensor" in rows["q4"]["kernels"]
+    assert "quantized on load by optimum-quanto" in rows["q4"]["weights"]
+    assert rows["ao4"]["changed"] == {"precision": "torchao:int4"}
+    assert all(v["jaccard"] == 1.0 for v in rows["same"]["drift"].values())
+    # the int4 weights really run: the same model loaded with quanto int4 gives other logits
+    from emoscope.models import ModelConfig
+    ids = torch.tensor([[1, 5, 9, 20, 30]])
+    q4 = load_model(ModelConfig(name=str(view.name), quantization="quanto:int4"))
+    with torch.no_grad():
+        assert (q4.model(ids).logits - view.model(ids).logits).abs().max() > 1e-3
+    with pytest.raises(EmoscopeError, match="bitsandbytes"):
+        run_audit(AuditConfig(candidates=[Candidate(name="nf4", precision="bnb:nf4")], ablation_per_emotion=0),
+                  d / "run", view, None)
+    with pytest.raises(EmoscopeError, match="not both"):
+        run_audit(AuditConfig(candidates=[Candidate(name="x", precision="quanto:int8", model=str(view.name))],
+                              ablation_per_emotion=0), d / "run", view, None)

@@ -85,6 +85,10 @@ class ModelConfig(BaseModel):
     """Memory per device for a device_map, e.g. {"0": "20GiB", "cpu": "60GiB"} (GPU indices as keys)."""
     offload_folder: str | None = Field(None, exclude=True)
     """Where weights mapped to "disk" are kept (default: a temporary folder, removed with the model)."""
+    quantization: Literal["torchao:int8", "torchao:int4", "quanto:int8", "quanto:int4", "quanto:float8", "bnb:int8",
+                          "bnb:nf4"] | None = Field(None, exclude_if=lambda v: v is None)
+    """Quantize the weights on load with a library's own kernels (torchao, optimum-quanto, bitsandbytes on CUDA);
+    unset: the weights as stored."""
 
 
 def cache_root() -> Path:
@@ -209,9 +213,10 @@ def make_view(model: nn.Module, tokenizer, name: str, chat: bool | None = None) 
 def _placement(cfg: ModelConfig | None, device: str) -> dict:
     """from_pretrained's placement arguments: weights straight to the target device in the target dtype (no
     full float32 copy on the CPU first), or spread by accelerate over devices, CPU and disk."""
+    quant = {"quantization": cfg.quantization} if cfg is not None and cfg.quantization else {}
     if cfg is None or cfg.device_map is None:
-        return {} if device == "cpu" else {"device_map": {"": device}}
-    out = {"device_map": cfg.device_map}
+        return quant if device == "cpu" else {"device_map": {"": device}, **quant}
+    out = {"device_map": cfg.device_map, **quant}
     if cfg.max_memory:
         out["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in cfg.max_memory.items()}
     if cfg.offload_folder:
@@ -234,8 +239,18 @@ def _from_dir(path: str | Path, dtype: torch.dtype, device: str, trust_remote_co
     pickle_ok = os.environ.get("EMOSCOPE_ALLOW_PICKLE") == "1"
     placement = dict(placement if placement is not None else _placement(None, device))
     temporary = placement.pop("temporary", None)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 use_safetensors=None if pickle_ok else True, **placement, **kw)
+    spec = placement.pop("quantization", None)
+    if spec:  # the library's config, its int4 group fitted to this model's widths
+        from . import quantization
+        placement["quantization_config"] = quantization.config(spec, device, path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=None if pickle_ok else True, **placement, **kw)
+    except Exception as e:
+        if not spec:
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise EmoscopeError(f"quantization {spec} failed on this model: {first}") from None
     if temporary:
         weakref.finalize(model, shutil.rmtree, temporary, True)
     return model.eval(), tok
@@ -300,6 +315,10 @@ def load_model(name: str | ModelConfig = DEFAULT_MODEL, device: str = "auto", dt
     view = _load(cfg)
     view.settings = cfg
     view.weights = describe_weights(cfg.name, view)
+    if cfg.quantization:
+        from .quantization import describe
+        q = describe(view.model, cfg.quantization)
+        view.weights += f", quantized on load by {q['library']} ({q['scheme']}; {', '.join(q['kernels'])})"
     return view
 
 

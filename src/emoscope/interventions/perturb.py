@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import EmoscopeError
+from ..quantization import SCHEMES as LIBRARY
 from ..task.prompts import Template
 
 PRECISIONS = ("float32", "bfloat16", "float16", "int8", "int4", "int3")
@@ -84,9 +85,10 @@ def gguf_types() -> tuple[str, ...]:
 
 def check_precision(precision: str) -> str:
     """The precision itself, or one line naming the choices."""
-    if precision in PRECISIONS or (precision.startswith("gguf:") and precision[5:] in gguf_types()):
+    if precision in PRECISIONS or (precision.startswith("gguf:") and precision[5:] in gguf_types()) or \
+            precision in LIBRARY:
         return precision
-    kinds = ", ".join([*PRECISIONS, *(f"gguf:{t}" for t in gguf_types())])
+    kinds = ", ".join([*PRECISIONS, *(f"gguf:{t}" for t in gguf_types()), *LIBRARY])
     raise EmoscopeError(f"unknown precision '{precision}': choose {kinds}")
 
 
@@ -135,7 +137,10 @@ def _version(package: str) -> str:
 
 
 def apply_precision(view, precision: str, group_size: int = 128) -> dict:
-    """Change the loaded model in place to the given precision; returns what was done."""
+    """Change the loaded model in place to the given precision; returns what was done. (Library kernels,
+    `torchao:int8` and the like, are loaded as a model of their own: `quantization.py`.)"""
+    if check_precision(precision) in LIBRARY:
+        raise EmoscopeError(f"precision {precision} is a library's kernels: load the model with quantization=...")
     if check_precision(precision).startswith("gguf:"):
         return _apply_gguf(view, precision[5:])
     if precision in ("float32", "bfloat16", "float16"):

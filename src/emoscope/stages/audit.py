@@ -36,7 +36,9 @@ from ..hooks import layer_of
 from ..interventions.answers import answer_batches, answer_resid, first_token_prior
 from ..interventions.effects import ablate
 from ..interventions.perturb import PRECISIONS, check_precision, perturb_text, precision_applied, template_variants
+from .. import quantization
 from ..models import ModelConfig, ModelView, load_model
+from ..quantization import SCHEMES as LIBRARY
 from ..task import Task, TaskConfig, calibrate
 from ..task.metrics import classification_metrics
 from ..task.prompts import Template
@@ -67,8 +69,9 @@ class Candidate(BaseModel):
     text: Literal["lower", "upper", "whitespace", "typos"] | None = None
     """Noise applied to every input text."""
     precision: Annotated[str, AfterValidator(_known_precision)] | None = None
-    """Weight precision: float32, bfloat16, float16, weight-only RTN int8 / int4 / int3, or a llama.cpp type
-    through the gguf package (gguf:Q8_0, gguf:Q5_1, gguf:Q5_0, gguf:Q4_1, gguf:Q4_0, ...)."""
+    """Weight precision: float32, bfloat16, float16, weight-only RTN int8 / int4 / int3, a llama.cpp type
+    through the gguf package (gguf:Q8_0, gguf:Q5_1, gguf:Q5_0, gguf:Q4_1, gguf:Q4_0, ...), or a library's
+    kernels on load (torchao:int8|int4, quanto:int8|int4|float8, bnb:int8|nf4 on CUDA)."""
     model: str | None = None
     """Another checkpoint of the same model (same tokenizer), e.g. a quantized export."""
 
@@ -180,6 +183,12 @@ def audit(task: Task, saes: dict, evaluation: EvalResult, phases: PhasesResult |
             "unrelated_drift": {str(layer): v for layer, v in ref.unrelated.items()},
             "failed": [r["name"] for r in rows if r["failed"]]}
     return AuditResult(data)
+
+
+def _quantized(view: ModelView, spec: str) -> ModelView:
+    """The reference's weights, loaded where it runs, quantized by a library on load."""
+    settings = view.settings or ModelConfig(name=view.path or view.name, device=str(view.device))
+    return load_model(settings.model_copy(update={"quantization": spec, "device_map": None}))
 
 
 def _reloader(view: ModelView) -> Callable[[str], ModelView]:
@@ -299,7 +308,14 @@ def _candidate(cand: Candidate, ref: _Reference, load_view):
     if cand.text is not None:
         r = random.Random(ref.cfg.seed)
         texts = [perturb_text(t, cand.text, r) for t in texts]
-    precision = precision_applied(view, cand.precision, ref.cfg.group_size) if cand.precision else nullcontext({})
+    if cand.precision in LIBRARY:  # the library's own kernels: the reference's weights loaded quantized
+        if cand.model is not None:
+            raise EmoscopeError(f"candidate {cand.name}: give a model file or a library precision, not both")
+        view = _quantized(ref.task.model, cand.precision)
+        q = quantization.describe(view.model, cand.precision)
+        weights = {"weights": view.weights, "library": q["library"], "kernels": q["kernels"]}
+    simulated = cand.precision and cand.precision not in LIBRARY
+    precision = precision_applied(view, cand.precision, ref.cfg.group_size) if simulated else nullcontext({})
     with precision as info:
         yield ref.task.variant(model=view, **changes), texts, {**weights, **info}
 
