@@ -69,7 +69,7 @@ class SAETrainConfig(BaseModel):
     """TopK: every this many steps (in the first 70% of training), re-initialise dead latents on poorly reconstructed
     inputs; 0 = never."""
     fast_matmul: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Encoder matmul dtype; auto = bf16 where native."""
+    """Encoder matmul dtype; auto = bf16 on CUDA and on CPUs with AMX, float32 elsewhere (faster there)."""
     mix: tuple[NonNegative, NonNegative, NonNegative] = (0.5, 0.25, 0.25)
     """Weights of WikiText / plain emotion text / task prompts."""
     seed: Seed = 0
@@ -84,10 +84,21 @@ class SAETrainConfig(BaseModel):
 
 
 def _fast_dtype(choice: str, device) -> torch.dtype:
+    """auto: bfloat16 on CUDA and on CPUs with AMX tiles; float32 elsewhere — with AVX512-BF16 alone (Xeon
+    without AMX, AMD Zen 4) bf16 matmuls ran slower than float32 (docs/benchmarks.md: 6,983 vs 10,075
+    tokens/s)."""
     if choice == "auto":
-        native = device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        return torch.bfloat16 if native else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or has_amx() else torch.float32
     return getattr(torch, choice)
+
+
+def has_amx() -> bool:
+    """Whether this CPU has AMX bf16 tiles (Linux: /proc/cpuinfo flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False
 
 
 def _batches(stream, per_forward: int, pool: int = 8):
