@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 import yaml
 
@@ -130,7 +131,8 @@ def test_trace_stage_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
                 assert c["flagged"] == bool(not c["spearman"]["value"] >= 0.5 or c["beats_best"])
     cfg.stages.append("steer")
     cfg.steer = cfg.steer.model_validate({"dev_per_class": 3, "features_per_emotion": [1], "strengths": [2.0],
-                                          "transfer": ["isear"], "transfer_per_class": 2, "ppl_seqs": 2, "n_boot": 100})
+                                          "transfer": ["isear"], "transfer_per_class": 2, "ppl_seqs": 2, "n_boot": 100,
+                                          "efficiency_sizes": [1, 3, 64], "efficiency_seeds": 2})
     run(cfg, log=lambda s: None)
     st = json.loads((tmp_path / "run" / "steer" / "result.json").read_text())
     assert set(st["methods"]) == {"raw", "contextual_calibration", "dev_fitted_calibration", "few_shot_dev_demos",
@@ -151,6 +153,18 @@ def test_trace_stage_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
     for d in st["dose_response"].values():
         zero = [r for r in d["curve"] if r["strength"] == 0][0]
         assert zero["target_pushed"] == zero["random_pushed"] and zero["target_prob"] == zero["random_prob"]
+    # data efficiency: sizes up to dev_per_class; at the whole dev set every subset is the dev set itself, so the
+    # baselines' test macro-F1 equals the main results' and does not vary over subsets
+    eff = st["data_efficiency"]
+    assert eff["sizes"] == [1, 3] and eff["seeds"] == 2 and eff["n_test"] == st["n_test"]
+    assert set(eff["methods"]) == {"feature_steering", "dev_fitted_calibration", "probe_steering", "few_shot_dev_demos"}
+    for name, rows in eff["methods"].items():
+        assert [r["per_emotion"] for r in rows] == [1, 3] and all(r["n_subsets"] == 2 for r in rows)
+        assert all(0 <= r["lo"] <= r["hi"] <= 1 and 0 <= r["macro_f1"] <= 1 for r in rows)
+        whole = rows[1]
+        assert whole["sd_over_subsets"] == 0
+        if name != "feature_steering":  # the curve's steering search is the common one only
+            assert whole["macro_f1"] == pytest.approx(st["methods"][name]["test"]["macro_f1"]["value"], abs=1e-12)
     _empty_dev_set_is_refused(tmp_path / "run", toy_data, tiny_dir, cfg.steer)
     cfg.stages.remove("steer")
     cfg.trace.examples = "correct"  # a random tiny model gets few right: those emotions are skipped, not crashed on

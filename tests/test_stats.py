@@ -47,3 +47,17 @@ def test_probe_and_shuffled_control():
     x[:, 0] += 6 * y
     assert probe_accuracy(x, y) > 0.9
     assert probe_accuracy(x, y, shuffle_labels=True) < 0.6
+
+
+def test_macro_f1_helper_matches_classification_metrics():
+    """The data-efficiency curve's macro-F1 (and its per-resample values) is the task metric's definition."""
+    from emoscope.task.metrics import classification_metrics, macro_f1
+    rng = np.random.default_rng(3)
+    y, p = rng.integers(0, 5, 80), rng.integers(0, 5, 80)
+    p[:10] = y[:10]
+    ref = classification_metrics(y, p, list("abcde"), n_boot=500, seed=7)
+    assert macro_f1(y, p, 5) == pytest.approx(ref["macro_f1"]["value"], abs=1e-12)
+    idx = np.random.default_rng(7).integers(0, 80, size=(500, 80))  # the resamples classification_metrics draws
+    boots = macro_f1(y, p, 5, idx)
+    assert np.percentile(boots, 2.5) == pytest.approx(ref["macro_f1"]["lo"], abs=1e-12)
+    assert np.percentile(boots, 97.5) == pytest.approx(ref["macro_f1"]["hi"], abs=1e-12)

@@ -150,6 +150,25 @@ def _dose_figure(steer: dict) -> str:
     return _html(fig)
 
 
+def _efficiency_figure(steer: dict) -> str:
+    """Test macro-F1 of each method chosen on m dev examples per emotion, mean over subsets with 95% intervals."""
+    eff = steer.get("data_efficiency") or {}
+    if not eff.get("methods"):
+        return ""
+    fig = go.Figure()
+    for name, rows in eff["methods"].items():
+        y = [r["macro_f1"] for r in rows]
+        err = dict(type="data", symmetric=False, array=[r["hi"] - v for r, v in zip(rows, y)],
+                   arrayminus=[v - r["lo"] for r, v in zip(rows, y)])
+        fig.add_trace(go.Scatter(x=[r["per_emotion"] for r in rows], y=y, mode="lines+markers", name=name,
+                                 error_y=err))
+    fig.update_layout(title=f"data efficiency: test macro-F1 (n = {eff['n_test']}) when chosen on m dev examples per "
+                            f"emotion (mean of {eff['seeds']} subsets, 95% CI)",
+                      xaxis=dict(title="dev examples per emotion", type="log", tickvals=eff["sizes"]),
+                      yaxis_title="test macro-F1", height=400, margin=dict(l=50, r=10, t=40, b=40))
+    return _html(fig)
+
+
 def _audit_figures(audit: dict) -> dict:
     """Drift by depth per candidate with the phase bands, and flip rate against mean drift."""
     cands = audit["candidates"]
@@ -228,6 +247,7 @@ def _write_report(run_dir: Path) -> Path:
         ctx.update(_audit_figures(ctx["audit"]))
     if "steer" in ctx:
         ctx["dose_fig"] = _dose_figure(ctx["steer"])
+        ctx["efficiency_fig"] = _efficiency_figure(ctx["steer"])
     env = Environment(loader=PackageLoader("emoscope", "report/templates"), autoescape=select_autoescape(["html"]))
     page = env.get_template("report.html").render(**ctx)
     out = run_dir / "report.html"

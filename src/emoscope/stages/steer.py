@@ -44,7 +44,7 @@ from ..interventions.probe import ProbeSteer
 from ..interventions.steering import Steering, label_probs, load_steering, make_steering, save_steering
 from ..task import PromptBuilder, Task
 from ..task.calibrate import CONTENT_FREE, normalize
-from ..task.metrics import classification_metrics
+from ..task.metrics import classification_metrics, macro_f1
 from .base import StageResult
 from .evaluate import EvalResult
 from .trace import TraceResult
@@ -73,6 +73,11 @@ class SteerConfig(BaseModel):
     """Examples per shared label in each transfer dataset."""
     ppl_seqs: int = Field(24, ge=1)
     """WikiText-2 test sequences for perplexity and KL."""
+    efficiency_sizes: list[Positive] = [2, 4, 8, 16, 32]
+    """Data-efficiency curve: dev examples per emotion the search and the baselines are rerun on (sizes above
+    dev_per_class are skipped; empty: no curve)."""
+    efficiency_seeds: int = Field(3, ge=1, le=20)
+    """Dev subsets drawn per size for the data-efficiency curve."""
     n_boot: int = Field(1000, ge=100)
     """Bootstrap resamples for intervals."""
     seed: Seed = 0
@@ -152,6 +157,7 @@ def steer(task: Task, saes: dict, evaluation: EvalResult, trace: TraceResult,
                                                      cfg.seed)}
                for name, fn in methods.items()}
     transfer_errors = _transfer(task, methods, labels, cfg, results)
+    efficiency = _efficiency(task, saes, dev, list(test.text), y_test, labels, ranked, edits_for, cfg, progress)
     dose = _dose_response(task, dev, saes, ranked, labels, best["features_per_emotion"], cfg, progress)
     side = _side_effects(task, saes, chosen, cfg)
     d = task.config.data
@@ -167,7 +173,8 @@ def steer(task: Task, saes: dict, evaluation: EvalResult, trace: TraceResult,
             "recall_change_vs_contextual": {
                 lab: results["feature_steering"]["test"]["per_class"][lab]["recall"]["value"]
                 - results["contextual_calibration"]["test"]["per_class"][lab]["recall"]["value"] for lab in labels},
-            "side_effects": side, "dose_response": dose, "transfer_errors": transfer_errors}
+            "side_effects": side, "dose_response": dose, "transfer_errors": transfer_errors,
+            "data_efficiency": efficiency}
     return SteerResult(data, steering=steering)
 
 
@@ -296,13 +303,14 @@ class _Scorer:
     def __init__(self, task: Task, dev: _Dev):
         self.task = task
         self.memo: dict = {(id(task.builder), tuple(dev.texts)): dev.answers}  # the search ran the dev prefixes
+        self.keep: set = set()  # keys never dropped (the test prompts, across the data-efficiency curve)
 
     def batches(self, ts, builder=None):
         builder = builder or self.task.builder
         key = (id(builder), tuple(ts))
         if key not in self.memo:
-            if len(self.memo) >= 4:
-                self.memo.pop(next(iter(self.memo)))
+            if len(self.memo) >= 4 + len(self.keep):
+                self.memo.pop(next(k for k in self.memo if k not in self.keep))
             with torch.no_grad():
                 self.memo[key] = answer_batches(self.task.model, [builder.encode(builder.prompt(t)) for t in ts])
         return self.memo[key]
@@ -320,9 +328,11 @@ class _Scorer:
         return np.exp(normalize(normalize(lp) - prior))
 
 
-def _methods(task: Task, saes, chosen, dev: _Dev, labels, cfg) -> dict:
-    """Every method as texts -> calibrated label probabilities [n, K]."""
-    view, sc = task.model, _Scorer(task, dev)
+def _methods(task: Task, saes, chosen, dev: _Dev, labels, cfg, sc: "_Scorer | None" = None) -> dict:
+    """Every method as texts -> calibrated label probabilities [n, K] (`sc`: a scorer whose cached prompts to
+    reuse)."""
+    view, sc = task.model, sc or _Scorer(task, dev)
+    sc.memo[(id(task.builder), tuple(dev.texts))] = dev.answers
     bias = _dev_prior_fit(sc.raw_logp(dev.texts), dev.y)
     rng = np.random.default_rng(cfg.seed + 5)
     k, n = len(labels), len(dev.examples)
@@ -344,6 +354,56 @@ def _methods(task: Task, saes, chosen, dev: _Dev, labels, cfg) -> dict:
         "random_features": lambda ts: label_probs(task, ts, saes, random_edits, answers=sc.batches(ts)),
         "feature_steering": lambda ts: label_probs(task, ts, saes, chosen, answers=sc.batches(ts)),
     }
+
+
+EFFICIENCY_METHODS = ("feature_steering", "dev_fitted_calibration", "probe_steering", "few_shot_dev_demos")
+
+
+def _efficiency(task, saes, dev: _Dev, test_texts, y_test, labels, ranked, edits_for, cfg, progress) -> dict:
+    """The data-efficiency curve: feature steering and three baselines chosen on m dev examples per emotion
+    (`efficiency_seeds` stratified subsets of the dev set per size), scored on the test set. Per size and method:
+    the mean test macro-F1 over subsets, its 95% interval (test examples resampled, the mean over subsets taken
+    in each resample) and the spread over subsets. The steering search here is the common (features, strength)
+    one; the few-shot baseline shows as many demonstrations as there are labels, drawn from the subset."""
+    sizes = [m for m in cfg.efficiency_sizes if m <= cfg.dev_per_class]
+    if not sizes:
+        return {}
+    common = cfg.model_copy(update={"per_emotion_strengths": []})
+    sc = _Scorer(task, dev)
+    sc.keep.add((id(task.builder), tuple(test_texts)))
+    preds = {name: {m: [] for m in sizes} for name in EFFICIENCY_METHODS}
+    for m in sizes:
+        for s in range(cfg.efficiency_seeds):
+            sub = _subset(task, dev, m, cfg.seed * 1000 + 17 * m + s)
+            best, _ = _search(task, saes, sub, labels, ranked, edits_for, common, None)
+            methods = _methods(task, saes, edits_for(best["features_per_emotion"], best["strengths"]), sub, labels,
+                               common, sc)
+            for name in EFFICIENCY_METHODS:
+                preds[name][m].append(methods[name](test_texts).argmax(1))
+            if progress:
+                progress(1)
+    rng = np.random.default_rng(cfg.seed + 11)
+    boots = rng.integers(0, len(y_test), (cfg.n_boot, len(y_test)))
+    return {"sizes": sizes, "seeds": cfg.efficiency_seeds, "n_test": int(len(y_test)),
+            "methods": {name: [{"per_emotion": m, **_mean_over_subsets(y_test, preds[name][m], len(labels), boots)}
+                               for m in sizes] for name in EFFICIENCY_METHODS}}
+
+
+def _subset(task, dev: _Dev, m: int, seed: int) -> _Dev:
+    """m dev examples per emotion (all where fewer), seeded, with their prompts' answer passes."""
+    rng = np.random.default_rng(seed)
+    idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(dev.y == e))[:m] for e in np.unique(dev.y)]))
+    examples = [dev.examples[i] for i in idx]
+    with torch.no_grad():
+        answers = answer_batches(task.model, task.encode_all(e.text for e in examples))
+    return _Dev(examples, dev.y[idx], answers)
+
+
+def _mean_over_subsets(y: np.ndarray, preds: list[np.ndarray], k: int, boots: np.ndarray) -> dict:
+    per = [macro_f1(y, p, k) for p in preds]
+    resampled = np.mean([macro_f1(y, p, k, boots) for p in preds], axis=0)  # the mean over subsets, per resample
+    return {"macro_f1": float(np.mean(per)), "lo": float(np.percentile(resampled, 2.5)),
+            "hi": float(np.percentile(resampled, 97.5)), "sd_over_subsets": float(np.std(per)), "n_subsets": len(per)}
 
 
 def _probe_strength(sc: _Scorer, probe: ProbeSteer, dev: _Dev, labels, cfg) -> float:

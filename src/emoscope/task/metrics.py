@@ -26,6 +26,14 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
     return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
 
 
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, k: int, idx: np.ndarray | None = None):
+    """Macro-F1 over k labels (as `classification_metrics`); with `idx` [n_boot, n], one value per resample."""
+    if idx is None:
+        return float(_prf(confusion(y_true, y_pred, k))[2].mean())
+    flat = (np.arange(len(idx))[:, None] * k * k + y_true[idx] * k + y_pred[idx]).ravel()
+    return _prf(np.bincount(flat, minlength=len(idx) * k * k).reshape(len(idx), k, k))[2].mean(-1)
+
+
 def classification_metrics(y_true, y_pred, labels: list[str], n_boot: int = 1000, seed: int = 0) -> dict:
     """Accuracy, macro-F1, per-class P/R/F1 (each with a bootstrap 95% interval) and the confusion matrix."""
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
