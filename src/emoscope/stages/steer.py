@@ -151,13 +151,15 @@ def steer(task: Task, saes: dict, evaluation: EvalResult, trace: TraceResult,
     chosen = edits_for(best["features_per_emotion"], best["strengths"])
     if not chosen:
         raise EmoscopeError("the dev search chose no steering at all (every strength 1): nothing to apply")
-    methods = _methods(task, saes, chosen, dev, labels, cfg)
+    sc = _Scorer(task, dev)  # the test prompts run once for every method and the data-efficiency curve
+    sc.keep.add((id(task.builder), tuple(test.text)))
+    methods = _methods(task, saes, chosen, dev, labels, cfg, sc)
     y_test = np.array([labels.index(g) for g in test.gold])
     results = {name: {"test": classification_metrics(y_test, fn(list(test.text)).argmax(1), labels, cfg.n_boot,
                                                      cfg.seed)}
                for name, fn in methods.items()}
     transfer_errors = _transfer(task, methods, labels, cfg, results)
-    efficiency = _efficiency(task, saes, dev, list(test.text), y_test, labels, ranked, edits_for, cfg, progress)
+    efficiency = _efficiency(task, saes, sc, list(test.text), y_test, labels, ranked, edits_for, cfg, progress)
     dose = _dose_response(task, dev, saes, ranked, labels, best["features_per_emotion"], cfg, progress)
     side = _side_effects(task, saes, chosen, cfg)
     d = task.config.data
@@ -301,7 +303,7 @@ class _Scorer:
     tokens before the answer run once and shared by every method that reads it (the last few kept)."""
 
     def __init__(self, task: Task, dev: _Dev):
-        self.task = task
+        self.task, self.dev = task, dev
         self.memo: dict = {(id(task.builder), tuple(dev.texts)): dev.answers}  # the search ran the dev prefixes
         self.keep: set = set()  # keys never dropped (the test prompts, across the data-efficiency curve)
 
@@ -359,7 +361,7 @@ def _methods(task: Task, saes, chosen, dev: _Dev, labels, cfg, sc: "_Scorer | No
 EFFICIENCY_METHODS = ("feature_steering", "dev_fitted_calibration", "probe_steering", "few_shot_dev_demos")
 
 
-def _efficiency(task, saes, dev: _Dev, test_texts, y_test, labels, ranked, edits_for, cfg, progress) -> dict:
+def _efficiency(task, saes, sc: "_Scorer", test_texts, y_test, labels, ranked, edits_for, cfg, progress) -> dict:
     """The data-efficiency curve: feature steering and three baselines chosen on m dev examples per emotion
     (`efficiency_seeds` stratified subsets of the dev set per size), scored on the test set. Per size and method:
     the mean test macro-F1 over subsets, its 95% interval (test examples resampled, the mean over subsets taken
@@ -369,8 +371,7 @@ def _efficiency(task, saes, dev: _Dev, test_texts, y_test, labels, ranked, edits
     if not sizes:
         return {}
     common = cfg.model_copy(update={"per_emotion_strengths": []})
-    sc = _Scorer(task, dev)
-    sc.keep.add((id(task.builder), tuple(test_texts)))
+    dev = sc.dev
     preds = {name: {m: [] for m in sizes} for name in EFFICIENCY_METHODS}
     for m in sizes:
         for s in range(cfg.efficiency_seeds):
