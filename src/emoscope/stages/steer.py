@@ -152,7 +152,7 @@ def steer(task: Task, saes: dict, evaluation: EvalResult, trace: TraceResult,
     if not chosen:
         raise EmoscopeError("the dev search chose no steering at all (every strength 1): nothing to apply")
     sc = _Scorer(task, dev)  # the test prompts run once for every method and the data-efficiency curve
-    sc.keep.add((id(task.builder), tuple(test.text)))
+    sc.keep.add((task.builder, tuple(test.text)))
     methods = _methods(task, saes, chosen, dev, labels, cfg, sc)
     y_test = np.array([labels.index(g) for g in test.gold])
     results = {name: {"test": classification_metrics(y_test, fn(list(test.text)).argmax(1), labels, cfg.n_boot,
@@ -304,12 +304,12 @@ class _Scorer:
 
     def __init__(self, task: Task, dev: _Dev):
         self.task, self.dev = task, dev
-        self.memo: dict = {(id(task.builder), tuple(dev.texts)): dev.answers}  # the search ran the dev prefixes
+        self.memo: dict = {(task.builder, tuple(dev.texts)): dev.answers}  # the search ran the dev prefixes
         self.keep: set = set()  # keys never dropped (the test prompts, across the data-efficiency curve)
 
     def batches(self, ts, builder=None):
         builder = builder or self.task.builder
-        key = (id(builder), tuple(ts))
+        key = (builder, tuple(ts))  # the builder itself: an id could be reused once it is freed
         if key not in self.memo:
             if len(self.memo) >= 4 + len(self.keep):
                 self.memo.pop(next(k for k in self.memo if k not in self.keep))
@@ -334,7 +334,7 @@ def _methods(task: Task, saes, chosen, dev: _Dev, labels, cfg, sc: "_Scorer | No
     """Every method as texts -> calibrated label probabilities [n, K] (`sc`: a scorer whose cached prompts to
     reuse)."""
     view, sc = task.model, sc or _Scorer(task, dev)
-    sc.memo[(id(task.builder), tuple(dev.texts))] = dev.answers
+    sc.memo[(task.builder, tuple(dev.texts))] = dev.answers
     bias = _dev_prior_fit(sc.raw_logp(dev.texts), dev.y)
     rng = np.random.default_rng(cfg.seed + 5)
     k, n = len(labels), len(dev.examples)
