@@ -55,6 +55,10 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    # transformers imports torchao whenever it is installed: its CUDA-only extensions fail to load on a CPU
+    # machine (harmless) and torch warns about its enums; neither is the user's business
+    for name in ("torchao", "torch.utils._pytree", "optimum.quanto"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
