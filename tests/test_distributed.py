@@ -28,9 +28,9 @@ RTOL, ATOL = 1e-5, 1e-6
 STAGES = ["evaluate", "saes", "phases", "trace", "steer", "audit"]
 
 
-def _config(tmp_path, tiny_dir, toy_data, name, stages=STAGES) -> Path:
+def _config(tmp_path, tiny_dir, toy_data, name, stages=STAGES, device="cpu") -> Path:
     cfg = {
-        "run_dir": str(tmp_path / name), "model": {"name": str(tiny_dir)}, "stages": stages,
+        "run_dir": str(tmp_path / name), "model": {"name": str(tiny_dir), "device": device}, "stages": stages,
         "evaluate": {"data": {"dataset": str(toy_data), "per_class": 6}},
         "saes": {"train": {"tokens": 24000, "layers": [1, 2, 3], "expansion": 4, "k": 4, "batch_tokens": 256,
                            "buffer_tokens": 1024, "seqs_per_forward": 4}, "eval_seqs": 8},

@@ -91,3 +91,34 @@ def test_device_map_over_gpus_and_cpu_matches_one_device(tiny_dir, toy_data, tmp
     task_b = es.Task(spread, dataset=str(toy_data), per_class=4)
     texts = [e.text for e in task_a.examples()]
     np.testing.assert_allclose(task_b.score(texts), task_a.score(texts), atol=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_nccl_ranks_match_one_gpu(tmp_path, tiny_dir, toy_data, shared_data):
+    """`torchrun --nproc_per_node 2` on 2 GPUs (nccl): the example-parallel stages on one process's SAEs
+    give one GPU's predictions (label log-probabilities within the tolerance above)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    import pandas as pd
+    from test_distributed import TORCHRUN, _config
+
+    stages = ["evaluate", "saes", "phases", "trace"]
+    one = _config(tmp_path, tiny_dir, toy_data, "one", stages, device="cuda")
+    two = _config(tmp_path, tiny_dir, toy_data, "two", stages, device="cuda")
+    out = subprocess.run([sys.executable, "-m", "emoscope", "run", "--config", str(one)], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    force = [a for s in ("evaluate", "phases", "trace") for a in ("--force", s)]
+    out = subprocess.run(TORCHRUN + ["-m", "emoscope", "run", "--config", str(two)] + force, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 ranks (nccl)" in (tmp_path / "two" / "run.log").read_text()
+    a = pd.read_parquet(tmp_path / "one" / "evaluate" / "predictions.parquet")
+    b = pd.read_parquet(tmp_path / "two" / "evaluate" / "predictions.parquet")
+    cols = [c for c in a if c.startswith("logp_")]
+    np.testing.assert_allclose(b[cols].to_numpy(), a[cols].to_numpy(), atol=1e-3)
+    assert json.loads((tmp_path / "two" / "trace" / "timing.json").read_text())["ranks"] == 2

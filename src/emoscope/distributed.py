@@ -122,7 +122,7 @@ def concat(parts: list[np.ndarray], empty_shape: tuple = (0,)) -> np.ndarray:
 def all_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place (float64 rows filled by one rank each stay exact)."""
     if world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        _all_reduce(t, dist.ReduceOp.SUM)
     return t
 
 
@@ -130,8 +130,18 @@ def all_min(value: int) -> int:
     if world_size() == 1:
         return value
     t = torch.tensor([value], dtype=torch.long)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    _all_reduce(t, dist.ReduceOp.MIN)
     return int(t)
+
+
+def _all_reduce(t: torch.Tensor, op) -> None:
+    """all_reduce in place, through this rank's GPU when the backend (nccl) takes only CUDA tensors."""
+    if backend() == "nccl" and t.device.type != "cuda":
+        on = t.to(f"cuda:{local_rank()}")
+        dist.all_reduce(on, op=op)
+        t.copy_(on.cpu())
+    else:
+        dist.all_reduce(t, op=op)
 
 
 def agree(flag: bool) -> bool:

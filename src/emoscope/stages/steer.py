@@ -381,6 +381,7 @@ def _efficiency(task, saes, sc: "_Scorer", test_texts, y_test, labels, ranked, e
                                common, sc)
             for name in EFFICIENCY_METHODS:
                 preds[name][m].append(methods[name](test_texts).argmax(1))
+            sc.memo = {k: v for k, v in sc.memo.items() if k in sc.keep}  # this subset's prompt caches: done
             if progress:
                 progress(1)
     rng = np.random.default_rng(cfg.seed + 11)
