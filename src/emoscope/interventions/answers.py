@@ -88,6 +88,10 @@ class AnswerBatch:
         return answer_logits(view, self.ids, self.mask, self.last, tokens, record_layers, past, self.pos)
 
 
+class AnswerBatches(list):
+    """What answer_batches returns (this rank's batches, possibly none), recognised when passed back in."""
+
+
 @torch.no_grad()
 def answer_batches(view: ModelView, prompts, batch_size: int = 16) -> list[AnswerBatch]:
     """The prompts in consecutive batches, each prompt's tokens before its answer token run once and
@@ -102,10 +106,6 @@ def answer_batches(view: ModelView, prompts, batch_size: int = 16) -> list[Answe
                              for i, ids, mask, last in prompt_batches(view, prompts, batch_size))
     return AnswerBatches(_cached_batch(view, prompts[i:i + batch_size], i)
                          for i in dist.my_items(range(0, len(prompts), batch_size)))
-
-
-class AnswerBatches(list):
-    """What answer_batches returns (this rank's batches, possibly none), recognised when passed back in."""
 
 
 def _cached_batch(view: ModelView, chunk: list[list[int]], start: int) -> AnswerBatch:

@@ -224,7 +224,7 @@ class _Layer:
     def _all_reduce(self, mse, l0, fired, aux, var):
         """DDP: gradients averaged over ranks (each rank's batch is its share of the step's tokens, so the
         mean is the gradient of the whole step), latents fired on any rank, loss statistics averaged."""
-        params = [p for p in self.opt.param_groups[0]["params"]]
+        params = list(self.opt.param_groups[0]["params"])
         flat = torch.cat([p.grad.reshape(-1) for p in params] + [
             fired.float(), torch.tensor([float(mse), l0, float(aux), var], device=fired.device)])
         dist.all_sum(flat)
