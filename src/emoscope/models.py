@@ -25,7 +25,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from . import distributed as dist
 from .errors import EmoscopeError, validated
+from .quantization import SCHEMES
 from .constraints import Device
 
 
@@ -85,8 +87,7 @@ class ModelConfig(BaseModel):
     """Memory per device for a device_map, e.g. {"0": "20GiB", "cpu": "60GiB"} (GPU indices as keys)."""
     offload_folder: str | None = Field(None, exclude=True)
     """Where weights mapped to "disk" are kept (default: a temporary folder, removed with the model)."""
-    quantization: Literal["torchao:int8", "torchao:int4", "quanto:int8", "quanto:int4", "quanto:float8", "bnb:int8",
-                          "bnb:nf4"] | None = Field(None, exclude_if=lambda v: v is None)
+    quantization: Literal[tuple(SCHEMES)] | None = Field(None, exclude_if=lambda v: v is None)
     """Quantize the weights on load with a library's own kernels (torchao, optimum-quanto, bitsandbytes on CUDA);
     unset: the weights as stored."""
 
@@ -287,8 +288,8 @@ def resolve_device(device: str) -> str:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EmoscopeError(f"device '{device}' asked for but CUDA is not available")
-    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if device == "cuda" and dist.launched():
+        return f"cuda:{dist.local_rank()}"
     return device
 
 
