@@ -21,8 +21,9 @@ def phases(k=3, share=(0.8, 0.6, 0.95), shared=2, specific=5):
 
 
 def emotion(top, n80=2, rnd_hi=0.1):
+    control = {"mean": 0.0, "lo": -rnd_hi, "hi": rnd_hi, "n": 8}
     return {"strongest_phase": 1, "phases": {"1": {"features": [{"effect": top}], "n_for_80": n80, "effective_n": 2.0,
-                                                   "random_control": {"hi": rnd_hi}}}}
+                                                   "random_control": control}}}
 
 
 def trace(disgust=est(0.3, 0.2, 0.4), n80=2):
@@ -104,17 +105,24 @@ def test_why_some_emotions_are_harder():
     assert verdicts(evaluate=ev, trace=tr)["3c Disgust overshadowed by Anger"].verdict == NOT
 
 
-def _run_dir(root, name, model, **results):
+def _run_dir(root, name, model, evaluate=None, **results):
     d = root / name
-    for stage, data in {"evaluate": {"model": {"name": model}, "n": 120,
-                                     "config": {"data": {"dataset": "goemotions_ekman"}}}, **results}.items():
+    ev = {"model": {"name": model}, "n": 120, "config": {"data": {"dataset": "goemotions_ekman"}}, **(evaluate or {})}
+    for stage, data in {"evaluate": ev, **results}.items():
         (d / stage).mkdir(parents=True)
         (d / stage / "result.json").write_text(json.dumps(data))
     return d
 
 
 def test_compare_command_writes_matrix_json_and_escaped_html(tmp_path):
-    a = _run_dir(tmp_path, "a", "<script>alert(1)</script>", phases=phases(), trace=trace(), steer=steer(),
+    labs = ["anger", "disgust", "fear", "<i>joy</i>"]  # a label with markup: escaped in the difficulty table
+    tr = trace()
+    tr["emotions"]["<i>joy</i>"] = tr["emotions"].pop("joy")
+    tr["cross_effects"] = {"anger": {"disgust": 0.4}}
+    recall = {"recall": {"value": 0.5, "lo": 0.2, "hi": 0.8, "n": 10}}
+    ev = {"labels": labs, "calibrated": {"confusion": [[8, 1, 0, 1], [6, 3, 1, 0], [0, 0, 9, 1], [0, 0, 1, 9]],
+                                         "per_class": dict.fromkeys(labs, recall)}}
+    a = _run_dir(tmp_path, "a", "<script>alert(1)</script>", evaluate=ev, phases=phases(), trace=tr, steer=steer(),
                  audit=audit())
     b = _run_dir(tmp_path, "b", "other-model", phases=phases(k=2))
     out = tmp_path / "c" / "compare.html"
@@ -122,9 +130,15 @@ def test_compare_command_writes_matrix_json_and_escaped_html(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
-    assert len(got["runs"]) == 2 and len(got["verdicts"]) == 11 + 3
+    assert len(got["runs"]) == 2 and len(got["verdicts"]) == 11 + 1 + 3  # a: all, 3c too
     page = out.read_text()
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page and "not reproduced" in page
+    hard = {r["emotion"]: r for r in got["difficulty"]}  # run a only: b has no trace
+    assert set(hard) == set(labs) and {r["run"] for r in got["difficulty"]} == {next(iter(got["runs"]))}
+    assert hard["disgust"]["partner"] == "anger" and hard["disgust"]["partner_share"] == 0.6
+    assert hard["disgust"]["partner_cross_effect"] == 0.4 and hard["disgust"]["effective_n"] == 2.0
+    assert hard["<i>joy</i>"]["partner"] == "fear" and hard["<i>joy</i>"]["partner_cross_effect"] is None
+    assert "Why some emotions are harder" in page and "<i>joy" not in page and "&lt;i&gt;joy" in page
     assert json.loads(out.with_suffix(".json").read_text()) == got
     bad = subprocess.run([sys.executable, "-m", "emoscope.cli", "compare", str(tmp_path / "nothing")],
                          capture_output=True, text=True)

@@ -129,6 +129,16 @@ def test_trace_stage_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
                 best = max(f["effect"]["value"] for f in p["features"])
                 assert all(e > best for _, _, e in c["beats_best"])
                 assert c["flagged"] == bool(not c["spearman"]["value"] >= 0.5 or c["beats_best"])
+    # why some emotions are harder: a row per label, read from this run's own evaluation and trace
+    ev = json.loads((tmp_path / "run" / "evaluate" / "result.json").read_text())
+    diff = tr["difficulty"]["emotions"]
+    assert list(diff) == ev["labels"]
+    for lab, r in diff.items():
+        assert r["recall"] == ev["calibrated"]["per_class"][lab]["recall"] and r["traced"] == (lab in tr["emotions"])
+        if r["partner_cross_effect"] is not None:
+            assert r["partner_cross_effect"]["value"] == tr["cross_effects"][r["partners"][0]["label"]][lab]
+            assert r["partner_cross_effect"]["lo"] <= r["partner_cross_effect"]["value"]
+    assert "Why some emotions are harder" in (tmp_path / "run" / "report.html").read_text()
     cfg.stages.append("steer")
     cfg.steer = cfg.steer.model_validate({"dev_per_class": 3, "features_per_emotion": [1], "strengths": [2.0],
                                           "transfer": ["isear"], "transfer_per_class": 2, "ppl_seqs": 2, "n_boot": 100,

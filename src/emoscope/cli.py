@@ -416,7 +416,7 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="Run directories (on
     c = claims_matrix(run_dirs)
     path = c.save(out)
     if as_json:
-        _print_json({"runs": c.runs, "verdicts": c.rows})
+        _print_json(c.to_dict())
     else:
         print(c.to_markdown())
         print(f"\nwrote {path} and {path.with_suffix('.json')}")

@@ -16,6 +16,7 @@ from plotly.offline import get_plotlyjs
 
 from ..analysis.claims import __doc__ as claims_doc
 from ..analysis.claims import claims
+from ..analysis.difficulty import difficulty
 from ..artifacts import read_json, reading
 from ..errors import EmoscopeError
 
@@ -24,13 +25,21 @@ COLOURS = {"reproduced": "#1a7f37", "not reproduced": "#b42318", "inconclusive":
 
 
 class Comparison:
-    """Verdicts per run (`to_frame()`: one row per run and claim), the runs' labels and their phases."""
+    """Verdicts per run (`to_frame()`: one row per run and claim), the runs' labels and their phases, and
+    per run and emotion why it is hard or easy (`difficulty_frame()`, from `analysis.difficulty`)."""
 
-    def __init__(self, rows: list[dict], runs: dict[str, dict]):
-        self.rows, self.runs = rows, runs
+    def __init__(self, rows: list[dict], runs: dict[str, dict], difficulty: list[dict] | None = None):
+        self.rows, self.runs, self.difficulty = rows, runs, difficulty or []
 
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows)
+
+    def difficulty_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.difficulty)
+
+    def to_dict(self) -> dict:
+        """What the .json file holds: runs, verdicts and the per-emotion difficulty rows."""
+        return {"runs": self.runs, "verdicts": self.rows, "difficulty": self.difficulty}
 
     def matrix(self) -> dict[str, dict[str, str]]:
         """claim -> run -> 'verdict (value [lo, hi], n = ...)', claims in order; '—' where a run has no verdict."""
@@ -47,7 +56,7 @@ class Comparison:
     def save(self, out: str | Path) -> Path:
         """`out` (.html) and the same name with .json beside it, each written whole or not at all."""
         out = Path(out).expanduser()
-        files = {out.with_suffix(".json"): json.dumps({"runs": self.runs, "verdicts": self.rows}, indent=2) + "\n",
+        files = {out.with_suffix(".json"): json.dumps(self.to_dict(), indent=2) + "\n",
                  out: _page(self)}
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +80,7 @@ def compare(run_dirs: list[str | Path]) -> Comparison:
     """The claims matrix of several runs (each a run directory with at least an evaluate result)."""
     if not run_dirs:
         raise EmoscopeError("compare needs at least one run directory")
-    rows, runs = [], {}
+    rows, runs, diff = [], {}, []
     for d in map(Path, run_dirs):
         if not (d / "evaluate" / "result.json").is_file():
             raise EmoscopeError(f"{d} is not a run directory (no evaluate/result.json)")
@@ -83,7 +92,43 @@ def compare(run_dirs: list[str | Path]) -> Comparison:
             runs[label] = {"run_dir": str(d), "n": ev["n"],
                            "boundaries": [b["depth"] for b in res.get("phases", {}).get("boundaries", [])]}
             rows += [{"run": label, **v._asdict()} for v in claims(res)]
-    return Comparison(rows, runs)
+            if "trace" in res and "calibrated" in ev:
+                diff += _difficulty_rows(label, res)
+    return Comparison(rows, runs, diff)
+
+
+def _difficulty_rows(run: str, res: dict) -> list[dict]:
+    """One flat row per emotion of a run: recall, main confusion partner, concentration, partner effect."""
+    d = res["trace"].get("difficulty") or difficulty(res["evaluate"], res.get("phases"), res["trace"])
+    out = []
+    for lab, r in d["emotions"].items():
+        part = r["partners"][0] if r["partners"] else {"label": None, "share": 0.0}
+        out.append({"run": run, "emotion": lab, "recall": r["recall"]["value"], "recall_lo": r["recall"]["lo"],
+                    "recall_hi": r["recall"]["hi"], "partner": part["label"], "partner_share": part["share"],
+                    "effective_n": r["effective_n"], "n_for_80": r["n_for_80"],
+                    "top_effect": (r["top_effect"] or {}).get("value"), "beats_random": r["beats_random"],
+                    "partner_cross_effect": (r["partner_cross_effect"] or {}).get("value")})
+    return out
+
+
+def _difficulty_table(c: Comparison) -> str:
+    """Emotion x run: recall, the label it is mistaken for most, effective n of causal features, and the
+    margin change when that label's causal set is ablated."""
+    if not c.difficulty:
+        return ""
+    runs = list(dict.fromkeys(r["run"] for r in c.difficulty))
+    cells: dict[str, dict[str, str]] = {}
+    for r in c.difficulty:
+        txt = f"recall {r['recall']:.2f}"
+        txt += f" · mistaken for {r['partner']} {r['partner_share']:.0%}" if r["partner"] else ""
+        txt += f" · eff. n {r['effective_n']:.1f}" if r["effective_n"] is not None else " · not traced"
+        cross = r["partner_cross_effect"]
+        txt += f" · partner's set ablated {cross:+.2f}" if cross is not None else ""
+        cells.setdefault(r["emotion"], {})[r["run"]] = txt
+    head = "".join(f"<th>{html.escape(r)}</th>" for r in runs)
+    body = "".join(f"<tr><th>{html.escape(e)}</th>" + "".join(f"<td>{html.escape(row.get(r, '—'))}</td>" for r in runs)
+                   + "</tr>\n" for e, row in cells.items())
+    return f"<h2>Why some emotions are harder</h2><table><tr><th>emotion</th>{head}</tr>\n{body}</table>"
 
 
 def _page(c: Comparison) -> str:
@@ -99,6 +144,7 @@ def _page(c: Comparison) -> str:
               "height": 120 + 40 * len(c.runs), "margin": {"l": 260}}
     fig = json.dumps({"data": traces, "layout": layout}).replace("</", "<\\/")
     rules = html.escape(claims_doc or "")
+    hard = _difficulty_table(c)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>emoscope: claims across runs</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ddd;padding:4px 8px;text-align:left;font-size:13px}}pre{{white-space:pre-wrap}}</style>
@@ -106,5 +152,6 @@ td,th{{border:1px solid #ddd;padding:4px 8px;text-align:left;font-size:13px}}pre
 <table><tr><th>claim</th>{head}</tr>
 {body}</table><div id="depth"></div>
 <script>var f={fig};Plotly.newPlot("depth",f.data,f.layout);</script>
+{hard}
 <h2>Rules</h2><pre>{rules}</pre></body></html>
 """

@@ -12,6 +12,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
+from ..analysis.difficulty import difficulty
 from ..artifacts import read_json, reading
 from ..errors import EmoscopeError
 from .tables import screen, weak_screens
@@ -129,6 +130,27 @@ def _cross_figure(tr: dict) -> str:
     return _html(fig)
 
 
+def _difficulty_figure(diff: dict) -> str:
+    """Per emotion, recall (95% CI) against how diffuse its causal features are and its top effect."""
+    rows = {lab: r for lab, r in diff["emotions"].items() if r["effective_n"] is not None}
+    if not rows:
+        return ""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["recall vs effective number of causal features",
+                                                        "recall vs largest single-feature effect"])
+    rec = [r["recall"] for r in rows.values()]
+    err = dict(type="data", symmetric=False, array=[r["hi"] - r["value"] for r in rec],
+               arrayminus=[r["value"] - r["lo"] for r in rec])
+    for col, x in enumerate([[r["effective_n"] for r in rows.values()],
+                             [(r["top_effect"] or {}).get("value") for r in rows.values()]], 1):
+        fig.add_trace(go.Scatter(x=x, y=[r["value"] for r in rec], error_y=err, mode="markers+text", text=list(rows),
+                                 textposition="top center", showlegend=False), row=1, col=col)
+    fig.update_xaxes(title_text="effective n (strongest phase)", row=1, col=1)
+    fig.update_xaxes(title_text="margin drop (nats)", row=1, col=2)
+    fig.update_yaxes(title_text="calibrated recall", row=1, col=1)
+    fig.update_layout(height=380, margin=dict(l=50, r=10, t=40, b=50))
+    return _html(fig)
+
+
 def _dose_figure(steer: dict) -> str:
     """Share of other emotions' dev examples pushed to each target, by strength; dashed: random features."""
     dose = steer.get("dose_response") or {}
@@ -238,8 +260,9 @@ def _write_report(run_dir: Path) -> Path:
         ctx.update(ph=ph, **_phases_figures(ph, pd.read_parquet(run_dir / "phases" / "features.parquet")))
     if (run_dir / "trace" / "result.json").exists():
         tr = read_json(run_dir / "trace" / "result.json")
+        diff = tr.get("difficulty") or difficulty(ev, ctx.get("ph"), tr)  # runs from before it was stored
         ctx.update(tr=tr, trace_fig=_trace_figure(tr), cross_fig=_cross_figure(tr), screen=screen,
-                   weak_screens=weak_screens(tr))
+                   weak_screens=weak_screens(tr), diff=diff, diff_fig=_difficulty_figure(diff))
     for stage in ("steer", "audit"):
         if (run_dir / stage / "result.json").exists():
             ctx[stage] = read_json(run_dir / stage / "result.json")

@@ -11,7 +11,9 @@ For each emotion, on the examples of that emotion (correctly classified by defau
    mean calibrated margin; measure concentration (effective number of features, Gini);
 4. controls: the same number of random features from the same layers, and the same screen with
    shuffled emotion labels;
-5. cross-emotion effects: ablating emotion A's set, the change in the margin of B's examples.
+5. cross-emotion effects: ablating emotion A's set, the change in the margin of B's examples;
+6. why some emotions are harder: per emotion, recall and confusion partners beside the causal numbers
+   (`analysis.difficulty`, in `difficulty`).
 The margin is the calibrated log-probability of the gold label's first token minus that of the best
 other label (`margin: best_other`, positive exactly when the calibrated prediction is gold), or the
 log-odds of gold against all other labels together (`margin: all_others`).
@@ -27,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.stats import spearmanr
 
+from ..analysis.difficulty import difficulty
 from ..analysis.stats import concentration, mean_ci
 from ..artifacts import config_hash
 from .. import distributed as dist
@@ -83,6 +86,18 @@ class TraceResult(StageResult):
                                  "in_set": [f["layer"], f["feature"]] in ph["set"]})
         return pd.DataFrame(rows)
 
+    def difficulty_frame(self) -> pd.DataFrame:
+        """One row per emotion: recall, main confusion partner, concentration, top effect, partner cross-effect."""
+        rows = []
+        for lab, r in self.data["difficulty"]["emotions"].items():
+            part = r["partners"][0] if r["partners"] else {"label": None, "share": 0.0}
+            rows.append({"emotion": lab, "recall": r["recall"]["value"], "support": r["support"],
+                         "partner": part["label"], "partner_share": part["share"], "effective_n": r["effective_n"],
+                         "n_for_80": r["n_for_80"], "top_effect": (r["top_effect"] or {}).get("value"),
+                         "beats_random": r["beats_random"], "selective": r.get("selective"),
+                         "partner_cross_effect": (r["partner_cross_effect"] or {}).get("value")})
+        return pd.DataFrame(rows)
+
     @property
     def causal_sets(self) -> dict[str, list[tuple[int, int]]]:
         """Per emotion, the (layer, feature) pairs of its chosen sets over all phases."""
@@ -132,11 +147,12 @@ def trace(task: Task, saes: dict, evaluation: EvalResult, phases: PhasesResult,
     data = {"stage": "trace", "config_hash": config_hash(cfg, view.name), "config": cfg.model_dump(mode="json"),
             "model": view.name, "labels": labels, "n_phases": phases.n_phases, "phase_names": phases["phase_names"],
             "seed": cfg.seed, "emotions": per_emotion, "skipped": skipped,
-            "cross_effects": _cross(tr, pool, labels, sets), "log_prior": prior.tolist(),
+            **_cross(tr, pool, labels, sets), "log_prior": prior.tolist(),
             # the metric reads each label's first token; where a label has more, it is a proxy for the
             # whole label the evaluation scores (e.g. 'f' for 'fear' in a chat template without a space)
             "label_first_tokens": {lab: {"first": view.tokenizer.decode([ids[0]]), "n_tokens": len(ids)}
                                    for lab, ids in zip(labels, task.label_ids)}}
+    data["difficulty"] = difficulty(evaluation.data, phases.data, data)
     return TraceResult(data)
 
 
@@ -283,8 +299,11 @@ def _shuffled_screen(tr: _Tracer, pool, labels, lab, n, phase_of) -> dict[str, f
 
 
 def _cross(tr: _Tracer, pool, labels, sets) -> dict:
-    """Mean margin change of B's examples when A's chosen features (all phases) are ablated."""
+    """Margin change of B's examples when A's chosen features (all phases) are ablated: the mean
+    (`cross_effects`) and the mean with its bootstrap interval over B's examples (`cross_effects_ci`; its own
+    seed, so the other intervals are as they were without it)."""
     out = {a: {} for a, feats in sets.items() if feats}
+    rng = np.random.default_rng(tr.cfg.seed + 1)
     for b, lab in enumerate(labels):
         rows = pool[pool.gold == lab].iloc[:tr.cfg.per_emotion]
         if len(rows) < 2 or not out:
@@ -293,8 +312,9 @@ def _cross(tr: _Tracer, pool, labels, sets) -> dict:
         gold = np.full(len(rows), b)
         clean = tr.ablate(prompts, gold, {})
         for a in out:
-            out[a][lab] = float((tr.ablate(prompts, gold, _group(sets[a])) - clean).mean())
-    return out
+            out[a][lab] = mean_ci(tr.ablate(prompts, gold, _group(sets[a])) - clean, rng, tr.cfg.n_boot)
+    return {"cross_effects": {a: {b: e["value"] for b, e in row.items()} for a, row in out.items()},
+            "cross_effects_ci": out}
 
 
 def _mean_features(task: Task, saes: dict, prompts) -> dict[int, torch.Tensor]:
