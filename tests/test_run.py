@@ -138,7 +138,22 @@ def test_trace_stage_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
         if r["partner_cross_effect"] is not None:
             assert r["partner_cross_effect"]["value"] == tr["cross_effects"][r["partners"][0]["label"]][lab]
             assert r["partner_cross_effect"]["lo"] <= r["partner_cross_effect"]["value"]
-    assert "Why some emotions are harder" in (tmp_path / "run" / "report.html").read_text()
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "Why some emotions are harder" in html
+    # a card for every feature the run names: phases' top features and trace's validated ones
+    ph = json.loads((tmp_path / "run" / "phases" / "result.json").read_text())
+    cards = {**ph["cards"], **tr["cards"]}
+    assert not set(ph["cards"]) & set(tr["cards"])  # trace adds only the cards phases has not made
+    named = {(f["layer"], f["feature"]) for e in tr["emotions"].values() for p in e["phases"].values()
+             for f in p["features"]} | {(f["layer"], f["feature"]) for fs in ph["top_features"].values() for f in fs}
+    assert named == {(c["layer"], c["feature"]) for c in cards.values()}
+    for layer, f in named:
+        assert f'id="feature-{layer}-{f}"' in html
+    assert "background:rgba(255,140,0," in html  # per-token shading
+    exported = json.loads((tmp_path / "run" / "cards" / "cards.json").read_text())
+    assert set(exported) == set(cards)
+    batch = json.loads((tmp_path / "run" / "cards" / "blocks.3.hook_resid_post.json").read_text())
+    assert {f["feature_index"] for f in batch["features"]} == {c["feature"] for c in cards.values() if c["layer"] == 3}
     cfg.stages.append("steer")
     cfg.steer = cfg.steer.model_validate({"dev_per_class": 3, "features_per_emotion": [1], "strengths": [2.0],
                                           "transfer": ["isear"], "transfer_per_class": 2, "ppl_seqs": 2, "n_boot": 100,

@@ -1,5 +1,6 @@
 """Write `run_dir/report.html` from the stages' saved results: one self-contained file (plotly.js
-inlined, no network), a section per stage that has run, every data string escaped by jinja2."""
+inlined, no network), a section per stage that has run, every data string escaped by jinja2; and the
+feature cards' export beside it (`run_dir/cards/`, see `report.cards`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from plotly.subplots import make_subplots
 from ..analysis.difficulty import difficulty
 from ..artifacts import read_json, reading
 from ..errors import EmoscopeError
+from .cards import export_cards, traced_effects
 from .tables import screen, weak_screens
 
 
@@ -225,11 +227,22 @@ def _audit_figures(audit: dict) -> dict:
     return {"audit_depth": _html(depth), "audit_flips": _html(flips)}
 
 
-def _highlight(text: str, token: str) -> tuple[str, str, str]:
-    """(before, token, after) for showing a feature's strongest token inside its text; all escaped later."""
-    t = token.strip()
-    i = text.find(t) if t else -1
-    return (text, "", "") if i < 0 else (text[:i], text[i:i + len(t)], text[i + len(t):])
+def _card_views(ph: dict | None, tr: dict | None, neuronpedia: dict) -> list[dict]:
+    """Every card the phases and trace stages wrote, in layer order, with each example's tokens shaded by
+    activation (alpha = value / the card's largest shown value), its selectivity and its traced effects."""
+    cards = {**((ph or {}).get("cards") or {}), **((tr or {}).get("cards") or {})}
+    effects = traced_effects(tr)
+    out = []
+    for c in sorted(cards.values(), key=lambda c: (c["layer"], c["hook"], c["feature"])):
+        top = max([v for ex in c["top_examples"] + c["answer_examples"] for v in ex["values"]] + [1e-9])
+        shade = lambda ex: [(t, v, round(min(max(v, 0.0) / top, 1.0), 3)) for t, v in zip(ex["tokens"], ex["values"])]  # noqa: E731
+        np_id = neuronpedia.get(c["hook"])
+        out.append({**c, "shaded_top": [{**ex, "shaded": shade(ex)} for ex in c["top_examples"]],
+                    "shaded_answer": [{**ex, "shaded": shade(ex)} for ex in c["answer_examples"]],
+                    "effects": effects.get((c["layer"], c["feature"]), []),
+                    "hist_max": max(c["act_hist"]["heights"] or [1]),
+                    "neuronpedia": f"{np_id}/{c['feature']}" if np_id else None})
+    return out
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -253,16 +266,14 @@ def _write_report(run_dir: Path) -> Path:
         ctx.update(sae=sae, sae_fig=_sae_figure(sae), sae_timing=read_json(timing) if timing.exists() else {})
     if (run_dir / "phases" / "result.json").exists():
         ph = read_json(run_dir / "phases" / "result.json")
-        for feats in ph["top_features"].values():
-            for f in feats:
-                for ex in f["top_examples"]:
-                    ex["parts"] = _highlight(ex["text"], ex["token"].get("token", ""))
         ctx.update(ph=ph, **_phases_figures(ph, pd.read_parquet(run_dir / "phases" / "features.parquet")))
     if (run_dir / "trace" / "result.json").exists():
         tr = read_json(run_dir / "trace" / "result.json")
         diff = tr.get("difficulty") or difficulty(ev, ctx.get("ph"), tr)  # runs from before it was stored
         ctx.update(tr=tr, trace_fig=_trace_figure(tr), cross_fig=_cross_figure(tr), screen=screen,
                    weak_screens=weak_screens(tr), diff=diff, diff_fig=_difficulty_figure(diff))
+    if "ph" in ctx or "tr" in ctx:
+        ctx["cards"] = _card_views(ctx.get("ph"), ctx.get("tr"), (ctx.get("sae") or {}).get("neuronpedia") or {})
     for stage in ("steer", "audit"):
         if (run_dir / stage / "result.json").exists():
             ctx[stage] = read_json(run_dir / stage / "result.json")
@@ -273,6 +284,7 @@ def _write_report(run_dir: Path) -> Path:
         ctx["efficiency_fig"] = _efficiency_figure(ctx["steer"])
     env = Environment(loader=PackageLoader("emoscope", "report/templates"), autoescape=select_autoescape(["html"]))
     page = env.get_template("report.html").render(**ctx)
+    export_cards(run_dir)
     out = run_dir / "report.html"
     tmp = out.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")

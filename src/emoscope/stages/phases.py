@@ -28,14 +28,14 @@ from ..analysis.phases import SEGMENT_STATS, boundary_intervals, fit_phases, nam
 from ..analysis.stats import interval, linear_cka, probe_accuracy
 from ..artifacts import config_hash
 from ..errors import EmoscopeError, validated
-from ..hooks import HookPoint, record
-from ..store import capture_to_store
+from ..hooks import HookPoint
+from ..sae.cards import STORES, capture_examples, card_key, feature_cards
+from ..store import Store
 from ..task import Task
 from .base import Estimate, StageResult
 from .evaluate import EvalResult
 from ..constraints import Seed
 
-STORES = ("store_last", "store_text")
 
 
 class PhasesConfig(BaseModel):
@@ -95,6 +95,20 @@ class PhasesResult(StageResult):
         """One row of statistics per layer (`all` examples or the `correct` ones)."""
         return pd.DataFrame(self.data["layers"][subset])
 
+    @property
+    def stores(self) -> tuple[Store, Store] | None:
+        """The (final token, text tokens) activation stores of the evaluated examples at every SAE hook,
+        where they were kept (a fresh result's work folder, or the folder it was loaded from)."""
+        if self.workdir is None or not all((self.workdir / n / "manifest.json").is_file() for n in STORES):
+            return None
+        return tuple(Store(self.workdir / n) for n in STORES)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "PhasesResult":
+        res = super().load(folder)
+        res.workdir = Path(folder)
+        return res
+
     def _write(self, folder: Path) -> None:
         for name in STORES:
             if self.workdir is not None and (self.workdir / name).is_dir():
@@ -136,12 +150,12 @@ def phases(task: Task, saes: dict, evaluation: EvalResult, config: PhasesConfig 
     # behind selectivity anti-conservative. 80% subsamples give conservative (wider) intervals.
     boots = [np.sort(rng.choice(len(y), int(0.8 * len(y)), replace=False)) for _ in range(cfg.n_boot)]
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="emoscope-phases-"))
-    last, text = _capture(task, evaluation, hooks, work)
+    last, text = capture_examples(task, evaluation.examples(), hooks, work)
     inp = _Inputs(labels, y, preds.correct_cal.to_numpy(), text.read("token_ids").numpy(),
                   text.read("example_idx").numpy(), task.label_tokens, boots)
     rows = {"all": [], "correct": []}
     boot_S = np.zeros((cfg.n_boot, len(hooks), len(SEGMENT_STATS)))
-    sel_all, codes_keep, prev = [], [], None
+    sel_all, prev = [], None
     for li, hp in enumerate(hooks):
         resid = last.read(hp.name).float().numpy()
         codes = _encode(saes[hp.name], resid)
@@ -153,12 +167,11 @@ def phases(task: Task, saes: dict, evaluation: EvalResult, config: PhasesConfig 
             if subset == "all":
                 sel_all.append(sel)
         boot_S[:, li] = _boot_stats(cfg, inp, codes, ct, resid, prev, p_gold)
-        codes_keep.append(codes)
         prev = resid
         if progress:
             progress(1)
     data, ph = _summary(cfg, view, hooks, inp, rows, boot_S)
-    data.update(_features(sel_all, hooks, labels, ph, codes_keep, saes, task, preds, cfg))
+    data.update(_features(sel_all, hooks, labels, ph, saes, task, evaluation, (last, text), cfg))
     result = PhasesResult(data, {"features": _feature_table(hooks, sel_all, labels)})
     result.workdir = work
     if workdir is None:
@@ -171,17 +184,6 @@ def _check_counts(preds: pd.DataFrame, labels: list[str], cfg: PhasesConfig) -> 
     short = {c: int(counts.get(c, 0)) for c in labels if counts.get(c, 0) < cfg.min_per_class}
     if short:
         raise EmoscopeError(f"too few examples per emotion for the phases analysis (need {cfg.min_per_class}): {short}")
-
-
-def _capture(task: Task, evaluation: EvalResult, hooks: list[HookPoint], work: Path):
-    """The final prompt token's and every text token's activations at every hook, into two stores."""
-    examples = evaluation.examples()
-    ids = [e.id for e in examples]
-    stores = []
-    for mode, name in zip(("last", "text"), STORES):
-        encoded = [task.positions(e.text, mode) for e in examples]
-        stores.append(capture_to_store(task.model, encoded, ids, hooks, mode, work / name))
-    return stores
 
 
 def _layer_rows(hp, view, cfg, inp: _Inputs, codes, ct, resid, prev, p_gold, lens_hit):
@@ -268,9 +270,9 @@ def _encode(sae, x: np.ndarray, batch: int = 4096) -> np.ndarray:
                                for i in range(0, len(x), batch)])
 
 
-def _features(sels, hooks, labels, ph, codes_keep, saes, task, preds, cfg) -> dict:
-    """Shared vs specific features per emotion and phase, emotion overlap (Jaccard), top features."""
-    view = task.model
+def _features(sels, hooks, labels, ph, saes, task, evaluation, stores, cfg) -> dict:
+    """Shared vs specific features per emotion and phase, emotion overlap (Jaccard), top features and
+    their cards (read from the stores of this stage's capture)."""
     E = len(labels)
     sets = {e: set() for e in range(E)}
     per_phase = {lab: {} for lab in labels}
@@ -285,37 +287,26 @@ def _features(sels, hooks, labels, ph, codes_keep, saes, task, preds, cfg) -> di
             d = per_phase[labels[e]].setdefault(str(int(ph[li])), {"specific": 0, "shared": 0})
             d[kind] += 1
     jac = [[len(sets[a] & sets[b]) / max(len(sets[a] | sets[b]), 1) for b in range(E)] for a in range(E)]
-    top = {}
-    W_U = view.unembed.weight.detach().float()
-    for e, lab in enumerate(labels):
-        cands = [(s.auroc[f, e], li, int(f)) for li, s in enumerate(sels) for f in np.flatnonzero(s.selective[:, e])]
-        top[lab] = []
-        for au, li, f in sorted(cands, reverse=True)[:cfg.top_features]:
-            hp = hooks[li]
-            acts = codes_keep[li][:, f]
-            best = np.argsort(-acts)[:5]
-            promoted = (W_U @ saes[hp.name].W_dec[f].detach().float()).topk(8).indices.tolist()
-            top[lab].append({
-                "hook": hp.name, "layer": hp.layer, "feature": f, "auroc": float(au), "phase": int(ph[li]),
-                "emotions": [labels[j] for j in np.flatnonzero(sels[li].selective[f])],
-                "top_examples": [{"id": preds.id.iloc[i], "text": preds.text.iloc[i], "gold": preds.gold.iloc[i],
-                                  "activation": float(acts[i]), "token": _top_token(task, saes[hp.name], hp, f,
-                                                                                    preds.text.iloc[i])}
-                                 for i in best if acts[i] > 0],
-                "promoted_tokens": [view.tokenizer.decode([t]) for t in promoted],
-            })
+    chosen = {lab: sorted(((s.auroc[f, e], li, int(f)) for li, s in enumerate(sels)
+                           for f in np.flatnonzero(s.selective[:, e])), reverse=True)[:cfg.top_features]
+              for e, lab in enumerate(labels)}
+    cards = feature_cards(task, saes, [(hooks[li].name, f) for top in chosen.values() for _, li, f in top],
+                          evaluation.examples(), labels, stores)
+    text_of = dict(zip(evaluation.predictions.id, evaluation.predictions.text))
+    top = {lab: [_top_feature(cards[card_key(hooks[li].name, f)], au, ph[li], sels[li], labels, text_of)
+                 for au, li, f in feats] for lab, feats in chosen.items()}
     return {"specific_counts": specific, "shared_counts": shared, "per_phase_counts": per_phase,
-            "jaccard": jac, "top_features": top}
+            "jaccard": jac, "top_features": top, "cards": cards}
 
 
-def _top_token(task, sae, hp, f, text) -> dict:
-    """The text token where the feature fires most in this example (for highlighting)."""
-    ids, pos = task.positions(text, "text")
-    if not pos:
-        return {"index": -1, "token": ""}
-    view = task.model
-    with torch.no_grad(), record(view, [hp]) as acts:
-        view.model(input_ids=torch.tensor([ids], device=view.device), logits_to_keep=1)
-        a = sae.encode(acts[hp.name][0, pos].float())[:, f]
-    j = int(a.argmax())
-    return {"index": j, "token": view.tokenizer.decode([ids[pos[j]]]), "activation": float(a[j])}
+def _top_feature(card: dict, au: float, phase: int, sel, labels: list[str], text_of: dict) -> dict:
+    """A top feature as the report lists it: the examples where it is most active at the answer position,
+    each with the text token where it fires most (from its card)."""
+    f = card["feature"]
+    return {"hook": card["hook"], "layer": card["layer"], "feature": f, "auroc": float(au), "phase": int(phase),
+            "emotions": [labels[j] for j in np.flatnonzero(sel.selective[f])],
+            "top_examples": [{"id": ex["id"], "text": text_of[ex["id"]], "gold": ex["gold"], "activation": ex["answer"],
+                              "token": {"index": ex["max_index"], "token": ex["tokens"][ex["max_index"]]
+                                        if ex["max_index"] >= 0 else "", "activation": ex["max"]}}
+                             for ex in card["answer_examples"]],
+            "promoted_tokens": [t for t, _ in card["promoted"][:8]]}

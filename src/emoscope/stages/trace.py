@@ -13,7 +13,8 @@ For each emotion, on the examples of that emotion (correctly classified by defau
    shuffled emotion labels;
 5. cross-emotion effects: ablating emotion A's set, the change in the margin of B's examples;
 6. why some emotions are harder: per emotion, recall and confusion partners beside the causal numbers
-   (`analysis.difficulty`, in `difficulty`).
+   (`analysis.difficulty`, in `difficulty`);
+7. a feature card (`sae.cards`) for every validated feature the phases stage has none for (`cards`).
 The margin is the calibrated log-probability of the gold label's first token minus that of the best
 other label (`margin: best_other`, positive exactly when the calibrated prediction is gold), or the
 log-odds of gold against all other labels together (`margin: all_others`).
@@ -37,6 +38,7 @@ from ..errors import validated
 from ..hooks import layer_of
 from ..interventions.answers import answer_batches, answer_resid, first_token_prior
 from ..interventions.effects import ablate, attribution
+from ..sae.cards import card_key, feature_cards
 from ..task import Task
 from .base import StageResult
 from .evaluate import EvalResult
@@ -153,6 +155,7 @@ def trace(task: Task, saes: dict, evaluation: EvalResult, phases: PhasesResult,
             "label_first_tokens": {lab: {"first": view.tokenizer.decode([ids[0]]), "n_tokens": len(ids)}
                                    for lab, ids in zip(labels, task.label_ids)}}
     data["difficulty"] = difficulty(evaluation.data, phases.data, data)
+    data["cards"] = _cards(task, saes, evaluation, phases, per_emotion)
     return TraceResult(data)
 
 
@@ -315,6 +318,20 @@ def _cross(tr: _Tracer, pool, labels, sets) -> dict:
             out[a][lab] = mean_ci(tr.ablate(prompts, gold, _group(sets[a])) - clean, rng, tr.cfg.n_boot)
     return {"cross_effects": {a: {b: e["value"] for b, e in row.items()} for a, row in out.items()},
             "cross_effects_ci": out}
+
+
+def _cards(task: Task, saes: dict, evaluation: EvalResult, phases: PhasesResult, per_emotion: dict) -> dict:
+    """Feature cards of every validated feature that the phases stage has no card for, read from its
+    activation stores (or one capture of the evaluated examples, in a single process)."""
+    hook_of = {layer_of(h): h for h in saes}
+    have = set(phases.data.get("cards") or {})
+    feats = sorted({(hook_of[f["layer"]], f["feature"]) for e in per_emotion.values() for p in e["phases"].values()
+                    for f in p["features"] if card_key(hook_of[f["layer"]], f["feature"]) not in have},
+                   key=lambda hf: (layer_of(hf[0]), hf[1]))
+    stores = phases.stores
+    if not feats or (stores is None and dist.world_size() > 1):
+        return {}
+    return feature_cards(task, saes, feats, evaluation.examples(), evaluation.labels, stores)
 
 
 def _mean_features(task: Task, saes: dict, prompts) -> dict[int, torch.Tensor]:
