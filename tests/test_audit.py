@@ -238,3 +238,22 @@ def test_library_kernels_are_candidates(planted_run):
     with pytest.raises(EmoscopeError, match="not both"):
         run_audit(AuditConfig(candidates=[Candidate(name="x", precision="quanto:int8", model=str(view.name))],
                               ablation_per_emotion=0), d / "run", view, None)
+
+
+def test_a_quantized_kv_cache_is_a_candidate(planted_run):
+    """A KV cache candidate runs the reference's weights with every attention reading quantized keys and
+    values; the row names the scheme and its library; the model's attention is restored after it; a
+    llama.cpp cache type that does not fit the head dimension is a one-line error."""
+    pytest.importorskip("optimum.quanto")
+    d, view, _, causal = planted_run
+    cands = [Candidate(name="kv4", kv_cache="quanto:int4"), Candidate(name="kv2", kv_cache="quanto:int2")]
+    res = run_audit(AuditConfig(candidates=cands, n_boot=100, causal_features=causal, ablation_per_emotion=2),
+                    d / "run", view, None)
+    rows = {r["name"]: r for r in res["candidates"]}
+    assert rows["kv4"]["changed"] == {"kv_cache": "quanto:int4"} and rows["kv4"]["kv_group_size"] == 8
+    assert rows["kv2"]["kv_library"].startswith("optimum-quanto ")
+    assert rows["kv2"]["flip_rate"] > 0 and rows["kv2"]["causal_effect"]["value"] != 1.0  # the cache's error matters
+    assert view.model.config._attn_implementation == "sdpa"
+    with pytest.raises(EmoscopeError, match="block of 32"):
+        run_audit(AuditConfig(candidates=[Candidate(name="q8", kv_cache="gguf:Q8_0")], ablation_per_emotion=0),
+                  d / "run", view, None)

@@ -42,13 +42,13 @@ def tiny_tokenizer(vocab_size: int = 320):
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, n_layers: int = 4, d: int = 32,
-               sliding_window: int = 16) -> ModelView:
+               sliding_window: int = 16, n_heads: int = 4) -> ModelView:
     from transformers import AutoModelForCausalLM
 
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
     common = dict(vocab_size=len(tok), hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  num_attention_heads=n_heads, num_key_value_heads=max(1, n_heads // 2), max_position_embeddings=1024,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if arch == "llama":
         from transformers import LlamaConfig

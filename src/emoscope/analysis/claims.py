@@ -30,7 +30,8 @@ The rules (an interval is the stage's 95% bootstrap interval):
   predictions while accuracy moves less than 5 points; value: the share of such candidates.
 - 5b the last phase is the fragile one: share of candidates whose final phase's excess drift interval
   lies above 0; reproduced above one half, not reproduced when more candidates lie below 0 than above.
-- 5c quantization breaks emotion inference: a precision candidate fails the audit's thresholds.
+- 5c quantization breaks emotion inference: a precision or quantized-KV-cache candidate fails the audit's
+  thresholds.
 """
 
 from __future__ import annotations
@@ -157,8 +158,9 @@ def steer_claims(st: dict) -> list[Verdict]:
 
 def audit_claims(au: dict) -> list[Verdict]:
     cands = au["candidates"]
-    prompt = [c for c in cands if not c.get("precision") and not (c.get("changed") or {}).get("model")]
-    precision = [c for c in cands if c.get("precision")]
+    deployed = lambda c: c.get("precision") or (c.get("changed") or {}).get("kv_cache")  # noqa: E731
+    prompt = [c for c in cands if not deployed(c) and not (c.get("changed") or {}).get("model")]
+    precision = [c for c in cands if deployed(c)]
     out = []
     if prompt:
         silent = [c for c in prompt if c["flip_rate"] > FLIPS and abs(c["accuracy_change"]["value"]) < ACC_MOVE]
@@ -175,7 +177,7 @@ def audit_claims(au: dict) -> list[Verdict]:
     if precision:
         failed = [c["name"] for c in precision if c["failed"]]
         out.append(Verdict("5c quantization breaks it", REPRODUCED if failed else NOT, len(failed) / len(precision),
-                           None, None, len(precision), "precision candidates failing the thresholds: "
+                           None, None, len(precision), "precision and KV-cache candidates failing the thresholds: "
                            + (", ".join(failed) or "none")))
     return out
 

@@ -1,4 +1,5 @@
-"""Stage `audit`: do prompt changes or a lower weight precision silently break emotion inference?
+"""Stage `audit`: do prompt changes, a lower weight precision, a quantized KV cache or another model file
+silently break emotion inference?
 `audit(task, saes, evaluation, phases, trace)` returns an `AuditResult`.
 
 
@@ -35,6 +36,7 @@ from ..errors import EmoscopeError, validated
 from ..hooks import layer_of
 from ..interventions.answers import answer_batches, answer_resid, first_token_prior
 from ..interventions.effects import ablate
+from ..interventions.kv_cache import check_kv_cache, kv_cache_quantized
 from ..interventions.perturb import PRECISIONS, check_precision, perturb_text, precision_applied, template_variants
 from .. import quantization
 from ..models import ModelConfig, ModelView, load_model
@@ -74,6 +76,10 @@ class Candidate(BaseModel):
     kernels on load (torchao:int8|int4, quanto:int8|int4|float8, bnb:int8|nf4 on CUDA)."""
     model: str | None = None
     """Another checkpoint of the same model (same tokenizer), e.g. a quantized export."""
+    kv_cache: Annotated[str, AfterValidator(check_kv_cache)] | None = None
+    """Quantized KV cache: every attention reads its keys and values through the cache's quantizer
+    (quanto:int4|int2 as transformers' QuantizedCache, gguf:Q8_0|Q4_0|Q4_1|Q5_0|Q5_1 as llama.cpp's
+    --cache-type-k/-v)."""
 
 
 class Thresholds(BaseModel):
@@ -316,8 +322,9 @@ def _candidate(cand: Candidate, ref: _Reference, load_view):
         weights = {"weights": view.weights, "library": q["library"], "kernels": q["kernels"]}
     simulated = cand.precision and cand.precision not in LIBRARY
     precision = precision_applied(view, cand.precision, ref.cfg.group_size) if simulated else nullcontext({})
-    with precision as info:
-        yield ref.task.variant(model=view, **changes), texts, {**weights, **info}
+    kv = kv_cache_quantized(view, cand.kv_cache) if cand.kv_cache else nullcontext({})
+    with precision as info, kv as kv_info:
+        yield ref.task.variant(model=view, **changes), texts, {**weights, **info, **kv_info}
 
 
 def _compare(cand: Candidate, ref: _Reference, load_view) -> dict:
