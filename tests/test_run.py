@@ -61,6 +61,18 @@ def test_quick_config_is_valid():
     assert tuple(cfg.stages) == STAGES  # the demo runs the whole pipeline
 
 
+def test_deploy_config_reuses_a_quick_run():
+    """The shipped deployment gate has the quick profile's upstream stages, so a quick run's directory
+    is reused (only the audit runs), and its candidates cover the deployed formats."""
+    from emoscope.config import load_config
+    quick, deploy = load_config("quick"), load_config("deploy")
+    for stage in ("evaluate", "saes", "phases", "trace"):
+        assert deploy.stage_hash(stage) == quick.stage_hash(stage), stage
+    kinds = {k for c in deploy.audit.candidates for k in ("precision", "kv_cache", "template", "text")
+             if getattr(c, k) is not None}
+    assert kinds == {"precision", "kv_cache", "template", "text"}
+
+
 def test_saes_and_phases_stages_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
     from emoscope.models import load_model
     from emoscope.sae.pretrained import load_saes
