@@ -66,6 +66,8 @@ def test_associations_are_exact_permutation_tests():
     assert a["effective_n"]["p"] == pytest.approx(2 / 720)
     assert a["top_effect"]["rho"] == pytest.approx(1.0)  # top effect = 2 / effective n here
     assert a["selective"] is None  # every emotion has 3: nothing to correlate
+    assert a["partner_cross_effect"] is None and "partner_share" not in a  # one emotion has it; the share is
+    # bounded by 1 - recall, so it is not offered as an explanation
     rows = {lab: {"recall": est(r, 0, 1), "effective_n": n} for lab, r, n in zip(LABS, (0.1, 0.5, 0.2, 0.9, 0.3, 0.6),
                                                                                (3.0, 1.0, 6.0, 2.0, 4.0, 5.0))}
     weak = associations(rows)["effective_n"]

@@ -16,8 +16,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import permutation_test, rankdata
 
-EXPLANATIONS = ("effective_n", "top_effect", "selective", "partner_share")
-"""Per-emotion quantities whose association with recall `associations` measures."""
+EXPLANATIONS = ("effective_n", "top_effect", "selective", "partner_cross_effect")
+"""Per-emotion quantities whose association with recall `associations` measures (not the partner's share
+of the errors: it is bounded by 1 - recall, so it correlates with recall by construction)."""
 
 
 def difficulty(ev: dict, ph: dict | None, tr: dict) -> dict:

@@ -99,7 +99,7 @@ def compare(run_dirs: list[str | Path]) -> Comparison:
 
 def _difficulty_rows(run: str, res: dict) -> list[dict]:
     """One flat row per emotion of a run: recall, main confusion partner, concentration, partner effect."""
-    d = res["trace"].get("difficulty") or difficulty(res["evaluate"], res.get("phases"), res["trace"])
+    d = difficulty(res["evaluate"], res.get("phases"), res["trace"])  # today's rules on every run, as the claims
     out = []
     for lab, r in d["emotions"].items():
         part = r["partners"][0] if r["partners"] else {"label": None, "share": 0.0}
