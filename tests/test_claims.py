@@ -42,7 +42,8 @@ def steer(fs=(0.6, 0.55, 0.65), ppl=0.01, transfer=(0.6, 0.55, 0.65)):
 
 def cand(name, flips, acc, excess=None, precision=None, failed=False):
     return {"name": name, "flip_rate": flips, "accuracy_change": est(acc, acc - 0.02, acc + 0.02),
-            "final_phase_excess": excess, "precision": precision, "failed": failed, "changed": {}}
+            "final_phase_excess": excess, "precision": precision, "failed": failed,
+            "changed": {"precision": precision} if precision else {}}  # as audit rows: `changed` says what
 
 
 def audit(excess=est(0.2, 0.1, 0.3)):
@@ -81,6 +82,13 @@ def test_each_rule_can_say_no_or_inconclusive():
                                        cand("int8", 0.01, 0.0, None, "int8")]})
     assert a["5a silent degradation under prompt changes"].verdict == NOT  # flips only with a visible drop
     assert a["5b last phase most fragile"].verdict == NOT and a["5c quantization breaks it"].verdict == NOT
+    # library kernels and KV caches are deployment candidates, not prompt changes (their rows have no
+    # top-level precision: what they changed is in `changed`)
+    lib = cand("torchao", 0.5, 0.0, None, failed=True) | {"changed": {"precision": "torchao:int8"}}
+    kv = cand("kv", 0.3, 0.0) | {"changed": {"kv_cache": "gguf:Q4_0"}}
+    d = verdicts(audit={"candidates": [cand("p", 0.05, 0.0), lib, kv]})
+    assert d["5a silent degradation under prompt changes"].n == 1 and d["5c quantization breaks it"].n == 2
+    assert d["5c quantization breaks it"].verdict == REPRODUCED and d["5c quantization breaks it"].value == 0.5
 
 
 def test_why_some_emotions_are_harder():

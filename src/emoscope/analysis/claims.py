@@ -158,7 +158,8 @@ def steer_claims(st: dict) -> list[Verdict]:
 
 def audit_claims(au: dict) -> list[Verdict]:
     cands = au["candidates"]
-    deployed = lambda c: c.get("precision") or (c.get("changed") or {}).get("kv_cache")  # noqa: E731
+    # what a candidate changed, from `changed` (library-kernel rows carry no top-level `precision`)
+    deployed = lambda c: bool((c.get("changed") or {}).keys() & {"precision", "kv_cache"})  # noqa: E731
     prompt = [c for c in cands if not deployed(c) and not (c.get("changed") or {}).get("model")]
     precision = [c for c in cands if deployed(c)]
     out = []
