@@ -37,7 +37,6 @@ from .evaluate import EvalResult
 from ..constraints import Seed
 
 
-
 class PhasesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     fdr: float = Field(0.05, gt=0, lt=1)
