@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..analysis.stats import auroc
+from ..analysis.stats import rank_tests
 from ..errors import EmoscopeError
 from ..hooks import HookPoint
 from ..store import Store, capture_to_store
@@ -65,11 +65,12 @@ def feature_cards(task, saes: dict, features: list[tuple[str, int]], examples, l
         feats = sorted({f for h, f in features if h == hook})
         sae = saes[hook]
         at_text, at_last = _acts(sae, text, hook, feats), _acts(sae, last, hook, feats)
+        au = rank_tests(at_last, y, len(labels))[0]  # [features, emotions], ranks computed once
         for j, f in enumerate(feats):
             card = {"hook": hook, "layer": HookPoint.parse(hook).layer, "feature": f, "n_examples": len(examples),
                     **_activations(task, examples, tok, ex, at_text[:, j], at_last[:, j]),
                     **_logits(task, W_U @ sae.W_dec[f].detach().float().to(W_U.device)),
-                    "selectivity": {lab: {"auroc": float(auroc(at_last[:, j:j + 1], y == e)[0]),
+                    "selectivity": {lab: {"auroc": float(au[j, e]),
                                           "mean": float(at_last[y == e, j].mean()) if (y == e).any() else None}
                                     for e, lab in enumerate(labels)}}
             cards[card_key(hook, f)] = card
