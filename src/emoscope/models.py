@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from . import distributed as dist
+from . import profiling
 from .errors import EmoscopeError, validated
 from .quantization import SCHEMES
 from .constraints import Device
@@ -155,6 +156,7 @@ class ModelView:
         n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
         return int(min(n, 1 << 15))
 
+    @profiling.timed("llm_forward")
     def logits_from_resid(self, resid: torch.Tensor, tokens: list[int] | None = None) -> torch.Tensor:
         """Read a residual-stream vector through the final norm and unembedding (logit lens); with
         `tokens`, only those vocabulary entries (the unembedding of a large vocabulary is the most
@@ -208,6 +210,7 @@ def make_view(model: nn.Module, tokenizer, name: str, chat: bool | None = None) 
         chat = bool(getattr(tokenizer, "chat_template", None))
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    profiling.instrument(model, [getattr(model, "base_model", model), unembed])
     return ModelView(model, tokenizer, name, blocks, norm, unembed, chat, softcap, str(path) if path else None, bpath)
 
 

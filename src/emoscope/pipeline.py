@@ -22,6 +22,7 @@ from .config import STAGES, RunConfig
 from .data import check as check_data
 from .errors import EmoscopeError
 from .models import ModelConfig, ModelView, load_model
+from . import profiling
 from .resources import peak_memory
 from .sae.train import layer_groups
 from .stages import audit, evaluate, phases, saes, steer, trace
@@ -142,9 +143,9 @@ def run_stage(ctx: RunContext, stage: str, cfg, key: str | None = None) -> Stage
     dist.barrier()
     try:
         t0 = time.time()
-        with peak_memory() as mem:
+        with peak_memory() as mem, profiling.collect() as prof:
             res = compute(ctx, stage, cfg, workdir=work)
-        res.timing = {**(res.timing or {}), "stage_seconds": round(time.time() - t0, 2), **mem}
+        res.timing = {**(res.timing or {}), "stage_seconds": round(time.time() - t0, 2), **mem, "profile": prof}
         if dist.world_size() > 1:
             res.timing["ranks"] = dist.world_size()
         if key is not None:

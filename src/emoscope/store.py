@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import distributed as dist
+from . import profiling
 from .errors import EmoscopeError
 from .hooks import HookPoint, pad_batch, record
 from .models import ModelView
@@ -59,6 +60,7 @@ class StoreWriter:
         if self.n_pending >= self.shard_tokens:
             self._flush()
 
+    @profiling.timed("io")
     def _flush(self) -> None:
         if not self.n_pending:
             return
@@ -111,7 +113,9 @@ class Store:
         for shard in self.manifest["shards"]:
             with safe_open(str(self.path / shard["file"]), framework="pt") as f:
                 for i in range(0, shard["rows"], batch_size):
-                    yield {k: f.get_slice(k)[i:i + batch_size] for k in keys}
+                    with profiling.section("io"):
+                        rows = {k: f.get_slice(k)[i:i + batch_size] for k in keys}
+                    yield rows
 
     def read(self, key: str) -> torch.Tensor:
         """A whole column (for small stores: final-token activations of a few hundred prompts)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
+from .. import profiling
 
 
 def jaccard_topk(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
@@ -43,6 +44,7 @@ def auroc_or_none(score: np.ndarray, flipped: np.ndarray) -> float | None:
     return float(roc_auc_score(flipped, score)) if 0 < flipped.sum() < len(flipped) else None
 
 
+@profiling.timed("statistics")
 def phase_drift(per_ex: dict, unrelated: dict, phase: dict, n_phases: int, boots: np.ndarray) -> tuple[dict,
                                                                                                        dict | None]:
     """Normalised drift per phase: the phase's summed drift over its summed unrelated-input drift (a
@@ -69,6 +71,7 @@ def phase_drift(per_ex: dict, unrelated: dict, phase: dict, n_phases: int, boots
                       "hi": float(np.percentile(boot, 97.5))}
 
 
+@profiling.timed("statistics")
 def retained(ref: dict[str, np.ndarray], cur: dict[str, np.ndarray], rng, n_boot: int) -> dict | None:
     """Share of the reference's ablation effect still there in the candidate: mean candidate effect over
     mean reference effect on the same examples (all emotions pooled), with a paired bootstrap

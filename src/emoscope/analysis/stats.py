@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.stats import norm, rankdata
+from .. import profiling
 
 
 def _tie_term(x: np.ndarray) -> np.ndarray:
@@ -16,6 +17,7 @@ def _tie_term(x: np.ndarray) -> np.ndarray:
     return (t ** 3 - t).reshape(m, n).sum(1)
 
 
+@profiling.timed("statistics")
 def rank_tests(x: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """One-vs-rest AUROC and two-sided Mann-Whitney p-values (normal approximation with tie and
     continuity correction, as scipy's asymptotic method) for every column of x [n, m] and every class
@@ -60,6 +62,7 @@ def bh_fdr(p: np.ndarray) -> np.ndarray:
     return out.reshape(p.shape)
 
 
+@profiling.timed("statistics")
 def eta_squared(x: np.ndarray, groups: np.ndarray, adjusted: bool = True) -> np.ndarray:
     """Share of each column's variance explained by group membership (one-way ANOVA eta^2), per column;
     `adjusted` removes the part expected by chance with many small groups (as adjusted R^2 does)."""
@@ -79,6 +82,7 @@ def eta_squared(x: np.ndarray, groups: np.ndarray, adjusted: bool = True) -> np.
     return eta
 
 
+@profiling.timed("statistics")
 def linear_cka(a: np.ndarray, b: np.ndarray) -> float:
     """Linear CKA (Kornblith et al., 2019) between two representations of the same n examples."""
     a = a - a.mean(0)
@@ -87,6 +91,7 @@ def linear_cka(a: np.ndarray, b: np.ndarray) -> float:
     return float(hsic / (np.linalg.norm(a.T @ a) * np.linalg.norm(b.T @ b)))
 
 
+@profiling.timed("statistics")
 def probe_accuracy(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0, shuffle_labels: bool = False) -> float:
     """Cross-validated accuracy of a standardised logistic-regression probe (labels optionally shuffled)."""
     from sklearn.linear_model import LogisticRegression
@@ -110,6 +115,7 @@ def interval(value: float, boot) -> dict:
     return {"value": float(value), "lo": float(lo), "hi": float(hi)}
 
 
+@profiling.timed("statistics")
 def mean_ci(x: np.ndarray, rng, n_boot: int) -> dict:
     """Mean of x with a percentile-bootstrap 95% interval over its entries, and n."""
     boot = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)

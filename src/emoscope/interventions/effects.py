@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .. import distributed as dist
+from .. import profiling
 from ..hooks import at
 from ..models import ModelView
 from .answers import answer_batches
@@ -59,7 +60,8 @@ def _attribute(view, saes, b, gold, tokens, log_prior, baseline, kind, layers) -
     with torch.enable_grad():
         logits, res = b.logits(view, tokens, layers)
         m = margin(logits, g, log_prior, kind)
-        grads = torch.autograd.grad(m.sum(), [res[layer] for layer in layers])
+        with profiling.section("llm_backward"):
+            grads = torch.autograd.grad(m.sum(), [res[layer] for layer in layers])
     for layer, gfull in zip(layers, grads):
         sae = saes[layer]
         dev = sae.W_dec.device

@@ -15,6 +15,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .. import profiling
 from ..errors import EmoscopeError
 from .model import SAE, SAEConfig
 
@@ -23,6 +24,7 @@ _TO_SAELENS = {"topk": "topk", "jumprelu": "jumprelu", "relu": "standard"}
 _FROM_SAELENS = {v: k for k, v in _TO_SAELENS.items()}
 
 
+@profiling.timed("io")
 def save(sae: SAE, path: str | Path) -> Path:
     """Write the SAE folder atomically (temporary folder, then rename)."""
     path = Path(path)
@@ -49,6 +51,7 @@ def save(sae: SAE, path: str | Path) -> Path:
     return path
 
 
+@profiling.timed("io")
 def load(path: str | Path, device: str = "cpu") -> SAE:
     path = Path(path)
     if not (path / CFG).is_file() or not (path / WEIGHTS).is_file():

@@ -13,6 +13,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
+from .. import profiling
+
 ARCHITECTURES = ("topk", "jumprelu", "relu")
 
 
@@ -119,12 +121,15 @@ class SAE(nn.Module):
             acts = acts * (pre > self.threshold)
         return acts
 
+    @profiling.timed("sae")
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.activate(self.pre_acts(x))
 
+    @profiling.timed("sae")
     def decode(self, feats: torch.Tensor) -> torch.Tensor:
         return feats @ self.W_dec + self.b_dec
 
+    @profiling.timed("sae")
     def forward(self, x: torch.Tensor) -> SAEOutput:
         xn, shift, scale = self._normalized(x)
         pre = self.pre_acts(xn, normalized=True)

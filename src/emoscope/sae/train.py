@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import distributed as dist
+from .. import profiling
 from ..artifacts import config_hash
 from ..hooks import HookPoint, pad_batch, record
 from ..errors import EmoscopeError
@@ -180,6 +181,7 @@ class _Layer:
         self.since_fired[dead] = 0
         self.resampled += n
 
+    @profiling.timed("sae_train")
     def step(self, x: torch.Tensor, cfg: SAETrainConfig, fast) -> None:
         if self.arch == "topk":
             with torch.no_grad():

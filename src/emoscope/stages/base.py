@@ -14,6 +14,7 @@ from typing import ClassVar, NamedTuple
 
 import pandas as pd
 
+from .. import profiling
 from ..artifacts import atomic_dir, read_json, write_json
 from ..errors import EmoscopeError
 
@@ -57,6 +58,7 @@ class StageResult:
     def to_dict(self) -> dict:
         return self.data
 
+    @profiling.timed("io")
     def save(self, folder: str | Path) -> Path:
         """Write the result into `folder` (replaced atomically)."""
         with atomic_dir(folder) as tmp:
@@ -72,6 +74,7 @@ class StageResult:
             self.tables[name].to_parquet(folder / f"{name}.parquet", index=False)
 
     @classmethod
+    @profiling.timed("io")
     def load(cls, folder: str | Path) -> "StageResult":
         folder = Path(folder)
         f = folder / "result.json"

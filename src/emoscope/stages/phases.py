@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import profiling
 from ..analysis.layers import layer_row, selectivity, text_scores
 from ..analysis.phases import SEGMENT_STATS, boundary_intervals, fit_phases, name_phases, phase_of
 from ..analysis.stats import interval, linear_cka, probe_accuracy
@@ -205,6 +206,7 @@ def _layer_rows(hp, view, cfg, inp: _Inputs, codes, ct, resid, prev, p_gold, len
         yield subset, row, sel
 
 
+@profiling.timed("statistics")
 def _boot_stats(cfg, inp: _Inputs, codes, ct, resid, prev, p_gold) -> np.ndarray:
     """The segmented statistics of one layer, recomputed on each subsample of examples [n_boot, stats]."""
     out = np.zeros((len(inp.boots), len(SEGMENT_STATS)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import profiling
 from ..analysis.stats import interval
 
 
@@ -34,6 +35,7 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, k: int, idx: np.ndarray | N
     return _prf(np.bincount(flat, minlength=len(idx) * k * k).reshape(len(idx), k, k))[2].mean(-1)
 
 
+@profiling.timed("statistics")
 def classification_metrics(y_true, y_pred, labels: list[str], n_boot: int = 1000, seed: int = 0) -> dict:
     """Accuracy, macro-F1, per-class P/R/F1 (each with a bootstrap 95% interval) and the confusion matrix."""
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
