@@ -14,10 +14,10 @@ from emoscope.hooks import pad_batch
 from tiny import CORPUS, tiny_model
 
 
-def _setup(seed=0, arch="llama", **kw):
+def _setup(seed=0, arch="llama", prefix="", **kw):
     view = tiny_model(arch, seed=seed, **kw)
     tok = view.tokenizer
-    prompts = [tok(t + " Emotion:").input_ids for t in CORPUS[:6]]
+    prompts = [tok(prefix + t + " Emotion:").input_ids for t in CORPUS[:6]]
     tokens = [tok(" " + w, add_special_tokens=False).input_ids[0] for w in ["joy", "fear", "anger"]]
     saes = {}
     for layer in (1, 2):
@@ -124,12 +124,18 @@ def test_margin_kinds():
         raise AssertionError("unknown margin kind accepted")
 
 
-@pytest.mark.parametrize("arch,window", [("llama", 0), ("qwen2", 0), ("gpt2", 0), ("gemma3", 64), ("gemma3", 8)])
-def test_cached_answer_passes_equal_whole_prompt_passes(arch, window):
+@pytest.mark.parametrize("arch,window,prefix", [("llama", 0, ""), ("qwen2", 0, ""), ("gpt2", 0, ""), ("gemma3", 64, ""),
+                                                ("gemma3", 8, ""), ("llama", 0, "Name the feeling in this text: "),
+                                                ("gemma3", 64, "Name the feeling in this text: ")])
+def test_cached_answer_passes_equal_whole_prompt_passes(arch, window, prefix):
     """Running only the answer token on a cached, left-padded prefix gives the same margins,
     ablation effects and attributions as whole right-padded prompts (prompts of unequal length;
-    past a sliding window the whole prompts run)."""
-    view, saes, prompts, tokens, gold = _setup(arch=arch, **({"sliding_window": window} if window else {}))
+    past a sliding window the whole prompts run; a shared instruction runs once for all prompts)."""
+    kw = {"sliding_window": window} if window else {}
+    view, saes, prompts, tokens, gold = _setup(arch=arch, prefix=prefix, **kw)
+    if prefix:
+        from emoscope.task.score import _common_prefix
+        assert _common_prefix(prompts) >= 5
     whole = [AnswerBatch(i, ids, mask, last) for i, ids, mask, last in prompt_batches(view, prompts, 4)]
     cached = answer_batches(view, prompts, 4)
     assert all(b.cache is None for b in cached) == (window == 8)

@@ -6,7 +6,8 @@ so the kinds add up to the stage's wall time, with what no section claims left a
 tokenising, pandas). Kinds used across the package:
 
 - `llm_forward`: the language model's decoder stack and unembedding (timed by module hooks that
-  `instrument` puts on a model; every forward counts, whoever runs it);
+  `instrument` puts on a model; every forward counts, whoever runs it); `llm_forward:prefix` the
+  cached prompt prefixes of answer passes (`interventions.answers`);
 - `llm_backward`: gradients through the language model (attribution);
 - `sae`: SAE encode/decode outside training; `sae_train`: SAE optimiser steps;
 - `statistics`: bootstraps, rank tests, probes;
@@ -90,12 +91,17 @@ def collect():
         out["other"] = round(max(wall - sum(spent.values()), 0.0), 2)
 
 
+def _forward_kind() -> str:
+    """`llm_forward`, or the finer forward kind a caller opened (`llm_forward:prefix`)."""
+    return _stack[-1][0] if _stack and _stack[-1][0].startswith("llm_forward") else "llm_forward"
+
+
 def instrument(model, modules) -> None:
     """Time every forward of the given submodules of `model` (its decoder stack, its unembedding) as
     `llm_forward`; done once per model."""
     if getattr(model, "_emoscope_profiled", False):
         return
     for m in modules:
-        m.register_forward_pre_hook(lambda *_: _enter("llm_forward"))
+        m.register_forward_pre_hook(lambda *_: _enter(_forward_kind()))
         m.register_forward_hook(lambda *_: _exit(), always_call=True)
     model._emoscope_profiled = True

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from .. import distributed as dist
+from .. import profiling
 from ..hooks import HookPoint, at, pad_batch, record, resid
 from ..models import ModelView
 from ..task.calibrate import CONTENT_FREE
-from ..task.score import _sliding_window
+from ..task.score import _common_prefix, _sliding_window
 
 
 def answer_logits(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, tokens: list[int],
@@ -104,23 +105,37 @@ def answer_batches(view: ModelView, prompts, batch_size: int = 16) -> list[Answe
     if max(len(p) for p in prompts) > _sliding_window(view.model) or min(len(p) for p in prompts) < 2:
         return AnswerBatches(AnswerBatch(i, ids, mask, last)
                              for i, ids, mask, last in prompt_batches(view, prompts, batch_size))
-    return AnswerBatches(_cached_batch(view, prompts[i:i + batch_size], i)
-                         for i in dist.my_items(range(0, len(prompts), batch_size)))
+    with profiling.section("llm_forward:prefix"):
+        P = min(_common_prefix(prompts), min(len(p) for p in prompts) - 2)
+        shared = None
+        if P > 0:  # the instruction (and any demonstrations) every prompt starts with: run once
+            shared = view.model.base_model(input_ids=torch.tensor([prompts[0][:P]], device=view.device),
+                                           use_cache=True).past_key_values
+        return AnswerBatches(_cached_batch(view, prompts[i:i + batch_size], i, P, shared)
+                             for i in dist.my_items(range(0, len(prompts), batch_size)))
 
 
-def _cached_batch(view: ModelView, chunk: list[list[int]], start: int) -> AnswerBatch:
+def _cached_batch(view: ModelView, chunk: list[list[int]], start: int, P: int = 0, shared=None) -> AnswerBatch:
+    """Each prompt's tokens before its answer token run and cached: the shared first `P` tokens from
+    `shared` (their cache, one row), then each row's own tokens left-padded after them (explicit
+    positions, padding masked), so every row attends to exactly its own prompt."""
     dev = view.device
-    B, S = len(chunk), max(len(p) for p in chunk) - 1
+    B, S = len(chunk), max(len(p) for p in chunk) - 1 - P
     ids = torch.zeros((B, S), dtype=torch.long, device=dev)
-    mask = torch.zeros((B, S + 1), dtype=torch.long, device=dev)
+    mask = torch.zeros((B, P + S + 1), dtype=torch.long, device=dev)
     pos = torch.zeros((B, S), dtype=torch.long, device=dev)
+    mask[:, :P] = 1
     for r, p in enumerate(chunk):
-        n = len(p) - 1
-        ids[r, S - n:] = torch.tensor(p[:-1], device=dev)
-        mask[r, S - n:] = 1
-        pos[r, S - n:] = torch.arange(n, device=dev)
-    cache = view.model.base_model(input_ids=ids, attention_mask=mask[:, :S], position_ids=pos,
-                                  use_cache=True).past_key_values
+        n = len(p) - 1 - P
+        ids[r, S - n:] = torch.tensor(p[P:-1], device=dev)
+        mask[r, P + S - n:] = 1
+        pos[r, S - n:] = torch.arange(P, P + n, device=dev)
+    cache = None
+    if shared is not None:
+        cache = copy.deepcopy(shared)
+        cache.batch_repeat_interleave(B)
+    cache = view.model.base_model(input_ids=ids, attention_mask=mask[:, :P + S], position_ids=pos,
+                                  past_key_values=cache, use_cache=True).past_key_values
     return AnswerBatch(start, torch.tensor([[p[-1]] for p in chunk], device=dev), mask,
                        torch.zeros(B, dtype=torch.long, device=dev),
                        torch.tensor([[len(p) - 1] for p in chunk], device=dev), cache)
