@@ -17,7 +17,7 @@ from .. import distributed as dist
 from .. import profiling
 from ..hooks import at
 from ..models import ModelView
-from .answers import answer_batches
+from .answers import BATCH, answer_batches
 from .edits import set_features
 
 MARGINS = ("best_other", "all_others")
@@ -41,7 +41,7 @@ def margin(label_logp: torch.Tensor, gold: torch.Tensor, log_prior: torch.Tensor
 
 def attribution(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarray, tokens: list[int],
                 log_prior: torch.Tensor | None = None, baseline: dict[int, torch.Tensor] | None = None,
-                batch_size: int = 16, kind: str = "best_other") -> tuple[dict[int, np.ndarray], np.ndarray]:
+                batch_size: int = BATCH, kind: str = "best_other") -> tuple[dict[int, np.ndarray], np.ndarray]:
     """Attribution patching: for every example and feature, grad(margin) . (baseline - f) @ W_dec at the
     answer position — the first-order estimate of the margin change when the feature is set to the
     baseline (zero when none given). `prompts` may be answer_batches(). Returns {layer: [n, d_sae]}
@@ -80,7 +80,7 @@ def _attribute(view, saes, b, gold, tokens, log_prior, baseline, kind, layers) -
 def ablate(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarray, tokens: list[int],
            features: dict[int, list[int]], log_prior: torch.Tensor | None = None,
            baseline: dict[int,
-                          torch.Tensor] | None = None, batch_size: int = 16, kind: str = "best_other") -> np.ndarray:
+                          torch.Tensor] | None = None, batch_size: int = BATCH, kind: str = "best_other") -> np.ndarray:
     """Exact intervention: the margin of every example [n] with the given features (per layer) set to
     the baseline (zero when none) at the answer position, SAE error terms kept. `prompts` may be
     answer_batches(), built once and reused across interventions."""

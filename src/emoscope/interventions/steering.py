@@ -17,7 +17,7 @@ from .. import distributed as dist
 from ..errors import EmoscopeError
 from ..hooks import resid
 from ..task.calibrate import CONTENT_FREE, apply_prior, prior_from_scores
-from .answers import answer_batches
+from .answers import BATCH, answer_batches
 from .edits import Edit, apply_edits
 
 
@@ -82,7 +82,7 @@ def load_steering(path: str | Path) -> Steering:
 
 
 def label_probs(task, texts: list[str], saes: dict | None = None, edits: list[Edit] = (),
-                batch_size: int = 16, answers: list | None = None, steer_prior: bool = True) -> np.ndarray:
+                batch_size: int = BATCH, answers: list | None = None, steer_prior: bool = True) -> np.ndarray:
     """Calibrated label probabilities [n, K] from the labels' first tokens at the answer position,
     with the edits applied there (and, with `steer_prior`, to the content-free inputs that set the
     prior: a deployed steering is calibrated as it runs; an `add` push then largely cancels out, so
