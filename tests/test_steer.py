@@ -108,3 +108,21 @@ def test_classify_python_and_cli(tmp_path, tiny_dir, toy_data):
     assert r.returncode == 0, r.stderr
     out = _json.loads(r.stdout)  # --json: stdout carries only JSON
     assert abs(out[0]["joy"] - p[0, task.classes.index("joy")]) < 1e-3
+
+
+def test_probe_directions_exclude_round_off():
+    """The class-mean deviations from the overall mean sum to zero (weighted by class size), so K classes
+    span K - 1 directions; a float32 round-off remnant (found amplified by the steering) must not count."""
+    import numpy as np
+
+    from emoscope.interventions.probe import ProbeSteer
+
+    rng = np.random.default_rng(0)
+    K, per, d = 6, 12, 640
+    centers = rng.normal(size=(K, d)) * 3
+    y = np.repeat(np.arange(K), per)
+    resid = (centers[y] + rng.normal(size=(K * per, d))).astype(np.float32) * 40  # residual-stream scale
+    probe = ProbeSteer(3, resid, y)
+    assert probe.U.shape == (d, K - 1)
+    unbalanced = np.concatenate([np.flatnonzero(y != 0), np.flatnonzero(y == 0)[:5]])
+    assert ProbeSteer(3, resid[unbalanced], y[unbalanced]).U.shape == (d, K - 1)

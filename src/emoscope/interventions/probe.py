@@ -16,8 +16,12 @@ class ProbeSteer:
         mu = resid.mean(0)
         means = np.stack([resid[y == e].mean(0) - mu for e in np.unique(y)])
         u, s, _ = np.linalg.svd(means.T, full_matrices=False)
+        # numpy's matrix_rank tolerance at float32 precision (the residuals are float32): with balanced
+        # classes the deviations sum to zero, and a tighter cut kept a round-off direction (singular value
+        # ~1e-6 of the largest) that the steering then amplified
+        tol = s.max() * max(means.shape) * np.finfo(np.float32).eps
         self.layer, self.mu = layer, torch.from_numpy(mu).float()
-        self.U = torch.from_numpy(u[:, s > 1e-8 * s.max()]).float()
+        self.U = torch.from_numpy(u[:, s > tol]).float()
 
     def context(self, view, alpha: float, positions: torch.Tensor):
         """Within the block, forwards have the residual at `positions` steered by alpha (1 = unchanged)."""
