@@ -49,3 +49,13 @@ def test_every_forward_of_a_model_view_counts_as_llm_forward_even_the_base_model
     except Exception:
         pass
     assert not profiling._stack
+
+
+def test_a_kind_inside_a_finer_kind_of_the_same_work_counts_as_the_finer_one():
+    with profiling.collect() as prof:
+        with profiling.section("statistics:probes"):
+            with profiling.section("statistics"):
+                time.sleep(0.05)
+            with profiling.section("io"):
+                time.sleep(0.05)
+    assert prof["statistics:probes"] >= 0.04 and "statistics" not in prof and prof["io"] >= 0.04

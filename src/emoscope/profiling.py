@@ -1,16 +1,19 @@
 """Where a stage's time goes: wall seconds by kind of work, written into each stage's `timing.json`
 under `profile`.
 
-Sections are exclusive: time spent in a section opened inside another counts for the inner one only,
-so the kinds add up to the stage's wall time, with what no section claims left as `other` (Python,
-tokenising, pandas). Kinds used across the package:
+Sections are exclusive: time spent in a section opened inside another counts for the inner one only
+(unless the outer one is a finer kind of the same work: `llm_forward` inside `llm_forward:prefix`
+counts as the latter), so the kinds add up to the stage's wall time, with what no section claims
+left as `other` (Python, tokenising, pandas). Kinds used across the package:
 
 - `llm_forward`: the language model's decoder stack and unembedding (timed by module hooks that
   `instrument` puts on a model; every forward counts, whoever runs it); `llm_forward:prefix` the
-  cached prompt prefixes of answer passes (`interventions.answers`);
+  cached prompt prefixes of answer passes (`interventions.answers`), `llm_forward:sae_quality` the SAE
+  stage's held-out evaluation;
 - `llm_backward`: gradients through the language model (attribution);
 - `sae`: SAE encode/decode outside training; `sae_train`: SAE optimiser steps;
-- `statistics`: bootstraps, rank tests, probes;
+- `statistics`: bootstraps and rank tests; `statistics:probes` the cross-validated probes,
+  `statistics:subsamples` the phases stage's per-layer statistics on each subsample;
 - `io`: reading and writing result files and activation stores.
 
 Only the main thread is timed; the cost is two clock reads per section.
@@ -31,6 +34,8 @@ _main = threading.main_thread()
 def _enter(kind: str) -> None:
     if threading.current_thread() is not _main:
         return
+    if _stack and _stack[-1][0].startswith(kind + ":"):  # inside a finer kind of the same work: keep it
+        kind = _stack[-1][0]
     now = time.perf_counter()
     if _stack:  # pause the enclosing section
         outer = _stack[-1]
@@ -91,17 +96,12 @@ def collect():
         out["other"] = round(max(wall - sum(spent.values()), 0.0), 2)
 
 
-def _forward_kind() -> str:
-    """`llm_forward`, or the finer forward kind a caller opened (`llm_forward:prefix`)."""
-    return _stack[-1][0] if _stack and _stack[-1][0].startswith("llm_forward") else "llm_forward"
-
-
 def instrument(model, modules) -> None:
     """Time every forward of the given submodules of `model` (its decoder stack, its unembedding) as
     `llm_forward`; done once per model."""
     if getattr(model, "_emoscope_profiled", False):
         return
     for m in modules:
-        m.register_forward_pre_hook(lambda *_: _enter(_forward_kind()))
+        m.register_forward_pre_hook(lambda *_: _enter("llm_forward"))
         m.register_forward_hook(lambda *_: _exit(), always_call=True)
     model._emoscope_profiled = True

@@ -91,7 +91,7 @@ def linear_cka(a: np.ndarray, b: np.ndarray) -> float:
     return float(hsic / (np.linalg.norm(a.T @ a) * np.linalg.norm(b.T @ b)))
 
 
-@profiling.timed("statistics")
+@profiling.timed("statistics:probes")
 def probe_accuracy(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0, shuffle_labels: bool = False) -> float:
     """Cross-validated accuracy of a standardised logistic-regression probe (labels optionally shuffled)."""
     from sklearn.linear_model import LogisticRegression

@@ -266,24 +266,36 @@ def _ablation_effects(task: Task, texts, saes, causal, labels, idx) -> dict[str,
     candidate) count as no effect."""
     view, tokens = task.model, task.label_tokens
     prior = first_token_prior(task)
-    out = {}
-    for e, lab in enumerate(labels):
-        feats: dict[int, list[int]] = {}
+    feats = {}
+    for lab in labels:
         for layer, f in causal.get(lab, []):
-            if layer in saes:
-                feats.setdefault(int(layer), []).append(int(f))
-        if not feats or not len(idx[lab]):
-            continue
-        prompts = task.encode_all(texts[i] for i in idx[lab])
+            if layer in saes and len(idx[lab]):
+                feats.setdefault(lab, {}).setdefault(int(layer), []).append(int(f))
+    if not feats:
+        return {}
+    # every emotion's examples in one set of answer passes (one prefix run); each emotion's set is ablated
+    # on all of them and read on its own rows
+    rows, order = {}, []
+    for lab in feats:
+        rows[lab] = slice(len(order), len(order) + len(idx[lab]))
+        order += list(idx[lab])
+    prompts = task.encode_all(texts[i] for i in order)
+    gold = np.concatenate([np.full(len(idx[lab]), labels.index(lab)) for lab in feats])
+    out = {}
+    with torch.no_grad():
+        batches = answer_batches(view, prompts)
         try:
-            with torch.no_grad():
-                batches = answer_batches(view, prompts)
-                gold = np.full(len(prompts), e)
-                d = ablate(view, saes, batches, gold, tokens, {}, prior) - ablate(view, saes, batches, gold, tokens,
-                                                                                  feats, prior)
-        except EmoscopeError:  # the intervention met non-finite activations: the candidate overflows
-            d = np.zeros(len(prompts))
-        out[lab] = np.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
+            clean = ablate(view, saes, batches, gold, tokens, {}, prior)
+        except EmoscopeError:  # non-finite activations: the candidate overflows
+            clean = None
+        for lab, fs in feats.items():
+            d = np.zeros(len(idx[lab]))
+            if clean is not None:
+                try:
+                    d = clean[rows[lab]] - ablate(view, saes, batches, gold, tokens, fs, prior)[rows[lab]]
+                except EmoscopeError:  # the intervention met non-finite activations
+                    pass
+            out[lab] = np.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
     return out
 
 

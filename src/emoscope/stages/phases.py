@@ -206,7 +206,7 @@ def _layer_rows(hp, view, cfg, inp: _Inputs, codes, ct, resid, prev, p_gold, len
         yield subset, row, sel
 
 
-@profiling.timed("statistics")
+@profiling.timed("statistics:subsamples")
 def _boot_stats(cfg, inp: _Inputs, codes, ct, resid, prev, p_gold) -> np.ndarray:
     """The segmented statistics of one layer, recomputed on each subsample of examples [n_boot, stats]."""
     out = np.zeros((len(inp.boots), len(SEGMENT_STATS)))

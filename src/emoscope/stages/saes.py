@@ -14,6 +14,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import distributed as dist
+from .. import profiling
 from ..artifacts import config_hash, read_json, write_json
 from ..constraints import Device
 from ..hooks import HookPoint
@@ -119,7 +120,8 @@ def compute(model: ModelView, cfg: SAEStageConfig, data_dir=None, progress=None,
         saes, train_stats = _trained(model, cfg, data_dir, progress, device, checkpoint_dir)
     t_train = time.time() - t0
     batches = heldout_batches(model, cfg.eval_seqs, cfg.eval_context, cfg.train.seed, data_dir=data_dir)
-    quality = evaluate_saes(model, saes, batches, ce=cfg.ce)
+    with profiling.section("llm_forward:sae_quality"):  # the held-out forwards: clean, spliced, zero-ablated
+        quality = evaluate_saes(model, saes, batches, ce=cfg.ce)
     for name, st in train_stats.get("layers", {}).items():
         # dead = unfired over the last `dead_tokens` training tokens (the usual definition); the
         # held-out `dead_frac` counts latents unseen on a few thousand tokens, which overstates it

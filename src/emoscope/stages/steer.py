@@ -37,8 +37,8 @@ from ..artifacts import config_hash
 from ..data import Example, load_split, select
 from .. import distributed as dist
 from ..errors import EmoscopeError, validated
-from ..hooks import layer_of, pad_batch
-from ..interventions.answers import answer_batches, answer_resid
+from ..hooks import at, layer_of, pad_batch
+from ..interventions.answers import answer_batches
 from ..interventions.edits import Edit, apply_edits
 from ..interventions.probe import ProbeSteer
 from ..interventions.steering import Steering, label_probs, load_steering, make_steering, save_steering
@@ -251,10 +251,14 @@ def _transfer(task, methods, labels, cfg, results) -> dict:
     return errors
 
 
-def _resid(task: Task, texts, layers: list[int]) -> dict[int, np.ndarray]:
-    """Residual stream at the answer position, [n, d] per requested layer."""
-    parts = dist.gather(lambda: [{layer: r[layer].cpu().numpy() for layer in layers}
-                                 for r in answer_resid(task.model, task.encode_all(texts), layers, task.label_tokens)])
+def _resid(task: Task, answers, layers: list[int]) -> dict[int, np.ndarray]:
+    """Residual stream at the answer position, [n, d] per requested layer, from prompts' cached answer
+    passes (this rank's; gathered)."""
+    def one(b):
+        with torch.no_grad():
+            _, res = b.logits(task.model, task.label_tokens, layers)
+        return {layer: res[layer][at(res[layer], b.last)].float().cpu().numpy() for layer in layers}
+    parts = dist.gather(lambda: [one(b) for b in answers])
     return {layer: np.concatenate([p[layer] for p in parts]) for layer in layers}
 
 
@@ -343,7 +347,7 @@ def _methods(task: Task, saes, chosen, dev: _Dev, labels, cfg, sc: "_Scorer | No
     few_prior = _content_free_prior(sc.raw_logp(CONTENT_FREE, few))
     # probe steering: class-mean directions at the layer the features mostly come from
     layer = max(set(e.layer for e in chosen), key=[e.layer for e in chosen].count)
-    resid = _resid(task, dev.texts, sorted({e.layer for e in chosen} | {layer}))
+    resid = _resid(task, dev.answers, sorted({e.layer for e in chosen} | {layer}))
     probe = ProbeSteer(layer, resid[layer], dev.y)
     alpha = _probe_strength(sc, probe, dev, labels, cfg)
     random_edits = _random_edits(saes, resid, chosen, rng)
@@ -448,7 +452,7 @@ def _dose_response(task: Task, dev: _Dev, saes, ranked, labels, n, cfg, progress
     layers = sorted({layer for fs in feats.values() for layer, _ in fs})
     if not cfg.dose or not layers:
         return {}
-    resid = _resid(task, dev_texts, layers)
+    resid = _resid(task, dev_answers, layers)
     codes = {layer: saes[layer].encode(torch.from_numpy(resid[layer]).to(saes[layer].W_dec)).detach().cpu().numpy()
              for layer in layers}
     unit = {layer: np.where((codes[layer] > 0).any(0),
