@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import sparse
 from scipy.stats import norm, rankdata
+
 from .. import profiling
 
 
@@ -70,8 +72,8 @@ def eta_squared(x: np.ndarray, groups: np.ndarray, adjusted: bool = True) -> np.
     _, g = np.unique(groups, return_inverse=True)
     k = g.max() + 1
     counts = np.bincount(g, minlength=k).astype(float)
-    sums = np.zeros((k, x.shape[1]))
-    np.add.at(sums, g, x)
+    # per-group column sums as a sparse indicator matmul (np.add.at took 3/4 of the phases stage's statistics)
+    sums = np.asarray(sparse.csr_matrix((np.ones(n), (g, np.arange(n))), shape=(k, n)) @ x, dtype=float)
     mean = x.mean(0)
     ss_between = (sums ** 2 / counts[:, None]).sum(0) - n * mean ** 2
     ss_total = ((x - mean) ** 2).sum(0)
