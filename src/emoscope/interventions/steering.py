@@ -82,12 +82,14 @@ def load_steering(path: str | Path) -> Steering:
 
 
 def label_probs(task, texts: list[str], saes: dict | None = None, edits: list[Edit] = (),
-                batch_size: int = BATCH, answers: list | None = None, steer_prior: bool = True) -> np.ndarray:
+                batch_size: int = BATCH, answers: list | None = None, steer_prior: bool = True,
+                prior_answers: list | None = None) -> np.ndarray:
     """Calibrated label probabilities [n, K] from the labels' first tokens at the answer position,
     with the edits applied there (and, with `steer_prior`, to the content-free inputs that set the
     prior: a deployed steering is calibrated as it runs; an `add` push then largely cancels out, so
     pushing toward an emotion is measured against the unsteered prior). `answers`: answer_batches()
-    of the texts' prompts, built once when the same texts are steered repeatedly."""
+    of the texts' prompts, built once when the same texts are steered repeatedly; `prior_answers` those of
+    the content-free prompts (calibration.CONTENT_FREE)."""
     view, tokens = task.model, task.label_tokens
 
     def one(b, edits):
@@ -99,5 +101,5 @@ def label_probs(task, texts: list[str], saes: dict | None = None, edits: list[Ed
         batches = batches or answer_batches(view, task.encode_all(ts), batch_size)
         return np.concatenate(dist.gather(lambda: [one(b, edits) for b in batches]))
 
-    prior = prior_from_scores(logp(CONTENT_FREE, edits=edits if steer_prior else []))
+    prior = prior_from_scores(logp(CONTENT_FREE, prior_answers, edits=edits if steer_prior else []))
     return np.exp(apply_prior(logp(list(texts), answers), prior))

@@ -121,6 +121,7 @@ class _Dev:
     examples: list[Example]
     y: np.ndarray
     answers: list
+    prior_answers: list  # the content-free prompts' (calibration), shared by every steered pass
 
     @property
     def texts(self) -> list[str]:
@@ -198,7 +199,8 @@ def _dev_set(task: Task, labels: list[str], cfg: SteerConfig, test_ids: set) -> 
                             "them")
     with torch.no_grad():  # the dev prompts' tokens before the answer run once for the whole search
         answers = answer_batches(task.model, task.encode_all(e.text for e in dev))
-    return _Dev(dev, np.array([labels.index(e.label) for e in dev]), answers)
+        prior_answers = answer_batches(task.model, task.encode_all(CONTENT_FREE))
+    return _Dev(dev, np.array([labels.index(e.label) for e in dev]), answers, prior_answers)
 
 
 def _search(task, saes, dev: _Dev, labels, ranked, edits_for, cfg, progress) -> tuple[dict, list]:
@@ -207,7 +209,7 @@ def _search(task, saes, dev: _Dev, labels, ranked, edits_for, cfg, progress) -> 
         return classification_metrics(dev.y, probs.argmax(1), labels, 100)["macro_f1"]["value"]
 
     def probs_for(edits):
-        return label_probs(task, dev.texts, saes, edits, answers=dev.answers)
+        return label_probs(task, dev.texts, saes, edits, answers=dev.answers, prior_answers=dev.prior_answers)
 
     curve = []
     for n in cfg.features_per_emotion:
@@ -357,8 +359,10 @@ def _methods(task: Task, saes, chosen, dev: _Dev, labels, cfg, sc: "_Scorer | No
         "dev_fitted_calibration": lambda ts: np.exp(normalize(sc.raw_logp(ts) + bias)),
         "few_shot_dev_demos": lambda ts: np.exp(normalize(normalize(sc.raw_logp(ts, few)) - few_prior)),
         "probe_steering": lambda ts: sc.calibrated(ts, lambda last: probe.context(view, alpha, last)),
-        "random_features": lambda ts: label_probs(task, ts, saes, random_edits, answers=sc.batches(ts)),
-        "feature_steering": lambda ts: label_probs(task, ts, saes, chosen, answers=sc.batches(ts)),
+        "random_features": lambda ts: label_probs(task, ts, saes, random_edits, answers=sc.batches(ts),
+                                                  prior_answers=dev.prior_answers),
+        "feature_steering": lambda ts: label_probs(task, ts, saes, chosen, answers=sc.batches(ts),
+                                                   prior_answers=dev.prior_answers),
     }
 
 
@@ -402,7 +406,7 @@ def _subset(task, dev: _Dev, m: int, seed: int) -> _Dev:
     examples = [dev.examples[i] for i in idx]
     with torch.no_grad():
         answers = answer_batches(task.model, task.encode_all(e.text for e in examples))
-    return _Dev(examples, dev.y[idx], answers)
+    return _Dev(examples, dev.y[idx], answers, dev.prior_answers)
 
 
 def _mean_over_subsets(y: np.ndarray, preds: list[np.ndarray], k: int, boots: np.ndarray) -> dict:
@@ -475,7 +479,8 @@ def _dose_response(task: Task, dev: _Dev, saes, ranked, labels, n, cfg, progress
             for name, fs in (("target", feats[lab]), ("random", rand)):
                 if p is None or a != 0:  # at strength 0 both pushes are the same unsteered pass
                     ed = [Edit(layer=layer, feature=f, mode="add", value=float(a * unit[layer][f])) for layer, f in fs]
-                    p = label_probs(task, dev_texts, saes, ed, answers=dev_answers, steer_prior=False)
+                    p = label_probs(task, dev_texts, saes, ed, answers=dev_answers, steer_prior=False,
+                                    prior_answers=dev.prior_answers)
                 ok = np.isfinite(p).all(1) & other
                 row[f"{name}_pushed"] = float((p[ok].argmax(1) == e).mean()) if ok.any() else None
                 row[f"{name}_prob"] = float(p[ok, e].mean()) if ok.any() else None
