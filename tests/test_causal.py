@@ -182,3 +182,19 @@ def test_screen_check_flags_a_screen_that_misranks():
             assert c["spearman"]["value"] < 0 and c["top_recall"]["value"] == 0 and c["beats_best"]
         else:
             assert c["spearman"]["value"] == 1.0 and c["top_recall"]["value"] == 1.0 and not c["beats_best"]
+
+
+def test_label_scores_read_the_answer_residuals_of_the_same_forwards():
+    """score_ids(resid_layers=...) gives, beside unchanged scores, each prompt's answer-position residual,
+    equal to the answer passes' (prompts of unequal length sharing an instruction, sorted into batches)."""
+    from emoscope.interventions.answers import answer_resid
+    from emoscope.task.score import score_ids
+
+    view, _, prompts, tokens, _ = _setup(prefix="Name the feeling in this text: ")
+    labels = [[t] for t in tokens] + [[tokens[0], tokens[1]]]
+    scores, res = score_ids(view, prompts, labels, batch_size=4, resid_layers=[1, 3])
+    np.testing.assert_array_equal(scores, score_ids(view, prompts, labels, batch_size=4))
+    ref = {layer: torch.cat([r[layer] for r in answer_resid(view, prompts, [1, 3], tokens)]).numpy()
+           for layer in (1, 3)}
+    for layer in (1, 3):
+        np.testing.assert_allclose(res[layer], ref[layer], atol=1e-5)

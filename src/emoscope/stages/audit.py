@@ -31,10 +31,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..analysis.drift import auroc_or_none, derangement, jaccard_topk, phase_drift, retained, rowcorr
 from ..artifacts import config_hash
-from .. import distributed as dist
 from ..errors import EmoscopeError, validated
 from ..hooks import layer_of
-from ..interventions.answers import answer_batches, answer_resid, first_token_prior
+from ..interventions.answers import answer_batches, first_token_prior
 from ..interventions.effects import ablate
 from ..interventions.kv_cache import check_kv_cache, kv_cache_quantized
 from ..interventions.perturb import PRECISIONS, check_precision, perturb_text, precision_applied, template_variants
@@ -43,6 +42,7 @@ from ..models import ModelConfig, ModelView, load_model
 from ..quantization import SCHEMES as LIBRARY
 from ..task import Task, TaskConfig, calibrate
 from ..task.metrics import classification_metrics
+from ..task.score import score_ids
 from ..task.prompts import Template
 from .base import StageResult
 from .evaluate import EvalResult
@@ -246,14 +246,13 @@ def _checked_features(features: dict, labels: list[str], saes: dict) -> dict[str
 
 def _observe(task: Task, texts: list[str], saes: dict) -> dict:
     """Calibrated predictions and probabilities, and SAE codes at the answer position of every layer."""
-    logp = task.score(texts)
-    cal = calibrate.apply_prior(logp, task.log_prior())
     prompts = task.encode_all(texts)
+    # the label scores and every SAE layer's answer-position residual from the same forwards
+    logp, res = score_ids(task.model, prompts, task.label_ids, task.config.batch_size, resid_layers=list(saes))
+    cal = calibrate.apply_prior(logp, task.log_prior())
     with torch.no_grad():
-        parts = dist.gather(lambda: [{layer: sae.encode(res[layer]).cpu().numpy() for layer, sae in saes.items()}
-                                     for res in answer_resid(task.model, prompts, list(saes), task.label_tokens)])
-    codes = {layer: np.nan_to_num(np.concatenate([p[layer] for p in parts]), nan=0.0, posinf=0.0, neginf=0.0)
-             for layer in saes}
+        codes = {layer: np.nan_to_num(sae.encode(torch.from_numpy(res[layer]).to(sae.W_dec)).cpu().numpy(), nan=0.0,
+                                      posinf=0.0, neginf=0.0) for layer, sae in saes.items()}
     # a candidate can overflow (Gemma in float16 does): such rows count as maximally uncertain and wrong
     bad = ~np.isfinite(cal).all(1)
     cal = np.where(bad[:, None], -np.log(cal.shape[1]), cal)

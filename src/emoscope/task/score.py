@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import distributed as dist
+from ..hooks import HookPoint, record, resid
 from ..models import ModelView
 
 
@@ -31,8 +32,10 @@ def _common_prefix(seqs: list[list[int]]) -> int:
 
 @torch.no_grad()
 def score_ids(view: ModelView, prompts: list[list[int]], labels: list[list[int]], batch_size: int = 8,
-              progress=None) -> np.ndarray:
-    """[n_prompts, n_labels] summed log-probs of each label's tokens given each prompt's tokens."""
+              progress=None, resid_layers: list[int] = ()):
+    """[n_prompts, n_labels] summed log-probs of each label's tokens given each prompt's tokens. With
+    `resid_layers`, also the residual stream at each prompt's last token (the answer position) of those
+    layers, {layer: [n_prompts, d]} float32, read from the same forwards."""
     model, dev = view.model, view.device
     n_lab, max_lab = len(labels), max(len(lab) for lab in labels)
     P = _common_prefix(prompts)
@@ -41,6 +44,7 @@ def score_ids(view: ModelView, prompts: list[list[int]], labels: list[list[int]]
         out = model(input_ids=torch.tensor([prompts[0][:P]], device=dev), use_cache=True)
         prefix_cache = out.past_key_values
     result = np.zeros((len(prompts), n_lab), dtype=np.float64)
+    res = {layer: np.zeros((len(prompts), view.d_model), dtype=np.float32) for layer in resid_layers}
     first_tok = torch.tensor([lab[0] for lab in labels], device=dev)
     longest = max(len(p) for p in prompts) + max_lab
     batches = _batches([len(p) - P for p in prompts], batch_size, equal=longest > _sliding_window(model))
@@ -59,8 +63,11 @@ def score_ids(view: ModelView, prompts: list[list[int]], labels: list[list[int]]
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(B)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                    use_cache=max_lab > 1, logits_to_keep=1)
+        with record(view, [HookPoint(layer) for layer in resid_layers]) as acts:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                        use_cache=max_lab > 1, logits_to_keep=1)
+        for layer in resid_layers:  # suffixes are left-padded: every row's last token is its answer position
+            res[layer][rows] = acts[resid(layer)][:, -1].float().cpu().numpy()
         lp = torch.log_softmax(out.logits[:, -1].float(), -1)
         scores = lp[:, first_tok]  # [B, n_lab]
         if max_lab > 1:
@@ -69,7 +76,10 @@ def score_ids(view: ModelView, prompts: list[list[int]], labels: list[list[int]]
         if progress:
             progress(B)
     # each row was filled by exactly one rank (zeros elsewhere): the sum is exact
-    return dist.all_sum(torch.from_numpy(result)).numpy()
+    total = dist.all_sum(torch.from_numpy(result)).numpy()
+    if not resid_layers:
+        return total
+    return total, {layer: dist.all_sum(torch.from_numpy(r)).numpy() for layer, r in res.items()}
 
 
 def _sliding_window(model) -> int:
