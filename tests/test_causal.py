@@ -198,3 +198,16 @@ def test_label_scores_read_the_answer_residuals_of_the_same_forwards():
            for layer in (1, 3)}
     for layer in (1, 3):
         np.testing.assert_allclose(res[layer], ref[layer], atol=1e-5)
+
+
+def test_answer_residuals_from_prebuilt_batches_leave_their_caches_usable():
+    from emoscope.interventions.answers import answer_resid
+
+    view, _, prompts, tokens, _ = _setup(prefix="Name the feeling in this text: ")
+    fresh = [r[2] for r in answer_resid(view, prompts, [2], tokens)]
+    batches = answer_batches(view, prompts, 4)
+    lengths = [b.cache.get_seq_length() for b in batches]
+    for _ in range(2):  # a second read gives the same: the first did not consume the caches
+        reused = [r[2] for r in answer_resid(view, batches, [2], tokens)]
+        torch.testing.assert_close(torch.cat(reused), torch.cat(fresh), atol=1e-5, rtol=0)
+        assert [b.cache.get_seq_length() for b in batches] == lengths

@@ -59,10 +59,11 @@ def prompt_batches(view: ModelView, prompts: list[list[int]], batch_size: int = 
 def answer_resid(view: ModelView, prompts: list[list[int]], layers: list[int], tokens: list[int],
                  batch_size: int = BATCH):
     """Per batch of prompts (this rank's, see prompt_batches), the residual at each answer position of
-    every given layer: yields {layer: [B, d] float32}. Each batch's prefix cache lives only while its
-    batch runs."""
-    for b in _answer_batches(view, prompts, batch_size):
-        _, res = b.logits(view, tokens, layers, copy_cache=False)
+    every given layer: yields {layer: [B, d] float32}. `prompts` may be answer_batches() (their caches are
+    kept); otherwise each batch's prefix cache lives only while its batch runs."""
+    given = _given(prompts)
+    for b in prompts if given else _answer_batches(view, prompts, batch_size):
+        _, res = b.logits(view, tokens, layers, copy_cache=given)
         yield {layer: res[layer][at(res[layer], b.last)].float() for layer in layers}
 
 
@@ -110,9 +111,12 @@ def answer_batches(view: ModelView, prompts, batch_size: int = BATCH) -> list[An
     smallest sliding attention window run whole (left padding would shift the window); a list that
     already holds AnswerBatch objects is returned as it is. With several ranks, this rank's block of
     batches only (each keeps its global `start`)."""
-    if isinstance(prompts, AnswerBatches) or (prompts and isinstance(prompts[0], AnswerBatch)):
-        return prompts
-    return AnswerBatches(_answer_batches(view, prompts, batch_size))
+    return prompts if _given(prompts) else AnswerBatches(_answer_batches(view, prompts, batch_size))
+
+
+def _given(prompts) -> bool:
+    """Whether `prompts` already are answer batches (built once by the caller and reused)."""
+    return isinstance(prompts, AnswerBatches) or bool(prompts) and isinstance(prompts[0], AnswerBatch)
 
 
 def _answer_batches(view: ModelView, prompts: list[list[int]], batch_size: int):

@@ -37,8 +37,8 @@ from ..artifacts import config_hash
 from ..data import Example, load_split, select
 from .. import distributed as dist
 from ..errors import EmoscopeError, validated
-from ..hooks import at, layer_of, pad_batch
-from ..interventions.answers import answer_batches
+from ..hooks import layer_of, pad_batch
+from ..interventions.answers import answer_batches, answer_resid
 from ..interventions.edits import Edit, apply_edits
 from ..interventions.probe import ProbeSteer
 from ..interventions.steering import Steering, label_probs, load_steering, make_steering, save_steering
@@ -256,11 +256,8 @@ def _transfer(task, methods, labels, cfg, results) -> dict:
 def _resid(task: Task, answers, layers: list[int]) -> dict[int, np.ndarray]:
     """Residual stream at the answer position, [n, d] per requested layer, from prompts' cached answer
     passes (this rank's; gathered)."""
-    def one(b):
-        with torch.no_grad():
-            _, res = b.logits(task.model, task.label_tokens, layers)
-        return {layer: res[layer][at(res[layer], b.last)].float().cpu().numpy() for layer in layers}
-    parts = dist.gather(lambda: [one(b) for b in answers])
+    parts = dist.gather(lambda: [{layer: r[layer].cpu().numpy() for layer in layers}
+                                 for r in answer_resid(task.model, answers, layers, task.label_tokens)])
     return {layer: np.concatenate([p[layer] for p in parts]) for layer in layers}
 
 
