@@ -29,18 +29,23 @@ prefix passes barely slow down (the shared instruction runs once, only the texts
 
 
 def answer_logits(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, tokens: list[int],
-                  record_layers: list[int] = (), past=None, pos: torch.Tensor | None = None
+                  record_layers: list[int] = (), past=None, pos: torch.Tensor | None = None,
+                  sites: tuple[torch.Tensor, torch.Tensor] | None = None
                   ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Label first-token logits at each row's answer position `last` [n, K], and the residuals
-    [n, T, d] of the given layers (kept in the graph, for gradients). With `past` (a KV cache of the
-    tokens before `ids`, used up) and `pos` (their position ids), only `ids` run."""
+    """Label first-token logits at each row's answer position `last` [n, K] (or at `sites`, (rows,
+    positions) index tensors), and the residuals [n, T, d] of the given layers (kept in the graph, for
+    gradients). With `past` (a KV cache of the tokens before `ids`, used up) and `pos` (their position
+    ids), only `ids` run. `mask` is [n, T] or a boolean [n, 1, T, cached + T] (True: may attend)."""
+    if mask.dim() == 4:  # additive, as every attention implementation reads a custom 4D mask
+        mask = torch.zeros(mask.shape, dtype=view.model.dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(view.model.dtype).min)
     layers = sorted(set(record_layers) | {view.n_layers - 1})
     with record(view, [HookPoint(layer) for layer in layers], detach=False) as acts:
         # the base model, without the LM head: only the label tokens' logits are needed
         view.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
                               use_cache=past is not None)
     out = acts[resid(view.n_layers - 1)]
-    final = out[at(out, last)]
+    final = out[at(out, last) if sites is None else tuple(i.to(out.device) for i in sites)]
     logits = view.logits_from_resid(final, tokens).float()
     return logits, {layer: acts[resid(layer)] for layer in record_layers}
 
@@ -93,12 +98,28 @@ class AnswerBatch:
     pos: torch.Tensor | None = None  # position ids of ids, when cached
     cache: object | None = None
 
-    def logits(self, view: ModelView, tokens: list[int], record_layers: list[int] = (), copy_cache: bool = True):
+    def logits(self, view: ModelView, tokens: list[int], record_layers: list[int] = (), copy_cache: bool = True,
+               sites: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Label logits and recorded residuals of a pass over the answer tokens (the cache is copied, since a
-        pass appends to it, unless this is its last use)."""
+        pass appends to it, unless this is its last use); at `sites` (rows, positions) instead of each row's
+        answer position when given."""
         past = self.cache if self.cache is None or not copy_cache else copy.deepcopy(self.cache)
-        return answer_logits(view, self.ids, self.mask, self.last, tokens, record_layers, past, self.pos)
+        return answer_logits(view, self.ids, self.mask, self.last, tokens, record_layers, past, self.pos, sites)
 
+    def copies(self, n: int) -> tuple[AnswerBatch, tuple[torch.Tensor, torch.Tensor]]:
+        """The batch run n times in one pass, and the (row, position) where copy j of row r answers, at index
+        r * n + j. With a cache, each row gets its answer token n times at the same position, each copy
+        attending to its prompt and to itself only (a 4D mask), so the cache is not repeated; without one,
+        the rows are."""
+        B, dev = len(self.ids), self.ids.device
+        if self.cache is None:
+            rep = [t.repeat_interleave(n, 0) for t in (self.ids, self.mask, self.last)]
+            return AnswerBatch(self.start, *rep), (torch.arange(B * n, device=dev), rep[2])
+        L = self.mask.shape[1] - 1  # the cached tokens
+        see = torch.cat([self.mask[:, None, :L].bool().expand(B, n, L),
+                         torch.eye(n, dtype=torch.bool, device=dev).expand(B, n, n)], -1)[:, None]
+        sites = (torch.arange(B, device=dev).repeat_interleave(n), torch.arange(n, device=dev).repeat(B))
+        return AnswerBatch(self.start, self.ids.expand(B, n), see, self.last, self.pos.expand(B, n), self.cache), sites
 
 class AnswerBatches(list):
     """What answer_batches returns (this rank's batches, possibly none), recognised when passed back in."""

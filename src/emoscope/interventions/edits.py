@@ -84,3 +84,32 @@ def set_features(view, saes: dict, features: dict[int, list[int]], positions: to
                   value=0.0 if baseline is None else float(baseline[layer].reshape(-1)[f]))
              for layer, fs in features.items() for f in fs]
     return apply_edits(view, saes, edits, positions)
+
+
+@contextmanager
+def clamp_sites(view, saes: dict, sites: tuple[torch.Tensor, torch.Tensor], entries: dict[int, tuple[torch.Tensor,
+                torch.Tensor]], baseline: dict[int, torch.Tensor] | None = None):
+    """Context manager: after each listed block, at the (row, position) pairs `sites`, set feature cols[i] at
+    site idx[i] to the baseline (zero when none), keeping the error term, where entries[layer] = (idx,
+    cols): every site of one pass may get its own ablation (set_features gives every row the same)."""
+    handles = []
+    for layer, (idx, cols) in entries.items():
+        sae = saes[layer]
+        idx, cols = idx.to(sae.W_dec.device), cols.to(sae.W_dec.device)
+        new = 0.0 if baseline is None else baseline[layer].reshape(-1).to(sae.W_dec.device)[cols]
+
+        def hook(mod, inp, out, sae=sae, idx=idx, cols=cols, new=new):
+            t = out[0] if isinstance(out, tuple) else out
+            where = tuple(i.to(t.device) for i in sites)
+            x = t[where].to(sae.W_dec.device, torch.float32)
+            change = (new - sae.encode(x)[idx, cols])[:, None] * sae.W_dec[cols]
+            delta = torch.zeros_like(x).index_add_(0, idx, change) * sae.out_scale(x)
+            t = t.clone()
+            t[where] += delta.to(t.device, t.dtype)
+            return (t,) + tuple(out[1:]) if isinstance(out, tuple) else t
+        handles.append(hook_module(view, HookPoint(layer)).register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -18,9 +18,11 @@ from .. import profiling
 from ..hooks import at
 from ..models import ModelView
 from .answers import BATCH, answer_batches
-from .edits import set_features
+from .edits import clamp_sites, set_features
 
 MARGINS = ("best_other", "all_others")
+ROWS = 256
+"""Copies of a prompt's answer token in one pass of ablate_each, over all rows of a batch."""
 
 
 def margin(label_logp: torch.Tensor, gold: torch.Tensor, log_prior: torch.Tensor | None = None,
@@ -91,3 +93,37 @@ def ablate(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarr
         return margin(logits, g, log_prior, kind).cpu().numpy()
 
     return dist.concat(dist.gather(lambda: [one(b) for b in answer_batches(view, prompts, batch_size)]))
+
+
+@torch.no_grad()
+def ablate_each(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarray, tokens: list[int],
+                sets: list[dict[int, list[int]]], log_prior: torch.Tensor | None = None,
+                baseline: dict[int, torch.Tensor] | None = None, batch_size: int = BATCH, kind: str = "best_other",
+                rows: int = ROWS) -> np.ndarray:
+    """ablate() once per feature set in `sets`, several sets per pass: margins [len(sets), n]. Each answer
+    batch runs repeated once per set of a group (up to `rows` rows a pass), every copy with its own set
+    ablated; the same margins as one ablate() per set, to float round-off."""
+    def one(b):
+        g = torch.as_tensor(gold[b.start:b.start + len(b.ids)], device=view.device)
+        step = max(1, rows // len(b.ids))
+        return np.concatenate([_ablate_group(view, saes, b, g, tokens, sets[i:i + step], log_prior, baseline, kind)
+                               for i in range(0, len(sets), step)]) if sets else np.zeros((0, len(b.ids)))
+
+    parts = dist.gather(lambda: [one(b) for b in answer_batches(view, prompts, batch_size)])
+    return np.concatenate(parts, axis=1) if parts else np.zeros((len(sets), 0))
+
+
+def _ablate_group(view, saes, b, g, tokens, group, log_prior, baseline, kind) -> np.ndarray:
+    """Margins [len(group), B] of one answer batch with each set of the group ablated in its own copy."""
+    n = len(group)
+    entries: dict[int, tuple[list[int], list[int]]] = {}
+    for j, feats in enumerate(group):
+        for layer, fs in feats.items():
+            for r in range(len(b.ids)):
+                entries.setdefault(layer, ([], []))[0].extend([r * n + j] * len(fs))
+                entries[layer][1].extend(int(f) for f in fs)
+    rep, sites = b.copies(n)
+    entries = {layer: (torch.tensor(i), torch.tensor(c)) for layer, (i, c) in entries.items()}
+    with clamp_sites(view, saes, sites, entries, baseline):
+        logits, _ = rep.logits(view, tokens, sites=sites)
+    return margin(logits, g.repeat_interleave(n), log_prior, kind).reshape(len(b.ids), n).T.cpu().numpy()
