@@ -37,7 +37,7 @@ from .. import distributed as dist
 from ..errors import validated
 from ..hooks import layer_of
 from ..interventions.answers import answer_batches, answer_resid, first_token_prior
-from ..interventions.effects import ablate, attribution
+from ..interventions.effects import ablate_each, attribution
 from ..sae.cards import card_key, feature_cards
 from ..task import Task
 from .base import StageResult
@@ -117,8 +117,9 @@ class _Tracer:
     rng: np.random.Generator
     check_rng: np.random.Generator  # the screen check's own draws: the others stay as they were without it
 
-    def ablate(self, prompts, gold, features) -> np.ndarray:
-        return ablate(self.task.model, self.saes, prompts, gold, features=features, **self.ctx)
+    def ablate_each(self, prompts, gold, sets) -> np.ndarray:
+        """ablate() for each feature set, [len(sets), n], several sets per pass."""
+        return ablate_each(self.task.model, self.saes, prompts, gold, sets=sets, **self.ctx)
 
     def attribution(self, prompts, gold):
         return attribution(self.task.model, self.saes, prompts, gold, **self.ctx)
@@ -185,17 +186,14 @@ def _validate_phase(tr: _Tracer, prompts, gold, clean, attr, est, layers) -> dic
     cand = sorted(((est[layer][f], layer, int(f)) for layer in layers
                    for f in np.argsort(-est[layer])[:cfg.candidates]),
                   reverse=True)[:cfg.candidates]
-    exact = []
-    for a, layer, f in cand:
-        m = tr.ablate(prompts, gold, {layer: [f]})
-        exact.append({"layer": layer, "feature": f, "attribution": float(a),
-                      "effect": mean_ci(clean - m, tr.rng, cfg.n_boot)})
+    margins = tr.ablate_each(prompts, gold, [{layer: [f]} for _, layer, f in cand])
+    exact = [{"layer": layer, "feature": f, "attribution": float(a), "effect": mean_ci(clean - m, tr.rng, cfg.n_boot)}
+             for (a, layer, f), m in zip(cand, margins)]
     exact.sort(key=lambda r: -r["effect"]["value"])
     rho = (spearmanr([r["attribution"] for r in exact], [r["effect"]["value"] for r in exact]).statistic
            if len(exact) > 2 else float("nan"))
-    chosen, need = _greedy_sets(tr, prompts, gold, exact, clean)
+    chosen, need, joint = _greedy_sets(tr, prompts, gold, exact, clean)
     control = _random_control(tr, prompts, gold, clean, attr, layers, max(len(chosen), 1))
-    joint = float((clean - tr.ablate(prompts, gold, _group(chosen))).mean()) if chosen else 0.0
     out = {"layers": layers, "features": exact, "rank_correlation": float(rho),
            "n_for_50": need[0.5], "n_for_80": need[0.8], "set": chosen, "set_effect": joint,
            **concentration([r["effect"]["value"] for r in exact]),
@@ -217,8 +215,8 @@ def _screen_check(tr: _Tracer, prompts, gold, clean, attr, est, layers, exact) -
     if not live or not exact:
         return None
     pick = [live[i] for i in tr.check_rng.choice(len(live), min(tr.cfg.screen_check, len(live)), replace=False)]
-    sampled = [(float(est[layer][f]), float((clean - tr.ablate(prompts, gold, {layer: [f]})).mean()), layer, f)
-               for layer, f in pick]
+    margins = tr.ablate_each(prompts, gold, [{layer: [f]} for layer, f in pick])
+    sampled = [(float(est[layer][f]), float((clean - m).mean()), layer, f) for (layer, f), m in zip(pick, margins)]
     att = np.array([r["attribution"] for r in exact] + [s[0] for s in sampled])
     eff = np.array([r["effect"]["value"] for r in exact] + [s[1] for s in sampled])
     screened = np.arange(len(att)) < len(exact)
@@ -248,13 +246,9 @@ def _random_control(tr: _Tracer, prompts, gold, clean, attr, layers, size: int) 
     and drawing them would make any set look special."""
     cfg = tr.cfg
     live = [(layer, int(f)) for layer in layers for f in np.flatnonzero(np.abs(attr[layer]).sum(0) > 0)]
-    rand = []
-    for _ in range(cfg.n_random if live else 0):
-        feats = {}
-        for i in tr.rng.choice(len(live), min(size, len(live)), replace=False):
-            feats.setdefault(live[i][0], []).append(live[i][1])
-        rand.append(float((clean - tr.ablate(prompts, gold, feats)).mean()))
-    rand = rand or [0.0]
+    sets = [_group([live[i] for i in tr.rng.choice(len(live), min(size, len(live)), replace=False)])
+            for _ in range(cfg.n_random if live else 0)]
+    rand = [float((clean - m).mean()) for m in tr.ablate_each(prompts, gold, sets)] or [0.0]
     return {"size": size, "mean": float(np.mean(rand)), "lo": float(np.percentile(rand, 2.5)),
             "hi": float(np.percentile(rand, 97.5)), "n": cfg.n_random if live else 0, "pool": len(live),
             "drawn_from": "features with nonzero attribution in the phase's layers"}
@@ -268,24 +262,22 @@ def _group(feats: list[list[int]]) -> dict[int, list[int]]:
 
 
 def _greedy_sets(tr: _Tracer, prompts, gold, exact, clean):
-    """Add validated features in order of exact effect; the first sizes whose joint ablation removes
-    50% and 80% of the mean clean margin (None when the candidates never get there)."""
+    """Add validated features in order of exact effect (positive ones); the first sizes whose joint
+    ablation removes 50% and 80% of the mean clean margin (None when the candidates never get there), the
+    features up to the 80% set (or all), and the mean margin drop when they are ablated together."""
     need = {0.5: None, 0.8: None}
-    chosen: list[list[int]] = []
     base = clean.mean()
-    if base <= 0:
-        return chosen, need
-    for r in exact:
-        if r["effect"]["value"] <= 0:
-            break
-        chosen.append([r["layer"], r["feature"]])
-        removed = (base - tr.ablate(prompts, gold, _group(chosen)).mean()) / base
+    order = [[r["layer"], r["feature"]] for r in exact if r["effect"]["value"] > 0] if base > 0 else []
+    if not order:
+        return [], need, 0.0
+    drops = base - tr.ablate_each(prompts, gold, [_group(order[:k]) for k in range(1, len(order) + 1)]).mean(1)
+    for k, removed in enumerate(drops / base, 1):
         for q in need:
             if need[q] is None and removed >= q:
-                need[q] = len(chosen)
+                need[q] = k
         if need[0.8] is not None:
             break
-    return chosen, need
+    return order[:k], need, float(drops[k - 1])
 
 
 def _shuffled_screen(tr: _Tracer, pool, labels, lab, n, phase_of) -> dict[str, float]:
@@ -313,9 +305,9 @@ def _cross(tr: _Tracer, pool, labels, sets) -> dict:
             continue
         prompts = answer_batches(tr.task.model, tr.task.encode_all(rows.text))
         gold = np.full(len(rows), b)
-        clean = tr.ablate(prompts, gold, {})
-        for a in out:
-            out[a][lab] = mean_ci(tr.ablate(prompts, gold, _group(sets[a])) - clean, rng, tr.cfg.n_boot)
+        clean, *ablated = tr.ablate_each(prompts, gold, [{}] + [_group(sets[a]) for a in out])
+        for a, m in zip(out, ablated):
+            out[a][lab] = mean_ci(m - clean, rng, tr.cfg.n_boot)
     return {"cross_effects": {a: {b: e["value"] for b, e in row.items()} for a, row in out.items()},
             "cross_effects_ci": out}
 
