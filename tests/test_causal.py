@@ -174,6 +174,33 @@ def test_many_ablations_in_one_pass_equal_one_pass_each(arch, window, prefix):
     assert ablate_each(view, saes, batches, gold, tokens, []).shape == (0, len(prompts))
 
 
+def test_exact_screen_ranks_by_each_features_own_ablation():
+    """screen: exact gives every feature its exact margin drop (zero where it equals the baseline on every
+    example), and the phase validates the true top candidates, which the attribution screen need not pick."""
+    from types import SimpleNamespace
+    from emoscope.stages.trace import TraceConfig, _exact_screen, _Tracer, _validate_phase
+    view, saes, prompts, tokens, gold = _setup(seed=2)
+    batches = answer_batches(view, prompts, 4)
+    attr, clean = attribution(view, saes, batches, gold, tokens)
+    cfg = TraceConfig(screen="exact", candidates=3, n_random=2, n_boot=50)
+    tr = _Tracer(SimpleNamespace(model=view), saes, cfg, {"tokens": tokens, "log_prior": None, "baseline": None,
+                                                          "kind": "best_other"},
+                 np.random.default_rng(0), np.random.default_rng(1))
+    rank = _exact_screen(tr, batches, gold, clean, attr)
+    for layer in saes:
+        dead = np.abs(attr[layer]).sum(0) == 0
+        assert 0 < dead.sum() < 64 and (rank[layer][dead] == 0).all()
+        for f in list(np.flatnonzero(~dead)[:6]) + list(np.flatnonzero(dead)[:2]):
+            drop = (clean - ablate(view, saes, batches, gold, tokens, {layer: [int(f)]})).mean()
+            assert abs(rank[layer][f] - drop) < 1e-5
+    est = {layer: -a.mean(0) for layer, a in attr.items()}
+    out = _validate_phase(tr, batches, gold, clean, attr, est, [1, 2], rank)
+    top = sorted(((rank[la][f], la, f) for la in (1, 2) for f in range(64)), reverse=True)[:3]
+    assert {(r["layer"], r["feature"]) for r in out["features"]} == {(la, f) for _, la, f in top}
+    assert all(r["attribution"] == est[r["layer"]][r["feature"]] for r in out["features"])
+    assert "screen_check" not in out and out["top_attribution"] == max(est[1].max(), est[2].max())
+
+
 def test_screen_check_flags_a_screen_that_misranks():
     """Planted effects: a screen whose estimates follow the exact effects passes; a reversed one is flagged,
     and the strong feature it missed is reported."""
@@ -186,9 +213,8 @@ def test_screen_check_flags_a_screen_that_misranks():
         cfg = TraceConfig(screen_check=10)
         check_rng = np.random.default_rng(0)
 
-        def ablate(self, prompts, gold, features):
-            (layer, fs), = features.items()
-            return np.full(4, 100.0) - effects[(layer, fs[0])]
+        def ablate_each(self, prompts, gold, sets):
+            return np.stack([np.full(4, 100.0) - effects[(layer, fs[0])] for s in sets for layer, fs in s.items()])
 
     clean = np.full(4, 100.0)
     for sign, flagged in ((1.0, False), (-1.0, True)):

@@ -173,4 +173,4 @@ def print_trace(res: dict) -> None:
     from .tables import weak_screens
     if weak_screens(res):
         err.print(f"attribution screen flagged ({', '.join(weak_screens(res))}): validate more candidates "
-                  "(trace.candidates) or train better SAEs", markup=False)
+                  "(trace.candidates), rank by exact ablation (trace.screen: exact) or train better SAEs", markup=False)

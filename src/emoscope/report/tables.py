@@ -76,8 +76,8 @@ def trace(run_dir: Path) -> str:
     weak = weak_screens(r)
     if weak:
         out += ["", f"Attribution screen flagged ({', '.join(weak)}): its ranking disagrees with exact ablation or "
-                "a sampled feature beats every validated one; validate more candidates (trace.candidates) or "
-                "train better SAEs before reading the causal sets."]
+                "a sampled feature beats every validated one; validate more candidates (trace.candidates), rank "
+                "by exact ablation (trace.screen: exact) or train better SAEs before reading the causal sets."]
     multi = {lab: t for lab, t in r.get("label_first_tokens", {}).items() if t["n_tokens"] > 1}
     if multi:
         out += ["", "Margins read the labels' first tokens; these labels have more, so their margin is a proxy: " +

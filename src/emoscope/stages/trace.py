@@ -3,7 +3,8 @@
 `trace(task, saes, evaluation, phases)` returns a `TraceResult`.
 
 For each emotion, on the examples of that emotion (correctly classified by default):
-1. screen every feature of every SAE layer with attribution patching (one backward pass per batch);
+1. screen every feature of every SAE layer with attribution patching (one backward pass per batch), or
+   with `screen: exact`, by ablating every feature active on the traced examples exactly (many per pass);
 2. within each phase, validate the top candidates with exact single-feature ablation at the answer
    position (SAE error term kept), with bootstrap intervals over examples, and report the rank
    correlation between attribution and exact effects;
@@ -56,6 +57,10 @@ class TraceConfig(BaseModel):
     """Traced metric: calibrated log-prob of gold minus the best other label, or log-odds of gold against all others."""
     baseline: str = Field("zero", pattern="^(zero|mean)$")
     """Ablation value: zero, or the feature's mean over all examples."""
+    screen: str = Field("attribution", pattern="^(attribution|exact)$")
+    """How features are ranked before validation: `attribution` (first order, one backward pass per batch) or
+    `exact` (every feature active on the traced examples ablated alone, many per pass: slower, and right where
+    first order is not, e.g. where the screen check flags the attribution screen)."""
     candidates: int = Field(8, ge=1)
     """Top attribution candidates validated exactly per emotion and phase."""
     n_random: int = Field(20, ge=1)
@@ -66,7 +71,7 @@ class TraceConfig(BaseModel):
     """Seed for random controls, shuffles and the bootstrap."""
     screen_check: int = Field(8, ge=0)
     """Random features with nonzero attribution per emotion and phase, ablated exactly beside the validated
-    candidates to measure how well the attribution screen ranks effects (0: skip)."""
+    candidates to measure how well the attribution screen ranks effects (0: skip; not run with `screen: exact`)."""
     min_screen_agreement: float = Field(0.5, ge=-1, le=1)
     """A screen whose attribution-vs-exact Spearman is below this, or that a sampled feature beats, is flagged."""
 
@@ -166,11 +171,12 @@ def _trace_emotion(tr: _Tracer, rows, e, lab, pool, labels, phase_of, n_phases, 
     gold = np.full(len(rows), e)
     attr, clean = tr.attribution(prompts, gold)
     est = {layer: -a.mean(0) for layer, a in attr.items()}  # estimated margin drop when ablated
+    rank = est if cfg.screen == "attribution" else _exact_screen(tr, prompts, gold, clean, attr)
     res = {"n": len(rows), "clean_margin": mean_ci(clean, tr.rng, cfg.n_boot), "phases": {}}
     shuffled = _shuffled_screen(tr, pool, labels, lab, len(rows), phase_of)
     for p in range(n_phases):
         layers = [layer for layer in tr.saes if phase_of[layer] == p]
-        res["phases"][str(p)] = _validate_phase(tr, prompts, gold, clean, attr, est, layers)
+        res["phases"][str(p)] = _validate_phase(tr, prompts, gold, clean, attr, est, layers, rank)
         res["phases"][str(p)]["shuffled_label_top_attribution"] = shuffled.get(str(p))
         sets.setdefault(lab, []).extend(res["phases"][str(p)]["set"])
         if progress:
@@ -180,15 +186,16 @@ def _trace_emotion(tr: _Tracer, rows, e, lab, pool, labels, phase_of, n_phases, 
     return res
 
 
-def _validate_phase(tr: _Tracer, prompts, gold, clean, attr, est, layers) -> dict:
-    """Exact effects of the phase's top attribution candidates, the greedy sets, and the random control."""
+def _validate_phase(tr: _Tracer, prompts, gold, clean, attr, est, layers, rank) -> dict:
+    """Exact effects of the phase's top screen candidates (by `rank`: the attribution estimates `est`, or
+    exact effects), the greedy sets, and the random control."""
     cfg = tr.cfg
-    cand = sorted(((est[layer][f], layer, int(f)) for layer in layers
-                   for f in np.argsort(-est[layer])[:cfg.candidates]),
+    cand = sorted(((rank[layer][f], layer, int(f)) for layer in layers
+                   for f in np.argsort(-rank[layer])[:cfg.candidates]),
                   reverse=True)[:cfg.candidates]
     margins = tr.ablate_each(prompts, gold, [{layer: [f]} for _, layer, f in cand])
-    exact = [{"layer": layer, "feature": f, "attribution": float(a), "effect": mean_ci(clean - m, tr.rng, cfg.n_boot)}
-             for (a, layer, f), m in zip(cand, margins)]
+    exact = [{"layer": layer, "feature": f, "attribution": float(est[layer][f]),
+              "effect": mean_ci(clean - m, tr.rng, cfg.n_boot)} for (_, layer, f), m in zip(cand, margins)]
     exact.sort(key=lambda r: -r["effect"]["value"])
     rho = (spearmanr([r["attribution"] for r in exact], [r["effect"]["value"] for r in exact]).statistic
            if len(exact) > 2 else float("nan"))
@@ -197,9 +204,21 @@ def _validate_phase(tr: _Tracer, prompts, gold, clean, attr, est, layers) -> dic
     out = {"layers": layers, "features": exact, "rank_correlation": float(rho),
            "n_for_50": need[0.5], "n_for_80": need[0.8], "set": chosen, "set_effect": joint,
            **concentration([r["effect"]["value"] for r in exact]),
-           "random_control": control, "top_attribution": float(cand[0][0]) if cand else None}
-    if tr.cfg.screen_check:
+           "random_control": control, "top_attribution": max(float(est[layer].max()) for layer in layers) if cand
+           else None}
+    if tr.cfg.screen_check and tr.cfg.screen == "attribution":
         out["screen_check"] = _screen_check(tr, prompts, gold, clean, attr, est, layers, exact)
+    return out
+
+
+def _exact_screen(tr: _Tracer, prompts, gold, clean, attr) -> dict[int, np.ndarray]:
+    """Every feature's exact mean margin drop when set to the baseline alone: by ablate_each for those with
+    nonzero attribution (unequal to the baseline on some traced example), exactly zero for the others."""
+    live = [(layer, int(f)) for layer in attr for f in np.flatnonzero(np.abs(attr[layer]).sum(0) > 0)]
+    drops = (clean - tr.ablate_each(prompts, gold, [{layer: [f]} for layer, f in live])).mean(1)
+    out = {layer: np.zeros(a.shape[1]) for layer, a in attr.items()}
+    for (layer, f), d in zip(live, drops):
+        out[layer][f] = d
     return out
 
 
