@@ -44,7 +44,7 @@ def apply_edits(view, saes: dict, edits: list[Edit], positions: torch.Tensor | N
     by_layer: dict[int, list[Edit]] = {}
     for e in edits:
         by_layer.setdefault(e.layer, []).append(e)
-    handles = []
+    hooks = {}
     for layer, es in by_layer.items():
         sae = saes[layer]
         idx = torch.tensor([e.feature for e in es], device=sae.W_dec.device)
@@ -67,13 +67,10 @@ def apply_edits(view, saes: dict, edits: list[Edit], positions: torch.Tensor | N
                 t = t + delta
             else:
                 t[at(t, positions)] += delta
-            return (t,) + tuple(out[1:]) if isinstance(out, tuple) else t
-        handles.append(hook_module(view, HookPoint(layer)).register_forward_hook(hook))
-    try:
+            return _replaced(out, t)
+        hooks[layer] = hook
+    with _forward_hooks(view, hooks):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def set_features(view, saes: dict, features: dict[int, list[int]], positions: torch.Tensor,
@@ -92,7 +89,7 @@ def clamp_sites(view, saes: dict, sites: tuple[torch.Tensor, torch.Tensor], entr
     """Context manager: after each listed block, at the (row, position) pairs `sites`, set feature cols[i] at
     site idx[i] to the baseline (zero when none), keeping the error term, where entries[layer] = (idx,
     cols): every site of one pass may get its own ablation (set_features gives every row the same)."""
-    handles = []
+    hooks = {}
     for layer, (idx, cols) in entries.items():
         sae = saes[layer]
         idx, cols = idx.to(sae.W_dec.device), cols.to(sae.W_dec.device)
@@ -106,10 +103,23 @@ def clamp_sites(view, saes: dict, sites: tuple[torch.Tensor, torch.Tensor], entr
             delta = torch.zeros_like(x).index_add_(0, idx, change) * sae.out_scale(x)
             t = t.clone()
             t[where] += delta.to(t.device, t.dtype)
-            return (t,) + tuple(out[1:]) if isinstance(out, tuple) else t
-        handles.append(hook_module(view, HookPoint(layer)).register_forward_hook(hook))
+            return _replaced(out, t)
+        hooks[layer] = hook
+    with _forward_hooks(view, hooks):
+        yield
+
+
+@contextmanager
+def _forward_hooks(view, hooks: dict):
+    """Each hook registered after its layer's block while the context lasts."""
+    handles = [hook_module(view, HookPoint(layer)).register_forward_hook(fn) for layer, fn in hooks.items()]
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _replaced(out, t: torch.Tensor):
+    """A block's output with its hidden states replaced by t."""
+    return (t,) + tuple(out[1:]) if isinstance(out, tuple) else t
