@@ -158,16 +158,17 @@ def test_cached_answer_passes_equal_whole_prompt_passes(arch, window, prefix):
 def test_many_ablations_in_one_pass_equal_one_pass_each(arch, window, prefix):
     """ablate_each runs several feature sets per pass (copies of each answer token that attend to their
     prompt and themselves only; rows repeated where prompts run whole) and gives each set's ablate() margins:
-    single features, several layers, the empty set, a mean baseline, both margins, groups cut by `rows`."""
+    single features, several layers, the empty set, a mean baseline, both margins, groups cut by `pass_tokens`."""
     kw = {"sliding_window": window} if window else {}
     view, saes, prompts, tokens, gold = _setup(arch=arch, prefix=prefix, **kw)
     batches = answer_batches(view, prompts, 4)
     assert all(b.cache is None for b in batches) == (window == 8)
     sets = [{1: [f]} for f in range(0, 64, 7)] + [{}, {1: [0, 3, 5], 2: [1, 2]}, {2: [9]}]
     base = {layer: torch.rand(1, 64, generator=torch.Generator().manual_seed(layer)) for layer in saes}
-    for kind, baseline, rows in (("best_other", None, 256), ("all_others", base, 9)):
+    for kind, baseline, pass_tokens in (("best_other", None, 10_000), ("all_others", base, 9)):
         one = np.stack([ablate(view, saes, batches, gold, tokens, s, baseline=baseline, kind=kind) for s in sets])
-        each = ablate_each(view, saes, batches, gold, tokens, sets, baseline=baseline, kind=kind, rows=rows)
+        each = ablate_each(view, saes, batches, gold, tokens, sets, baseline=baseline, kind=kind,
+                           pass_tokens=pass_tokens)
         assert each.shape == (len(sets), len(prompts))
         np.testing.assert_allclose(each, one, atol=1e-5)
         assert np.abs(one - one[len(sets) - 3]).max() > 1e-2  # the sets do change the margins

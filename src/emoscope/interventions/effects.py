@@ -21,8 +21,9 @@ from .answers import BATCH, answer_batches
 from .edits import clamp_sites, set_features
 
 MARGINS = ("best_other", "all_others")
-ROWS = 256
-"""Copies of a prompt's answer token in one pass of ablate_each, over all rows of a batch."""
+PASS_TOKENS = 256
+"""Tokens one pass of ablate_each runs (copies of each cached prompt's answer token, or whole prompts): an
+answer-token pass over 256 tokens took 340 ms and one over 8 took 46 ms (Gemma-3-270M, 2-core CPU)."""
 
 
 def margin(label_logp: torch.Tensor, gold: torch.Tensor, log_prior: torch.Tensor | None = None,
@@ -99,13 +100,13 @@ def ablate(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarr
 def ablate_each(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarray, tokens: list[int],
                 sets: list[dict[int, list[int]]], log_prior: torch.Tensor | None = None,
                 baseline: dict[int, torch.Tensor] | None = None, batch_size: int = BATCH, kind: str = "best_other",
-                rows: int = ROWS) -> np.ndarray:
+                pass_tokens: int = PASS_TOKENS) -> np.ndarray:
     """ablate() once per feature set in `sets`, several sets per pass: margins [len(sets), n]. Each answer
-    batch runs repeated once per set of a group (up to `rows` rows a pass), every copy with its own set
-    ablated; the same margins as one ablate() per set, to float round-off."""
+    batch runs copied once per set of a group (as many copies as fit in `pass_tokens` tokens a pass), every
+    copy with its own set ablated; the same margins as one ablate() per set, to float round-off."""
     def one(b):
         g = torch.as_tensor(gold[b.start:b.start + len(b.ids)], device=view.device)
-        step = max(1, rows // len(b.ids))
+        step = max(1, pass_tokens // b.ids.numel())
         return np.concatenate([_ablate_group(view, saes, b, g, tokens, sets[i:i + step], log_prior, baseline, kind)
                                for i in range(0, len(sets), step)]) if sets else np.zeros((0, len(b.ids)))
 
