@@ -171,6 +171,12 @@ def test_many_ablations_in_one_pass_equal_one_pass_each(arch, window, prefix):
                            pass_tokens=pass_tokens)
         assert each.shape == (len(sets), len(prompts))
         np.testing.assert_allclose(each, one, atol=1e-5)
+        copied = [b.copies(3, masked=False) for b in batches]  # the path for flash attention: rows repeated
+        with torch.no_grad():
+            g3 = torch.as_tensor(gold).repeat_interleave(3)
+            rep = np.concatenate([margin(c.logits(view, tokens, sites=st)[0], g3[c.start * 3:c.start * 3 + len(c.ids)],
+                                         kind=kind).numpy() for c, st in copied])
+        np.testing.assert_allclose(rep.reshape(-1, 3), np.repeat(one[len(sets) - 3][:, None], 3, 1), atol=1e-5)
         assert np.abs(one - one[len(sets) - 3]).max() > 1e-2  # the sets do change the margins
     assert ablate_each(view, saes, batches, gold, tokens, []).shape == (0, len(prompts))
 

@@ -106,15 +106,18 @@ class AnswerBatch:
         past = self.cache if self.cache is None or not copy_cache else copy.deepcopy(self.cache)
         return answer_logits(view, self.ids, self.mask, self.last, tokens, record_layers, past, self.pos, sites)
 
-    def copies(self, n: int) -> tuple[AnswerBatch, tuple[torch.Tensor, torch.Tensor]]:
+    def copies(self, n: int, masked: bool = True) -> tuple[AnswerBatch, tuple[torch.Tensor, torch.Tensor]]:
         """The batch run n times in one pass, and the (row, position) where copy j of row r answers, at index
-        r * n + j. With a cache, each row gets its answer token n times at the same position, each copy
-        attending to its prompt and to itself only (a 4D mask), so the cache is not repeated; without one,
-        the rows are."""
+        r * n + j. With a cache and `masked`, each row gets its answer token n times at the same position, each
+        copy attending to its prompt and to itself only (a 4D mask), so the cache is not repeated; otherwise
+        the rows (and their cache) are."""
         B, dev = len(self.ids), self.ids.device
-        if self.cache is None:
-            rep = [t.repeat_interleave(n, 0) for t in (self.ids, self.mask, self.last)]
-            return AnswerBatch(self.start, *rep), (torch.arange(B * n, device=dev), rep[2])
+        if self.cache is None or not masked:
+            rep = [None if t is None else t.repeat_interleave(n, 0) for t in (self.ids, self.mask, self.last, self.pos)]
+            cache = None if self.cache is None else copy.deepcopy(self.cache)
+            if cache is not None:
+                cache.batch_repeat_interleave(n)
+            return AnswerBatch(self.start, *rep, cache), (torch.arange(B * n, device=dev), rep[2])
         L = self.mask.shape[1] - 1  # the cached tokens
         see = torch.cat([self.mask[:, None, :L].bool().expand(B, n, L),
                          torch.eye(n, dtype=torch.bool, device=dev).expand(B, n, n)], -1)[:, None]

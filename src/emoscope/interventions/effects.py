@@ -123,7 +123,8 @@ def _ablate_group(view, saes, b, g, tokens, group, log_prior, baseline, kind) ->
             for r in range(len(b.ids)):
                 entries.setdefault(layer, ([], []))[0].extend([r * n + j] * len(fs))
                 entries[layer][1].extend(int(f) for f in fs)
-    rep, sites = b.copies(n)
+    # flash and flex attention take no custom 4D mask: there the copies repeat the cache
+    rep, sites = b.copies(n, masked=not view.model.config._attn_implementation.startswith(("flash", "flex")))
     entries = {layer: (torch.tensor(i), torch.tensor(c)) for layer, (i, c) in entries.items()}
     with clamp_sites(view, saes, sites, entries, baseline):
         logits, _ = rep.logits(view, tokens, sites=sites)
