@@ -168,6 +168,16 @@ def test_trace_stage_on_tiny_model(tmp_path, tiny_dir, toy_data, shared_data):
     assert set(exported) == set(cards)
     batch = json.loads((tmp_path / "run" / "cards" / "blocks.3.hook_resid_post.json").read_text())
     assert {f["feature_index"] for f in batch["features"]} == {c["feature"] for c in cards.values() if c["layer"] == 3}
+    # screen: exact reruns the trace stage alone; no screen check there, and the report says how it ranked
+    cfg.trace = cfg.trace.model_validate({**cfg.trace.model_dump(), "screen": "exact"})
+    logs = []
+    run(cfg, log=logs.append)
+    assert "stage trace: running" in logs and "stage phases: up to date, skipped" in logs
+    ex = json.loads((tmp_path / "run" / "trace" / "result.json").read_text())
+    assert ex["config"]["screen"] == "exact" and all("screen_check" not in p for e in ex["emotions"].values()
+                                                     for p in e["phases"].values())
+    assert "(trace.screen: exact)" in trace_table(tmp_path / "run")
+    assert "<code>trace.screen: exact</code>): the screen check" in (tmp_path / "run" / "report.html").read_text()
     cfg.stages.append("steer")
     cfg.steer = cfg.steer.model_validate({"dev_per_class": 3, "features_per_emotion": [1], "strengths": [2.0],
                                           "transfer": ["isear"], "transfer_per_class": 2, "ppl_seqs": 2, "n_boot": 100,

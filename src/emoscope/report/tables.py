@@ -73,6 +73,8 @@ def trace(run_dir: Path) -> str:
                        f"{names[e['strongest_phase']]} | {screen(ph.get('screen_check'))} |")
     for lab, why in r["skipped"].items():
         out.append(f"| {lab} | skipped: {why} |")
+    if r["config"].get("screen") == "exact":
+        out += ["", "Candidates ranked by exact ablation of every active feature (trace.screen: exact)."]
     weak = weak_screens(r)
     if weak:
         out += ["", f"Attribution screen flagged ({', '.join(weak)}): its ranking disagrees with exact ablation or "
