@@ -62,7 +62,7 @@ class TraceConfig(BaseModel):
     `exact` (every feature active on the traced examples ablated alone, many per pass: slower, and right where
     first order is not, e.g. where the screen check flags the attribution screen)."""
     candidates: int = Field(8, ge=1)
-    """Top attribution candidates validated exactly per emotion and phase."""
+    """Top screen candidates validated exactly per emotion and phase."""
     n_random: int = Field(20, ge=1)
     """Random feature sets in the control."""
     n_boot: int = Field(500, ge=50)
