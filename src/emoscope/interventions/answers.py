@@ -124,6 +124,7 @@ class AnswerBatch:
         sites = (torch.arange(B, device=dev).repeat_interleave(n), torch.arange(n, device=dev).repeat(B))
         return AnswerBatch(self.start, self.ids.expand(B, n), see, self.last, self.pos.expand(B, n), self.cache), sites
 
+
 class AnswerBatches(list):
     """What answer_batches returns (this rank's batches, possibly none), recognised when passed back in."""
 
