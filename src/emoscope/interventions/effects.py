@@ -22,8 +22,8 @@ from .edits import clamp_sites, set_features
 
 MARGINS = ("best_other", "all_others")
 PASS_TOKENS = 256
-"""Tokens one pass of ablate_each runs (copies of each cached prompt's answer token, or whole prompts): an
-answer-token pass over 256 tokens took 340 ms and one over 8 took 46 ms (Gemma-3-270M, 2-core CPU)."""
+"""Tokens one pass of ablate_each runs (copies of each cached prompt's answer token, or whole prompts): 56
+single-feature ablations of 8 prompts took 0.75 s this way and 2.97 s one per pass (Gemma-3-270M, 2-core CPU)."""
 
 
 def margin(label_logp: torch.Tensor, gold: torch.Tensor, log_prior: torch.Tensor | None = None,
