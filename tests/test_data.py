@@ -171,3 +171,39 @@ def test_files_are_read_as_written(tmp_path):
     extra.write_text("text,label\nhello,joy,surplus\n")
     with pytest.raises(EmoscopeError, match=r"extra.csv:2: more fields than the header"):
         read_table(extra, LoadReport("x"))
+
+
+# issue 30: data folders read consistently, and no class lost from "every row"
+def _csv(path, rows, header=("text", "label")):
+    path.write_text(",".join(header) + "\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
+    return path
+
+
+def test_every_split_file_needs_the_tasks_columns(tmp_path):
+    rows = [(f"text {i}", lab) for i, lab in enumerate(EKMAN)]
+    _csv(tmp_path / "train.csv", rows)
+    _csv(tmp_path / "dev.csv", rows, header=("text", "emotion"))  # never read when scoring test
+    _csv(tmp_path / "test.csv", rows)
+    with pytest.raises(EmoscopeError, match=r"dev\.csv \(dev split\) has no column 'label'"):
+        load_split(str(tmp_path), "test")
+
+
+def test_split_all_scores_every_row_and_keeps_every_class(tmp_path, tiny_llama):
+    from emoscope.models import ModelView  # noqa: F401  (the tiny model is a ModelView)
+    from emoscope.task import Task
+    f = _csv(tmp_path / "own.csv", [(f"row {i} {lab}", lab) for lab in EKMAN for i in range(2)])
+    task = Task(tiny_llama, dataset=str(f), split="all", per_class=2)
+    assert task.classes == EKMAN
+    ex = task.examples()
+    assert len(ex) == 12 and collections.Counter(e.label for e in ex) == {lab: 2 for lab in EKMAN}
+
+
+def test_a_class_missing_from_the_label_source_is_named(tmp_path, tiny_llama):
+    from emoscope.task import Task
+    _csv(tmp_path / "train.csv", [(f"t {i} {lab}", lab) for lab in EKMAN if lab != "sadness" for i in range(2)])
+    _csv(tmp_path / "test.csv", [(f"e {i} {lab}", lab) for lab in EKMAN for i in range(2)])
+    task = Task(tiny_llama, dataset=str(tmp_path), per_class=2)
+    with pytest.raises(EmoscopeError, match=r"sadness \(2 rows\)"):
+        task.examples()
+    # named labels are the user's choice: no error
+    assert len(Task(tiny_llama, dataset=str(tmp_path), per_class=2, labels=["joy", "anger"]).examples()) == 4

@@ -25,3 +25,17 @@ Positive = Annotated[int, Field(ge=1)]
 """An integer >= 1."""
 NonNegative = Annotated[float, Field(ge=0), AfterValidator(_finite)]
 """A finite float >= 0."""
+Share = Annotated[float, Field(ge=0, le=1)]
+"""A share or rate: a float in [0, 1]."""
+MapDevice = Annotated[int, Field(ge=0)] | Annotated[str, Field(pattern=r"^(cpu|disk|mps|cuda(:\d+)?)$")]
+"""Where a device_map puts a module: a GPU index (0, 1, ...), cuda:N, cpu, mps or disk."""
+
+
+def unique_names(items, what: str):
+    """Refuses two items with the same `.name` (results are keyed by name)."""
+    seen = set()
+    for item in items:
+        if item.name in seen:
+            raise ValueError(f"{what}: the name '{item.name}' twice; names must be unique")
+        seen.add(item.name)
+    return items

@@ -278,11 +278,31 @@ def load_split(dataset: str | dict, split: str = "test", data_dir: str | Path | 
     missing = [w for w in wanted if w not in files]
     if missing:
         raise EmoscopeError(f"dataset {dataset} has no {missing[0]} split (it has {', '.join(files)})")
+    _check_columns(files, text_col, label_col)  # every split file, not only the ones read now
     report, rows = LoadReport(", ".join(str(files[w]) for w in wanted)), []
     for w in wanted:
         # ids carry the file's split: line numbers repeat across files
         rows += [Example(f"{w}:{e.id}", e.text, e.labels) for e in read_table(files[w], report, text_col, label_col)]
     return rows, report
+
+
+def _check_columns(files: dict[str, Path], text_col: str, label_col: str) -> None:
+    """Every split file has the text and label columns the task reads (its header, or its first JSONL object)."""
+    for split, path in files.items():
+        if path.suffix == ".jsonl":
+            first = next((line for line in _read_lines(path) if line.strip()), None)
+            try:
+                obj = json.loads(first) if first is not None else None
+            except json.JSONDecodeError:
+                continue  # read_table names the malformed line when the split is read
+            cols = list(obj) if isinstance(obj, dict) else None
+        else:
+            tsv = path.suffix in (".tsv", ".tab")
+            cols = next(csv.reader(io.StringIO(_read_text(path)), delimiter="\t" if tsv else ","), None)
+        missing = [c for c in (text_col, label_col) if cols is not None and c not in cols]
+        if missing:
+            raise EmoscopeError(f"{path} ({split} split) has no column '{missing[0]}' (its columns: "
+                                f"{', '.join(cols)}); every split file needs '{text_col}' and '{label_col}'")
 
 
 def split_files(dataset: str | dict) -> dict[str, Path] | None:
@@ -346,9 +366,31 @@ def _load_builtin(dataset: str, split: str, data_dir) -> tuple[list[Example], Lo
 def check(cfg: DataConfig) -> None:
     """Read the configured data once, so that a bad path, file or label fails before a model is loaded."""
     train, report = load_split(cfg.dataset, "train", cfg.data_dir, cfg.text_column, cfg.label_column)
-    classes = label_set(train, cfg.labels, cfg.extra)
+    classes = label_set(label_source(cfg, train), cfg.labels, cfg.extra)
     rows, report = load_split(cfg.dataset, cfg.split, cfg.data_dir, cfg.text_column, cfg.label_column)
+    check_classes(rows, classes, cfg, cfg.split)
     select(rows, classes, report, cfg.multi_label, cfg.per_class, 0, cfg.split)
+
+
+def label_source(cfg: DataConfig, train: list[Example]) -> list[Example]:
+    """The rows the task's labels come from: the train split, or every row with split all (which scores them all)."""
+    if cfg.split != "all":
+        return train
+    return load_split(cfg.dataset, "all", cfg.data_dir, cfg.text_column, cfg.label_column)[0]
+
+
+def check_classes(rows: list[Example], classes: list[str], cfg: DataConfig, split: str) -> None:
+    """A label the evaluated rows have that the label policy would make a class, but that the labels' source lacks,
+    would silently drop that class and its rows: refused, naming it (named labels are the user's choice)."""
+    if cfg.labels is not None:
+        return
+    present = sorted({lab for e in rows for lab in e.labels})
+    lost = [lab for lab in present if lab not in classes and (lab in EKMAN or cfg.extra == "keep")]
+    if lost:
+        n = {lab: sum(lab in e.labels for e in rows) for lab in lost}
+        raise EmoscopeError(f"the {split} rows have label(s) {', '.join(f'{k} ({v} rows)' for k, v in n.items())} "
+                            "that the train split, where the task's labels come from, lacks: they would be dropped; "
+                            "give the labels (--labels / data.labels) or add train rows with them")
 
 
 def _existing(path: Path) -> Path:

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..data import DataConfig, Example, LoadReport, demonstrations, label_set, load_split, select
+from ..data import (DataConfig, Example, LoadReport, check_classes, demonstrations, label_set, label_source,
+                    load_split, select)
 from ..errors import EmoscopeError, validated
 from ..models import ModelView
 from . import calibrate
@@ -71,13 +72,30 @@ class Task:
         self.model = model
         d = cfg.data
         train, train_report = load_split(d.dataset, "train", d.data_dir, d.text_column, d.label_column)
-        self.classes = label_set(train, d.labels, d.extra)
+        self.classes = label_set(label_source(d, train), d.labels, d.extra)
         self.train_pool = select(train, self.classes, train_report, d.multi_label)
-        self.demos = demonstrations(self.train_pool, self.classes, cfg.shots, cfg.seed)
-        self.builder = PromptBuilder(model.tokenizer, cfg.template, self.classes, self.demos, model.chat,
-                                     model.max_context)
+        self._build(demonstrations(self.train_pool, self.classes, cfg.shots, cfg.seed))
+
+    @classmethod
+    def from_parts(cls, model: ModelView, config: TaskConfig, classes: list[str], demos: list[Example],
+                   prior_texts: list[str] | None = None) -> "Task":
+        """The task without its data: given labels, demonstrations and (with calibration = train) the prior's texts,
+        as a canary check in a serving process needs, which has no dataset."""
+        self = cls.__new__(cls)
+        self.config, self.model, self.classes, self.train_pool = config, model, list(classes), []
+        self._build(list(demos))
+        self._prior_texts = list(prior_texts) if prior_texts is not None else None
+        if config.calibration == "train" and prior_texts is None:
+            raise EmoscopeError("a task without its data and with calibration = train needs the prior's texts")
+        return self
+
+    def _build(self, demos: list[Example]) -> None:
+        self.demos = demos
+        self.builder = PromptBuilder(self.model.tokenizer, self.config.template, self.classes, demos, self.model.chat,
+                                     self.model.max_context)
         self._label_ids: list[list[int]] | None = None
         self._prior: np.ndarray | None = None
+        self._prior_texts: list[str] | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -131,18 +149,22 @@ class Task:
         """Summed log-probabilities of every label's tokens after each text's prompt [n, K] (raw)."""
         return score_ids(self.model, self.encode_all(texts), self.label_ids, self.config.batch_size, progress)
 
+    def prior_texts(self) -> list[str]:
+        """The texts the calibration prior is read from: content-free inputs, or a seeded sample of train texts."""
+        cfg = self.config
+        if cfg.calibration == "contextual":
+            return list(calibrate.CONTENT_FREE)
+        if self._prior_texts is None:
+            rng = np.random.default_rng(cfg.seed + 1)
+            n = min(cfg.train_prior_n, len(self.train_pool))
+            self._prior_texts = [self.train_pool[i].text
+                                 for i in sorted(rng.choice(len(self.train_pool), size=n, replace=False))]
+        return self._prior_texts
+
     def log_prior(self) -> np.ndarray:
         """The calibration prior over labels, in log space [K]: content-free inputs or train texts."""
         if self._prior is None:
-            cfg = self.config
-            if cfg.calibration == "contextual":
-                texts = calibrate.CONTENT_FREE
-            else:
-                rng = np.random.default_rng(cfg.seed + 1)
-                n = min(cfg.train_prior_n, len(self.train_pool))
-                texts = [self.train_pool[i].text
-                         for i in sorted(rng.choice(len(self.train_pool), size=n, replace=False))]
-            self._prior = calibrate.prior_from_scores(self.score(texts))
+            self._prior = calibrate.prior_from_scores(self.score(self.prior_texts()))
         return self._prior
 
     def predict(self, texts) -> pd.DataFrame:
@@ -170,6 +192,7 @@ class Task:
         split = split or d.split
         per_class = d.per_class if per_class == "config" else per_class
         rows, report = load_split(d.dataset, split, d.data_dir, d.text_column, d.label_column)
+        check_classes(rows, self.classes, d, split)
         demo_ids = {e.id for e in self.demos}
         kept = [e for e in rows if e.id not in demo_ids]
         if len(kept) < len(rows):
