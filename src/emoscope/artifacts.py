@@ -17,6 +17,19 @@ from pathlib import Path
 from pydantic import BaseModel
 
 
+def cache_root() -> Path:
+    """Where emoscope keeps what it derives from model files ($EMOSCOPE_CACHE, default ~/.cache/emoscope)."""
+    return Path(os.environ.get("EMOSCOPE_CACHE", Path.home() / ".cache" / "emoscope"))
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def config_hash(*parts) -> str:
     """Stable hash of configs (pydantic models or plain JSON-able values)."""
     blobs = [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts]

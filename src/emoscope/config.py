@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from .artifacts import config_hash
 from .errors import EmoscopeError, validated
@@ -45,6 +45,14 @@ class RunConfig(BaseModel):
     trace: TraceConfig = TraceConfig()
     steer: SteerConfig = SteerConfig()
     audit: AuditConfig = AuditConfig()
+
+    @model_validator(mode="after")
+    def _backend_stages(self):
+        torch_only = [s for s in self.stages if s != "evaluate"]
+        if self.model.backend == "llama.cpp" and torch_only:
+            raise ValueError(f"stages {', '.join(torch_only)} read and edit the model in PyTorch: run them with "
+                             "backend transformers, and audit llama.cpp builds as candidates (runtime: llama.cpp)")
+        return self
 
     def stage_config(self, stage: str):
         """The stage's config as it is hashed and run: the run's data_dir filled into the task's data."""

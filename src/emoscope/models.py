@@ -10,7 +10,6 @@ on load, which takes 15-40 s; the dequantised weights are cached as safetensors 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import importlib.util
 import os
@@ -22,14 +21,15 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from . import distributed as dist
 from . import profiling
+from .artifacts import cache_root, file_sha256
 from .errors import EmoscopeError, validated
 from .quantization import SCHEMES
-from .constraints import Device
+from .constraints import Device, MapDevice
 
 
 def _smollm2_gguf() -> Path:
@@ -79,7 +79,7 @@ class ModelConfig(BaseModel):
     """float32 (exact, default), bfloat16, float16, or auto = bfloat16 on CUDA or a CPU with native bf16."""
     trust_remote_code: bool = False
     """Allow custom model code from the hub (off unless you ask)."""
-    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, int | str] | None = Field(
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, MapDevice] | None = Field(
         None, exclude=True)
     """Spread the model over devices with accelerate: auto, balanced, sequential, or a map from module names to a
     GPU index, "cpu" or "disk" (offload); unset: the whole model on `device`. Placement only (the same numbers,
@@ -91,18 +91,24 @@ class ModelConfig(BaseModel):
     quantization: Literal[tuple(SCHEMES)] | None = Field(None, exclude_if=lambda v: v is None)
     """Quantize the weights on load with a library's own kernels (torchao, optimum-quanto, bitsandbytes on CUDA);
     unset: the weights as stored."""
+    backend: Literal["transformers", "llama.cpp"] = Field("transformers", exclude_if=lambda v: v == "transformers")
+    """The runtime that computes the model: transformers (PyTorch, every stage) or llama.cpp (the GGUF file run by
+    llama.cpp itself: label scoring, residual capture and SAE-feature ablation, on the CPU; `pip install
+    'emoscope[llamacpp]'`)."""
+    threads: int | None = Field(None, ge=1, exclude=True)
+    """CPU threads of the llama.cpp backend (unset: every core). Placement only: not part of any hash."""
+    kv_cache: Literal["f16", "q8_0", "q4_0"] | None = Field(None, exclude_if=lambda v: v is None)
+    """KV-cache type of the llama.cpp backend (llama.cpp's --cache-type-k/-v; q8_0 and q4_0 turn flash attention
+    on, which a quantized V cache needs); unset: f16, llama.cpp's default."""
 
-
-def cache_root() -> Path:
-    return Path(os.environ.get("EMOSCOPE_CACHE", Path.home() / ".cache" / "emoscope"))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    @model_validator(mode="after")
+    def _backend_settings(self):
+        if self.backend != "llama.cpp" and (self.kv_cache is not None or self.threads is not None):
+            raise ValueError("threads and kv_cache are settings of backend: llama.cpp")
+        if self.backend == "llama.cpp" and (self.quantization or self.device_map is not None):
+            raise ValueError("backend llama.cpp runs the GGUF file as it is, on the CPU: quantization and device_map "
+                             "are transformers settings (quantize a GGUF with an audit candidate llama.cpp:TYPE)")
+        return self
 
 
 @dataclass
@@ -220,6 +226,7 @@ def _placement(cfg: ModelConfig | None, device: str) -> dict:
     quant = {"quantization": cfg.quantization} if cfg is not None and cfg.quantization else {}
     if cfg is None or cfg.device_map is None:
         return quant if device == "cpu" else {"device_map": {"": device}, **quant}
+    _check_mapped(cfg.device_map)
     out = {"device_map": cfg.device_map, **quant}
     if cfg.max_memory:
         out["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in cfg.max_memory.items()}
@@ -228,6 +235,19 @@ def _placement(cfg: ModelConfig | None, device: str) -> dict:
     elif _uses_disk(cfg.device_map):  # removed with the model
         out["offload_folder"] = out["temporary"] = tempfile.mkdtemp(prefix="emoscope-offload-")
     return out
+
+
+def _check_mapped(device_map) -> None:
+    """Every GPU a device_map names is here (accelerate would fail deep inside loading)."""
+    if not isinstance(device_map, dict):
+        return
+    n = torch.cuda.device_count()
+    for module, dev in device_map.items():
+        idx = dev if isinstance(dev, int) else int(dev.split(":")[1]) if dev.startswith("cuda:") else None
+        if dev == "cuda" and n == 0 or idx is not None and idx >= n:
+            what = f"GPU index {dev}" if isinstance(dev, int) else dev
+            raise EmoscopeError(f"model.device_map: '{module or '(whole model)'}' is mapped to {what}, but this "
+                                f"machine has {n} CUDA device{'s' if n != 1 else ''}")
 
 
 def _uses_disk(device_map) -> bool:
@@ -262,7 +282,7 @@ def _from_dir(path: str | Path, dtype: torch.dtype, device: str, trust_remote_co
 
 def _load_gguf(gguf: Path, dtype: torch.dtype, device: str, placement: dict | None = None):
     """Dequantise once into a safetensors cache keyed by the GGUF's hash; load from the cache after."""
-    cache = cache_root() / "models" / _sha256(gguf)[:20]
+    cache = cache_root() / "models" / file_sha256(gguf)[:20]
     if not (cache / "complete").exists():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -308,14 +328,21 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def load_model(name: str | ModelConfig = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32",
-               trust_remote_code: bool = False) -> ModelView:
-    """Load a registry model, a .gguf file, a local HF directory or a hub id, as a `ModelView`."""
+               trust_remote_code: bool = False, backend: str = "transformers", threads: int | None = None,
+               kv_cache: str | None = None) -> ModelView:
+    """Load a registry model, a .gguf file, a local HF directory or a hub id, as a `ModelView`; with
+    backend="llama.cpp", a registry model or .gguf file run by llama.cpp (a `LlamaCppModel`)."""
     if not isinstance(name, ModelConfig):
         if dtype not in ("auto", *DTYPES):
             raise EmoscopeError(f"unknown dtype '{dtype}': choose auto or one of {', '.join(DTYPES)}")
-        name = validated(ModelConfig, {"name": name, "device": device, "dtype": dtype,
-                                       "trust_remote_code": trust_remote_code}, "model.")
+        extra = {k: v for k, v in (("threads", threads), ("kv_cache", kv_cache)) if v is not None}
+        name = validated(ModelConfig, {"name": name, "device": device, "dtype": dtype, "backend": backend,
+                                       "trust_remote_code": trust_remote_code, **extra}, "model.")
     cfg = name
+    if cfg.backend == "llama.cpp":
+        view = _load_llamacpp(cfg)
+        view.settings = cfg
+        return view
     view = _load(cfg)
     view.settings = cfg
     view.weights = describe_weights(cfg.name, view)
@@ -381,6 +408,46 @@ def gguf_file_type(path: Path) -> str | None:
     except (OSError, struct.error, KeyError, ValueError):
         return None
     return None
+
+
+def gguf_source(name: str) -> tuple[Path, bool | None] | None:
+    """The GGUF file behind a registry name or a .gguf path, and whether it is a chat model (None: unknown)."""
+    if name in REGISTRY:
+        return REGISTRY[name].gguf(), REGISTRY[name].chat
+    path = Path(name).expanduser()
+    if path.suffix != ".gguf":
+        return None
+    if not path.is_file():
+        raise EmoscopeError(f"GGUF file not found: {path}")
+    return path.resolve(), None
+
+
+def gguf_tokenizer(gguf: Path):
+    """transformers' tokenizer of a GGUF file (from the dequantised cache when it exists: no vocabulary rebuild)."""
+    from transformers import AutoTokenizer
+
+    cache = cache_root() / "models" / file_sha256(gguf)[:20]
+    if (cache / "complete").exists():
+        return AutoTokenizer.from_pretrained(cache)
+    try:
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # a foreign or truncated file: one line
+        raise EmoscopeError(f"cannot read the tokenizer of {gguf}: {str(e).strip().splitlines()[0][:200]}") from None
+
+
+def _load_llamacpp(cfg: ModelConfig):
+    from .llamacpp import LlamaCppModel
+
+    if cfg.device not in ("auto", "cpu"):
+        raise EmoscopeError(f"backend llama.cpp runs on the CPU here (model.device is {cfg.device})")
+    source = gguf_source(cfg.name)
+    if source is None:
+        raise EmoscopeError(f"backend llama.cpp needs a GGUF file or a registry model ({', '.join(REGISTRY)}); "
+                            f"'{cfg.name}' is neither")
+    gguf, chat = source
+    tok = gguf_tokenizer(gguf)
+    return LlamaCppModel(gguf, tok, cfg.name, bool(tok.chat_template) if chat is None else chat, cfg.threads,
+                         cfg.kv_cache)
 
 
 def _load(cfg: ModelConfig) -> ModelView:

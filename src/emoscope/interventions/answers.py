@@ -77,10 +77,13 @@ def first_token_prior(task) -> torch.Tensor:
     task's prompt on content-free inputs, in log space [K]."""
     view = task.model
     prompts = task.encode_all(CONTENT_FREE)
-    ids, mask = pad_batch(prompts, view.device)
-    last = torch.tensor([len(p) - 1 for p in prompts], device=view.device)
-    with torch.no_grad():
-        logits, _ = answer_logits(view, ids, mask, last, task.label_tokens)
+    if isinstance(view, ModelView):
+        ids, mask = pad_batch(prompts, view.device)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=view.device)
+        with torch.no_grad():
+            logits, _ = answer_logits(view, ids, mask, last, task.label_tokens)
+    else:  # a runtime that computes its own answer passes (llamacpp.LlamaCppModel)
+        logits = torch.from_numpy(view.answer_logits_each(prompts, task.label_tokens)[0])
     lp = torch.log_softmax(logits, -1)
     return torch.logsumexp(lp, 0) - np.log(len(prompts))
 

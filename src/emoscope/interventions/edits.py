@@ -98,15 +98,38 @@ def clamp_sites(view, saes: dict, sites: tuple[torch.Tensor, torch.Tensor], entr
         def hook(mod, inp, out, sae=sae, idx=idx, cols=cols, new=new):
             t = out[0] if isinstance(out, tuple) else out
             where = tuple(i.to(t.device) for i in sites)
-            x = t[where].to(sae.W_dec.device, torch.float32)
-            change = (new - sae.encode(x)[idx, cols])[:, None] * sae.W_dec[cols]
-            delta = torch.zeros_like(x).index_add_(0, idx, change) * sae.out_scale(x)
+            delta = clamp_delta(sae, t[where].to(sae.W_dec.device, torch.float32), idx, cols, new)
             t = t.clone()
             t[where] += delta.to(t.device, t.dtype)
             return _replaced(out, t)
         hooks[layer] = hook
     with _forward_hooks(view, hooks):
         yield
+
+
+def clamp_delta(sae, x: torch.Tensor, idx: torch.Tensor, cols: torch.Tensor, new) -> torch.Tensor:
+    """The change [n, d] to residual rows x [n, d] that sets feature cols[i] of row idx[i] to `new` (a number or
+    one value per entry), the SAE error term kept."""
+    change = (new - sae.encode(x)[idx, cols])[:, None] * sae.W_dec[cols]
+    return torch.zeros_like(x).index_add_(0, idx, change) * sae.out_scale(x)
+
+
+def clamp_rows(saes: dict, sets: list[dict[int, list[int]]], baseline: dict[int, torch.Tensor] | None = None) -> dict:
+    """Row edits for a runtime that applies them itself (llamacpp.LlamaCppModel.answer_logits_each): per layer, a
+    function of residual rows x [n, d] and the set index of each row [n] that returns the change setting that
+    set's features of that layer to the baseline (zero when none), the SAE error term kept."""
+    def for_layer(layer):
+        sae = saes[layer]
+
+        def fn(x, set_of_row):
+            pairs = [(i, int(f)) for i, s in enumerate(set_of_row) for f in sets[s].get(layer, [])]
+            if not pairs:
+                return torch.zeros_like(x)
+            idx, cols = (torch.tensor(v, device=sae.W_dec.device) for v in zip(*pairs))
+            new = 0.0 if baseline is None else baseline[layer].reshape(-1).to(sae.W_dec.device)[cols]
+            return clamp_delta(sae, x.to(sae.W_dec.device, torch.float32), idx, cols, new).cpu()
+        return fn
+    return {layer: for_layer(layer) for layer in sorted({layer for s in sets for layer in s})}
 
 
 @contextmanager

@@ -22,23 +22,24 @@ from __future__ import annotations
 import random
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Callable, Literal
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from ..analysis.drift import auroc_or_none, derangement, jaccard_topk, phase_drift, retained, rowcorr
 from ..artifacts import config_hash
 from ..errors import EmoscopeError, validated
 from ..hooks import layer_of
-from ..interventions.answers import answer_batches, first_token_prior
-from ..interventions.effects import ablate
+from ..interventions.answers import first_token_prior
+from ..interventions.effects import ablate_each
 from ..interventions.kv_cache import check_kv_cache, kv_cache_quantized
 from ..interventions.perturb import PRECISIONS, check_precision, perturb_text, precision_applied, template_variants
-from .. import quantization
-from ..models import ModelConfig, ModelView, load_model
+from .. import llamacpp, quantization
+from ..models import ModelConfig, ModelView, gguf_source, load_model
 from ..quantization import SCHEMES as LIBRARY
 from ..task import Task, TaskConfig, calibrate
 from ..task.metrics import classification_metrics
@@ -48,14 +49,22 @@ from .base import StageResult
 from .evaluate import EvalResult
 from .phases import PhasesResult
 from .trace import TraceResult
-from ..constraints import Seed
+from ..constraints import NonNegative, Seed, Share, unique_names
 
 
 def _known_precision(v: str) -> str:
+    if v.startswith("llama.cpp:"):
+        if v.split(":", 1)[1] not in llamacpp.FTYPES:
+            raise ValueError(f"unknown llama.cpp type '{v}': choose llama.cpp:{', llama.cpp:'.join(llamacpp.FTYPES)}")
+        return v
     try:
         return check_precision(v)
     except EmoscopeError as e:
         raise ValueError(str(e)) from None
+
+
+SOURCE = "source"
+"""`model: source` of a llama.cpp candidate: the GGUF file the reference was dequantised from, run as it is."""
 
 
 class Candidate(BaseModel):
@@ -75,28 +84,60 @@ class Candidate(BaseModel):
     through the gguf package (gguf:Q8_0, gguf:Q5_1, gguf:Q5_0, gguf:Q4_1, gguf:Q4_0, ...), or a library's
     kernels on load (torchao:int8|int4, quanto:int8|int4|float8, bnb:int8|nf4 on CUDA)."""
     model: str | None = None
-    """Another checkpoint of the same model (same tokenizer), e.g. a quantized export."""
-    kv_cache: Annotated[str, AfterValidator(check_kv_cache)] | None = None
+    """Another checkpoint of the same model (same tokenizer), e.g. a quantized export; with runtime llama.cpp, a
+    .gguf file or `source` (the reference's own GGUF file as shipped)."""
+    kv_cache: str | None = None
     """Quantized KV cache: every attention reads its keys and values through the cache's quantizer
     (quanto:int4|int2 as transformers' QuantizedCache, gguf:Q8_0|Q4_0|Q4_1|Q5_0|Q5_1 as llama.cpp's
-    --cache-type-k/-v)."""
+    --cache-type-k/-v emulated in PyTorch); with runtime llama.cpp, llama.cpp's own cache: f16, q8_0 or q4_0."""
+    runtime: Literal["transformers", "llama.cpp"] | None = Field(None, exclude_if=lambda v: v is None)
+    """Where the candidate runs: transformers (PyTorch, the default) or llama.cpp itself (scoring, SAE features and
+    ablations read inside llama.cpp; `pip install 'emoscope[llamacpp]'`): the reference's weights as an F32 GGUF,
+    or `model` (a .gguf file as shipped). A precision llama.cpp:TYPE implies it."""
+    threads: int | None = Field(None, ge=1, exclude_if=lambda v: v is None)
+    """CPU threads of a llama.cpp candidate (unset: every core); recorded in its row."""
+
+    @model_validator(mode="after")
+    def _runtime_fields(self):
+        built = bool(self.precision and self.precision.startswith("llama.cpp:"))
+        if built and self.runtime is None:
+            self.runtime = "llama.cpp"
+        if built and self.model is not None:
+            raise ValueError(f"precision {self.precision} quantizes the reference's weights: give it or a model, "
+                             "not both")
+        if self.runtime == "llama.cpp":
+            if self.precision and not built:
+                raise ValueError("runtime llama.cpp takes a precision llama.cpp:TYPE (Q8_0, Q4_K_M, ...), not "
+                                 f"{self.precision}")
+            if self.kv_cache is not None and self.kv_cache not in llamacpp.KV_TYPES:
+                raise ValueError(f"llama.cpp kv_cache '{self.kv_cache}': choose {', '.join(llamacpp.KV_TYPES)}")
+            if self.model is not None and self.model != SOURCE and not self.model.endswith(".gguf"):
+                raise ValueError(f"a llama.cpp model is a .gguf file (or '{SOURCE}', the reference's own GGUF as "
+                                 f"shipped), not {self.model}")
+        else:
+            if self.threads is not None:
+                raise ValueError("threads is a setting of runtime llama.cpp")
+            if self.kv_cache is not None:
+                check_kv_cache(self.kv_cache)
+        return self
 
 
 class Thresholds(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-    max_accuracy_drop: float = 0.05
+    max_accuracy_drop: Share = 0.05
     """Largest tolerated drop in calibrated accuracy."""
-    max_flip_rate: float = 0.2
+    max_flip_rate: Share = 0.2
     """Largest tolerated share of changed predictions."""
-    min_causal_survival: float = 0.5
+    min_causal_survival: Share = 0.5
     """Smallest tolerated share of causal features still active."""
-    min_effect_retained: float | None = None
+    min_effect_retained: NonNegative | None = None
     """Smallest tolerated share of the causal sets' ablation effect still there (None: not gated)."""
 
 
 class AuditConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-    candidates: Annotated[list[Candidate], Field(min_length=1)] | Literal["default"] = "default"
+    candidates: Annotated[list[Candidate], Field(min_length=1),
+                          AfterValidator(lambda v: unique_names(v, "candidates"))] | Literal["default"] = "default"
     """Candidates, or 'default': paraphrases, label order, system prompt, demonstrations, text noise,
     bf16/fp16/int8/int4/int3."""
     thresholds: Thresholds = Thresholds()
@@ -146,6 +187,39 @@ def default_candidates(ev_cfg: TaskConfig, labels: list[str], seed: int) -> list
     return out
 
 
+PARITY = "llama.cpp_F32"
+"""The candidate every llama.cpp row is read beside: the reference's own weights (F32 GGUF) in llama.cpp, so a row
+separates llama.cpp's arithmetic (activations quantized for its dot products, f16 KV cache, its attention) from
+the bits of its weights."""
+
+
+def candidates(cfg: AuditConfig, ev_cfg: TaskConfig, labels: list[str]) -> list[Candidate]:
+    """The candidates an audit runs: the configured ones (or the defaults), with the llama.cpp parity candidate first
+    when some candidate runs in llama.cpp and none is the reference's weights there already."""
+    cands = default_candidates(ev_cfg, labels, cfg.seed) if cfg.candidates == "default" else list(cfg.candidates)
+    runtime = [c for c in cands if c.runtime == "llama.cpp"]
+    if runtime:
+        llamacpp.version()  # the extra is installed, or one line naming the install command
+        if not any(_is_parity(c) for c in runtime):
+            cands.insert(cands.index(runtime[0]), Candidate(name=PARITY, runtime="llama.cpp"))
+    return cands
+
+
+def _is_parity(c: Candidate) -> bool:
+    plain = c.template is None and c.shots is None and c.demo_seed is None and c.text is None
+    return plain and c.model is None and c.kv_cache in (None, "f16") and c.precision in (None, "llama.cpp:F32")
+
+
+def _attach_parity(rows: list[dict]):
+    """Each llama.cpp row gets the parity row's flips and largest label log-prob change beside its own."""
+    par = next((r for r in rows if r.get("runtime") and r.get("parity_of_runtime")), None)
+    for r in rows:
+        if r.get("runtime") and par is not None:
+            r["parity"] = {"candidate": par["name"], "flip_rate": par["flip_rate"],
+                           "label_logp_max_change": par["label_logp_max_change"],
+                           "accuracy_change": par["accuracy_change"]["value"]}
+
+
 @dataclass
 class _Reference:
     """The reference every candidate is compared with, and what the comparison needs."""
@@ -173,12 +247,13 @@ def audit(task: Task, saes: dict, evaluation: EvalResult, phases: PhasesResult |
     cfg = config if isinstance(config, AuditConfig) else validated(AuditConfig, config or {}, "audit.")
     ref = _reference(task, saes, evaluation, phases, trace, cfg)
     load_view = load_model or _reloader(task.model)
-    cands = default_candidates(task.config, ref.labels, cfg.seed) if cfg.candidates == "default" else cfg.candidates
+    cands = candidates(cfg, task.config, ref.labels)
     rows = []
     for cand in cands:
         rows.append(_compare(cand, ref, load_view))
         if progress:
             progress(1)
+    _attach_parity(rows)
     view = task.model
     data = {"stage": "audit", "config_hash": config_hash(cfg, view.name), "config": cfg.model_dump(mode="json"),
             "model": view.name, "labels": ref.labels, "n": int(len(ref.y)), "seed": cfg.seed, "n_phases": ref.n_phases,
@@ -256,7 +331,8 @@ def _observe(task: Task, texts: list[str], saes: dict) -> dict:
     # a candidate can overflow (Gemma in float16 does): such rows count as maximally uncertain and wrong
     bad = ~np.isfinite(cal).all(1)
     cal = np.where(bad[:, None], -np.log(cal.shape[1]), cal)
-    return {"cal": cal, "pred": cal.argmax(1), "codes": codes, "prompts": prompts, "non_finite": bad}
+    return {"cal": cal, "pred": cal.argmax(1), "codes": codes, "prompts": prompts, "non_finite": bad, "logp": logp,
+            "resid": res}
 
 
 def _ablation_effects(task: Task, texts, saes, causal, labels, idx) -> dict[str, np.ndarray]:
@@ -280,22 +356,13 @@ def _ablation_effects(task: Task, texts, saes, causal, labels, idx) -> dict[str,
         order += list(idx[lab])
     prompts = task.encode_all(texts[i] for i in order)
     gold = np.concatenate([np.full(len(idx[lab]), labels.index(lab)) for lab in feats])
-    out = {}
-    with torch.no_grad():
-        batches = answer_batches(view, prompts)
-        try:
-            clean = ablate(view, saes, batches, gold, tokens, {}, prior)
-        except EmoscopeError:  # non-finite activations: the candidate overflows
-            clean = None
-        for lab, fs in feats.items():
-            d = np.zeros(len(idx[lab]))
-            if clean is not None:
-                try:
-                    d = clean[rows[lab]] - ablate(view, saes, batches, gold, tokens, fs, prior)[rows[lab]]
-                except EmoscopeError:  # the intervention met non-finite activations
-                    pass
-            out[lab] = np.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
-    return out
+    sets = [{}] + list(feats.values())  # the clean pass and every emotion's ablation, in one call
+    try:
+        m = ablate_each(view, saes, prompts, gold, tokens, sets, prior)
+    except EmoscopeError:  # non-finite activations: the candidate overflows
+        m = np.full((len(sets), len(prompts)), np.nan)
+    return {lab: np.nan_to_num(m[0, rows[lab]] - m[j, rows[lab]], nan=0.0, posinf=0.0, neginf=0.0)
+            for j, lab in enumerate(feats, 1)}
 
 
 def _causal_sets(trace: TraceResult | None, phases: PhasesResult | None) -> dict[str, list[list[int]]]:
@@ -308,38 +375,71 @@ def _causal_sets(trace: TraceResult | None, phases: PhasesResult | None) -> dict
 
 
 @contextmanager
-def _candidate(cand: Candidate, ref: _Reference, load_view):
-    """Within the block: the candidate's task (prompt, demonstrations, model) and input texts, and what was
-    done to the model. A precision change applies to the loaded weights in place and is undone afterwards
-    (one model in memory); a `model` candidate is loaded beside the reference."""
-    view, weights = ref.task.model, {}
-    if cand.model is not None:
-        view = load_view(cand.model)
-        if view.tokenizer.get_vocab() != ref.task.model.tokenizer.get_vocab():
+def candidate_task(cand: Candidate, task: Task, texts: list[str], cfg: AuditConfig, load_view=None):
+    """Within the block: the candidate's task (prompt, demonstrations, model) and input texts (`texts` with the
+    candidate's noise), and what was done to the model. A precision change applies to the reference task's loaded
+    weights in place and is undone afterwards (one model in memory); a `model` candidate is loaded beside it."""
+    base = task.model
+    view, weights, load_view = base, {}, load_view or _reloader(base)
+    if cand.runtime == "llama.cpp":
+        view = _llamacpp_view(cand, base)
+        weights = {"weights": view.weights, **view.describe(), "parity_of_runtime": _is_parity(cand)}
+    elif cand.model is not None or (cand.precision or "").startswith("llama.cpp:"):
+        # llama.cpp's quantized file dequantised into PyTorch: the same bits in float arithmetic (its emulation)
+        path = str(_llamacpp_file(cand, base)) if cand.model is None else cand.model
+        view = load_view(path)
+        if view.tokenizer.get_vocab() != base.tokenizer.get_vocab():
             raise EmoscopeError(f"candidate {cand.name}: {cand.model} has another tokenizer than the reference; "
                                 "features could not be aligned, so it cannot be audited against it")
         weights = {"weights": view.weights or cand.model}  # e.g. the Q4_K_M GGUF a team ships
     changes = {k: v for k, v in (("template", cand.template), ("shots", cand.shots), ("seed", cand.demo_seed))
                if v is not None}
-    texts = ref.texts
     if cand.text is not None:
-        r = random.Random(ref.cfg.seed)
+        r = random.Random(cfg.seed)
         texts = [perturb_text(t, cand.text, r) for t in texts]
+    if cand.runtime == "llama.cpp":
+        variant = task.variant(model=view, **changes)
+        view.check_tokens([variant.prompt(t) for t in texts], variant.encode_all(texts),
+                          variant.builder.label_strings(), variant.label_ids)
     if cand.precision in LIBRARY:  # the library's own kernels: the reference's weights loaded quantized
         if cand.model is not None:
             raise EmoscopeError(f"candidate {cand.name}: give a model file or a library precision, not both")
-        view = _quantized(ref.task.model, cand.precision)
+        view = _quantized(base, cand.precision)
         q = quantization.describe(view.model, cand.precision)
         weights = {"weights": view.weights, "library": q["library"], "kernels": q["kernels"]}
-    simulated = cand.precision and cand.precision not in LIBRARY
-    precision = precision_applied(view, cand.precision, ref.cfg.group_size) if simulated else nullcontext({})
-    kv = kv_cache_quantized(view, cand.kv_cache) if cand.kv_cache else nullcontext({})
+    simulated = cand.precision and cand.precision not in LIBRARY and not cand.precision.startswith("llama.cpp:")
+    precision = precision_applied(view, cand.precision, cfg.group_size) if simulated else nullcontext({})
+    emulated_kv = cand.kv_cache and cand.runtime != "llama.cpp"  # llama.cpp's own cache is set on its context
+    kv = kv_cache_quantized(view, cand.kv_cache) if emulated_kv else nullcontext({})
     with precision as info, kv as kv_info:
-        yield ref.task.variant(model=view, **changes), texts, {**weights, **info, **kv_info}
+        yield task.variant(model=view, **changes), texts, {**weights, **info, **kv_info}
+
+
+def _llamacpp_view(cand: Candidate, base: ModelView):
+    """The candidate's GGUF in llama.cpp, fed the reference's token ids: a file as shipped, or the reference's own
+    weights as an F32 GGUF (the same metadata and tensor names as its source file), quantized by llama.cpp."""
+    path = Path(cand.model).expanduser() if cand.model not in (None, SOURCE) else _llamacpp_file(cand, base)
+    return llamacpp.LlamaCppModel(path, base.tokenizer, base.name, base.chat, cand.threads, cand.kv_cache)
+
+
+def _llamacpp_file(cand: Candidate, base: ModelView) -> Path:
+    """The reference's GGUF as shipped (`model: source`), or its weights as an F32 GGUF quantized by llama.cpp to
+    the candidate's type (cached by content)."""
+    name = base.settings.name if base.settings is not None else base.name
+    source = gguf_source(name)
+    if source is None:
+        raise EmoscopeError(f"candidate {cand.name}: a llama.cpp build of the reference needs the reference loaded "
+                            f"from a GGUF file or a registry model, and '{name}' is neither (convert it with "
+                            "llama.cpp's convert_hf_to_gguf.py and audit the file as `model:`)")
+    if cand.model == SOURCE:
+        return source[0]
+    path = llamacpp.write_float_gguf(source[0])
+    ftype = (cand.precision or "llama.cpp:F32").split(":", 1)[1]
+    return path if ftype == "F32" else llamacpp.quantize(path, ftype, cand.threads)
 
 
 def _compare(cand: Candidate, ref: _Reference, load_view) -> dict:
-    with _candidate(cand, ref, load_view) as (task, texts, info):
+    with candidate_task(cand, ref.task, ref.texts, ref.cfg, load_view) as (task, texts, info):
         cur = _observe(task, texts, ref.saes)
         cur["effects"] = _ablation_effects(task, texts, ref.saes, ref.causal, ref.labels, ref.abl_idx)
     return _verdict(cand, ref, cur, info)
@@ -360,8 +460,24 @@ def _verdict(cand: Candidate, ref: _Reference, cur: dict, info: dict) -> dict:
               or (t.min_effect_retained is not None and effect is not None and effect["value"] < t.min_effect_retained))
     changed = cand.model_dump(mode="json", exclude_none=True, exclude={"name"})
     return {"name": cand.name, "changed": changed, **info, **acc, **drift, "causal_survival": survival,
+            "label_logp_max_change": _logp_change(ref, cur), "resid_rel_change": _resid_change(ref, cur),
             "causal_effect": effect, "detection_auroc": _detection(ref, cur, flipped, fdrift if total else None),
             "failed": bool(failed)}
+
+
+def _logp_change(ref: _Reference, cur: dict) -> float | None:
+    """Largest change of any label's summed log-prob on any example (None when the texts differ: not comparable)."""
+    d = np.abs(cur["logp"] - ref.obs["logp"])
+    return float(d[np.isfinite(d)].max()) if cur["prompts"] == ref.obs["prompts"] and np.isfinite(d).any() else None
+
+
+def _resid_change(ref: _Reference, cur: dict) -> dict[str, float] | None:
+    """Per SAE layer, ||candidate - reference|| / ||reference|| of the answer-position residuals over all examples
+    (None when the prompts differ)."""
+    if cur["prompts"] != ref.obs["prompts"]:
+        return None
+    return {str(layer): float(np.linalg.norm(np.nan_to_num(cur["resid"][layer] - r)) / max(np.linalg.norm(r), 1e-12))
+            for layer, r in ref.obs["resid"].items()}
 
 
 def _accuracy(ref: _Reference, cur: dict) -> dict:

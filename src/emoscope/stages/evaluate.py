@@ -86,7 +86,9 @@ def evaluate(task: Task, examples: list[Example] | None = None, progress=None) -
               **cfg.model_dump(mode="json")}
     data = {
         "stage": "evaluate", "config_hash": config_hash(config), "config": config,
-        "model": {"name": view.name, "n_layers": view.n_layers, "d_model": view.d_model, "chat": task.builder.chat},
+        "model": {"name": view.name, "n_layers": view.n_layers, "d_model": view.d_model, "chat": task.builder.chat,
+                  "backend": getattr(view, "backend", "transformers"), "weights": view.weights,
+                  **(view.describe() if hasattr(view, "describe") else {})},
         "labels": task.classes, "n": len(examples), "seed": cfg.seed,
         "demonstrations": [{"id": x.id, "label": x.label} for x in task.demos],
         "data": {"source": report.source if report else "given examples",
