@@ -27,6 +27,8 @@ SHRINK = {
                                     '"strengths": [2.0], "transfer": ["isear"], "transfer_per_class": 2, '
                                     '"ppl_seqs": 2, "n_boot": 100})',
     '"precision": "int4"}]}': '"precision": "int4"}], "n_boot": 100, "ablation_per_emotion": 2}',
+    # the served build: here the tiny model itself (a llama.cpp build is tested in test_llamacpp.py)
+    'es.load_model("model.Q4_K_M.gguf", backend="llama.cpp")': "model",
 }
 
 
@@ -56,6 +58,7 @@ def test_readme_notebook_example_runs(tiny_dir, toy_data, shared_data, tmp_path,
         assert json.dumps(back.data, default=str) == json.dumps(res.data, default=str)  # NaN-safe equality
     assert (tmp_path / "phases" / "store_last" / "manifest.json").is_file()
     assert es.SteerResult.load(tmp_path / "steer").steering == st.steering
+    assert es.canary.check(ns["served"], tmp_path / "canary").passed  # the reference passes its own canary
 
 
 def test_help_shows_the_api():

@@ -148,3 +148,129 @@ def test_full_disk_leaves_nothing(tmp_path):
             (tmp / "result.json").write_text("{}")
             raise OSError(errno.ENOSPC, "No space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+# issue 30: what a setting means, not only its type
+@pytest.mark.parametrize("override,key", [
+    ("audit.thresholds.max_flip_rate=1.5", "audit.thresholds.max_flip_rate"),  # a gate that cannot fail
+    ("audit.thresholds.max_flip_rate=-0.1", "audit.thresholds.max_flip_rate"),
+    ("audit.thresholds.max_accuracy_drop=2", "audit.thresholds.max_accuracy_drop"),
+    ("audit.thresholds.min_causal_survival=1.01", "audit.thresholds.min_causal_survival"),
+    ("audit.thresholds.min_effect_retained=-1", "audit.thresholds.min_effect_retained"),
+    ("phases.fdr=1.5", "phases.fdr"),
+    ('audit.candidates=[{name: a, precision: int8}, {name: a, precision: int4}]', "audit.candidates"),
+    ('model.device_map={"model.layers.0": gpu7}', "model.device_map"),
+    ('model.device_map={"model.layers.0": -1}', "model.device_map"),
+])
+def test_meaningless_values_are_refused_at_load(override, key):
+    with pytest.raises(es.EmoscopeError, match=key.replace(".", r"\.")):
+        load_config("quick", [override])
+
+
+def test_duplicate_candidate_names_are_named():
+    with pytest.raises(es.EmoscopeError, match="'a' twice"):
+        load_config("quick", ['audit.candidates=[{name: a, precision: int8}, {name: a, precision: int4}]'])
+
+
+def test_a_mapped_device_that_is_not_here_is_one_line(tiny_dir):
+    import torch
+    n = torch.cuda.device_count()
+    with pytest.raises(es.EmoscopeError, match=f"cuda:{n}"):
+        es.load_model(es.ModelConfig(name=str(tiny_dir), device_map={"": f"cuda:{n}"}))
+    with pytest.raises(es.EmoscopeError, match="GPU index"):
+        es.load_model(es.ModelConfig(name=str(tiny_dir), device_map={"": n}))
+
+
+def test_bare_command_prints_usage_on_stderr_with_exit_2():
+    r = cli()
+    assert r.returncode == 2 and r.stdout == "" and "Usage" in r.stderr
+
+
+# ---------------------------------------------------------------- the schema's ranges, drawn from the schema
+def _bounds(field):
+    """(kind, lo, lo_strict, hi, hi_strict) of a numeric field's documented range, or None."""
+    import typing
+
+    import annotated_types as at
+    metas, ann = list(field.metadata), field.annotation
+    for arg in typing.get_args(ann) or ():  # X | None, with X = Annotated[int/float, Field(ge=..)]
+        metas += [m for fi in getattr(arg, "__metadata__", ()) for m in getattr(fi, "metadata", [fi])]
+        ann = typing.get_args(arg)[0] if getattr(arg, "__metadata__", None) else ann
+    base = ann if ann in (int, float) else next((a for a in typing.get_args(ann) if a in (int, float)), None)
+    lo = hi = None
+    lo_strict = hi_strict = False
+    for m in metas:
+        if isinstance(m, (at.Ge, at.Gt)):
+            lo, lo_strict = (m.ge, False) if isinstance(m, at.Ge) else (m.gt, True)
+        if isinstance(m, (at.Le, at.Lt)):
+            hi, hi_strict = (m.le, False) if isinstance(m, at.Le) else (m.lt, True)
+    return (base, lo, lo_strict, hi, hi_strict) if base and (lo is not None or hi is not None) else None
+
+
+def _ranged_keys(model=None, prefix=""):
+    from pydantic import BaseModel
+
+    from emoscope.config import RunConfig
+    out = []
+    for name, field in (model or RunConfig).model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _ranged_keys(ann, f"{prefix}{name}.")
+        elif (b := _bounds(field)) is not None:
+            out.append((f"{prefix}{name}", b))
+    return out
+
+
+RANGED = _ranged_keys()
+
+
+def test_the_schema_documents_ranges():
+    keys = dict(RANGED)
+    # the walk sees plain, aliased (Seed, Share) and optional constrained fields
+    assert {"evaluate.seed", "audit.thresholds.max_flip_rate", "audit.thresholds.min_effect_retained",
+            "phases.fdr", "saes.train.k"} <= set(keys), sorted(keys)
+    assert len(RANGED) > 40
+
+
+def _outside(draw, bounds):
+    from hypothesis import strategies as st
+    kind, lo, lo_strict, hi, hi_strict = bounds
+    sides = ([("lo", lo, lo_strict)] if lo is not None else []) + ([("hi", hi, hi_strict)] if hi is not None else [])
+    side, edge, strict = draw(st.sampled_from(sides))
+    step = draw(st.integers(0 if strict else 1, 1000)) if kind is int else draw(
+        st.floats(0 if strict else 1e-6, 1e6, allow_nan=False))
+    if kind is int:
+        return int(edge) - step if side == "lo" else int(edge) + step
+    return float(edge) - step if side == "lo" else float(edge) + step
+
+
+def test_out_of_range_values_are_refused_naming_the_key():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=150, deadline=None, derandomize=True)
+    @given(st.data())
+    def check(data):
+        key, bounds = data.draw(st.sampled_from(RANGED))
+        value = _outside(data.draw, bounds)
+        with pytest.raises(es.EmoscopeError, match=key.replace(".", r"\.")):
+            load_config("quick", [f"{key}={value!r}"])
+    check()
+
+
+def test_a_refused_config_leaves_the_run_directory_byte_identical(tmp_path):
+    import hashlib
+    import random
+    run = tmp_path / "run"
+    (run / "audit").mkdir(parents=True)
+    (run / "audit" / "result.json").write_text('{"failed": []}')
+    (run / "run.log").write_text("earlier run\n")
+    def digest():
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()}
+    before = digest()
+    for key, bounds in random.Random(0).sample(RANGED, 2):  # two keys through the command line
+        lo, hi = bounds[1], bounds[3]
+        value = (lo - 1) if lo is not None else (hi + 1)
+        for cmd in ("run", "audit"):
+            _one_line_error(cli(cmd, "--config", "quick", "--set", f"run_dir={run}", "--set", f"{key}={value}"), key)
+    assert digest() == before

@@ -12,7 +12,10 @@ and `.load(dir)`):
     ph = es.phases(task, saes, ev)                       # per-layer statistics, phases, features
     tr = es.trace(task, saes, ev, ph)                    # causal features per emotion and phase
     st = es.steer(task, saes, ev, tr)                    # dev-chosen steering vs baselines
-    au = es.audit(task, saes, ev, ph, tr)                # prompt / precision brittleness
+    au = es.audit(task, saes, ev, ph, tr)                # prompt / precision / runtime brittleness
+    se = es.sensitivity(task, saes, ev, ph, tr)          # which layers llama.cpp's Q4_K_M breaks, and a recipe
+    es.canary.write(task, saes, ev, au, ph, tr).save("canary")   # then, in a serving process:
+    es.canary.check(es.load_model("model.gguf", backend="llama.cpp"), "canary").passed
 
 `es.run(config)` runs all of it into a resumable run directory with an HTML report, as
 `emoscope run --config quick` does; `es.compare([run_dir, ...])` gives the paper's claims across runs.
@@ -36,6 +39,8 @@ from .interventions.steering import Steering, label_probs, load_steering, save_s
 from .config import RunConfig, load_config
 from .pipeline import run
 from .report.compare import Comparison, compare
+from .stages.sensitivity import SensitivityConfig, SensitivityResult, sensitivity
+from . import canary
 
 __version__ = "0.2.0"
 
@@ -46,6 +51,7 @@ __all__ = [
     "phases", "PhasesConfig", "PhasesResult", "trace", "TraceConfig", "TraceResult",
     "steer", "SteerConfig", "SteerResult", "Steering", "Edit", "apply_edits", "label_probs", "load_steering",
     "save_steering", "audit", "AuditConfig", "AuditResult", "Candidate",
+    "sensitivity", "SensitivityConfig", "SensitivityResult", "canary",
     "RunConfig", "load_config", "run", "compare", "Comparison",
     "Estimate", "StageResult", "EmoscopeError", "__version__",
 ]

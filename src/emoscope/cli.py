@@ -1,11 +1,13 @@
 """Command line: a thin layer over the Python API (`import emoscope as es`).
 
 Commands: run (the whole pipeline from a config), evaluate, train-saes, phases, trace, steer, audit,
-classify, report, summarize, config-keys. Every option's default lives in the pydantic configs: options
-left unset keep the config's value, and `--set key=value` reaches any key.
+sensitivity, canary write / check, classify, report, summarize, compare, config-keys. Every option's
+default lives in the pydantic configs: options left unset keep the config's value, and `--set key=value`
+reaches any key.
 
-Exit codes: 0 success; 1 an audit over its thresholds, or an internal error (the traceback is saved and
-its path printed); 2 bad input or usage (one `error:` line on stderr); 130 interrupted.
+Exit codes: 0 success; 1 an audit over its thresholds, a canary that drifted, or an internal error (the
+traceback is saved and its path printed); 2 bad input or usage (one `error:` line on stderr; a bare command group
+prints its usage there); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import typer
 
 from .errors import EmoscopeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Mechanistic analysis of emotion inference in language models.")
 
 SET_HELP = "Set any config key, e.g. --set trace.per_emotion=8 (repeatable; values read as YAML)."
@@ -41,10 +43,22 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")):
+def _usage_without_command(ctx: typer.Context) -> None:
+    """A command group called without a command: its usage on stderr, exit 2 (a usage error; stdout stays empty)."""
+    if ctx.invoked_subcommand is None:
+        from contextlib import redirect_stdout
+        with redirect_stdout(sys.stderr):  # typer's rich help prints itself to stdout
+            text = ctx.get_help()
+        if text:
+            typer.echo(text, err=True)
+        raise typer.Exit(2)
+
+
+@app.callback(invoke_without_command=True)
+def _root(ctx: typer.Context, version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                                           help="Print the version and exit.")):
     """Mechanistic analysis of emotion inference in language models."""
+    _usage_without_command(ctx)
 
 
 def _quiet_libraries() -> None:
@@ -126,6 +140,7 @@ def run(config: str = typer.Option(..., help="Run config: a YAML path or a shipp
 from .data import DataConfig  # noqa: E402  (for option help text, read from the configs)
 from .models import ModelConfig  # noqa: E402
 from .task.task import TaskConfig  # noqa: E402
+from .stages.sensitivity import SensitivityConfig  # noqa: E402
 
 
 @app.command()
@@ -143,6 +158,9 @@ def evaluate(
     data_dir: Optional[str] = typer.Option(None, help=_help(DataConfig, "data_dir")),
     device: Optional[str] = typer.Option(None, help=_help(ModelConfig, "device")),
     dtype: Optional[str] = typer.Option(None, help=_help(ModelConfig, "dtype")),
+    backend: Optional[str] = typer.Option(None, help=_help(ModelConfig, "backend")),
+    threads: Optional[int] = typer.Option(None, help=_help(ModelConfig, "threads")),
+    kv_cache: Optional[str] = typer.Option(None, help=_help(ModelConfig, "kv_cache")),
     seed: Optional[int] = typer.Option(None, help=_help(TaskConfig, "seed")),
     batch_size: Optional[int] = typer.Option(None, help=_help(TaskConfig, "batch_size")),
     calibrate: bool = typer.Option(False, "--calibrate", help="Also print calibrated results (always saved)."),
@@ -170,8 +188,9 @@ def evaluate(
     if per_class is not None:
         settings["per_class"] = per_class or None  # 0: every row
     task_cfg = TaskConfig.build(apply_overrides({}, set_), **settings)
-    mcfg = validated(ModelConfig, {k: v for k, v in (("name", model), ("device", device), ("dtype", dtype)) if v},
-                     "model.")
+    given = (("name", model), ("device", device), ("dtype", dtype), ("backend", backend), ("threads", threads),
+             ("kv_cache", kv_cache))
+    mcfg = validated(ModelConfig, {k: v for k, v in given if v}, "model.")
     check_data(task_cfg.data)  # before the model: bad data fails in a second, not after a load
     view = load_model(mcfg)
     task = Task(view, task_cfg)
@@ -337,6 +356,143 @@ def audit(config: str = typer.Option(..., help="Run config with an `audit:` sect
         print_audit(res)
     if res["failed"]:
         err.print(f"audit failed: {', '.join(res['failed'])} exceed the thresholds", markup=False)
+        if not as_json:
+            _print_remedies(res, config, set_, Path(cfg.run_dir).expanduser())
+        raise typer.Exit(1)
+
+
+def _print_remedies(res: dict, config: str, set_: list[str], run_dir: Path) -> None:
+    """For each failing llama.cpp type: the stored recipe of `emoscope sensitivity`, or the command that makes one."""
+    from .artifacts import read_json
+    from .report.console import err, print_recipe
+
+    types = [c["changed"]["precision"].split(":", 1)[1] for c in res["candidates"]
+             if c["failed"] and c["changed"].get("precision", "").startswith("llama.cpp:")]
+    sets = "".join(f" --set {s}" for s in set_)
+    for t in dict.fromkeys(types):
+        stored = run_dir / "sensitivity" / t / "result.json"
+        if stored.is_file():
+            err.print(f"{t}: the mixed-precision recipe measured for it ({stored}):", markup=False)
+            print_recipe(read_json(stored))
+        else:
+            err.print(f"{t}: which layers it breaks and a mixed-precision file that passes: "
+                      f"emoscope sensitivity --config {config}{sets} --target {t}", markup=False, soft_wrap=True)
+
+
+@app.command()
+def sensitivity(config: str = typer.Option(..., help="Run config with an `audit:` section (its thresholds gate the "
+                                                    "recipe); the reference must come from a GGUF file."),
+                target: str = typer.Option("Q4_K_M", help=_help(SensitivityConfig, "target")),
+                high: str = typer.Option("Q8_0", help=_help(SensitivityConfig, "high")),
+                group_size: int = typer.Option(1, help=_help(SensitivityConfig, "group_size")),
+                threads: Optional[int] = typer.Option(None, help=_help(SensitivityConfig, "threads")),
+                verify: bool = typer.Option(True, "--verify/--no-verify", help=_help(SensitivityConfig, "verify")),
+                set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+                as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
+    """Layer sensitivity to a llama.cpp type, in llama.cpp, and the smallest mixed-precision file predicted to pass
+    the audit's thresholds (built and audited): RUN_DIR/sensitivity/TARGET/ (result.json, sensitivity.html)."""
+    from contextlib import ExitStack
+
+    from .config import load_config
+    from .errors import validated
+    from .pipeline import RunContext, run as run_all
+    from .report import sensitivity as plot
+    from .report.console import err, print_sensitivity
+    from .stages import sensitivity as sens
+
+    cfg = load_config(config, set_)
+    scfg = validated(SensitivityConfig, {"target": target, "high": high, "group_size": group_size, "threads": threads,
+                                         "verify": verify}, "sensitivity.")
+    sens.llamacpp.version()  # the extra is there, or one line naming its install
+    cfg.stages = [s for s in ("evaluate", "saes", "phases", "trace") if s in cfg.stages or s == "evaluate"]
+    run_dir = Path(cfg.run_dir).expanduser()
+    with ExitStack() as stack:
+        factory = _progress_factory(stack)
+        run_all(cfg, set(), log=lambda m: err.print(m, markup=False), progress_factory=factory)
+        ctx = RunContext.from_run_dir(run_dir)
+        res = sens.sensitivity(ctx.task, ctx.saes, ctx.result("evaluate"), ctx.optional("phases"),
+                               ctx.optional("trace"), scfg, cfg.audit, progress=factory("sensitivity"))
+    folder = res.save(run_dir / "sensitivity" / scfg.target)
+    plot.write(res.data, folder / "sensitivity.html")
+    if as_json:
+        return _print_json(res.data)
+    print_sensitivity(res.data)
+    err.print(f"wrote {folder / 'result.json'} and {folder / 'sensitivity.html'}", markup=False)
+
+
+canary_app = typer.Typer(help="A few audited examples that tell in seconds whether a build still infers emotions as "
+                              "the audited reference does.")
+app.add_typer(canary_app, name="canary")
+canary_app.callback(invoke_without_command=True)(_usage_without_command)
+
+
+@canary_app.command("write")
+def canary_write(config: str = typer.Option(..., help="Run config with an `audit:` section (audited, or resumed)."),
+                 n: int = typer.Option(24, help="Examples in the canary (half most fragile, half most diagnostic)."),
+                 out_dir: Optional[Path] = typer.Option(None, "--out", help="Canary folder (default: RUN_DIR/canary)."),
+                 set_: list[str] = typer.Option([], "--set", help=SET_HELP)):
+    """Write a canary from the run's audit: examples, reference answers, causal features and 8-bit tolerances."""
+    from contextlib import ExitStack
+
+    from . import canary as canary_mod
+    from .config import load_config
+    from .errors import validated
+    from .pipeline import RunContext, run as run_all
+    from .report.console import err
+
+    cfg = load_config(config, set_)
+    ccfg = validated(canary_mod.CanaryConfig, {"n": n}, "canary.")
+    if "audit" not in cfg.stages:
+        cfg.stages = [s for s in cfg.stages if s != "audit"] + ["audit"]
+    run_dir = Path(cfg.run_dir).expanduser()
+    with ExitStack() as stack:
+        run_all(cfg, set(), log=lambda m: err.print(m, markup=False), progress_factory=_progress_factory(stack))
+    ctx = RunContext.from_run_dir(run_dir)
+    canary = canary_mod.write(ctx.task, ctx.saes, ctx.result("evaluate"), ctx.result("audit"), ctx.optional("phases"),
+                              ctx.optional("trace"), ccfg)
+    folder = canary.save(out_dir or run_dir / "canary")
+    err.print(f"wrote {folder} ({len(canary.meta['texts'])} examples, {len(canary.meta['features'])} causal features; "
+              f"tolerances from {', '.join(canary.meta['tolerance_from']) or 'no 8-bit candidate'})", markup=False)
+
+
+@canary_app.command("check")
+def canary_check(canary: Path = typer.Argument(..., help="Canary folder (from `emoscope canary write`)."),
+                 model: str = typer.Option(..., help="The build: a .gguf file, an HF id or a local model folder."),
+                 runtime: str = typer.Option("transformers", help="transformers or llama.cpp."),
+                 kv_cache: Optional[str] = typer.Option(None, help="llama.cpp KV-cache type: f16, q8_0 or q4_0."),
+                 threads: Optional[int] = typer.Option(None, help="llama.cpp threads (unset: every core)."),
+                 template: Optional[str] = typer.Option(None, help="Another prompt template, as YAML, e.g. "
+                                                                   "'{instruction: \"Which emotion? {options}.\"}'."),
+                 device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+                 as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
+    """Run a canary on a build: exit 0 when it holds the audit's thresholds, 1 on drift (naming labels, features
+    or both), 2 on bad input."""
+    import yaml
+
+    from . import canary as canary_mod
+    from .errors import validated
+    from .models import ModelConfig, load_model
+    from .report.console import err, print_canary
+    from .task.prompts import Template
+
+    c = canary_mod.Canary.load(canary)
+    tmpl = None
+    if template is not None:
+        try:
+            tmpl = validated(Template, yaml.safe_load(template) or {}, "--template ")
+        except yaml.YAMLError as e:
+            raise EmoscopeError(f"--template is not YAML: {str(e).splitlines()[0]}") from None
+    settings = {"name": model, "backend": runtime, "kv_cache": kv_cache, "threads": threads}
+    if device:
+        settings["device"] = device
+    view = load_model(validated(ModelConfig, settings, "model."))
+    res = canary_mod.check(view, c, tmpl)
+    if as_json:
+        _print_json(res.to_dict())
+    else:
+        print_canary(res, c)
+    if not res.passed:
+        err.print(f"canary: {' and '.join(res.drifted)} drifted", markup=False)
         raise typer.Exit(1)
 
 

@@ -129,16 +129,95 @@ def print_audit(res: dict) -> None:
     t = Table(title=f"brittleness audit, {res['model']}, n={res['n']}, reference accuracy "
                     f"{res['reference_accuracy']:.3f}")
     for c in ["candidate", "Δ accuracy [95% CI]", "flip rate", "causal survival", "effect retained [95% CI]",
-              "final phase excess drift [95% CI]", "AUROC conf. / feature drift", "verdict"]:
+              "final phase excess drift [95% CI]", "AUROC conf. / feature drift", "llama.cpp file", "verdict"]:
         t.add_column(c)
     for r in res["candidates"]:
         d, a = r["accuracy_change"], r["detection_auroc"]
         fmt = lambda v: "—" if v is None else f"{v:.2f}"
         t.add_row(r["name"], f"{d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]", f"{r['flip_rate']:.2f}",
                   fmt(r["causal_survival"]), retained(r),
-                  final_excess(r), f"{fmt(a['confidence_drop'])} / {fmt(a['causal_feature_drift'])}",
+                  final_excess(r), f"{fmt(a['confidence_drop'])} / {fmt(a['causal_feature_drift'])}", _build(r),
                   "FAIL" if r["failed"] else "ok")
     out.print(t)
+    if any(r.get("runtime") for r in res["candidates"]):
+        out.print(f"llama.cpp rows ran in {next(r['runtime'] for r in res['candidates'] if r.get('runtime'))}; read "
+                  "each beside llama.cpp_F32, the reference's own weights in llama.cpp (its arithmetic alone)",
+                  markup=False)
+
+
+def _build(r: dict) -> str:
+    """A llama.cpp row's file type, size, KV cache and threads."""
+    if not r.get("runtime"):
+        return "—"
+    kv = "" if r.get("kv_cache") in (None, "f16") else f", KV {r['kv_cache']}"
+    return f"{r['file_type']} {r['file_bytes'] / 1e6:.0f} MB{kv}, {r['threads']} thr"
+
+
+def print_sensitivity(res: dict) -> None:
+    cfg = res["config"]
+    t = Table(title=f"layer sensitivity to {cfg['target']} in llama.cpp, {res['model']}, n={res['n']} ('only': the "
+                    f"group at {cfg['target']}, the rest F32; 'keep': the group at {cfg['high']}, the rest "
+                    f"{cfg['target']})")
+    for c in ["group", "phase", "only: flips", "only: Δ accuracy [95% CI]", "only: effect retained",
+              "keep: flips", "keep: MB"]:
+        t.add_column(c)
+    rows = {(r["group"], r["direction"]): r for r in res["groups"]}
+    fmt = lambda v: "—" if v is None else f"{v:.2f}"
+    for g in dict.fromkeys(r["group"] for r in res["groups"]):
+        o, k = rows.get((g, "only")), rows.get((g, "keep"))
+        t.add_row(g, "—" if o["phase"] is None else str(o["phase"]), f"{o['flip_rate']:.2f}",
+                  f"{o['accuracy_change']:+.3f} [{o['accuracy_change_lo']:+.3f}, {o['accuracy_change_hi']:+.3f}]",
+                  fmt(o["effect_retained"]), "—" if k is None else f"{k['flip_rate']:.2f}",
+                  "—" if k is None else f"{k['file_bytes'] / 1e6:.1f}")
+    out.print(t)
+    lp = res["last_phase_test"]
+    if lp and lp.get("difference") is not None:
+        out.print(f"last phase vs earlier layers ({cfg['target']} one group at a time): mean flips "
+                  f"{lp['last_phase_mean_flips']:.3f} vs {lp['earlier_mean_flips']:.3f}, difference "
+                  f"{lp['difference']:+.3f}, permutation p = {lp['p_value']:.3f} -> the last phase is "
+                  f"{'' if lp['last_phase_fragile'] else 'not '}the fragile one", markup=False)
+    print_recipe(res)
+
+
+def print_canary(res, canary) -> None:
+    """One check's verdict: what the canary predicts for the whole audit set beside the audit's thresholds."""
+    t, m = canary.thresholds, canary.meta
+    surv = "—" if res.causal_survival is None else f"{res.causal_survival:.2f} (min {t.min_causal_survival})"
+    tab = Table(title=f"canary of {m['model']}: {len(m['texts'])} examples standing for {m['n_audited']} audited, "
+                      f"{len(m['features'])} causal features")
+    for c in ("", "value", "threshold"):
+        tab.add_column(c)
+    tab.add_row("predicted flip rate", f"{res.predicted_flip_rate:.3f}", f"max {t.max_flip_rate}")
+    tab.add_row("predicted accuracy change", f"{res.predicted_accuracy_change:+.3f}", f"max drop {t.max_accuracy_drop}")
+    tab.add_row("canary examples flipped", f"{res.canary_flips} / {len(m['texts'])}", "")
+    tab.add_row("causal features still active", surv, "")
+    out.print(tab)
+    if res.out_of_band:
+        out.print(f"beyond their 8-bit tolerance: {', '.join(res.out_of_band)}", markup=False)
+    verdict = "passed" if res.passed else f"DRIFT: {' and '.join(res.drifted)}"
+    out.print(f"{verdict} ({res.seconds:.2f} s)", markup=False)
+
+
+def print_recipe(res: dict) -> None:
+    r = res.get("recipe")
+    if not r:
+        return
+    c = res["config"]
+    tgt, hi = (res["uniform"][f"uniform_{c[k]}"] for k in ("target", "high"))
+    mb = lambda b: f"{b / 1e6:.1f} MB"
+    out.print(f"recipe ({'meets' if r['feasible'] else 'cannot meet'} max_flip_rate "
+              f"{res['thresholds']['max_flip_rate']} by the additive prediction): keep "
+              f"{', '.join(r['keep_high']) or 'nothing'} at {c['high']}; predicted {mb(r['predicted_file_bytes'])}, "
+              f"flips {r['predicted_flip_rate']:.3f} (uniform {c['target']}: {mb(r['uniform_target_bytes'])}, flips "
+              f"{tgt['flip_rate']:.3f}; uniform {c['high']}: {mb(r['uniform_high_bytes'])}, flips "
+              f"{hi['flip_rate']:.3f})", markup=False)
+    if r.get("measured"):
+        m = r["measured"]
+        eff = "—" if m["effect_retained"] is None else f"{m['effect_retained']:.2f}"
+        verdict = "FAIL" if m["failed"] else "passes the gate"
+        out.print(f"recipe built and audited: {mb(m['file_bytes'])}, flips {m['flip_rate']:.3f}, Δ accuracy "
+                  f"{m['accuracy_change']:+.3f}, effect retained {eff} -> {verdict}", markup=False)
+    out.print(r["command"], markup=False, soft_wrap=True)
 
 def print_steer(res: dict) -> None:
     sets = sorted({k for m in res["methods"].values() for k in m})
