@@ -274,3 +274,23 @@ def test_a_refused_config_leaves_the_run_directory_byte_identical(tmp_path):
         for cmd in ("run", "audit"):
             _one_line_error(cli(cmd, "--config", "quick", "--set", f"run_dir={run}", "--set", f"{key}={value}"), key)
     assert digest() == before
+
+
+def test_a_bad_model_reference_is_refused_before_the_run_directory_is_touched(tmp_path):
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    run.mkdir()
+    (run / "run.log").write_text("earlier run\n")
+    not_gguf = tmp_path / "weights.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04 a zip, not a GGUF")
+    (tmp_path / "folder").mkdir()
+    cases = [(["model.name=missing.gguf"], "GGUF file not found"), ([f"model.name={not_gguf}"], "no GGUF magic"),
+             ([f"model.name={tmp_path / 'folder'}"], "without config.json"),
+             (["model.name=./no-such-dir"], "Hugging Face id"),
+             (["audit.candidates=[{name: shipped, model: /nowhere/x.gguf}]"], "candidate 'shipped'")]
+    for (sets, msg), cmd, where in zip(cases[:2], ("run", "audit"), (run, fresh)):  # the command line: one line
+        _one_line_error(cli(cmd, "--config", "quick", "--set", f"run_dir={where}", "--set", sets[0]), msg)
+    for sets, msg in cases:  # the API's run: refused before the run directory is touched
+        with pytest.raises(es.EmoscopeError, match=msg):
+            es.run(load_config("quick", [f"run_dir={run}", *sets]))
+    assert [p.name for p in run.iterdir()] == ["run.log"] and (run / "run.log").read_text() == "earlier run\n"
+    assert not fresh.exists()

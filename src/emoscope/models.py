@@ -422,6 +422,28 @@ def gguf_source(name: str) -> tuple[Path, bool | None] | None:
     return path.resolve(), None
 
 
+def check_reference(name: str, what: str = "model") -> None:
+    """What can be known of a model reference without loading it, checked before any stage starts: a registry
+    model's package is installed, a .gguf path is a GGUF file, a folder holds a config.json, anything else has the
+    form of a Hugging Face id (owner/name; whether the hub has it is known only when it is loaded)."""
+    if name in REGISTRY:
+        REGISTRY[name].gguf()
+        return
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise EmoscopeError(f"{what} '{name}': GGUF file not found")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise EmoscopeError(f"{what} '{name}': not a GGUF file (no GGUF magic)")
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise EmoscopeError(f"{what} '{name}': folder without config.json, not a transformers model")
+    elif path.exists() or "/" not in name or name.startswith(("/", ".", "~")):
+        raise EmoscopeError(f"{what} '{name}': not one of {', '.join(REGISTRY)}, an existing .gguf file or model "
+                            f"folder, or a Hugging Face id of the form owner/name")
+
+
 def gguf_tokenizer(gguf: Path):
     """transformers' tokenizer of a GGUF file (from the dequantised cache when it exists: no vocabulary rebuild)."""
     from transformers import AutoTokenizer

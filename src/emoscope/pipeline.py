@@ -21,7 +21,7 @@ from . import distributed as dist
 from .config import STAGES, RunConfig
 from .data import check as check_data
 from .errors import EmoscopeError
-from .models import ModelConfig, ModelView, load_model
+from .models import ModelConfig, ModelView, check_reference, load_model
 from . import profiling
 from .resources import peak_memory
 from .sae.train import layer_groups
@@ -175,6 +175,7 @@ def run(cfg: RunConfig, force: set[str] = frozenset(), log=print, progress_facto
     unknown = sorted(set(force) - set(STAGES))
     if unknown:
         raise EmoscopeError(f"--force {unknown[0]}: unknown stage; choose from {', '.join(STAGES)}")
+    preflight(cfg)
     run_dir = Path(cfg.run_dir).expanduser()
     _make_dir(run_dir)
     dist.init(cfg.model.device)  # with several ranks (torchrun): join them; rank 0 alone logs and writes
@@ -199,6 +200,16 @@ def run(cfg: RunConfig, force: set[str] = frozenset(), log=print, progress_facto
         path = write_report(run_dir) if dist.is_main() else run_dir / "report.html"
     log(f"report: {path}")
     return path
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Every model a run will load, checked before the run directory is touched: the reference and each audit
+    candidate's own file (a bad reference otherwise surfaces only after earlier stages have run)."""
+    check_reference(cfg.model.name, "model.name")
+    if "audit" in cfg.stages:
+        for cand in cfg.audit.candidates:
+            if cand.model not in (None, audit.SOURCE):
+                check_reference(cand.model, f"audit candidate '{cand.name}': model")
 
 
 def _make_dir(run_dir: Path) -> None:
