@@ -262,6 +262,28 @@ def _evaluated(both, toy_data):
     return task, ev, hooks, {lab: [[1, 3 * i]] for i, lab in enumerate(ev["labels"])}
 
 
+def test_recipe_reads_spread_damage_from_the_forward_rows():
+    from emoscope.stages.audit import AuditConfig
+    from emoscope.stages.sensitivity import SensitivityConfig, _recipe
+
+    # planted, n = 100, threshold 0.2: four layers each add 10 flips alone at Q2_K (uniform Q2_K: 40, uniform Q8_0:
+    # 2), but keeping one high among the others at Q2_K saves only 2 (their damage interacts): the reverse rows
+    # cannot reach 20, the forward rows say keep three (2 + 10 = 12), the cheapest three (layer 3 costs more)
+    n, groups = 100, [(str(i), [f"blk.{i}.w"]) for i in range(4)]
+    row = lambda flips, size: {"flip_rate": flips / n, "file_bytes": size}
+    rows = {"uniform_Q2_K": row(40, 1000), "uniform_Q8_0": row(2, 2000), "llama.cpp_F32": row(0, 4000),
+            **{f"only_{i}": row(10, 3800) for i in range(4)},
+            **{f"keep_{i}": row(38, 1250 + 100 * (i == 3)) for i in range(4)}}
+    types = ({f"blk.{i}.w": "Q2_K" for i in range(4)}, {f"blk.{i}.w": "Q8_0" for i in range(4)})
+    cfg, acfg = SensitivityConfig(target="Q2_K"), AuditConfig(thresholds={"max_flip_rate": 0.2})
+    rec = _recipe(groups, rows, *types, cfg, acfg, n)
+    assert rec["model"] == "forward" and rec["feasible"] and rec["keep_high"] == ["0", "1", "2"]
+    assert rec["predicted_flip_rate"] == pytest.approx(0.12) and rec["predicted_file_bytes"] == 1750
+    assert rec["by_model"]["reverse"] == {"keep_high": ["0", "1", "2", "3"], "feasible": False,
+                                          "predicted_flip_rate": 0.32, "predicted_file_bytes": 2100}
+    assert rec["types"]["blk.3.w"] == "Q2_K" and rec["llama_quantize_overrides"][0] == "blk.0.w=q8_0"
+
+
 def test_sensitivity_rows_recipe_and_plot(both, toy_data, tmp_path):
     from emoscope.report import sensitivity as plot
     from emoscope.stages.sensitivity import sensitivity

@@ -1,8 +1,9 @@
 """The smallest mixed-precision build predicted to pass the gate, from per-group measurements (pure, no I/O).
 
-Each group g of tensors (a layer, a few layers, the embeddings) was measured with everything at the target type
-except g kept at a higher type: keeping g high removes `gain[g]` flipped examples (of n) and adds `cost[g]` bytes.
-The prediction is additive: a build that keeps the set H high flips base - sum_{g in H} gain[g] examples. Under that
+Each group g of tensors (a layer, a few layers, the embeddings) keeps, at a higher type, `gain[g]` flipped examples
+(of n) off a `base` count and adds `cost[g]` bytes; the caller measures both (from everything at the target type
+but g, or from g alone at the target). The prediction is additive: a build that keeps the set H high flips
+base - sum_{g in H} gain[g] examples. Under that
 model the cheapest H whose prediction meets the threshold is a 0/1 knapsack over integer gains, solved exactly by
 dynamic programming (groups with no positive gain never help and are left out). The built file is then measured,
 because interactions between groups are not in the model.

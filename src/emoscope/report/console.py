@@ -206,7 +206,8 @@ def print_recipe(res: dict) -> None:
     tgt, hi = (res["uniform"][f"uniform_{c[k]}"] for k in ("target", "high"))
     mb = lambda b: f"{b / 1e6:.1f} MB"
     out.print(f"recipe ({'meets' if r['feasible'] else 'cannot meet'} max_flip_rate "
-              f"{res['thresholds']['max_flip_rate']} by the additive prediction): keep "
+              f"{res['thresholds']['max_flip_rate']} by the additive prediction from the "
+              f"{r.get('model', 'reverse')} rows): keep "
               f"{', '.join(r['keep_high']) or 'nothing'} at {c['high']}; predicted {mb(r['predicted_file_bytes'])}, "
               f"flips {r['predicted_flip_rate']:.3f} (uniform {c['target']}: {mb(r['uniform_target_bytes'])}, flips "
               f"{tgt['flip_rate']:.3f}; uniform {c['high']}: {mb(r['uniform_high_bytes'])}, flips "

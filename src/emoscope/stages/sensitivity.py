@@ -7,10 +7,12 @@ quantizer builds from the reference's F32 GGUF, tensor by tensor (`llama-quantiz
 - reverse: one group at the high type, every other tensor at the target type;
 each group's tensors getting the type llama.cpp's uniform file of that type gives them (its mixture: Q4_K_M keeps
 some tensors at Q6_K). Every candidate is an audit row: flips, accuracy change with its interval, causal survival
-and effect retained. The recipe is the cheapest set of groups to keep high whose additive prediction (from the
-reverse rows) meets the flip threshold (`analysis.recipe`); its file is then built and audited, and predicted and
-measured are reported side by side. The seed's claim that the last phase is the fragile one is tested on the
-forward rows: the last phase's mean flip rate minus the earlier layers', with a permutation p-value over layers.
+and effect retained. The recipe is the cheapest set of groups to keep high whose additive prediction meets the flip
+threshold (`analysis.recipe`), under two models: from the uniform target file minus each reverse row's gain, and
+from the uniform high file plus each forward row's loss (damage spread thin over many layers shows only in the
+second). Its file is then built and audited, and predicted and measured are reported side by side.
+The seed's claim that the last phase is the fragile one is tested on the forward rows: the last phase's mean flip
+rate minus the earlier layers', with a permutation p-value over layers.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ..artifacts import config_hash
 from ..constraints import Seed
 from ..errors import EmoscopeError, validated
 from ..models import gguf_source
-from .audit import AuditConfig, audit
+from .audit import PARITY, AuditConfig, audit
 from .base import StageResult
 
 
@@ -180,21 +182,41 @@ def _last_phase_test(table: list[dict], cfg: SensitivityConfig) -> dict | None:
             "last_phase_fragile": bool(diff > 0 and (1 + (perm >= diff).sum()) / (1 + cfg.n_perm) < 0.05)}
 
 
+def _predictions(groups, rows: dict, cfg: SensitivityConfig, n: int) -> dict:
+    """(base flips, gain per group kept high) under each additive model:
+    - reverse: from the uniform target file, keeping group g high removes target - keep_g flips;
+    - forward: from the uniform high file, putting group g at the target adds only_g - parity flips (its rows
+      have the rest at F32, not at the high type), so keeping g high saves that many of the all-target sum."""
+    flips = lambda key: round(rows[key]["flip_rate"] * n)
+    base = flips(f"uniform_{cfg.target}")
+    out = {"reverse": (base, [base - flips(f"keep_{label}") for label, _ in groups])}
+    floor = flips(PARITY) if PARITY in rows else 0
+    loss = [max(0, flips(f"only_{label}") - floor) for label, _ in groups]
+    out["forward"] = (flips(f"uniform_{cfg.high}") + sum(loss), loss)
+    return out
+
+
 def _recipe(groups, rows: dict, target: dict, high: dict, cfg: SensitivityConfig, audit_cfg: AuditConfig,
             n: int) -> dict:
+    """The cheapest keep-high set under each additive model; the recipe is the smallest file predicted to pass
+    (or, when none is, the lowest predicted flips), the other model's choice kept beside it."""
     base_row = rows[f"uniform_{cfg.target}"]
-    base = round(base_row["flip_rate"] * n)
-    gain = [base - round(rows[f"keep_{label}"]["flip_rate"] * n) for label, _ in groups]
     cost = [rows[f"keep_{label}"]["file_bytes"] - base_row["file_bytes"] for label, _ in groups]
     allowed = int(np.floor(audit_cfg.thresholds.max_flip_rate * n + 1e-9))
-    r = cheapest(base, gain, cost, allowed)
+    found = {m: cheapest(base, gain, cost, allowed) for m, (base, gain) in _predictions(groups, rows, cfg, n).items()}
+    model = min(found, key=lambda m: (not found[m].feasible,
+                                      found[m].added_bytes if found[m].feasible else found[m].predicted_flips))
+    r = found[model]
     kept = [groups[i] for i in r.keep]
     types = dict(target)
     for _, names in kept:
         types.update({name: high[name] for name in names})
     overrides = [f"{name}={high[name].lower()}" for _, names in kept for name in names if high[name] != target[name]]
-    return {"keep_high": [label for label, _ in kept], "feasible": r.feasible, "types": types,
-            "llama_quantize_overrides": overrides, "predicted_flip_rate": r.predicted_flips / n,
+    others = {m: {"keep_high": [groups[i][0] for i in o.keep], "feasible": o.feasible,
+                  "predicted_flip_rate": o.predicted_flips / n,
+                  "predicted_file_bytes": int(base_row["file_bytes"] + o.added_bytes)} for m, o in found.items()}
+    return {"keep_high": [label for label, _ in kept], "feasible": r.feasible, "model": model, "by_model": others,
+            "types": types, "llama_quantize_overrides": overrides, "predicted_flip_rate": r.predicted_flips / n,
             "predicted_file_bytes": int(base_row["file_bytes"] + r.added_bytes),
             "uniform_target_bytes": base_row["file_bytes"],
             "uniform_high_bytes": rows[f"uniform_{cfg.high}"]["file_bytes"],
