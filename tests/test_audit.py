@@ -276,3 +276,14 @@ def test_a_quantized_kv_cache_is_a_candidate(planted_run):
     with pytest.raises(EmoscopeError, match="block of 32"):
         run_audit(AuditConfig(candidates=[Candidate(name="q8", kv_cache="gguf:Q8_0")], ablation_per_emotion=0),
                   d / "run", view, None)
+
+
+def test_causal_features_fall_back_to_features_beating_the_random_control():
+    from emoscope.stages.audit import _traced
+
+    feat = lambda layer, f, lo: {"layer": layer, "feature": f, "effect": {"value": lo + 0.1, "lo": lo, "hi": lo + 0.2}}
+    phases = {"0": {"set": [], "features": [feat(1, 5, 0.3), feat(1, 6, 0.05)], "random_control": {"hi": 0.1}},
+              "1": {"set": [], "features": [feat(3, 7, 1.2)], "random_control": {"hi": 0.2}}}
+    assert _traced({"phases": phases}) == [[1, 5], [3, 7]]  # 1/6's interval reaches into the control's
+    phases["1"]["set"] = [[3, 7]]
+    assert _traced({"phases": phases}) == [[3, 7]]  # a chosen set wins whenever there is one

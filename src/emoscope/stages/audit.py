@@ -366,12 +366,22 @@ def _ablation_effects(task: Task, texts, saes, causal, labels, idx) -> dict[str,
 
 
 def _causal_sets(trace: TraceResult | None, phases: PhasesResult | None) -> dict[str, list[list[int]]]:
-    """Causal features per emotion: tracing's chosen sets, else the phases stage's top features."""
+    """Causal features per emotion: tracing's chosen sets, else the phases stage's top features. An emotion whose
+    sets are empty (no small set removed half its margin: SmolLM2's quick trace) keeps the traced features whose
+    own ablation's interval lies above the random control's, so its causal features are still audited."""
     if trace is not None:
-        return {lab: [f for p in e["phases"].values() for f in p["set"]] for lab, e in trace["emotions"].items()}
+        return {lab: _traced(e) for lab, e in trace["emotions"].items()}
     if phases is not None:
         return {lab: [[f["layer"], f["feature"]] for f in fs] for lab, fs in phases["top_features"].items()}
     return {}
+
+
+def _traced(emotion: dict) -> list[list[int]]:
+    chosen = [f for p in emotion["phases"].values() for f in p["set"]]
+    if chosen:
+        return chosen
+    return [[f["layer"], f["feature"]] for p in emotion["phases"].values() if p.get("random_control")
+            for f in p["features"] if f["effect"]["lo"] > p["random_control"]["hi"]]
 
 
 @contextmanager
