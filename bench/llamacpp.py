@@ -90,6 +90,9 @@ def measure(a) -> dict:
     t["torch"], lt = timed(lambda: score_ids(ref, prompts, labels, task.config.batch_size), repeat=2)
     first = [lab[0] for lab in labels]
     nat_lp = llamacpp._log_softmax(nat)[:, first]
+    # llama.cpp's own spread: the same prompts decoded one at a time against inside the batch
+    alone = np.stack([native_decode(qfile, [p], a.threads)[0] for p in prompts[:20]])
+    spread = float(np.abs(llamacpp._log_softmax(alone)[:, first] - nat_lp[:20]).max())
     single = all(len(lab) == 1 for lab in labels)
     return {"model": a.model, "type": a.type, "threads": a.threads, "n_prompts": len(prompts),
             "mean_prompt_tokens": float(np.mean([len(p) for p in prompts])), "n_labels": len(labels),
@@ -101,6 +104,7 @@ def measure(a) -> dict:
             "llamacpp_f32_speedup_vs_torch": round(t["torch"] / t["f32"], 2),
             "llamacpp_type_speedup_vs_torch": round(t["torch"] / t["emoscope"], 2),
             "max_abs_diff_vs_native": float(np.abs(lp - nat_lp).max()) if single else None,
+            "native_alone_vs_batched_max_abs_diff": spread,
             "f32_max_abs_diff_vs_torch": float(np.abs(lf - lt).max())}
 
 
@@ -133,6 +137,8 @@ def main() -> None:
                       ("emoscope on transformers, float32", "torch_s")]:
         table.add_row(what, f"{fig[key]:.3f}", f"{fig[key] / base:.2f}")
     Console().print(table)
+    print(f"label log-p, max |difference|: emoscope vs llama.cpp's batched decode {fig['max_abs_diff_vs_native']}; "
+          f"llama.cpp alone vs batched (20 prompts) {fig['native_alone_vs_batched_max_abs_diff']:.3f}")
     print(json.dumps(fig))
     if a.json:
         with open(a.json, "w") as f:
