@@ -35,6 +35,7 @@ import torch
 
 from .artifacts import cache_root, file_sha256
 from .errors import EmoscopeError
+from .task.score import _common_prefix
 
 INSTALL = "pip install 'emoscope[llamacpp]'"
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
@@ -375,18 +376,6 @@ class _Callback:
             x[rows] += delta.detach().to(torch.float32).numpy()
         if layer in self.capture:
             self.captured[layer] = x[rows].copy()
-
-
-def _common_prefix(seqs: list[list[int]], keep: int) -> int:
-    """Tokens every sequence starts with, leaving each at least `keep` tokens of its own."""
-    n = min(len(s) for s in seqs) - keep
-    first = seqs[0]
-    for s in seqs[1:]:
-        i = 0
-        while i < n and s[i] == first[i]:
-            i += 1
-        n = i
-    return max(n, 0)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -19,8 +19,10 @@ from ..hooks import HookPoint, record, resid
 from ..models import ModelView
 
 
-def _common_prefix(seqs: list[list[int]]) -> int:
-    n = min(len(s) for s in seqs) - 1  # every prompt keeps >= 1 own token: its last logits are needed
+def _common_prefix(seqs: list[list[int]], keep: int = 1) -> int:
+    """Tokens every sequence starts with, leaving each at least `keep` tokens of its own (1: a prompt's last
+    logits are needed)."""
+    n = min(len(s) for s in seqs) - keep
     first = seqs[0]
     for s in seqs[1:]:
         i = 0
