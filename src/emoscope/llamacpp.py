@@ -35,7 +35,7 @@ import torch
 
 from .artifacts import cache_root, file_sha256
 from .errors import EmoscopeError
-from .task.score import _common_prefix
+from .prefix import common_prefix as _common_prefix
 
 INSTALL = "pip install 'emoscope[llamacpp]'"
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}

@@ -17,19 +17,7 @@ import torch
 from .. import distributed as dist
 from ..hooks import HookPoint, record, resid
 from ..models import ModelView
-
-
-def _common_prefix(seqs: list[list[int]], keep: int = 1) -> int:
-    """Tokens every sequence starts with, leaving each at least `keep` tokens of its own (1: a prompt's last
-    logits are needed)."""
-    n = min(len(s) for s in seqs) - keep
-    first = seqs[0]
-    for s in seqs[1:]:
-        i = 0
-        while i < n and s[i] == first[i]:
-            i += 1
-        n = i
-    return max(n, 0)
+from ..prefix import common_prefix as _common_prefix
 
 
 @torch.no_grad()
