@@ -287,6 +287,24 @@ def test_sae_training_is_deterministic(tmp_path, tiny_dir, shared_data):
     assert all(torch.equal(c.saes[h].W_dec, a.saes[h].W_dec) for h in a.saes)
 
 
+_PAUSE_IN_WRITE = """
+import os, pathlib, time
+from emoscope.stages import base
+
+_write = base.StageResult._write
+
+
+def _paused(self, folder):
+    _write(self, folder)
+    if self.stage == os.environ.get("EMOSCOPE_TEST_PAUSE_STAGE"):
+        pathlib.Path(os.environ["EMOSCOPE_TEST_PAUSED"]).touch()
+        time.sleep(600)
+
+
+base.StageResult._write = _paused
+"""
+
+
 def _tiny_run_yaml(tmp_path, tiny_dir, toy_data, name):
     cfg = {
         "run_dir": str(tmp_path / name), "model": {"name": str(tiny_dir)}, "stages": ["evaluate", "saes", "phases",
@@ -309,29 +327,35 @@ def _results(run_dir):
 
 
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_dir, toy_data, shared_data):
-    """Kill `emoscope run` with SIGKILL inside the saes stage, then inside phases; the rerun resumes and
-    its results are byte-identical to an uninterrupted run's (which also shows determinism)."""
+    """Kill `emoscope run` with SIGKILL inside the saes stage, then inside phases, each time while the stage is
+    half-way through writing its result; the rerun resumes and its results are byte-identical to an
+    uninterrupted run's (which also shows determinism). The pause is planted by a `sitecustomize` on the
+    child's path, so the kill lands at the same point on any CPU (a timed kill missed on a fast one)."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
+    hook = tmp_path / "pause"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_PAUSE_IN_WRITE)
     cli = [sys.executable, "-m", "emoscope.cli", "run", "--config"]
     killed = _tiny_run_yaml(tmp_path, tiny_dir, toy_data, "killed")
     run_dir = tmp_path / "killed"
     for stage in ("saes", "phases"):
-        proc = subprocess.Popen(cli + [str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 240
-        log = run_dir / "run.log"
-        while (proc.poll() is None and time.time() < deadline
-               and not (log.exists() and f"stage {stage}: running" in log.read_text().splitlines()[-1])):
+        paused = tmp_path / f"paused-{stage}"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+               "EMOSCOPE_TEST_PAUSE_STAGE": stage, "EMOSCOPE_TEST_PAUSED": str(paused)}
+        proc = subprocess.Popen(cli + [str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline and not paused.exists():
             time.sleep(0.02)
-        time.sleep(0.3)
-        assert proc.poll() is None, f"run finished before the {stage} stage could be killed"
+        assert paused.exists() and proc.poll() is None, f"the run never paused in the {stage} stage"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         assert not (run_dir / stage / "result.json").exists()
+        assert list(run_dir.glob(f".{stage}.tmp-*/result.json"))  # killed half-way through writing
     before = (run_dir / "run.log").read_text()
     rerun = subprocess.run(cli + [str(killed)], capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
