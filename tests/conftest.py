@@ -7,7 +7,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# the datasets: $EMOSCOPE_DATA where set (a GPU machine, where ../shared does not travel), else ../shared/data
+SHARED = Path(os.environ.get("EMOSCOPE_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
