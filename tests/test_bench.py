@@ -38,6 +38,7 @@ ARGS = {
     "capture.py": lambda tiny, run: ["--model", tiny, "--batches", "2", "--seqs", "2", "--repeats", "1"],
     "sae_train.py": lambda tiny, run: ["--model", tiny, "--layer", "1", "--tokens", "1024", "--test-tokens", "256",
                                        "--expansion", "2", "--k", "4", "--batch", "256"],
+    "sae_quality.py": lambda tiny, run: [run, "--positions", "8", "--seeds", "2"],
     "trace.py": lambda tiny, run: [run, "--n", "2", "--topk", "2", "--sample", "2", "--whole", "1"],
     # the large-model path on a narrow model with many layers and wide SAEs (the tiny model's tokenizer)
     "scale.py": lambda tiny, run: ["--sizes", "deep", "--tokenizer", tiny],
@@ -54,7 +55,8 @@ def _tiny_gguf(path):
     return path if path.exists() else tiny_gguf(path)
 KEYS = {"score_labels.py": "speedup", "capture.py": None, "sae_train.py": None,
         "trace.py": "speedup_vs_cached_exhaustive", "scale.py": "deep_peak_over_bytes",
-        "parallel.py": "evaluate_speedup", "llamacpp.py": "emoscope_over_native", "canary.py": "agreement_share"}
+        "parallel.py": "evaluate_speedup", "llamacpp.py": "emoscope_over_native", "canary.py": "agreement_share",
+        "sae_quality.py": "replay_identical"}
 
 
 @pytest.mark.parametrize("script", sorted(ARGS))
@@ -69,6 +71,8 @@ def test_bench_script_runs(script, tiny_dir, tiny_run, tmp_path):
     assert all(not isinstance(v, (dict, list)) for v in figures.values()), "--json writes a flat object"
     if KEYS[script]:
         assert KEYS[script] in figures
+    if script == "sae_quality.py":  # replaying the blocks before the hook changes no number
+        assert figures["replay_identical"] is True
     if script == "parallel.py":  # 2 ranks wrote one process's results
         assert figures["ranks"] == 2 and figures["identical_files"] == figures["compared_files"] > 0
     if script == "scale.py":  # every stage ran and recorded its time and peak memory

@@ -9,6 +9,8 @@ position 1 on, the positions the SAEs were trained on.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -26,72 +28,139 @@ def splice(view: ModelView, hp: HookPoint, fn):
     return edit_output(view, hp, edit)
 
 
-def lm_loss(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """Summed next-token cross-entropy and token count, from position 1 on; the unembedding is applied
-    in chunks of positions so a 262k-token vocabulary never needs a full [batch, seq, vocab] tensor."""
+def lm_loss(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 256,
+            positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed next-token cross-entropy and token count, from position 1 on (only at `positions`, indices into
+    those next-token predictions in row-major order, where given); the unembedding is applied in chunks of
+    positions so a 262k-token vocabulary never needs a full [batch, seq, vocab] tensor."""
     with record(view, [HookPoint(view.n_layers - 1)]) as acts:
-        view.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-    h = acts[resid(view.n_layers - 1)][:, 1:-1].reshape(-1, view.d_model)
+        view.model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False)
+    return _ce(view, acts[resid(view.n_layers - 1)], ids, mask, chunk, positions)
+
+
+def _ce(view: ModelView, last: torch.Tensor, ids, mask, chunk: int, positions) -> torch.Tensor:
+    """lm_loss from the last layer's residual [batch, seq, d]."""
+    h = last[:, 1:-1].reshape(-1, view.d_model)
     tgt = ids[:, 2:].reshape(-1)
     valid = (mask[:, 2:] > 0).reshape(-1)
+    if positions is not None:
+        h, tgt, valid = h[positions.to(h.device)], tgt[positions.to(tgt.device)], valid[positions.to(valid.device)]
     total = torch.zeros((), dtype=torch.float64)
     for i in range(0, len(h), chunk):
         logits = view.logits_from_resid(h[i:i + chunk]).float()
-        ce = F.cross_entropy(logits, tgt[i:i + chunk], reduction="none")
-        total += (ce * valid[i:i + chunk]).sum().double()
+        ce = F.cross_entropy(logits, tgt[i:i + chunk].to(logits.device), reduction="none")
+        total += (ce * valid[i:i + chunk].to(ce.device)).sum().double().cpu()
     return torch.stack([total, valid.sum().double().cpu()])
+
+
+def ce_sample(mask: torch.Tensor, n: int | None, seed: int) -> torch.Tensor | None:
+    """A seeded sample of `n` next-token positions of a batch (sorted indices for lm_loss); None: all of them."""
+    valid = torch.nonzero((mask[:, 2:] > 0).reshape(-1).cpu()).squeeze(1)
+    if n is None or n >= len(valid):
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return valid[torch.randperm(len(valid), generator=g)[:n]].sort().values
+
+
+@contextmanager
+def block_outputs(view: ModelView):
+    """Within the block, every forward stores what each decoder block returned, by layer."""
+    outs: dict[int, object] = {}
+    handles = [b.register_forward_hook(lambda mod, inp, out, i=i: outs.__setitem__(i, out))
+               for i, b in enumerate(view.blocks)]
+    try:
+        yield outs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def replay(view: ModelView, outs: dict[int, object], upto: int):
+    """Within the block, decoder blocks 0..upto-1 return what they returned in a recorded forward over the same
+    batch (`block_outputs`) instead of computing it; hooks on them still run. A forward that changes nothing
+    before block `upto` gives the same result, bit for bit, without recomputing the blocks before it."""
+    saved = []
+    try:
+        for i in range(upto):
+            blk = view.blocks[i]
+            saved.append((blk, blk.__dict__.get("forward")))  # an instance forward: accelerate's device hooks
+            blk.forward = lambda *a, _out=outs[i], **k: _out
+        yield
+    finally:
+        for blk, own in saved:
+            if own is None:
+                del blk.forward
+            else:
+                blk.forward = own
 
 
 @torch.no_grad()
 def evaluate_saes(view: ModelView, saes: dict[str, SAE], batches: list[tuple[torch.Tensor, torch.Tensor]],
-                  ce: bool = True, dense_threshold: float = 0.1) -> dict[str, dict]:
-    """Per-hook quality metrics on the given held-out (ids, mask) batches."""
+                  ce: bool = True, dense_threshold: float = 0.1, ce_positions: int | None = None,
+                  seed: int = 0, reuse: bool = True) -> dict[str, dict]:
+    """Per-hook quality metrics on the given held-out (ids, mask) batches. The CE losses are taken at every
+    next-token position, or at a seeded sample of `ce_positions` per batch (the same for the clean, spliced and
+    zero-ablated passes). A spliced pass replays the clean pass's blocks before its hook (`reuse`; the same
+    numbers as recomputing them, bit for bit, in about half the forward time over all layers)."""
     hooks = [HookPoint.parse(n) for n in saes]
+    last = HookPoint(view.n_layers - 1)
     sums = {n: {"sq_err": 0.0, "sq_tot": 0.0, "cos": 0.0, "l0": 0.0, "n": 0, "sum_x": 0.0, "sum_x2": 0.0} for n in saes}
     fires = {n: torch.zeros(s.cfg.d_sae, dtype=torch.long, device=s.W_dec.device) for n, s in saes.items()}
+    losses = {n: torch.zeros(2, 2, dtype=torch.float64) for n in saes}  # [spliced, zero] x [sum, count]
     clean = torch.zeros(2, dtype=torch.float64)
-    for ids, mask in batches:
+    for b, (ids, mask) in enumerate(batches):
         keep = mask.bool().clone()
         keep[:, 0] = False
-        with record(view, hooks) as acts:
-            view.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+        with record(view, hooks + [last]) as acts, block_outputs(view) as outs:
+            view.model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False)
         for n, sae in saes.items():
-            x = acts[n][keep].to(sae.W_dec.device, torch.float32)
-            out = sae(x)
-            s = sums[n]
-            s["sq_err"] += float((out.recon - x).pow(2).sum())
-            s["sum_x"] = s["sum_x"] + x.sum(0).double()
-            s["sum_x2"] += float(x.double().pow(2).sum())
-            s["cos"] += float(F.cosine_similarity(out.recon, x, dim=-1).sum())
-            active = out.feats > 0
-            s["l0"] += float(active.sum())
-            s["n"] += len(x)
-            fires[n] += active.sum(0)
+            _add_reconstruction(sums[n], fires[n], sae, acts[n][keep].to(sae.W_dec.device, torch.float32))
         if ce:
-            clean += lm_loss(view, ids, mask)
-    result = {}
+            pos = ce_sample(mask, ce_positions, seed * 7919 + b)
+            clean += _ce(view, acts[last.name], ids, mask, 256, pos)
+            for n, sae in saes.items():
+                losses[n] += _spliced_losses(view, HookPoint.parse(n), sae, outs if reuse else None, ids, mask, pos)
+        del acts, outs
     ce_clean = float(clean[0] / clean[1]) if ce else None
-    for n, sae in saes.items():
-        s = sums[n]
-        # total variance around the mean: sum ||x||^2 - ||sum x||^2 / n
-        sq_tot = s["sum_x2"] - float((s["sum_x"] ** 2).sum()) / s["n"]
-        frac = fires[n].double() / s["n"]
-        r = {"n_tokens": s["n"], "l0": s["l0"] / s["n"], "fvu": s["sq_err"] / sq_tot, "cosine": s["cos"] / s["n"],
-             "dead_frac": float((fires[n] == 0).double().mean()),
-             "dense_frac": float((frac > dense_threshold).double().mean())}
-        if ce:
-            hp = HookPoint.parse(n)
-            spliced = zero = torch.zeros(2, dtype=torch.float64)
-            for ids, mask in batches:
-                with splice(view, hp, lambda t: sae(t.float()).recon):
-                    spliced = spliced + lm_loss(view, ids, mask)
-                with splice(view, hp, torch.zeros_like):
-                    zero = zero + lm_loss(view, ids, mask)
-            ce_sae, ce_zero = float(spliced[0] / spliced[1]), float(zero[0] / zero[1])
-            r.update(ce_clean=ce_clean, ce_sae=ce_sae, ce_zero=ce_zero, delta_lm_loss=ce_sae - ce_clean,
-                     ce_recovered=(ce_zero - ce_sae) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan"))
-        result[n] = r
-    return result
+    return {n: _metrics(sums[n], fires[n], dense_threshold, ce_clean, losses[n] if ce else None) for n in saes}
+
+
+def _add_reconstruction(s: dict, fires: torch.Tensor, sae: SAE, x: torch.Tensor) -> None:
+    out = sae(x)
+    s["sq_err"] += float((out.recon - x).pow(2).sum())
+    s["sum_x"] = s["sum_x"] + x.sum(0).double()
+    s["sum_x2"] += float(x.double().pow(2).sum())
+    s["cos"] += float(F.cosine_similarity(out.recon, x, dim=-1).sum())
+    active = out.feats > 0
+    s["l0"] += float(active.sum())
+    s["n"] += len(x)
+    fires += active.sum(0)
+
+
+def _spliced_losses(view, hp: HookPoint, sae: SAE, outs, ids, mask, pos) -> torch.Tensor:
+    """lm_loss with the SAE's reconstruction spliced in at the hook, and with the hook zero-ablated."""
+    upto = hp.layer + 1 if hp.kind == "resid_post" else hp.layer  # a block's own output hook runs on a replay
+    with replay(view, outs or {}, upto if outs is not None else 0):
+        with splice(view, hp, lambda t: sae(t.float()).recon):
+            spliced = lm_loss(view, ids, mask, positions=pos)
+        with splice(view, hp, torch.zeros_like):
+            zero = lm_loss(view, ids, mask, positions=pos)
+    return torch.stack([spliced, zero])
+
+
+def _metrics(s: dict, fires: torch.Tensor, dense_threshold: float, ce_clean, losses) -> dict:
+    # total variance around the mean: sum ||x||^2 - ||sum x||^2 / n
+    sq_tot = s["sum_x2"] - float((s["sum_x"] ** 2).sum()) / s["n"]
+    frac = fires.double() / s["n"]
+    r = {"n_tokens": s["n"], "l0": s["l0"] / s["n"], "fvu": s["sq_err"] / sq_tot, "cosine": s["cos"] / s["n"],
+         "dead_frac": float((fires == 0).double().mean()),
+         "dense_frac": float((frac > dense_threshold).double().mean())}
+    if losses is not None:
+        ce_sae, ce_zero = float(losses[0, 0] / losses[0, 1]), float(losses[1, 0] / losses[1, 1])
+        r.update(ce_clean=ce_clean, ce_sae=ce_sae, ce_zero=ce_zero, delta_lm_loss=ce_sae - ce_clean,
+                 ce_recovered=(ce_zero - ce_sae) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan"))
+    return r
 
 
 def heldout_batches(view: ModelView, n_seqs: int, context: int, seed: int, seqs_per_forward: int = 8, data_dir=None):

@@ -50,6 +50,10 @@ class SAEStageConfig(BaseModel):
     """Longest held-out sequence, in tokens."""
     ce: bool = True
     """Compute CE-loss recovered (two extra forwards per layer)."""
+    ce_positions: int | None = Field(None, ge=1, exclude_if=lambda v: v is None)
+    """Next-token positions per held-out batch at which the CE losses are taken: a seeded sample, the same for
+    the clean, spliced and zero-ablated passes (the unembedding of a large vocabulary is most of a pass's cost);
+    unset: every position."""
 
 
 class SAEsResult(StageResult):
@@ -121,7 +125,7 @@ def compute(model: ModelView, cfg: SAEStageConfig, data_dir=None, progress=None,
     t_train = time.time() - t0
     batches = heldout_batches(model, cfg.eval_seqs, cfg.eval_context, cfg.train.seed, data_dir=data_dir)
     with profiling.section("llm_forward:sae_quality"):  # the held-out forwards: clean, spliced, zero-ablated
-        quality = evaluate_saes(model, saes, batches, ce=cfg.ce)
+        quality = evaluate_saes(model, saes, batches, ce=cfg.ce, ce_positions=cfg.ce_positions, seed=cfg.train.seed)
     for name, st in train_stats.get("layers", {}).items():
         # dead = unfired over the last `dead_tokens` training tokens (the usual definition); the
         # held-out `dead_frac` counts latents unseen on a few thousand tokens, which overstates it
