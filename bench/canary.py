@@ -41,7 +41,9 @@ def agreement(ctx: RunContext, canary: cn.Canary) -> list[dict]:
         r = cn.check_candidate(canary, ctx.task, cand, acfg)
         rows.append({"candidate": row["name"], "audit_failed": row["failed"], "audit_flip_rate": row["flip_rate"],
                      "canary_failed": not r.passed, "canary_drifted": "+".join(r.drifted),
-                     "predicted_flip_rate": r.predicted_flip_rate, "canary_flips": r.canary_flips,
+                     "canary_uncertain": "+".join(r.uncertain), "predicted_flip_rate": r.predicted_flip_rate,
+                     "flip_rate_lo": r.flip_rate_interval[0], "flip_rate_hi": r.flip_rate_interval[1],
+                     "canary_flips": r.canary_flips,
                      "seconds": r.seconds})
     return rows
 
@@ -59,7 +61,7 @@ def served_check(name: str, canary: cn.Canary, threads: int) -> tuple[float, flo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path, help="a run directory with an audit (emoscope audit --config ...)")
-    ap.add_argument("--n", type=int, default=24, help="canary examples")
+    ap.add_argument("--n", type=int, default=48, help="canary examples")
     ap.add_argument("--gguf", type=Path, default=None, help="the served file (default: the reference's own GGUF)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", default=None, help="write the figures here as a flat JSON object")
@@ -79,7 +81,10 @@ def main() -> None:
            "n_audited": canary.meta["n_audited"], "n_candidates": len(rows), "agreement": agree,
            "agreement_share": round(agree / len(rows), 3), "false_alarms": sum(r["canary_failed"] and not
                                                                               r["audit_failed"] for r in rows),
-           "missed": sum(r["audit_failed"] and not r["canary_failed"] for r in rows), "write_s": round(write_s, 2),
+           "missed": sum(r["audit_failed"] and not r["canary_failed"] for r in rows),
+           "uncertain": sum(bool(r["canary_uncertain"]) for r in rows),
+           "uncertain_audit_failed": sum(bool(r["canary_uncertain"]) and r["audit_failed"] for r in rows),
+           "write_s": round(write_s, 2),
            "max_check_scoring_s": round(max(r["seconds"] for r in rows), 3),
            "served_file": str(source) if source else None,
            "served_load_s": round(served[0], 2) if served else None,
@@ -88,12 +93,15 @@ def main() -> None:
            "served_passed": served[2] if served else None}
     table = Table(title=f"canary ({fig['n_canary']} examples) against the full audit ({fig['n_audited']}), "
                         f"{fig['model']} ({fig['cpu']})")
-    for col in ("candidate", "audit flips", "audit", "canary predicted flips", "canary flips", "canary", "agree"):
+    for col in ("candidate", "audit flips", "audit", "canary predicted flips (interval)", "canary flips", "canary",
+                "agree"):
         table.add_column(col)
     for r in rows:
         table.add_row(r["candidate"], f"{r['audit_flip_rate']:.3f}", "FAIL" if r["audit_failed"] else "pass",
-                      f"{r['predicted_flip_rate']:.3f}", f"{r['canary_flips']}/{fig['n_canary']}",
-                      r["canary_drifted"] or "pass", "yes" if r["audit_failed"] == r["canary_failed"] else "NO")
+                      f"{r['predicted_flip_rate']:.3f} ({r['flip_rate_lo']:.3f}-{r['flip_rate_hi']:.3f})",
+                      f"{r['canary_flips']}/{fig['n_canary']}",
+                      r["canary_drifted"] or ("uncertain" if r["canary_uncertain"] else "pass"),
+                      "yes" if r["audit_failed"] == r["canary_failed"] else "NO")
     Console().print(table)
     if served:
         print(f"es.canary.check on {source} in llama.cpp: load {served[0]:.2f} s + check {served[1]:.2f} s")

@@ -93,6 +93,16 @@ def test_flip_rate_is_observed_on_the_canary_and_predicted_for_the_rest():
     r = cn.judge(_synthetic([5.0] * 10, ref, top), {"cal": swapped, "pre": np.zeros((4, 0))})
     assert r.canary_flips == 4 and r.predicted_flip_rate == pytest.approx(0.4)
     assert r.predicted_accuracy_change == pytest.approx(-0.4)
+    # a spread of margin changes that predicts a flip rate within the threshold, but with an interval crossing
+    # it: 1 of 4 canary changes is -0.2 (each of the 46 margins at 0.1 flips under it), so 0.115 predicted and
+    # resamples with 2+ such changes (p = 0.26) predict 0.23 > 0.2: uncertain, a fail, and no drift named
+    rare = np.array([[-0.1, 0.1], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    r = cn.judge(c, {"cal": ref + rare, "pre": np.zeros((4, 0))})
+    assert r.predicted_flip_rate == pytest.approx(0.115) and r.drifted == [] and r.uncertain == ["labels"]
+    assert not r.passed and r.flip_rate_interval[0] == 0 and r.flip_rate_interval[1] > 0.2
+    # none of the changes can flip a margin: certain, and passed
+    r = cn.judge(c, {"cal": ref, "pre": np.zeros((4, 0))})
+    assert r.passed and r.uncertain == [] and r.flip_rate_interval == (0.0, 0.0)
     # a non-finite row is a flip and fails the labels whatever the margins say
     bad = ref.copy()
     bad[0] = np.nan

@@ -48,12 +48,16 @@ EIGHT_BIT_KV = {"gguf:Q8_0", "quanto:int8", "q8_0"}
 
 class CanaryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-    n: int = Field(24, ge=4)
-    """Examples in the canary: half the most fragile, half the most diagnostic."""
+    n: int = Field(48, ge=4)
+    """Examples in the canary: half the most fragile, half the most diagnostic (48: SmolLM2's borderline builds
+    decided as the full audit decides them, where 24 left them uncertain; docs/findings.md)."""
     kappa: float = Field(2.0, gt=0)
     """A feature's tolerance: this many times its largest change among the passing 8-bit candidates."""
     floor: float = Field(0.02, ge=0, le=1)
     """Smallest tolerance, as a share of the feature's mean reference pre-activation where active."""
+    confidence: float = Field(0.9, gt=0, lt=1)
+    """Two-sided confidence of the interval around the predicted flip rate and accuracy change (a bootstrap over the
+    canary's margin changes); a threshold inside it makes the verdict 'uncertain' (exit 1: run the full audit)."""
 
 
 class CanaryCheck(NamedTuple):
@@ -61,8 +65,13 @@ class CanaryCheck(NamedTuple):
     """The audit's thresholds hold on the canary's estimates."""
     drifted: list[str]
     """What broke a threshold: 'labels', 'features', both or none."""
+    uncertain: list[str]
+    """'labels' when the predicted flip rate or accuracy change is within its thresholds but its interval is not:
+    too close to call on the canary alone (the verdict is then a fail, as for a drift)."""
     predicted_flip_rate: float
     """Flip rate over all audited examples predicted from the canary's margin changes."""
+    flip_rate_interval: tuple[float, float]
+    """Its interval at the canary's `confidence`."""
     predicted_accuracy_change: float
     """Accuracy change over all audited examples predicted the same way."""
     canary_flips: int
@@ -170,7 +179,7 @@ def write(task: Task, saes: dict, evaluation: EvalResult, audit_result: AuditRes
              if int(layer) in ref.saes]
     sliced = _slice(ref.saes, feats)
     texts = [ref.texts[i] for i in idx]
-    meta = _meta(task, ref, idx, feats, sliced, audit_result, acfg.thresholds)
+    meta = {**_meta(task, ref, idx, feats, sliced, audit_result, acfg.thresholds), "confidence": cfg.confidence}
     arrays = {**_label_arrays(ref, idx), "ref_pre": pre_acts(sliced, feats, ref.obs["resid"], idx),
               **_slice_arrays(sliced)}
     arrays["active_at"], arrays["ref_active"] = _activity(ref, feats, idx)
@@ -361,6 +370,7 @@ def judge(canary: Canary, obs: dict, seconds: float = 0.0) -> CanaryCheck:
     d = np.where(bad, -1e3, _margins(cal, top) - _margins(a["ref_cal"], top))
     flipped = (cal.argmax(1) != top) | bad
     flip_rate, acc_change = _predicted(a, d, flipped, cal.argmax(1), bad, canary.meta)
+    (f_lo, f_hi), (a_lo, _) = _band(a, d, flipped, cal.argmax(1), bad, canary.meta)
     on = a["ref_active"].astype(bool)
     alive = obs["pre"] > a["active_at"]
     survival = float(alive[on].mean()) if on.any() else None
@@ -372,7 +382,21 @@ def judge(canary: Canary, obs: dict, seconds: float = 0.0) -> CanaryCheck:
         drifted.append("labels")
     if survival is not None and survival < t.min_causal_survival:
         drifted.append("features")
-    return CanaryCheck(not drifted, drifted, flip_rate, acc_change, int(flipped.sum()), survival, named, seconds)
+    uncertain = ["labels"] if "labels" not in drifted and (f_hi > t.max_flip_rate or -a_lo > t.max_accuracy_drop) \
+        else []
+    return CanaryCheck(not drifted and not uncertain, drifted, uncertain, flip_rate, (f_lo, f_hi), acc_change,
+                       int(flipped.sum()), survival, named, seconds)
+
+
+def _band(a: dict, d: np.ndarray, flipped, pred, bad, meta: dict, n_boot: int = 1000):
+    """Intervals of (flip rate, accuracy change) at the canary's confidence: `_predicted` with the canary examples'
+    margin changes resampled (seeded; the canary's own flips are observed, not resampled)."""
+    rng = np.random.default_rng(0)
+    draws = np.array([_predicted(a, d[rng.integers(0, len(d), len(d))], flipped, pred, bad, meta)
+                      for _ in range(n_boot)])
+    q = (1 - meta.get("confidence", 0.9)) / 2
+    lo, hi = np.quantile(draws, [q, 1 - q], axis=0)
+    return (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1]))
 
 
 def _predicted(a: dict, d: np.ndarray, flipped: np.ndarray, pred: np.ndarray, bad: np.ndarray, meta: dict):

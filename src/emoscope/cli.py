@@ -428,7 +428,7 @@ canary_app.callback(invoke_without_command=True)(_usage_without_command)
 
 @canary_app.command("write")
 def canary_write(config: str = typer.Option(..., help="Run config with an `audit:` section (audited, or resumed)."),
-                 n: int = typer.Option(24, help="Examples in the canary (half most fragile, half most diagnostic)."),
+                 n: int = typer.Option(48, help="Examples in the canary (half most fragile, half most diagnostic)."),
                  out_dir: Optional[Path] = typer.Option(None, "--out", help="Canary folder (default: RUN_DIR/canary)."),
                  set_: list[str] = typer.Option([], "--set", help=SET_HELP)):
     """Write a canary from the run's audit: examples, reference answers, causal features and 8-bit tolerances."""
@@ -466,7 +466,7 @@ def canary_check(canary: Path = typer.Argument(..., help="Canary folder (from `e
                  device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
                  as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Run a canary on a build: exit 0 when it holds the audit's thresholds, 1 on drift (naming labels, features
-    or both), 2 on bad input."""
+    or both) or when the labels are too close to a threshold to call, 2 on bad input."""
     import yaml
 
     from . import canary as canary_mod
@@ -492,7 +492,9 @@ def canary_check(canary: Path = typer.Argument(..., help="Canary folder (from `e
     else:
         print_canary(res, c)
     if not res.passed:
-        err.print(f"canary: {' and '.join(res.drifted)} drifted", markup=False)
+        err.print(f"canary: {' and '.join(res.drifted)} drifted" if res.drifted else
+                  f"canary: {' and '.join(res.uncertain)} uncertain (the predicted flip rate's interval crosses a "
+                  f"threshold): run the full audit", markup=False)
         raise typer.Exit(1)
 
 

@@ -187,14 +187,18 @@ def print_canary(res, canary) -> None:
                       f"{len(m['features'])} causal features")
     for c in ("", "value", "threshold"):
         tab.add_column(c)
-    tab.add_row("predicted flip rate", f"{res.predicted_flip_rate:.3f}", f"max {t.max_flip_rate}")
+    lo, hi = res.flip_rate_interval
+    conf = round(100 * m.get("confidence", 0.9))
+    tab.add_row("predicted flip rate", f"{res.predicted_flip_rate:.3f} ({conf}%: {lo:.3f}-{hi:.3f})",
+                f"max {t.max_flip_rate}")
     tab.add_row("predicted accuracy change", f"{res.predicted_accuracy_change:+.3f}", f"max drop {t.max_accuracy_drop}")
     tab.add_row("canary examples flipped", f"{res.canary_flips} / {len(m['texts'])}", "")
     tab.add_row("causal features still active", surv, "")
     out.print(tab)
     if res.out_of_band:
         out.print(f"beyond their 8-bit tolerance: {', '.join(res.out_of_band)}", markup=False)
-    verdict = "passed" if res.passed else f"DRIFT: {' and '.join(res.drifted)}"
+    verdict = "passed" if res.passed else f"DRIFT: {' and '.join(res.drifted)}" if res.drifted else \
+        f"UNCERTAIN: {' and '.join(res.uncertain)} too close to the thresholds to call; run the full audit"
     out.print(f"{verdict} ({res.seconds:.2f} s)", markup=False)
 
 
