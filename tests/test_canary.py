@@ -162,3 +162,15 @@ def test_a_canary_needs_the_same_tokenizer(written):
     other = cn.Canary(dict(canary.meta, label_ids=[[0]] * len(canary.meta["labels"])), canary.arrays)
     with pytest.raises(EmoscopeError, match="other label tokens"):
         cn.check(ctx.model, other)
+
+
+def test_a_canary_with_a_confidence_outside_0_1_is_refused(written, tmp_path):
+    _, folder, _, _, _ = written
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "canary.safetensors").write_bytes((folder / "canary.safetensors").read_bytes())
+    meta = json.loads((folder / "canary.json").read_text())
+    assert meta["confidence"] == 0.9  # written from the config
+    (bad / "canary.json").write_text(json.dumps({**meta, "confidence": 1.5}))
+    with pytest.raises(EmoscopeError, match="confidence"):
+        cn.Canary.load(bad)

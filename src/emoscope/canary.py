@@ -154,6 +154,7 @@ class Canary:
         try:
             validated(TaskConfig, m["task"], "canary task.")
             validated(Thresholds, m["thresholds"], "canary thresholds.")
+            validated(CanaryConfig, {"confidence": m.get("confidence", 0.9)}, "canary ")
         except EmoscopeError as e:
             raise EmoscopeError(f"canary {folder}: {e}") from None
 
