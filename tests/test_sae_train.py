@@ -236,3 +236,14 @@ def test_saes_stage_keeps_trained_saes_before_evaluating(tiny_llama, shared_data
     monkeypatch.undo()
     fresh = stage.compute(tiny_llama, cfg, shared_data)
     assert res.data == fresh.data and _same(res.saes, fresh.saes)
+
+
+def test_auto_matmul_dtype_follows_the_cpus_measured_bf16_speed():
+    from emoscope.sae.train import fast_bf16_cpu
+    intel = "vendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    amd = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    assert not fast_bf16_cpu(intel)  # bf16 trained slower on such a Xeon
+    assert fast_bf16_cpu(intel.replace("avx512_bf16", "avx512_bf16 amx_bf16 amx_tile"))
+    assert fast_bf16_cpu(amd)  # and 1.7x faster on an AMD EPYC with AVX512-BF16
+    assert not fast_bf16_cpu(amd.replace(" avx512f avx512_bf16", ""))  # AVX2 only
+    assert not fast_bf16_cpu("")
