@@ -9,7 +9,7 @@ position 1 on, the positions the SAEs were trained on.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ def lm_loss(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, chunk: int =
     return _ce(view, acts[resid(view.n_layers - 1)], ids, mask, chunk, positions)
 
 
-def _ce(view: ModelView, last: torch.Tensor, ids, mask, chunk: int, positions) -> torch.Tensor:
+def _ce(view: ModelView, last: torch.Tensor, ids, mask, chunk: int = 256, positions=None) -> torch.Tensor:
     """lm_loss from the last layer's residual [batch, seq, d]."""
     h = last[:, 1:-1].reshape(-1, view.d_model)
     tgt = ids[:, 2:].reshape(-1)
@@ -112,15 +112,16 @@ def evaluate_saes(view: ModelView, saes: dict[str, SAE], batches: list[tuple[tor
     for b, (ids, mask) in enumerate(batches):
         keep = mask.bool().clone()
         keep[:, 0] = False
-        with record(view, hooks + [last]) as acts, block_outputs(view) as outs:
+        # every block's output only where spliced passes will replay it
+        with record(view, hooks + [last]) as acts, (block_outputs(view) if ce and reuse else nullcontext()) as outs:
             view.model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False)
         for n, sae in saes.items():
             _add_reconstruction(sums[n], fires[n], sae, acts[n][keep].to(sae.W_dec.device, torch.float32))
         if ce:
             pos = ce_sample(mask, ce_positions, seed * 7919 + b)
-            clean += _ce(view, acts[last.name], ids, mask, 256, pos)
+            clean += _ce(view, acts[last.name], ids, mask, positions=pos)
             for n, sae in saes.items():
-                losses[n] += _spliced_losses(view, HookPoint.parse(n), sae, outs if reuse else None, ids, mask, pos)
+                losses[n] += _spliced_losses(view, HookPoint.parse(n), sae, outs, ids, mask, pos)
         del acts, outs
     ce_clean = float(clean[0] / clean[1]) if ce else None
     return {n: _metrics(sums[n], fires[n], dense_threshold, ce_clean, losses[n] if ce else None) for n in saes}
@@ -139,9 +140,11 @@ def _add_reconstruction(s: dict, fires: torch.Tensor, sae: SAE, x: torch.Tensor)
 
 
 def _spliced_losses(view, hp: HookPoint, sae: SAE, outs, ids, mask, pos) -> torch.Tensor:
-    """lm_loss with the SAE's reconstruction spliced in at the hook, and with the hook zero-ablated."""
-    upto = hp.layer + 1 if hp.kind == "resid_post" else hp.layer  # a block's own output hook runs on a replay
-    with replay(view, outs or {}, upto if outs is not None else 0):
+    """lm_loss with the SAE's reconstruction spliced in at the hook, and with the hook zero-ablated (replaying the
+    blocks before the hook from `outs`, where given)."""
+    # a block's own output hook runs on a replay, so a residual hook's block is replayed too
+    upto = 0 if outs is None else hp.layer + 1 if hp.kind == "resid_post" else hp.layer
+    with replay(view, outs or {}, upto):
         with splice(view, hp, lambda t: sae(t.float()).recon):
             spliced = lm_loss(view, ids, mask, positions=pos)
         with splice(view, hp, torch.zeros_like):
