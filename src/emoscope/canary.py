@@ -154,7 +154,7 @@ class Canary:
         try:
             validated(TaskConfig, m["task"], "canary task.")
             validated(Thresholds, m["thresholds"], "canary thresholds.")
-            validated(CanaryConfig, {"confidence": m.get("confidence", 0.9)}, "canary ")
+            validated(CanaryConfig, {"confidence": confidence(m)}, "canary ")
         except EmoscopeError as e:
             raise EmoscopeError(f"canary {folder}: {e}") from None
 
@@ -389,13 +389,18 @@ def judge(canary: Canary, obs: dict, seconds: float = 0.0) -> CanaryCheck:
                        int(flipped.sum()), survival, named, seconds)
 
 
+def confidence(meta: dict) -> float:
+    """The canary's interval confidence (the config default for canaries written before it was stored)."""
+    return meta.get("confidence", CanaryConfig.model_fields["confidence"].default)
+
+
 def _band(a: dict, d: np.ndarray, flipped, pred, bad, meta: dict, n_boot: int = 1000):
     """Intervals of (flip rate, accuracy change) at the canary's confidence: `_predicted` with the canary examples'
     margin changes resampled (seeded; the canary's own flips are observed, not resampled)."""
     rng = np.random.default_rng(0)
     draws = np.array([_predicted(a, d[rng.integers(0, len(d), len(d))], flipped, pred, bad, meta)
                       for _ in range(n_boot)])
-    q = (1 - meta.get("confidence", 0.9)) / 2
+    q = (1 - confidence(meta)) / 2
     lo, hi = np.quantile(draws, [q, 1 - q], axis=0)
     return (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1]))
 

@@ -188,7 +188,8 @@ def print_canary(res, canary) -> None:
     for c in ("", "value", "threshold"):
         tab.add_column(c)
     lo, hi = res.flip_rate_interval
-    conf = round(100 * m.get("confidence", 0.9))
+    from ..canary import confidence
+    conf = round(100 * confidence(m))
     tab.add_row("predicted flip rate", f"{res.predicted_flip_rate:.3f} ({conf}%: {lo:.3f}-{hi:.3f})",
                 f"max {t.max_flip_rate}")
     tab.add_row("predicted accuracy change", f"{res.predicted_accuracy_change:+.3f}", f"max drop {t.max_accuracy_drop}")
