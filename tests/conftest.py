@@ -44,3 +44,22 @@ def toy_data(tmp_path_factory) -> Path:
             lab = list(words)[i % 6]
             w.writerow([f"r{i}", f"I feel {words[lab]} about thing {i}", lab])
     return d / "toy.csv"
+
+
+@pytest.fixture(scope="session")
+def parallel_bench(tmp_path_factory, tiny_dir, toy_data, shared_data) -> Path:
+    """`bench/parallel.py` once, on test_distributed's pipeline config of the tiny model, its work folder kept:
+    A = one process (2 threads), B = A's SAEs and the example-parallel stages rerun by 2 torchrun ranks, C = the
+    saes stage trained by 2 DDP ranks, D = B's stages in one process with one thread; figures.json its output.
+    Its smoke test and test_distributed's checks read the same runs (8 pipeline runs would otherwise be 4)."""
+    import subprocess
+
+    from test_distributed import _config
+
+    work = tmp_path_factory.mktemp("parallel")
+    cfg = _config(work, tiny_dir, toy_data, "config")
+    bench = Path(__file__).parents[1] / "bench" / "parallel.py"
+    r = subprocess.run([sys.executable, str(bench), "--config", str(cfg), "--out", str(work), "--json",
+                        str(work / "figures.json")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return work

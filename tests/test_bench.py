@@ -3,6 +3,7 @@ of its code path and its `--json` output, not of its speed; figures come from fu
 docs/benchmarks.md)."""
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,8 @@ ARGS = {
     "trace.py": lambda tiny, run: [run, "--n", "2", "--topk", "2", "--sample", "2", "--whole", "1"],
     # the large-model path on a narrow model with many layers and wide SAEs (the tiny model's tokenizer)
     "scale.py": lambda tiny, run: ["--sizes", "deep", "--tokenizer", tiny],
-    "parallel.py": lambda tiny, run: ["--model", tiny, "--per-class", "6", "--sae-tokens", "6000", "--layers", "1,3"],
+    # run once by the `parallel_bench` fixture (conftest.py) on test_distributed's config, whose checks read it too
+    "parallel.py": None,
     # a tiny random GGUF (SmolLM2's tokenizer), which both backends load
     "llamacpp.py": lambda tiny, run: ["--model", _tiny_gguf(run.parent / "tiny.gguf"), "--n", "6", "--threads", "2"],
     # the run's audit (three candidates); no GGUF behind the tiny model, so no served-file timing
@@ -59,13 +61,31 @@ KEYS = {"score_labels.py": "speedup", "capture.py": None, "sae_train.py": None,
         "sae_quality.py": "replay_identical"}
 
 
+# a script that starts processes of its own (emoscope run) runs as from a shell; the others (but parallel.py) in this
+# process as `python bench/SCRIPT` would (its __main__, its argv, its exit code), 3-4 s of imports less each
+SPAWNING = {"scale.py"}
+
+
+def _run_here(script, argv, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [str(BENCH / script), *argv])
+    monkeypatch.syspath_prepend(str(BENCH))
+    try:
+        runpy.run_path(str(BENCH / script), run_name="__main__")
+    except SystemExit as e:
+        assert e.code in (None, 0), f"{script} exited with {e.code}"
+
+
 @pytest.mark.parametrize("script", sorted(ARGS))
-def test_bench_script_runs(script, tiny_dir, tiny_run, tmp_path):
+def test_bench_script_runs(script, tiny_dir, tiny_run, tmp_path, monkeypatch, request):
     out = tmp_path / "figures.json"
-    args = [str(a) for a in ARGS[script](tiny_dir, tiny_run)]
-    r = subprocess.run([sys.executable, str(BENCH / script), *args, "--json", str(out)], capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    if script == "parallel.py":  # run by the shared fixture
+        out = request.getfixturevalue("parallel_bench") / "figures.json"
+    elif script in SPAWNING:
+        argv = [*map(str, ARGS[script](tiny_dir, tiny_run)), "--json", str(out)]
+        r = subprocess.run([sys.executable, str(BENCH / script), *argv], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    else:
+        _run_here(script, [*map(str, ARGS[script](tiny_dir, tiny_run)), "--json", str(out)], monkeypatch)
     figures = json.loads(out.read_text())
     assert isinstance(figures, dict) and figures
     assert all(not isinstance(v, (dict, list)) for v in figures.values()), "--json writes a flat object"

@@ -1,15 +1,47 @@
 """The command line: end-to-end on a tiny model, determinism, and one-line errors with exit code 2."""
 
+import contextlib
+import io
 import json
+import logging
 import subprocess
 import sys
+import warnings
 
 import pytest
 
 
-def cli(*args, cwd=None):
+def cli_process(*args, cwd=None):
+    """`python -m emoscope.cli ARGS` in a fresh interpreter, as from a shell."""
     return subprocess.run([sys.executable, "-m", "emoscope.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd)
+
+
+def cli(*args, cwd=None):
+    """`emoscope ARGS` in this process (`cli.main`, which the console script calls; 3-4 s of imports less than
+    `cli_process`): stdout, stderr and the exit code, with what a shell's stderr would also show — warnings under
+    Python's default filters and log records of WARNING and above, which pytest would otherwise capture."""
+    from emoscope.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setLevel(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err), contextlib.chdir(cwd or "."):
+            warnings.simplefilter("default")
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.filterwarnings("ignore", category=category)
+            try:
+                main([str(a) for a in args])
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return subprocess.CompletedProcess(["emoscope", *map(str, args)], code, out.getvalue(), err.getvalue() + shown)
 
 
 def _one_line_error(r, pattern):
@@ -23,7 +55,7 @@ def _one_line_error(r, pattern):
 def test_evaluate_end_to_end_and_deterministic(tiny_dir, toy_data, tmp_path):
     args = ["evaluate", "--model", tiny_dir, "--dataset", toy_data, "--per-class", 4, "--shots", 2, "--calibrate",
             "--dtype", "float32"]
-    r1 = cli(*args, "--out", tmp_path / "a")
+    r1 = cli_process(*args, "--out", tmp_path / "a")  # a fresh interpreter and this one: the same bytes
     assert r1.returncode == 0, r1.stderr
     r2 = cli(*args, "--out", tmp_path / "b")
     assert r2.returncode == 0, r2.stderr
@@ -82,16 +114,35 @@ def test_train_saes_bad_input(tmp_path, tiny_dir):
 
 def test_version_and_usage_errors():
     from emoscope import __version__
-    r = cli("--version")
+    r = cli_process("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"emoscope {__version__}"
     r = cli()
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
-    for args, pattern in [(["no-such-command"], "No such command"), (["evaluate", "--per-class", "abc"], "--per-class"),
-                          (["run"], "--config"), (["evaluate", "--no-such-option"], "--no-such-option")]:
-        r = cli(*args)
+    for run, args, pattern in [(cli_process, ["no-such-command"], "No such command"),
+                               (cli, ["evaluate", "--per-class", "abc"], "--per-class"), (cli, ["run"], "--config"),
+                               (cli, ["evaluate", "--no-such-option"], "--no-such-option")]:
+        r = run(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and pattern in errors[0] and "Usage:" in r.stderr, (args, r.stderr)
+
+
+def test_in_process_cli_shows_what_a_shell_would(tmp_path, monkeypatch):
+    """`cli` runs in pytest's process: a stray warning or logged warning must still fail a one-line check."""
+    from emoscope import config
+
+    real = config.load_config
+
+    def noisy(*a, **k):
+        warnings.warn("stray warning", UserWarning)
+        logging.getLogger("emoscope.somewhere").warning("stray log line")
+        return real(*a, **k)
+
+    monkeypatch.setattr(config, "load_config", noisy)
+    r = cli("run", "--config", tmp_path / "none.yaml")
+    assert r.returncode == 2 and "stray warning" in r.stderr and "stray log line" in r.stderr, r.stderr
+    with pytest.raises(AssertionError):
+        _one_line_error(r, "config file not found")
 
 
 def test_unknown_force_stage_and_set_are_one_line_errors(tmp_path):

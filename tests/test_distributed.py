@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,44 +100,32 @@ def _same_run_files(one: Path, two: Path, stages) -> list[str]:
     return differ
 
 
-def test_two_ranks_write_the_same_results_as_one(tmp_path, tiny_dir, toy_data, shared_data):
-    """`torchrun --nproc_per_node 2 -m emoscope run`: every example-parallel stage (evaluate, phases,
-    trace, steer, audit) recomputed with 2 gloo ranks on the same SAEs equals one process's results."""
-    one = _config(tmp_path, tiny_dir, toy_data, "one")
-    out = subprocess.run([sys.executable, "-m", "emoscope", "run", "--config", str(one)], capture_output=True,
-                         text=True, timeout=600, env=_env())
-    assert out.returncode == 0, out.stderr[-2000:]
-    two = _config(tmp_path, tiny_dir, toy_data, "two")
-    shutil.copytree(tmp_path / "one", tmp_path / "two")  # the same SAEs; every other stage rerun
-    (tmp_path / "two" / "run.log").unlink()
-    force = [a for s in STAGES if s != "saes" for a in ("--force", s)]
-    out = subprocess.run(TORCHRUN + ["-m", "emoscope", "run", "--config", str(two)] + force, capture_output=True,
-                         text=True, timeout=600, env=_env())
-    assert out.returncode == 0, out.stderr[-3000:]
-    log = (tmp_path / "two" / "run.log").read_text()
+def test_two_ranks_write_the_same_results_as_one(parallel_bench):
+    """`torchrun --nproc_per_node 2 -m emoscope run` (bench/parallel.py's run B): every example-parallel stage
+    (evaluate, phases, trace, steer, audit) recomputed with 2 gloo ranks on the same SAEs equals one process's
+    results with as many threads as a rank has (run D)."""
+    one, two = parallel_bench / "D", parallel_bench / "B"
+    before = (parallel_bench / "A" / "run.log").read_text()  # B began as a copy of run A
+    log = (two / "run.log").read_text()
+    assert log.startswith(before)
+    log = log[len(before):]
     assert "data parallel: 2 ranks (gloo)" in log and "stage saes: up to date, skipped" in log
     for s in STAGES:
         if s != "saes":
             assert f"stage {s}: running" in log
-            assert json.loads((tmp_path / "two" / s / "timing.json").read_text())["ranks"] == 2
-    differ = _same_run_files(tmp_path / "one", tmp_path / "two", [s for s in STAGES if s != "saes"])
+            assert json.loads((two / s / "timing.json").read_text())["ranks"] == 2
+    differ = _same_run_files(one, two, [s for s in STAGES if s != "saes"])
     assert differ == ["steer/steering.json"]  # on this CPU the rest is bit-identical (only the run_dir differs)
-    assert not [p for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]  # no leftovers
+    assert not [p for p in two.iterdir() if p.name.startswith(".")]  # no leftovers
 
 
-def test_ddp_sae_training_matches_one_process(tmp_path, tiny_dir, toy_data, shared_data):
-    """The saes stage under 2 ranks (each its share of the corpus, gradients all-reduced): SAEs of the
-    same shapes whose held-out quality is within the stated tolerance of one process's."""
-    stages = ["evaluate", "saes"]
-    one = _config(tmp_path, tiny_dir, toy_data, "one", stages)
-    two = _config(tmp_path, tiny_dir, toy_data, "two", stages)
-    a = subprocess.run([sys.executable, "-m", "emoscope", "run", "--config", str(one)], capture_output=True,
-                       text=True, timeout=600, env=_env())
-    b = subprocess.run(TORCHRUN + ["-m", "emoscope", "run", "--config", str(two)], capture_output=True, text=True,
-                       timeout=600, env=_env())
-    assert a.returncode == 0 and b.returncode == 0, (a.stderr + b.stderr)[-3000:]
-    qa = json.loads((tmp_path / "one" / "saes" / "result.json").read_text())
-    qb = json.loads((tmp_path / "two" / "saes" / "result.json").read_text())
+def test_ddp_sae_training_matches_one_process(parallel_bench):
+    """The saes stage under 2 ranks (bench/parallel.py's run C: each its share of the corpus, gradients
+    all-reduced): SAEs of the same shapes whose held-out quality is within the stated tolerance of one
+    process's (run A)."""
+    qa = json.loads((parallel_bench / "A" / "saes" / "result.json").read_text())
+    qb = json.loads((parallel_bench / "C" / "saes" / "result.json").read_text())
+    assert "data parallel: 2 ranks (gloo)" in (parallel_bench / "C" / "run.log").read_text()
     assert qa["train"]["tokens"] == qb["train"]["tokens"] >= 24000
     for h in qa["quality"]:
         fa, fb = qa["quality"][h]["fvu"], qb["quality"][h]["fvu"]
