@@ -52,3 +52,28 @@ def test_weights_are_described_for_results():
     except Exception:
         pytest.skip("embedded GGUF packages not installed")
     assert gguf_file_type(files["gemma3-270m"]) == "Q4_K_M" and gguf_file_type(files["smollm2-135m-instruct"]) == "Q4_1"
+
+
+def test_a_gguf_is_parsed_once_into_the_cache_and_not_again(tmp_path, monkeypatch):
+    """transformers reads a GGUF's metadata for the tokenizer, the config and the weights: one gguf reader serves
+    all three while the cache is filled; a second load reads the cache only."""
+    import gguf
+
+    from tiny import tiny_gguf
+
+    try:
+        path = tiny_gguf(tmp_path / "tiny.gguf")
+    except Exception:
+        pytest.skip("embedded GGUF packages not installed")
+    monkeypatch.setenv("EMOSCOPE_CACHE", str(tmp_path / "cache"))
+    real, built = gguf.GGUFReader, []
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: built.append(a) or real(*a, **k))
+    counting = gguf.GGUFReader
+    v = load_model(str(path), device="cpu", dtype="float32")
+    assert len(built) == 1 and gguf.GGUFReader is counting  # restored to what it was before the load
+    again = load_model(str(path), device="cpu", dtype="float32")
+    assert len(built) == 1
+    ids = torch.tensor([v.tokenizer("I am so happy").input_ids])
+    torch.testing.assert_close(v.model(input_ids=ids).logits, again.model(input_ids=ids).logits, rtol=0, atol=0)
+    weights = {t.name: t.data for t in real(path).tensors}
+    torch.testing.assert_close(v.model.model.embed_tokens.weight, torch.tensor(weights["token_embd.weight"]))

