@@ -66,18 +66,28 @@ def hook_module(view: ModelView, hp: HookPoint) -> nn.Module:
     raise EmoscopeError(f"cannot find the {hp.kind} module in {type(block).__name__}")
 
 
+class _AllRecorded(Exception):
+    """Raised by `record(..., stop=True)` once every hook has fired, to end the forward there."""
+
+
 @contextmanager
-def record(view: ModelView, hooks: list[HookPoint], detach: bool = True):
-    """Within the block, every forward stores each hook's activation [batch, seq, d] in the yielded dict."""
+def record(view: ModelView, hooks: list[HookPoint], detach: bool = True, stop: bool = False):
+    """Within the block, every forward stores each hook's activation [batch, seq, d] in the yielded dict. With
+    `stop`, a forward ends as soon as every hook has fired: the blocks after the deepest one, the final norm and
+    the unembedding never run (the model call returns nothing; the block's code after it is skipped)."""
     acts: dict[str, torch.Tensor] = {}
     handles = []
     for hp in hooks:
         def fn(mod, inp, out, name=hp.name):
             t = _first(out)
             acts[name] = t.detach() if detach else t
+            if stop and len(acts) == len(hooks):
+                raise _AllRecorded
         handles.append(hook_module(view, hp).register_forward_hook(fn))
     try:
         yield acts
+    except _AllRecorded:
+        pass
     finally:
         for h in handles:
             h.remove()

@@ -138,8 +138,8 @@ def capture_to_store(view: ModelView, encoded: list[tuple[list[int], list[int]]]
         for i in dist.my_items(range(0, len(encoded), batch_size)):
             enc, eids = encoded[i:i + batch_size], example_ids[i:i + batch_size]
             ids, mask = pad_batch([ids for ids, _ in enc], view.device)
-            with record(view, hooks) as acts:
-                view.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+            with record(view, hooks, stop=True) as acts:  # no block after the deepest hook runs
+                view.model(input_ids=ids, attention_mask=mask, use_cache=False)
             rows = torch.tensor([r for r, (_, pos) in enumerate(enc) for _ in pos])
             cols = torch.tensor([p for _, pos in enc for p in pos])
             writer.add({h.name: acts[h.name][rows, cols] for h in hooks}, ids[rows, cols],

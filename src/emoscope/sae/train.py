@@ -120,8 +120,8 @@ def _harvest(view: ModelView, hooks: list[HookPoint], seqs: list[list[int]]) -> 
     ids, mask = pad_batch(seqs, view.device)
     keep = mask.bool().clone()
     keep[:, 0] = False  # the first position (BOS) is an outlier the SAEs are not meant to explain
-    with torch.no_grad(), record(view, hooks) as acts:
-        view.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+    with torch.no_grad(), record(view, hooks, stop=True) as acts:  # no block after the deepest hook runs
+        view.model(input_ids=ids, attention_mask=mask, use_cache=False)
     out = {h.name: acts[h.name][keep].float() for h in hooks}
     if view.device.type == "cuda":  # the shuffle buffer lives in (pinned) CPU memory, not on the GPU
         out = {n: a.cpu().pin_memory() for n, a in out.items()}
