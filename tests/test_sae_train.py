@@ -247,3 +247,24 @@ def test_auto_matmul_dtype_follows_the_cpus_measured_bf16_speed():
     assert fast_bf16_cpu(amd)  # and 1.7x faster on an AMD EPYC with AVX512-BF16
     assert not fast_bf16_cpu(amd.replace(" avx512f avx512_bf16", ""))  # AVX2 only
     assert not fast_bf16_cpu("")
+
+
+def test_harvest_dtype_rule_and_autocast_forwards(tiny_llama, monkeypatch):
+    """auto autocasts the harvest forwards to bf16 only where bf16 is fast and the model runs in float32; the
+    recorded activations stay float32, near the float32 forward's but not equal to them (the cast happened)."""
+    from emoscope.hooks import HookPoint
+    from emoscope.sae import train
+
+    monkeypatch.setattr(train, "fast_bf16_cpu", lambda info=None: True)
+    assert train.harvest_dtype("auto", tiny_llama) == torch.bfloat16
+    assert train.harvest_dtype("model", tiny_llama) == torch.float32
+    monkeypatch.setattr(train, "fast_bf16_cpu", lambda info=None: False)
+    assert train.harvest_dtype("auto", tiny_llama) == torch.float32
+    assert train.harvest_dtype("bfloat16", tiny_llama) == torch.bfloat16
+    seqs = [tiny_llama.tokenizer(t).input_ids for t in ("I am so happy today", "What a gross and awful smell")]
+    hooks = [HookPoint(1), HookPoint(3)]
+    ref, cast = train._harvest(tiny_llama, hooks, seqs), train._harvest(tiny_llama, hooks, seqs, torch.bfloat16)
+    for h in hooks:
+        a, b = ref[h.name], cast[h.name]
+        assert b.dtype == torch.float32 and a.shape == b.shape and not torch.equal(a, b)
+        assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99

@@ -72,6 +72,11 @@ class SAETrainConfig(BaseModel):
     fast_matmul: Literal["auto", "float32", "bfloat16"] = "auto"
     """Encoder matmul dtype; auto = bf16 on CUDA, on CPUs with AMX and on AMD CPUs with AVX512-BF16, float32
     elsewhere (faster there: an Intel Xeon with AVX512-BF16 alone, any CPU without it)."""
+    harvest_dtype: Literal["auto", "model", "bfloat16"] = "auto"
+    """Precision of the LLM forwards that harvest the training activations: model = the model's own dtype; bfloat16 =
+    autocast (matmuls in bf16, the residual stream and the recorded activations in float32); auto = bfloat16 where
+    `fast_matmul`'s auto picks bf16 and the model runs in float32 (forwards 2.8x faster on an AMD EPYC with
+    AVX512-BF16; docs/benchmarks.md), the model's dtype elsewhere. SAE quality is measured in the model's dtype."""
     mix: tuple[NonNegative, NonNegative, NonNegative] = (0.5, 0.25, 0.25)
     """Weights of WikiText / plain emotion text / task prompts."""
     seed: Seed = 0
@@ -90,6 +95,14 @@ def _fast_dtype(choice: str, device) -> torch.dtype:
     if choice == "auto":
         return torch.bfloat16 if device.type == "cuda" or fast_bf16_cpu() else torch.float32
     return getattr(torch, choice)
+
+
+def harvest_dtype(choice: str, view: ModelView) -> torch.dtype:
+    """The dtype the harvest forwards' matmuls run in (see SAETrainConfig.harvest_dtype)."""
+    if choice == "auto":
+        fast = _fast_dtype("auto", view.device) == torch.bfloat16
+        return torch.bfloat16 if fast and view.dtype == torch.float32 else view.dtype
+    return view.dtype if choice == "model" else getattr(torch, choice)
 
 
 def fast_bf16_cpu(info: str | None = None) -> bool:
@@ -115,12 +128,16 @@ def _batches(stream, per_forward: int, pool: int = 8):
         yield from (seqs[i:i + per_forward] for i in range(0, len(seqs), per_forward))
 
 
-def _harvest(view: ModelView, hooks: list[HookPoint], seqs: list[list[int]]) -> dict[str, torch.Tensor]:
-    """One forward over a batch of sequences; activations at every non-pad position after the first."""
+def _harvest(view: ModelView, hooks: list[HookPoint], seqs: list[list[int]],
+             dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """One forward over a batch of sequences (autocast to `dtype` when it is not the model's); activations at every
+    non-pad position after the first."""
     ids, mask = pad_batch(seqs, view.device)
     keep = mask.bool().clone()
     keep[:, 0] = False  # the first position (BOS) is an outlier the SAEs are not meant to explain
-    with torch.no_grad(), record(view, hooks, stop=True) as acts:  # no block after the deepest hook runs
+    cast = dtype not in (None, view.dtype)
+    with torch.no_grad(), torch.autocast(view.device.type, dtype=dtype, enabled=cast), \
+            record(view, hooks, stop=True) as acts:  # no block after the deepest hook runs
         view.model(input_ids=ids, attention_mask=mask, use_cache=False)
     out = {h.name: acts[h.name][keep].float() for h in hooks}
     if view.device.type == "cuda":  # the shuffle buffer lives in (pinned) CPU memory, not on the GPU
@@ -352,7 +369,8 @@ def train_layers(view: ModelView, cfg: SAETrainConfig, data_dir=None, progress: 
     wall = time.time() - t0
     stats = {"tokens": seen, "seconds": round(wall, 1), "forward_seconds": round(t_fwd, 1),
              "tokens_per_second": round(seen / wall, 1),
-             "fast_matmul": str(_fast_dtype(cfg.fast_matmul, device)).replace("torch.", ""), "layers": per_layer}
+             "fast_matmul": str(_fast_dtype(cfg.fast_matmul, device)).replace("torch.", ""),
+             "harvest_dtype": str(harvest_dtype(cfg.harvest_dtype, view)).replace("torch.", ""), "layers": per_layer}
     if len(groups) > 1:
         stats["groups"] = [[h.layer for h in g] for g in groups]
     return saes, stats
@@ -394,7 +412,7 @@ def _train_group(view: ModelView, cfg: SAETrainConfig, hooks: list[HookPoint], d
     n_buf, step_tokens = 0, cfg.batch_tokens // w
     while seen < cfg.tokens:
         t = time.time()
-        acts = _harvest(view, hooks, next(batches))
+        acts = _harvest(view, hooks, next(batches), harvest_dtype(cfg.harvest_dtype, view))
         n_batches += 1
         t_fwd += time.time() - t
         n = next(iter(acts.values())).shape[0]
