@@ -381,7 +381,7 @@ def _train_group(view: ModelView, cfg: SAETrainConfig, hooks: list[HookPoint], d
     """One stream of LLM forwards training every hook's SAE; resumes from `ckpt` when it holds this run's state.
     With several ranks (DDP), each harvests every world-size-th batch of the corpus into its own buffer and
     takes its share of each optimiser step's tokens; gradients are averaged over ranks at every step."""
-    fast = _fast_dtype(cfg.fast_matmul, device)
+    fast, harvest = _fast_dtype(cfg.fast_matmul, device), harvest_dtype(cfg.harvest_dtype, view)
     w = dist.world_size()
     if cfg.batch_tokens % w or cfg.buffer_tokens % w:
         raise EmoscopeError(f"saes.train.batch_tokens ({cfg.batch_tokens}) and buffer_tokens ({cfg.buffer_tokens}) "
@@ -412,7 +412,7 @@ def _train_group(view: ModelView, cfg: SAETrainConfig, hooks: list[HookPoint], d
     n_buf, step_tokens = 0, cfg.batch_tokens // w
     while seen < cfg.tokens:
         t = time.time()
-        acts = _harvest(view, hooks, next(batches), harvest_dtype(cfg.harvest_dtype, view))
+        acts = _harvest(view, hooks, next(batches), harvest)
         n_batches += 1
         t_fwd += time.time() - t
         n = next(iter(acts.values())).shape[0]
