@@ -285,8 +285,9 @@ def _from_dir(path: str | Path, dtype: torch.dtype, device: str, trust_remote_co
 @contextmanager
 def _one_gguf_parse():
     """One `gguf.GGUFReader` per file while transformers converts it: it reads the file's metadata three times
-    (tokenizer, config, weights), and gguf's Python parse of a 262k-token vocabulary took ~11 s each time
-    (Gemma-3-270M, an `AMD EPYC`; docs/benchmarks.md). The readers are read-only memory maps."""
+    (tokenizer, config, weights), and gguf's Python parse of a 262k-token vocabulary is most of it (Gemma-3-270M's
+    cold load 42.4 s with three parses, 26.9 s with one, on an `AMD EPYC`; docs/benchmarks.md). The readers are
+    read-only memory maps."""
     import gguf
 
     real, readers = gguf.GGUFReader, {}
