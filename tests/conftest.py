@@ -51,7 +51,7 @@ def parallel_bench(tmp_path_factory, tiny_dir, toy_data, shared_data) -> Path:
     """`bench/parallel.py` once, on test_distributed's pipeline config of the tiny model, its work folder kept:
     A = one process (2 threads), B = A's SAEs and the example-parallel stages rerun by 2 torchrun ranks, C = the
     saes stage trained by 2 DDP ranks, D = B's stages in one process with one thread; figures.json its output.
-    Its smoke test and test_distributed's checks read the same runs (8 pipeline runs would otherwise be 4)."""
+    Its smoke test and test_distributed's checks read the same runs: 4 pipeline runs instead of 8."""
     import subprocess
 
     from test_distributed import _config

@@ -61,8 +61,8 @@ KEYS = {"score_labels.py": "speedup", "capture.py": None, "sae_train.py": None,
         "sae_quality.py": "replay_identical"}
 
 
-# a script that starts processes of its own (emoscope run) runs as from a shell; the others (but parallel.py) in this
-# process as `python bench/SCRIPT` would (its __main__, its argv, its exit code), 3-4 s of imports less each
+# a script that starts processes of its own (emoscope run) runs as from a shell; the others run in this process
+# as `python bench/SCRIPT` would (its __main__, its argv, its exit code), 3-4 s of imports less each
 SPAWNING = {"scale.py"}
 
 
@@ -80,12 +80,14 @@ def test_bench_script_runs(script, tiny_dir, tiny_run, tmp_path, monkeypatch, re
     out = tmp_path / "figures.json"
     if script == "parallel.py":  # run by the shared fixture
         out = request.getfixturevalue("parallel_bench") / "figures.json"
-    elif script in SPAWNING:
-        argv = [*map(str, ARGS[script](tiny_dir, tiny_run)), "--json", str(out)]
-        r = subprocess.run([sys.executable, str(BENCH / script), *argv], capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
     else:
-        _run_here(script, [*map(str, ARGS[script](tiny_dir, tiny_run)), "--json", str(out)], monkeypatch)
+        argv = [*map(str, ARGS[script](tiny_dir, tiny_run)), "--json", str(out)]
+        if script in SPAWNING:
+            r = subprocess.run([sys.executable, str(BENCH / script), *argv], capture_output=True, text=True,
+                               timeout=600)
+            assert r.returncode == 0, r.stderr[-3000:]
+        else:
+            _run_here(script, argv, monkeypatch)
     figures = json.loads(out.read_text())
     assert isinstance(figures, dict) and figures
     assert all(not isinstance(v, (dict, list)) for v in figures.values()), "--json writes a flat object"
