@@ -165,6 +165,30 @@ def test_plain_progress_for_logs():
     assert lines[-1].startswith("saes: 100/100 done")
 
 
+def test_plain_progress_speaks_while_the_work_does_not_advance():
+    """A long forward or load between advances still puts a line in the log every `heartbeat` seconds, and the
+    heartbeat ends with the progress object."""
+    import gc
+    import io
+    import time
+    from emoscope.report.console import PlainProgress
+    buf = io.StringIO()
+    p = PlainProgress("saes", total=10, every=100.0, stream=buf, heartbeat=0.2)
+    p(1)  # within `every`: no line
+    time.sleep(0.7)
+    beats = buf.getvalue().splitlines()
+    assert len(beats) >= 2 and all(b.startswith("saes: 1/10 done") and b.endswith("(working)") for b in beats)
+    del p
+    gc.collect()
+    time.sleep(0.4)
+    n = len(buf.getvalue().splitlines())
+    time.sleep(0.5)
+    assert len(buf.getvalue().splitlines()) == n
+    quiet = io.StringIO()
+    PlainProgress("x", stream=quiet, heartbeat=None)(1)
+    assert quiet.getvalue() == ""
+
+
 def test_internal_error_is_one_line_pointing_at_the_saved_traceback(tmp_path, tiny_dir, toy_data, monkeypatch, capsys):
     import yaml
 

@@ -268,3 +268,29 @@ def test_harvest_dtype_rule_and_autocast_forwards(tiny_llama, monkeypatch):
         a, b = ref[h.name], cast[h.name]
         assert b.dtype == torch.float32 and a.shape == b.shape and not torch.equal(a, b)
         assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
+
+
+def test_layer_groups_are_sized_from_free_memory_by_default(monkeypatch):
+    """Unset max_memory_gb: groups fit 80% of what the machine has free, after the trained SAEs of every layer;
+    a roomy machine trains all layers at once, a tight one layer by layer, and never zero layers a group."""
+    import psutil
+    from collections import namedtuple
+
+    from emoscope.sae.train import SAETrainConfig, _layer_bytes, layer_groups, memory_budget
+
+    cfg = SAETrainConfig()
+    d, hooks = 1536, list(range(28))
+    per_layer, kept = _layer_bytes(d, cfg), 28 * 4 * (2 * 8 * d * d + 8 * d + d)
+    mem = namedtuple("mem", "available")
+
+    def free(gb):
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: mem(gb * 2**30))
+
+    free(1000)
+    assert layer_groups(hooks, d, cfg) == [hooks]
+    free((kept + 2**30) / 2**30 + 5 * per_layer / 0.8 / 2**30 + 0.01)  # room for five layers at a time
+    assert memory_budget(28, d, cfg) // per_layer == 5
+    assert [len(g) for g in layer_groups(hooks, d, cfg)] == [5, 5, 5, 5, 5, 3]
+    free(0.5)
+    assert [len(g) for g in layer_groups(hooks, d, cfg)] == [1] * 28
+    assert layer_groups(hooks, d, cfg.model_copy(update={"max_memory_gb": 1000})) == [hooks]  # a set budget wins

@@ -21,7 +21,7 @@ from . import distributed as dist
 from .config import STAGES, RunConfig
 from .data import check as check_data
 from .errors import EmoscopeError
-from .models import ModelConfig, ModelView, check_reference, load_model
+from .models import ModelConfig, ModelView, check_reference, load_model, resolve_device
 from . import profiling
 from .resources import peak_memory
 from .sae.train import layer_groups
@@ -64,6 +64,7 @@ class RunContext:
     def model(self) -> ModelView:
         if self._model is None:
             t = time.time()
+            self.log(f"model {self.model_config.name}: loading")
             with dist.main_first():  # rank 0 fills the model cache (a GGUF dequantised once) for the others
                 self._model = load_model(self.model_config)
             self.load_seconds = time.time() - t
@@ -126,7 +127,8 @@ def _total(ctx: RunContext, stage: str, cfg) -> int | None:
     """The number of progress steps a stage reports, where it is known before the stage runs."""
     if stage == "saes" and not cfg.pretrained:
         layers = cfg.train.layers if cfg.train.layers is not None else list(range(ctx.model.n_layers))
-        return cfg.train.tokens * len(layer_groups(layers, ctx.model.d_model, cfg.train))
+        device = resolve_device(cfg.device) if cfg.device else ctx.model.device
+        return cfg.train.tokens * len(layer_groups(layers, ctx.model.d_model, cfg.train, device))
     if stage == "phases":
         return len(ctx.result("saes")["hooks"])
     return None

@@ -4,7 +4,9 @@ progress that stays readable in a terminal and in CI or cluster logs."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
+import weakref
 from pathlib import Path
 
 from rich.console import Console
@@ -16,20 +18,36 @@ err = Console(stderr=True)  # progress and messages: stderr
 
 class PlainProgress:
     """Progress for logs (stderr not a terminal): a line at most every `every` seconds with the count,
-    the rate and, when the total is known, the ETA."""
+    the rate and, when the total is known, the ETA; and, while the work goes on without advancing (a long
+    forward, a model load), a line at least every `heartbeat` seconds from a background thread, which ends with
+    `close()` or when the object is dropped."""
 
-    def __init__(self, name: str, total: int | None = None, every: float = 10.0, stream=None):
+    def __init__(self, name: str, total: int | None = None, every: float = 10.0, stream=None,
+                 heartbeat: float | None = 60.0):
         self.name, self.total, self.every, self.n = name, total, every, 0
         self.stream = stream or sys.stderr
         self.start = self.last = time.time()
+        self._lock, self._closed = threading.Lock(), threading.Event()
+        if heartbeat:
+            threading.Thread(target=_beat, args=(weakref.ref(self), self._closed, heartbeat), daemon=True).start()
 
     def __call__(self, n: int = 1) -> None:
         self.n += n
         now = time.time()
         if now - self.last >= self.every or (self.total and self.n >= self.total):
+            self._write(now)
+
+    def _write(self, now: float, note: str = "") -> None:
+        with self._lock:
             self.last = now
-            self.stream.write(self.line(now) + "\n")
+            self.stream.write(self.line(now) + note + "\n")
             self.stream.flush()
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def __del__(self):
+        self._closed.set()
 
     def line(self, now: float) -> str:
         rate = self.n / max(now - self.start, 1e-9)
@@ -38,6 +56,18 @@ class PlainProgress:
         if self.total and rate > 0:
             eta = f", ETA {_duration((self.total - self.n) / rate)}"
         return f"{self.name}: {done} done, {rate:.2f}/s, {_duration(now - self.start)} elapsed{eta}"
+
+
+def _beat(ref, closed: threading.Event, every: float) -> None:
+    """A line from the progress `ref` whenever it has been silent for `every` seconds, until it is closed."""
+    while not closed.wait(min(every, 5.0) / 2):
+        p = ref()
+        if p is None:
+            return
+        now = time.time()
+        if now - p.last >= every:
+            p._write(now, " (working)")
+        del p
 
 
 def _duration(s: float) -> str:

@@ -84,7 +84,8 @@ class SAETrainConfig(BaseModel):
     max_memory_gb: float | None = Field(None, gt=0, exclude=True)
     """Memory for the SAEs trained at once (weights, gradients and Adam state: 16 bytes a parameter, plus each layer's
     shuffle buffer): layers are trained in groups that fit, each group sharing its LLM forwards, with the same result
-    as all at once; unset: all layers at once. Not part of the hash."""
+    as all at once; unset: sized from the memory free on the SAEs' device when training starts (80% of it, less the
+    trained SAEs and 1 GiB). Not part of the hash."""
     checkpoint_minutes: float = Field(10.0, gt=0, exclude=True)
     """Minutes between training checkpoints when training into a run directory: a killed run resumes from the last
     one with the same result. Not part of the hash."""
@@ -333,14 +334,35 @@ def _layer_stats(st: "_Layer", cfg: SAETrainConfig, last: int = 20) -> dict:
             "resampled": st.resampled}
 
 
-def layer_groups(hooks: list[HookPoint], d: int, cfg: SAETrainConfig) -> list[list[HookPoint]]:
-    """Consecutive layers in groups whose training memory fits `max_memory_gb` (one group when unset)."""
-    if cfg.max_memory_gb is None:
-        return [hooks]
-    m = cfg.expansion * d
-    per_layer = 16 * (2 * m * d + 2 * m + d) + 4 * cfg.buffer_tokens * d
-    size = max(1, int(cfg.max_memory_gb * 2**30 // per_layer))
+def layer_groups(hooks: list[HookPoint], d: int, cfg: SAETrainConfig, device=None) -> list[list[HookPoint]]:
+    """Consecutive layers in groups whose training memory fits `max_memory_gb`, or when it is unset the memory
+    available on `device` now (`memory_budget`)."""
+    per_layer = _layer_bytes(d, cfg)
+    budget = cfg.max_memory_gb * 2**30 if cfg.max_memory_gb is not None else memory_budget(len(hooks), d, cfg, device)
+    size = max(1, int(budget // per_layer))
     return [hooks[i:i + size] for i in range(0, len(hooks), size)]
+
+
+def _layer_bytes(d: int, cfg: SAETrainConfig) -> int:
+    """One layer's training memory: weights, gradients and Adam state (16 bytes a parameter) and its shuffle buffer."""
+    m = cfg.expansion * d
+    return 16 * (2 * m * d + 2 * m + d) + 4 * cfg.buffer_tokens * d
+
+
+def memory_budget(n_layers: int, d: int, cfg: SAETrainConfig, device=None) -> float:
+    """Bytes the SAEs of one group may take in training: 80% of what is free on the device now (the model already
+    loaded; MemAvailable on the CPU, shared by the ranks of a launcher), less the trained SAEs of every layer (kept
+    in float32 until the stage ends) and 1 GiB for the harvest's activations and the quality passes."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available / dist.world_size()
+    m = cfg.expansion * d
+    kept = n_layers * 4 * (2 * m * d + m + d)
+    return 0.8 * (free - kept - 2**30)
 
 
 def train_layers(view: ModelView, cfg: SAETrainConfig, data_dir=None, progress: Callable[[int], None] | None = None,
@@ -357,7 +379,7 @@ def train_layers(view: ModelView, cfg: SAETrainConfig, data_dir=None, progress: 
         raise EmoscopeError(f"saes.train.k = {cfg.k} is more than the {cfg.expansion * view.d_model} features of "
                             f"each SAE (expansion {cfg.expansion} x d_model {view.d_model})")
     t0, t_fwd, saes, per_layer = time.time(), 0.0, {}, {}
-    groups = layer_groups(hooks, view.d_model, cfg)
+    groups = layer_groups(hooks, view.d_model, cfg, device)
     for group in groups:
         ckpt = checkpoint_dir / f"train-{group[0].layer}-{group[-1].layer}.pt" if checkpoint_dir else None
         states, seen, t = _train_group(view, cfg, group, data_dir, progress, device, ckpt)
