@@ -402,3 +402,26 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path, tiny_dir, toy_d
     r = subprocess.run(cli, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "taking over the lock" in (run_dir / "run.log").read_text() and not (run_dir / ".lock").exists()
+
+
+def test_report_shows_the_largest_answer_share_and_warns_on_a_degenerate_predictor(tmp_path, tiny_llama, toy_data):
+    """The share of the most frequent answer stands beside the accuracy; above half, a warning says the model is a
+    degenerate predictor; a result written before shares were stored gets them from its predictions."""
+    import emoscope as es
+    from emoscope.report.html import write_report
+    from emoscope.task.metrics import answer_shares
+
+    assert answer_shares([0, 0, 1, 2], ["a", "b", "c"]) == {
+        "shares": {"a": 0.5, "b": 0.25, "c": 0.25}, "largest": "a", "largest_share": 0.5, "degenerate": False}
+    assert answer_shares([2, 2, 1], ["a", "b", "c"])["degenerate"]
+    ev = es.evaluate(es.Task(tiny_llama, dataset=str(toy_data), per_class=4))
+    ev.save(tmp_path / "run" / "evaluate")
+    html = write_report(tmp_path / "run").read_text()
+    raw = ev.answers("raw")
+    assert "largest label share" in html and f"{raw['largest_share']:.2f} ({raw['largest']})" in html
+    assert ("Degenerate predictor" in html) == raw["degenerate"] == ev.degenerate
+    data = {k: v for k, v in ev.data.items() if k != "answers"}  # an older result
+    preds = ev.predictions.assign(pred_raw=ev.labels[1])  # every raw answer one label
+    es.EvalResult(data, {"predictions": preds}).save(tmp_path / "old" / "evaluate")
+    html = write_report(tmp_path / "old").read_text()
+    assert f"<b>{ev.labels[1]}</b> for 100% of the texts" in html and "Degenerate predictor" in html

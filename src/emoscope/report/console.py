@@ -85,9 +85,17 @@ def print_eval(res: dict, calibrated: bool = True) -> None:
     t.add_column("scores")
     t.add_column("accuracy [95% CI]")
     t.add_column("macro-F1 [95% CI]")
+    answers = res.get("answers")
+    if answers:
+        t.add_column("largest label share")
     for name in ["raw", "calibrated"] if calibrated else ["raw"]:
-        t.add_row(name, _fmt(res[name]["accuracy"]), _fmt(res[name]["macro_f1"]))
+        share = [f"{answers[name]['largest_share']:.2f} ({answers[name]['largest']})"] if answers else []
+        t.add_row(name, _fmt(res[name]["accuracy"]), _fmt(res[name]["macro_f1"]), *share)
     out.print(t)
+    if answers and answers["raw"]["degenerate"]:
+        err.print(f"warning: degenerate predictor: the model answers {answers['raw']['largest']} for "
+                  f"{answers['raw']['largest_share']:.0%} of the texts; what its features explain is mostly that bias",
+                  markup=False, highlight=False)
     pc = Table(title="per-class recall (raw → calibrated)")
     pc.add_column("class")
     pc.add_column("support")

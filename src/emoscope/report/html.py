@@ -16,6 +16,7 @@ from plotly.subplots import make_subplots
 from ..analysis.difficulty import difficulty
 from ..artifacts import read_json, reading
 from ..errors import EmoscopeError
+from ..stages.evaluate import EvalResult
 from .cards import export_cards, traced_effects
 from .tables import screen, weak_screens
 
@@ -258,7 +259,9 @@ def _write_report(run_dir: Path) -> Path:
         raise EmoscopeError(f"{run_dir} has no evaluate/result.json: run `emoscope run` or `emoscope evaluate` first")
     ev = read_json(f)
     preds = pd.read_parquet(run_dir / "evaluate" / "predictions.parquet")
-    ctx = {"ev": ev, "plotlyjs": get_plotlyjs(), "conf_raw": _confusion_figure(ev["raw"], "raw"),
+    shares = EvalResult(ev, {"predictions": preds})
+    ctx = {"ev": ev, "answers": {s: shares.answers(s) for s in ("raw", "calibrated")},
+           "plotlyjs": get_plotlyjs(), "conf_raw": _confusion_figure(ev["raw"], "raw"),
            "conf_cal": _confusion_figure(ev["calibrated"], "calibrated"), "examples": preds.head(15).to_dict("records")}
     if (run_dir / "saes" / "result.json").exists():
         sae = read_json(run_dir / "saes" / "result.json")

@@ -17,7 +17,7 @@ from ..data import Example
 from ..errors import EmoscopeError
 from ..models import ModelConfig
 from ..task import Task, calibrate
-from ..task.metrics import classification_metrics
+from ..task.metrics import answer_shares, classification_metrics
 from .base import Estimate, StageResult
 
 
@@ -46,6 +46,20 @@ class EvalResult(StageResult):
     @property
     def predictions(self) -> pd.DataFrame:
         return self.tables["predictions"]
+
+    def answers(self, scores: str = "raw") -> dict:
+        """How the `raw` or `calibrated` answers spread over the labels: shares, the largest label and its share,
+        and whether the predictor is degenerate (one label above half the answers); for results written before
+        this was stored, recomputed from the predictions."""
+        if "answers" in self.data:
+            return self.data["answers"][scores]
+        pred = self.predictions["pred_raw" if scores == "raw" else "pred_cal"]
+        return answer_shares([self.labels.index(p) for p in pred], self.labels)
+
+    @property
+    def degenerate(self) -> bool:
+        """Whether the model's own (raw) answers are one label's more than half the time."""
+        return self.answers("raw")["degenerate"]
 
     def to_frame(self) -> pd.DataFrame:
         """Per example: id, text, gold, raw and calibrated predictions, label log-probs."""
@@ -98,6 +112,7 @@ def evaluate(task: Task, examples: list[Example] | None = None, progress=None) -
         "raw": classification_metrics(gold, pred_raw, task.classes, cfg.n_boot, cfg.seed),
         "calibrated": classification_metrics(gold, pred_cal, task.classes, cfg.n_boot, cfg.seed),
         "correct_ids": [e.id for e, p in zip(examples, pred_cal) if task.classes[p] == e.label],
+        "answers": {"raw": answer_shares(pred_raw, task.classes), "calibrated": answer_shares(pred_cal, task.classes)},
     }
     timing = {"score": round(t_score, 2), "per_example": round(t_score / len(examples), 4),
               "device": str(view.device), "dtype": str(view.dtype).replace("torch.", "")}

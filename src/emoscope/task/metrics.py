@@ -61,3 +61,18 @@ def classification_metrics(y_true, y_pred, labels: list[str], n_boot: int = 1000
         "confusion": cm.tolist(),
         "labels": list(labels),
     }
+
+
+DEGENERATE_SHARE = 0.5
+"""A predictor whose most frequent answer takes more than this share of the texts is degenerate: its answers carry
+little of the texts' emotion, and what its features, traces and audit flips explain is mostly that one bias."""
+
+
+def answer_shares(y_pred, labels: list[str]) -> dict:
+    """How the predictions spread over the labels: each label's share, the largest label, its share, and whether
+    that share makes the predictor degenerate (above DEGENERATE_SHARE)."""
+    counts = np.bincount(np.asarray(y_pred, dtype=int), minlength=len(labels))
+    shares = counts / max(counts.sum(), 1)
+    top = int(shares.argmax())
+    return {"shares": {lab: round(float(s), 4) for lab, s in zip(labels, shares)}, "largest": labels[top],
+            "largest_share": round(float(shares[top]), 4), "degenerate": bool(shares[top] > DEGENERATE_SHARE)}
