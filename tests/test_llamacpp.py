@@ -100,6 +100,38 @@ def test_ablations_inside_llamacpp_match_pytorch(both):
     assert np.allclose(ablate(lm, saes, prompts, gold, tokens, sets[2]), mb[2], atol=1e-4)
 
 
+def test_qwen2_runs_alike_in_both_runtimes_with_its_chat_template(tmp_path, llama_cpp):
+    """A Qwen2 GGUF (attention biases; Qwen's chat template and its default system prompt): transformers loads it as
+    Qwen2, the chat prompt carries the default system turn and ends where the answer starts, every label starts with
+    its own token, llama.cpp tokenizes the prompts alike, and its scores and residuals match PyTorch's."""
+    from emoscope.hooks import HookPoint, record
+    from emoscope.task.prompts import PromptBuilder, Template
+    from tiny import tiny_gguf
+
+    path = tiny_gguf(tmp_path / "tiny-qwen2.gguf", arch="qwen2", n_layers=3)
+    ref = load_model(str(path))
+    lm = load_model(str(path), backend="llama.cpp", threads=2)
+    assert type(ref.model).__name__ == "Qwen2ForCausalLM" and ref.chat and lm.chat
+    assert ref.model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0  # the biases arrived
+    classes = [s.strip() for s in LABELS[:6]]
+    pb = PromptBuilder(ref.tokenizer, Template(), classes, [], True, ref.max_context)
+    prompt = pb.prompt(TEXTS[0])
+    assert prompt.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.")
+    assert prompt.endswith("<|im_start|>assistant\n") and TEXTS[0] in prompt
+    label_ids = pb.label_ids()
+    assert len({ids[0] for ids in label_ids}) == len(classes)
+    ids = [pb.encode(pb.prompt(t)) for t in TEXTS]
+    lm.check_tokens([pb.prompt(t) for t in TEXTS], ids, pb.label_strings(), label_ids)
+    a, ra = score_ids(ref, ids, label_ids, resid_layers=[0, 2])
+    b, rb = score_ids(lm, ids, label_ids, resid_layers=[0, 2])
+    assert np.abs(a - b).max() < 0.03, np.abs(a - b).max()
+    for layer in (0, 2):
+        assert np.linalg.norm(ra[layer] - rb[layer]) / np.linalg.norm(ra[layer]) < 3e-3
+    with torch.no_grad(), record(ref, [HookPoint(1, "mlp_out"), HookPoint(1, "attn_out")]) as acts:
+        ref.model(input_ids=torch.tensor([ids[0]]))
+    assert acts["blocks.1.hook_mlp_out"].shape == acts["blocks.1.hook_attn_out"].shape == (1, len(ids[0]), 64)
+
+
 def test_callback_exception_is_raised_after_the_decode_and_the_model_stays_usable(both):
     ref, lm, prompts, labels = both
     before = lm.score_ids(prompts, labels)

@@ -76,9 +76,22 @@ def save_tiny(view: ModelView, path: Path) -> Path:
     return path
 
 
-def tiny_gguf(path: Path, n_layers: int = 2, d: int = 64, n_heads: int = 2, n_kv: int = 1, seed: int = 0) -> Path:
-    """A tiny random-weight Llama as an F32 GGUF with SmolLM2's tokenizer (copied from the embedded file's metadata),
-    the layout llama.cpp's converter writes: both backends load it (transformers dequantises it, llama.cpp runs it)."""
+# Qwen2.5-Instruct's chat template without its tool branch: a system turn with Qwen's default prompt when none is given
+QWEN_CHAT = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>"
+    "\\n' }}{%- endif %}{%- for message in messages %}{%- if (message.role == 'user') or (message.role == 'system' and "
+    "not loop.first) or (message.role == 'assistant') %}{{- '<|im_start|>' + message.role + '\\n' + message.content + "
+    "'<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- endif %}\n"
+)
+
+
+def tiny_gguf(path: Path, n_layers: int = 2, d: int = 64, n_heads: int = 2, n_kv: int = 1, seed: int = 0,
+              arch: str = "llama") -> Path:
+    """A tiny random-weight Llama (or Qwen2: attention biases, Qwen's chat template) as an F32 GGUF with SmolLM2's
+    tokenizer (copied from the embedded file's metadata), the layout llama.cpp's converter writes: both backends load
+    it (transformers dequantises it, llama.cpp runs it)."""
     import gguf
     import numpy as np
 
@@ -87,8 +100,8 @@ def tiny_gguf(path: Path, n_layers: int = 2, d: int = 64, n_heads: int = 2, n_kv
     src = gguf.GGUFReader(REGISTRY["smollm2-135m-instruct"].gguf())
     rng = np.random.default_rng(seed)
     vocab, ff, hd = len(src.fields["tokenizer.ggml.tokens"].data), 2 * d, d // n_heads
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_name("tiny-llama")
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(f"tiny-{arch}")
     w.add_context_length(512)
     w.add_embedding_length(d)
     w.add_block_count(n_layers)
@@ -101,9 +114,14 @@ def tiny_gguf(path: Path, n_layers: int = 2, d: int = 64, n_heads: int = 2, n_kv
     w.add_vocab_size(vocab)
     w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
     for key, field in src.fields.items():
-        if key.startswith("tokenizer."):
+        if key.startswith("tokenizer.") and not (arch == "qwen2" and key in ("tokenizer.chat_template",
+                                                                               "tokenizer.ggml.pre")):
             sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
             w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+
+    if arch == "qwen2":  # Qwen's pre-tokenizer and chat template (transformers converts a qwen2 file's tokenizer so)
+        w.add_chat_template(QWEN_CHAT)
+        w.add_tokenizer_pre("qwen2")
 
     def t(*shape, scale=None):
         return (rng.standard_normal(shape) * (scale or shape[-1] ** -0.5)).astype(np.float32)
@@ -115,6 +133,9 @@ def tiny_gguf(path: Path, n_layers: int = 2, d: int = 64, n_heads: int = 2, n_kv
                 "ffn_gate": t(ff, d), "ffn_up": t(ff, d), "ffn_down": t(d, ff)}
         for name, arr in {**norms, **mats}.items():
             w.add_tensor(f"blk.{i}.{name}.weight", arr)
+        if arch == "qwen2":  # Qwen2's q, k and v projections have biases
+            for name, n in (("attn_q", d), ("attn_k", n_kv * hd), ("attn_v", n_kv * hd)):
+                w.add_tensor(f"blk.{i}.{name}.bias", 0.1 * t(n, scale=1.0))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
