@@ -294,3 +294,52 @@ def test_a_bad_model_reference_is_refused_before_the_run_directory_is_touched(tm
             es.run(load_config("quick", [f"run_dir={run}", *sets]))
     assert [p.name for p in run.iterdir()] == ["run.log"] and (run / "run.log").read_text() == "earlier run\n"
     assert not fresh.exists()
+
+
+def test_zero_empty_and_machine_sized_values_are_validated_not_skipped(tiny_dir, toy_data):
+    """A CLI option given as 0 or an empty string reaches its config's check (it was taken for 'unset'); thread counts
+    are bounded by the CPUs this process may use, in every config that has them."""
+    import os
+
+    from emoscope.errors import validated
+    from emoscope.models import ModelConfig
+    from emoscope.stages.audit import AuditConfig
+    from emoscope.stages.sensitivity import SensitivityConfig
+
+    n = len(os.sched_getaffinity(0))
+    base = ("evaluate", "--model", tiny_dir, "--dataset", toy_data)
+    _one_line_error(cli(*base, "--threads", 0), "model.threads")
+    _one_line_error(cli(*base, "--backend", "llama.cpp", "--threads", 0), "model.threads")
+    _one_line_error(cli(*base, "--backend", "llama.cpp", "--threads", 10000), f"more than the {n} CPU")
+    _one_line_error(cli(*base, "--dtype", ""), "model.dtype")
+    _one_line_error(cli(*base, "--device", ""), "model.device")
+    _one_line_error(cli(*base, "--labels", ""), "label")
+    _one_line_error(cli("train-saes", "--model", tiny_dir, "--layers", ""), "--layers")
+    for cls, data, key in ((ModelConfig, {"backend": "llama.cpp", "threads": n + 1}, "model.threads"),
+                           (AuditConfig, {"candidates": [{"name": "a", "runtime": "llama.cpp", "threads": 10000}]},
+                            "threads"),
+                           (SensitivityConfig, {"threads": 10000}, "sensitivity.threads")):
+        with pytest.raises(es.EmoscopeError, match=key):
+            validated(cls, data, key.split(".")[0] + "." if "." in key else "")
+    assert validated(ModelConfig, {"backend": "llama.cpp", "threads": n}, "model.").threads == n
+    for name in ("", " ", "a/b"):  # candidate names name files
+        with pytest.raises(es.EmoscopeError, match=r"audit\.candidates\.0\.name: .* is not a name"):
+            validated(AuditConfig, {"candidates": [{"name": name, "precision": "int4"}]}, "audit.")
+    _one_line_error(cli(*base, "--model", ""), "model.name")
+
+
+@pytest.mark.parametrize("data", [
+    {"candidates": [{"name": "x", "runtime": "llama.cpp", "threads": 0}]},
+    {"candidates": [{"name": "x", "kv_cache": "zz"}]},
+    {"candidates": [{"name": "x", "precision": "llama.cpp:Q9"}]},
+    {"candidates": [{"name": "x", "text": "zz"}]},
+    {"thresholds": {"max_flip_rate": 2}},
+])
+def test_messages_name_the_users_key_not_pydantics_internals(data):
+    from emoscope.errors import validated
+    from emoscope.stages.audit import AuditConfig
+
+    with pytest.raises(es.EmoscopeError) as e:
+        validated(AuditConfig, data, "audit.")
+    msg = str(e.value)
+    assert msg.startswith("audit.") and not any(s in msg for s in ("function-", "Value error", "[<", "lambda")), msg

@@ -183,14 +183,14 @@ def evaluate(
 
     flat = {"dataset": dataset, "split": split, "shots": shots, "calibration": calibration, "extra": extra,
             "text_column": text_column, "label_column": label_column, "data_dir": data_dir, "seed": seed,
-            "batch_size": batch_size, "labels": labels.split(",") if labels else None}
+            "batch_size": batch_size, "labels": labels.split(",") if labels is not None else None}
     settings = {k: v for k, v in flat.items() if v is not None}
     if per_class is not None:
         settings["per_class"] = per_class or None  # 0: every row
     task_cfg = TaskConfig.build(apply_overrides({}, set_), **settings)
     given = (("name", model), ("device", device), ("dtype", dtype), ("backend", backend), ("threads", threads),
              ("kv_cache", kv_cache))
-    mcfg = validated(ModelConfig, {k: v for k, v in given if v}, "model.")
+    mcfg = validated(ModelConfig, {k: v for k, v in given if v is not None}, "model.")
     check_data(task_cfg.data)  # before the model: bad data fails in a second, not after a load
     view = load_model(mcfg)
     task = Task(view, task_cfg)
@@ -235,14 +235,14 @@ def train_saes_cmd(
     if profile not in PROFILES:
         raise EmoscopeError(f"unknown profile '{profile}': choose {', '.join(PROFILES)}")
     train = {}
-    if layers:
+    if layers is not None:
         try:
             train["layers"] = [int(x) for x in layers.split(",")]
         except ValueError:
             raise EmoscopeError(f"--layers must be comma-separated integers, got '{layers}'") from None
     base = apply_overrides({"pretrained": pretrained} if pretrained else {}, set_)
     view = load_model(validated(ModelConfig, {k: v for k, v in (("name", model), ("device", device), ("dtype", dtype))
-                                              if v}, "model."))
+                                              if v is not None}, "model."))
     with ExitStack() as stack:
         res = train_saes(view, base, data_dir, _progress_factory(stack)("training SAEs (tokens)"), profile=profile,
                          **train)

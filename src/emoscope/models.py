@@ -31,7 +31,7 @@ from . import profiling
 from .artifacts import cache_root, file_sha256
 from .errors import EmoscopeError, validated
 from .quantization import SCHEMES
-from .constraints import Device, MapDevice
+from .constraints import Device, MapDevice, Threads
 from .parts import SplitGGUF
 
 
@@ -87,7 +87,7 @@ class ModelConfig(BaseModel):
     """Which model to load, where, and in which precision (the run's one model setting)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), use_attribute_docstrings=True)
-    name: str = DEFAULT_MODEL
+    name: str = Field(DEFAULT_MODEL, min_length=1)
     """Registry name (gemma3-270m, smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct, qwen2.5-coder-1.5b-instruct),
     .gguf file, local dir or HF id."""
     device: Device = "auto"
@@ -112,7 +112,7 @@ class ModelConfig(BaseModel):
     """The runtime that computes the model: transformers (PyTorch, every stage) or llama.cpp (the GGUF file run by
     llama.cpp itself: label scoring, residual capture and SAE-feature ablation, on the CPU; `pip install
     'emoscope[llamacpp]'`)."""
-    threads: int | None = Field(None, ge=1, exclude=True)
+    threads: Threads | None = Field(None, exclude=True)
     """CPU threads of the llama.cpp backend (unset: every core). Placement only: not part of any hash."""
     kv_cache: Literal["f16", "q8_0", "q4_0"] | None = Field(None, exclude_if=lambda v: v is None)
     """KV-cache type of the llama.cpp backend (llama.cpp's --cache-type-k/-v; q8_0 and q4_0 turn flash attention

@@ -49,7 +49,7 @@ from .base import StageResult
 from .evaluate import EvalResult
 from .phases import PhasesResult
 from .trace import TraceResult
-from ..constraints import NonNegative, Seed, Share, unique_names
+from ..constraints import Name, NonNegative, Seed, Share, Threads, unique_names
 
 
 def _known_precision(v: str) -> str:
@@ -69,8 +69,8 @@ SOURCE = "source"
 
 class Candidate(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-    name: str = ...
-    """Label of the candidate in tables."""
+    name: Name
+    """Label of the candidate in tables and file names (no slash)."""
     template: Template | None = None
     """Prompt template replacing the reference's."""
     shots: int | None = Field(None, ge=0)
@@ -94,7 +94,7 @@ class Candidate(BaseModel):
     """Where the candidate runs: transformers (PyTorch, the default) or llama.cpp itself (scoring, SAE features and
     ablations read inside llama.cpp; `pip install 'emoscope[llamacpp]'`): the reference's weights as an F32 GGUF,
     or `model` (a .gguf file as shipped). A precision llama.cpp:TYPE implies it."""
-    threads: int | None = Field(None, ge=1, exclude_if=lambda v: v is None)
+    threads: Threads | None = Field(None, exclude_if=lambda v: v is None)
     """CPU threads of a llama.cpp candidate (unset: every core); recorded in its row."""
 
     @model_validator(mode="after")

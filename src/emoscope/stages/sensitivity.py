@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .. import llamacpp
 from ..analysis.recipe import cheapest
 from ..artifacts import config_hash
-from ..constraints import Seed
+from ..constraints import Seed, Threads
 from ..errors import EmoscopeError, validated
 from ..models import gguf_source
 from .audit import PARITY, AuditConfig, audit
@@ -45,7 +45,7 @@ class SensitivityConfig(BaseModel):
     """Also measure each group kept high with the rest at the target type (the recipe needs it)."""
     verify: bool = True
     """Build the recipe's file and audit it (predicted against measured)."""
-    threads: int | None = Field(None, ge=1)
+    threads: Threads | None = Field(None)
     """llama.cpp threads (unset: every core)."""
     n_perm: int = Field(10000, ge=100)
     """Permutations of the last-phase test."""
