@@ -343,3 +343,23 @@ def test_messages_name_the_users_key_not_pydantics_internals(data):
         validated(AuditConfig, data, "audit.")
     msg = str(e.value)
     assert msg.startswith("audit.") and not any(s in msg for s in ("function-", "Value error", "[<", "lambda")), msg
+
+
+def test_an_impossible_gguf_header_is_not_a_valid_gguf(tmp_path):
+    """A header claiming more tensors or keys than the file can hold, another version, or a file ending inside the
+    header: 'not a valid GGUF' in one line, before any parser reads it (it gave a utf-8 decode error)."""
+    import struct
+
+    from emoscope.models import check_reference, load_model
+
+    cases = {"absurd.gguf": b"GGUF" + struct.pack("<IQQ", 3, 2**40, 5) + b"\0" * 64,
+             "version.gguf": b"GGUF" + struct.pack("<IQQ", 99, 1, 1) + b"\0" * 64,
+             "short.gguf": b"GGUF\x03\0\0\0\x01"}
+    for name, blob in cases.items():
+        f = tmp_path / name
+        f.write_bytes(blob)
+        for call in (lambda: check_reference(str(f)), lambda: load_model(str(f)),
+                     lambda: load_model(str(f), backend="llama.cpp")):
+            with pytest.raises(es.EmoscopeError, match="not a valid GGUF"):
+                call()
+    _one_line_error(cli("evaluate", "--model", tmp_path / "absurd.gguf"), "claims 1,099,511,627,776 tensors")

@@ -451,6 +451,27 @@ def gguf_file_type(path: Path) -> str | None:
     return None
 
 
+def check_gguf_header(path: Path, what: str) -> None:
+    """Refuse a file whose GGUF header cannot be right (magic, version, tensor and metadata counts that the file's
+    size cannot hold), in one line, before any parser meets it: a parser given an impossible count reads garbage."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:4] != b"GGUF":
+        raise EmoscopeError(f"{what}: not a GGUF file (no GGUF magic)")
+    if len(head) < 24:
+        raise EmoscopeError(f"{what}: not a valid GGUF: the file ends inside its header ({size} bytes)")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:])
+    if version not in (2, 3):
+        raise EmoscopeError(f"{what}: not a valid GGUF: header version {version} (llama.cpp writes 2 or 3)")
+    # each tensor's info takes at least 8 (name length) + 4 (dims) + 8 (type and offset) bytes, each key 8 + 4
+    if n_tensors * 20 + n_kv * 12 > size - 24:
+        raise EmoscopeError(f"{what}: not a valid GGUF: its header claims {n_tensors:,} tensors and {n_kv:,} metadata "
+                            f"keys, more than its {size:,} bytes can hold (a truncated or corrupt file)")
+
+
 def gguf_source(name: str) -> tuple[Path, bool | None] | None:
     """The GGUF file behind a registry name or a .gguf path, and whether it is a chat model (None: unknown)."""
     if name in REGISTRY:
@@ -460,6 +481,7 @@ def gguf_source(name: str) -> tuple[Path, bool | None] | None:
         return None
     if not path.is_file():
         raise EmoscopeError(f"GGUF file not found: {path}")
+    check_gguf_header(path, f"model '{name}'")
     return path.resolve(), None
 
 
@@ -474,9 +496,7 @@ def check_reference(name: str, what: str = "model") -> None:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise EmoscopeError(f"{what} '{name}': GGUF file not found")
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise EmoscopeError(f"{what} '{name}': not a GGUF file (no GGUF magic)")
+        check_gguf_header(path, f"{what} '{name}'")
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise EmoscopeError(f"{what} '{name}': folder without config.json, not a transformers model")
@@ -533,6 +553,7 @@ def _load(cfg: ModelConfig) -> ModelView:
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise EmoscopeError(f"GGUF file not found: {path}")
+            check_gguf_header(path, f"model '{name}'")
             model, tok = _load_gguf(path.resolve(), dt, dev, _placement(cfg, dev))
         else:
             model, tok = _from_dir(name, dt, dev, trust_remote_code=cfg.trust_remote_code,
