@@ -126,11 +126,15 @@ def test_audit_cli_exit_code_and_bad_candidates(planted_run, tmp_path):
     raw = {"run_dir": cfg.run_dir, "model": {"name": cfg.model.name}, "stages": ["evaluate", "saes"],
            "evaluate": cfg.evaluate.model_dump(mode="json"),
            "saes": cfg.saes.model_dump(mode="json"),
-           "audit": {"candidates": [{"name": "same"}], "n_boot": 100, "causal_features": causal}}
+           "audit": {"candidates": [{"name": "same"}, {"name": "the_same_build_under_a_long_name_for_ci_logs"}],
+                     "n_boot": 100, "causal_features": causal}}
     f = tmp_path / "audit.yaml"
     f.write_text(yaml.safe_dump(raw))
-    r = cli("audit", "--config", f)
+    r = cli("audit", "--config", f)  # stdout piped: rich's 80 columns; every name and verdict whole
     assert r.returncode == 0, r.stderr
+    assert "the_same_build_under_a_long_name_for_ci_logs  [verdict: ok]" in r.stdout, r.stdout
+    assert "same  [verdict: ok]" in r.stdout and "    flip rate: 0.00" in r.stdout
+    assert "…" not in r.stdout  # nothing cut
     raw["audit"]["candidates"] = [{"name": "changed", "template": {"example": CHANGED}}]  # silences the feature
     f.write_text(yaml.safe_dump(raw))
     r = cli("audit", "--config", f)

@@ -511,7 +511,7 @@ def classify(texts: list[str] = typer.Argument(..., help="Texts to classify."),
 
     from .interventions.steering import check, label_probs, load_steering
     from .pipeline import RunContext
-    from .report.console import out
+    from .report.console import show
 
     st = load_steering(steering) if steering else None
     run_dir = run_dir or (Path(st.chosen_on["run_dir"]) if st and st.chosen_on.get("run_dir") else None)
@@ -533,7 +533,7 @@ def classify(texts: list[str] = typer.Argument(..., help="Texts to classify."),
         t.add_column(lab)
     for text, p in zip(texts, probs):
         t.add_row(text[:60], *[f"{x:.2f}" for x in p])
-    out.print(t)
+    show(t)
 
 
 @app.command()

@@ -70,6 +70,24 @@ def _beat(ref, closed: threading.Event, every: float) -> None:
         del p
 
 
+def show(table: Table) -> None:
+    """Print a table on stdout whole: as a grid where it fits the console's width, else (CI logs, where rich falls
+    back to 80 columns, or a narrow terminal) one block per row, its first cell and its last (the name and, in the
+    gates, the verdict) on the block's first line and every other column below as `column: value`, never cut."""
+    if table.__rich_measure__(out, out.options).maximum <= out.width:
+        out.print(table)
+        return
+    cols = table.columns
+    cells = [[str(c) for c in col.cells] for col in cols]
+    if table.title:
+        out.print(str(table.title), markup=False, highlight=False, soft_wrap=True)
+    for i in range(table.row_count):
+        head = cells[0][i] + (f"  [{cols[-1].header}: {cells[-1][i]}]" if len(cols) > 2 else f": {cells[-1][i]}")
+        out.print(head, markup=False, highlight=False, soft_wrap=True)
+        for col, vals in zip(cols[1:-1], cells[1:-1]):
+            out.print(f"    {col.header}: {vals[i]}", markup=False, highlight=False, soft_wrap=True)
+
+
 def _duration(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -91,7 +109,7 @@ def print_eval(res: dict, calibrated: bool = True) -> None:
     for name in ["raw", "calibrated"] if calibrated else ["raw"]:
         share = [f"{answers[name]['largest_share']:.2f} ({answers[name]['largest']})"] if answers else []
         t.add_row(name, _fmt(res[name]["accuracy"]), _fmt(res[name]["macro_f1"]), *share)
-    out.print(t)
+    show(t)
     if answers and answers["raw"]["degenerate"]:
         err.print(f"warning: degenerate predictor: the model answers {answers['raw']['largest']} for "
                   f"{answers['raw']['largest_share']:.0%} of the texts; what its features explain is mostly that bias",
@@ -105,7 +123,7 @@ def print_eval(res: dict, calibrated: bool = True) -> None:
         pc.add_row(lab, str(res["raw"]["per_class"][lab]["support"]),
                    f"{res['raw']['per_class'][lab]['recall']['value']:.2f}",
                    f"{res['calibrated']['per_class'][lab]['recall']['value']:.2f}")
-    out.print(pc)
+    show(pc)
 
 def headlines(run_dir: Path) -> list[str]:
     """One line each for the tracing, steering and audit results a run directory holds."""
@@ -145,7 +163,7 @@ def print_saes(res: dict) -> None:
         ce, dead = q.get("ce_recovered"), q.get("dead_frac_train")
         t.add_row(h, f"{res['depth'][h]:.2f}", f"{q['l0']:.1f}", f"{q['fvu']:.3f}", "" if ce is None else f"{ce:.3f}",
                   "" if dead is None else f"{100 * dead:.1f}", f"{100 * q['dead_frac']:.1f}")
-    out.print(t)
+    show(t)
 
 def print_phases(res: dict) -> None:
     b = ", ".join(f"layer {x['layer']} (depth {x['depth']:.2f}, 95% CI layers {x['lo']:.0f}-{x['hi']:.0f})"
@@ -160,7 +178,7 @@ def print_phases(res: dict) -> None:
         t.add_column(c)
     for lab in res["labels"]:
         t.add_row(lab, str(res["specific_counts"][lab]), str(res["shared_counts"][lab]))
-    out.print(t)
+    show(t)
 
 def print_audit(res: dict) -> None:
     from .tables import final_excess, retained
@@ -176,7 +194,7 @@ def print_audit(res: dict) -> None:
                   fmt(r["causal_survival"]), retained(r),
                   final_excess(r), f"{fmt(a['confidence_drop'])} / {fmt(a['causal_feature_drift'])}", _build(r),
                   "FAIL" if r["failed"] else "ok")
-    out.print(t)
+    show(t)
     if any(r.get("runtime") for r in res["candidates"]):
         out.print(f"llama.cpp rows ran in {next(r['runtime'] for r in res['candidates'] if r.get('runtime'))}; read "
                   "each beside llama.cpp_F32, the reference's own weights in llama.cpp (its arithmetic alone)",
@@ -207,7 +225,7 @@ def print_sensitivity(res: dict) -> None:
                   f"{o['accuracy_change']:+.3f} [{o['accuracy_change_lo']:+.3f}, {o['accuracy_change_hi']:+.3f}]",
                   fmt(o["effect_retained"]), "—" if k is None else f"{k['flip_rate']:.2f}",
                   "—" if k is None else f"{k['file_bytes'] / 1e6:.1f}")
-    out.print(t)
+    show(t)
     lp = res["last_phase_test"]
     if lp and lp.get("difference") is not None:
         out.print(f"last phase vs earlier layers ({cfg['target']} one group at a time): mean flips "
@@ -233,7 +251,7 @@ def print_canary(res, canary) -> None:
     tab.add_row("predicted accuracy change", f"{res.predicted_accuracy_change:+.3f}", f"max drop {t.max_accuracy_drop}")
     tab.add_row("canary examples flipped", f"{res.canary_flips} / {len(m['texts'])}", "")
     tab.add_row("causal features still active", surv, "")
-    out.print(tab)
+    show(tab)
     if res.out_of_band:
         out.print(f"beyond their 8-bit tolerance: {', '.join(res.out_of_band)}", markup=False)
     verdict = "passed" if res.passed else f"DRIFT: {' and '.join(res.drifted)}" if res.drifted else \
@@ -272,7 +290,7 @@ def print_steer(res: dict) -> None:
         t.add_column(s_)
     for name, m in res["methods"].items():
         t.add_row(name, *[_fmt(m[s_]["macro_f1"]) if s_ in m else "" for s_ in sets])
-    out.print(t)
+    show(t)
     se = res["side_effects"]
     out.print(f"WikiText-2 perplexity {se['ppl_clean']:.2f} -> {se['ppl_steered_all_positions']:.2f} "
               f"({100 * se['ppl_change']:+.1f}%) with steering at every position; KL {se['kl_all_positions']:.4f}",
@@ -290,7 +308,7 @@ def print_trace(res: dict) -> None:
             t.add_row(lab, p_, "" if top is None else f"{top['value']:.2f} [{top['lo']:.2f}, {top['hi']:.2f}]",
                       f"{r['n_for_50'] or more} / {r['n_for_80'] or more}",
                       f"{r['effective_n']:.1f}", f"{r['random_control']['mean']:.2f}")
-    out.print(t)
+    show(t)
     for lab, why in res["skipped"].items():
         err.print(f"skipped {lab}: {why}")
     from .tables import weak_screens
