@@ -2,6 +2,7 @@
 causal feature is flagged; the CLI's exit code follows the thresholds; bad candidates are refused."""
 
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -291,3 +292,72 @@ def test_causal_features_fall_back_to_features_beating_the_random_control():
     assert _traced({"phases": phases}) == [[1, 5], [3, 7]]  # 1/6's interval reaches into the control's
     phases["1"]["set"] = [[3, 7]]
     assert _traced({"phases": phases}) == [[3, 7]]  # a chosen set wins whenever there is one
+
+
+def test_refused_commands_leave_the_run_directory_byte_identical(planted_run, tmp_path, monkeypatch):
+    """canary write, canary check, sensitivity and classify check their own inputs (output path, upstream stages,
+    the canary's contents, texts) before resuming a pipeline or opening anything for writing."""
+    import shutil
+
+    d, view, cfg, causal = planted_run
+    run_dir = Path(cfg.run_dir)
+    raw = {"run_dir": cfg.run_dir, "model": {"name": cfg.model.name}, "stages": ["evaluate", "saes"],
+           "evaluate": cfg.evaluate.model_dump(mode="json"), "saes": cfg.saes.model_dump(mode="json"),
+           "audit": {"candidates": [{"name": "same"}], "n_boot": 100, "causal_features": causal}}
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    crowded = tmp_path / "crowded"
+    crowded.mkdir()
+    (crowded / "notes.txt").write_text("mine")
+    long_text = tmp_path / "long.txt"
+    long_text.write_text("word " * 5000 + "\n")
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "I am so happy"}\n{"text": "   "}\n')
+    empty_canary = tmp_path / "empty_canary"
+    empty_canary.mkdir()
+    before = _digest(run_dir)
+    refused = [
+        (("canary", "write", "--config", f, "--out", a_file), "a file is there"),
+        (("canary", "write", "--config", f, "--out", crowded), "holds other files"),
+        (("canary", "write", "--config", f, "--n", 0), "canary.n"),
+        (("canary", "write", "--config", f, "--set", "canary.n=2"), "canary.n"),
+        (("sensitivity", "--config", f), "has no audit stage"),
+        (("sensitivity", "--config", f, "--set", "sensitivity.group_size=0"), "sensitivity.group_size"),
+        (("classify", "--run", run_dir, ""), "text 1 of 1 is empty"),
+        (("classify", "--run", run_dir), "no texts"),
+        (("classify", "--run", run_dir, "--file", texts), "text 2 of 2 is empty"),
+        (("classify", "--run", run_dir, "--file", long_text, "--max-tokens", 100), "over --max-tokens 100"),
+        (("classify", "--run", run_dir, "--file", tmp_path / "none.txt"), "cannot read it"),
+    ]
+    for args, msg in refused:
+        _one_line_error(cli(*args), msg)
+        assert _digest(run_dir) == before, args
+    assert (crowded / "notes.txt").read_text() == "mine" and a_file.read_text() == "x"
+    # a canary with no examples is refused on load, not deep inside a check
+    r = cli("canary", "write", "--config", f, "--out", tmp_path / "canary")
+    assert r.returncode == 0, r.stderr
+    shutil.copy(tmp_path / "canary" / "canary.safetensors", empty_canary)
+    meta = json.loads((tmp_path / "canary" / "canary.json").read_text())
+    meta.update(texts=[], gold=[], prompts=[], ref_pred=[])
+    (empty_canary / "canary.json").write_text(json.dumps(meta))
+    after = _digest(run_dir)
+    _one_line_error(cli("canary", "check", empty_canary, "--model", cfg.model.name), "nothing to check")
+    renamed = tmp_path / "renamed_canary"  # label names that its label tokens do not spell: blamed, not the tokenizer
+    shutil.copytree(tmp_path / "canary", renamed)
+    meta = json.loads((renamed / "canary.json").read_text())
+    meta.update(labels=[lab.upper() for lab in meta["labels"]], gold=[g.upper() for g in meta["gold"]])
+    (renamed / "canary.json").write_text(json.dumps(meta))
+    _one_line_error(cli("canary", "check", renamed, "--model", cfg.model.name), "the canary's labels (ANGER")
+    assert _digest(run_dir) == after
+    # texts from a file and stdin are classified as arguments are
+    ok = tmp_path / "ok.txt"
+    ok.write_text("I am so happy\n\nThat is disgusting\n")
+    r = cli("classify", "--run", run_dir, "--file", ok, "--json")
+    assert r.returncode == 0, r.stderr
+    assert [row["text"] for row in json.loads(r.stdout)] == ["I am so happy", "That is disgusting"]
+    import io
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"text": "I am so happy"}\n{"text": "That is disgusting"}\n'))
+    r = cli("classify", "--run", run_dir, "--file", "-", "--json")
+    assert [row["text"] for row in json.loads(r.stdout)] == ["I am so happy", "That is disgusting"]

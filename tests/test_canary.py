@@ -159,7 +159,9 @@ def test_canary_write_cli_reads_the_runs_audit(planted_run, tmp_path):  # noqa: 
 
 def test_a_canary_needs_the_same_tokenizer(written):
     canary, _, ctx, _, _ = written
-    other = cn.Canary(dict(canary.meta, label_ids=[[0]] * len(canary.meta["labels"])), canary.arrays)
+    shift = lambda ids: [(i + 7) % len(ctx.model.tokenizer) for i in ids]  # another vocabulary's ids
+    other = cn.Canary(dict(canary.meta, label_ids=[shift(ids) for ids in canary.meta["label_ids"]],
+                           prompts=[shift(ids) for ids in canary.meta["prompts"]]), canary.arrays)
     with pytest.raises(EmoscopeError, match="other label tokens"):
         cn.check(ctx.model, other)
 

@@ -23,6 +23,7 @@ A check scores only the N examples on the build and applies the audit's own thre
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,9 @@ class Canary:
         if missing:
             raise EmoscopeError(f"canary {folder} lacks {', '.join(missing)}")
         n, k, f = len(m["texts"]), len(m["labels"]), len(m["features"])
+        if n == 0 or k < 2 or len(self.arrays["margins_all"]) == 0:
+            raise EmoscopeError(f"canary {folder}: {n} examples, {k} labels and {len(self.arrays['margins_all'])} "
+                                "audited examples: nothing to check (write it again with `emoscope canary write`)")
         shapes = {"ref_cal": (n, k), "canary_index": (n,), "ref_pre": (n, f), "active_at": (n, f),
                   "ref_active": (n, f), "tolerance": (f,)}
         for key, shape in shapes.items():
@@ -168,6 +172,20 @@ class Canary:
 
 
 # ---------------------------------------------------------------------------------------------------- writing
+def check_out(folder: str | Path) -> Path:
+    """Where a canary may be written: a new folder (its parent creatable) or an existing canary's, never a file or a
+    folder holding something else. Checked before any work, so a refused call writes nothing."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise EmoscopeError(f"--out {folder}: a file is there, not a folder for the canary")
+    if folder.is_dir() and any(p.name not in ("canary.json", "canary.safetensors") for p in folder.iterdir()):
+        raise EmoscopeError(f"--out {folder}: the folder holds other files; name a new folder or an existing canary's")
+    parent = next((p for p in folder.parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise EmoscopeError(f"--out {folder}: cannot create it under {parent} (not a writable folder)")
+    return folder
+
+
 def write(task: Task, saes: dict, evaluation: EvalResult, audit_result: AuditResult, phases=None, trace=None,
           config: CanaryConfig | dict | None = None, load_view=None) -> Canary:
     """A canary of an audit: its examples chosen, the reference's answers and causal features read, and the
@@ -433,9 +451,22 @@ def _task_on(canary: Canary, model, template=None) -> Task:
     demos = [Example(d["id"], d["text"], tuple(d["labels"])) for d in canary.meta["demos"]]
     task = Task.from_parts(model, cfg, canary.meta["labels"], demos, canary.meta.get("prior_texts"))
     if task.label_ids != canary.meta["label_ids"]:
+        tok = model.tokenizer
+        spelled = [tok.decode(ids) for ids in canary.meta["label_ids"]]
+        if _reads_back(tok, canary):  # the same vocabulary: the label names are what changed
+            raise EmoscopeError(f"the canary's labels ({', '.join(canary.meta['labels'])}) are not the ones its "
+                                f"reference's label tokens spell ({', '.join(s.strip() for s in spelled)}) in this "
+                                "build's tokenizer: the canary was edited, or the build's task has other labels")
         raise EmoscopeError("this build's tokenizer gives other label tokens than the canary's reference "
                             f"({task.label_ids} against {canary.meta['label_ids']}): it is not the same model")
     return task
+
+
+def _reads_back(tokenizer, canary: Canary) -> bool:
+    """Whether this tokenizer decodes the canary's reference prompt ids back into text holding its texts' ends (the
+    same vocabulary), which tells a canary whose label names were changed from a build with another tokenizer."""
+    tails = [t.strip()[-24:] for t in canary.meta["texts"][:4]]
+    return all(tail in tokenizer.decode(ids) for tail, ids in zip(tails, canary.meta["prompts"][:4]))
 
 
 def check(model, canary: Canary | str | Path, template=None) -> CanaryCheck:

@@ -141,6 +141,7 @@ from .data import DataConfig  # noqa: E402  (for option help text, read from the
 from .models import ModelConfig  # noqa: E402
 from .task.task import TaskConfig  # noqa: E402
 from .stages.sensitivity import SensitivityConfig  # noqa: E402
+from .canary import CanaryConfig  # noqa: E402
 
 
 @app.command()
@@ -380,13 +381,14 @@ def _print_remedies(res: dict, config: str, set_: list[str], run_dir: Path) -> N
 
 
 @app.command()
-def sensitivity(config: str = typer.Option(..., help="Run config with an `audit:` section (its thresholds gate the "
+def sensitivity(config: str = typer.Option(..., help="Run config with an audit stage (its thresholds gate the "
                                                     "recipe); the reference must come from a GGUF file."),
-                target: str = typer.Option("Q4_K_M", help=_help(SensitivityConfig, "target")),
-                high: str = typer.Option("Q8_0", help=_help(SensitivityConfig, "high")),
-                group_size: int = typer.Option(1, help=_help(SensitivityConfig, "group_size")),
+                target: Optional[str] = typer.Option(None, help=_help(SensitivityConfig, "target")),
+                high: Optional[str] = typer.Option(None, help=_help(SensitivityConfig, "high")),
+                group_size: Optional[int] = typer.Option(None, help=_help(SensitivityConfig, "group_size")),
                 threads: Optional[int] = typer.Option(None, help=_help(SensitivityConfig, "threads")),
-                verify: bool = typer.Option(True, "--verify/--no-verify", help=_help(SensitivityConfig, "verify")),
+                verify: Optional[bool] = typer.Option(None, "--verify/--no-verify",
+                                                      help=_help(SensitivityConfig, "verify")),
                 set_: list[str] = typer.Option([], "--set", help=SET_HELP),
                 as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Layer sensitivity to a llama.cpp type, in llama.cpp, and the smallest mixed-precision file predicted to pass
@@ -395,14 +397,23 @@ def sensitivity(config: str = typer.Option(..., help="Run config with an `audit:
 
     from .config import load_config
     from .errors import validated
+    from .models import gguf_source
     from .pipeline import RunContext, run as run_all
     from .report import sensitivity as plot
     from .report.console import err, print_sensitivity
     from .stages import sensitivity as sens
 
     cfg = load_config(config, set_)
-    scfg = validated(SensitivityConfig, {"target": target, "high": high, "group_size": group_size, "threads": threads,
-                                         "verify": verify}, "sensitivity.")
+    given = {"target": target, "high": high, "group_size": group_size, "threads": threads, "verify": verify}
+    scfg = validated(SensitivityConfig, {**cfg.sensitivity.model_dump(),
+                                         **{k: v for k, v in given.items() if v is not None}}, "sensitivity.")
+    # everything the command needs is checked before a stage resumes or a file is opened for writing
+    if "audit" not in cfg.stages:
+        raise EmoscopeError(f"sensitivity gates its recipe by the audit's thresholds, and config {config} has no "
+                            "audit stage: add audit to its stages (or run `emoscope audit` with it first)")
+    if gguf_source(cfg.model.name) is None:
+        raise EmoscopeError(f"sensitivity builds llama.cpp files from the reference's GGUF, and '{cfg.model.name}' is "
+                            "not a GGUF file or a registry model")
     sens.llamacpp.version()  # the extra is there, or one line naming its install
     cfg.stages = [s for s in ("evaluate", "saes", "phases", "trace") if s in cfg.stages or s == "evaluate"]
     run_dir = Path(cfg.run_dir).expanduser()
@@ -428,7 +439,7 @@ canary_app.callback(invoke_without_command=True)(_usage_without_command)
 
 @canary_app.command("write")
 def canary_write(config: str = typer.Option(..., help="Run config with an `audit:` section (audited, or resumed)."),
-                 n: int = typer.Option(48, help="Examples in the canary (half most fragile, half most diagnostic)."),
+                 n: Optional[int] = typer.Option(None, help=_help(CanaryConfig, "n")),
                  out_dir: Optional[Path] = typer.Option(None, "--out", help="Canary folder (default: RUN_DIR/canary)."),
                  set_: list[str] = typer.Option([], "--set", help=SET_HELP)):
     """Write a canary from the run's audit: examples, reference answers, causal features and 8-bit tolerances."""
@@ -441,7 +452,9 @@ def canary_write(config: str = typer.Option(..., help="Run config with an `audit
     from .report.console import err
 
     cfg = load_config(config, set_)
-    ccfg = validated(canary_mod.CanaryConfig, {"n": n}, "canary.")
+    ccfg = validated(CanaryConfig, {**cfg.canary.model_dump(), **({"n": n} if n is not None else {})}, "canary.")
+    if out_dir is not None:  # checked before the pipeline resumes or writes anything
+        canary_mod.check_out(out_dir)
     if "audit" not in cfg.stages:
         cfg.stages = [s for s in cfg.stages if s != "audit"] + ["audit"]
     run_dir = Path(cfg.run_dir).expanduser()
@@ -499,10 +512,14 @@ def canary_check(canary: Path = typer.Argument(..., help="Canary folder (from `e
 
 
 @app.command()
-def classify(texts: list[str] = typer.Argument(..., help="Texts to classify."),
+def classify(texts: Optional[list[str]] = typer.Argument(None, help="Texts to classify (or --file)."),
+             file: Optional[str] = typer.Option(None, "--file", help="Texts from a file, - for stdin: one per line, "
+                                                                     "or JSONL objects with a \"text\" field."),
              run_dir: Optional[Path] = typer.Option(None, "--run", help="Run directory (task, SAEs); default: the "
                                                                       "steering file's."),
              steering: Optional[Path] = typer.Option(None, help="Steering file saved by the steer stage."),
+             max_tokens: int = typer.Option(4096, min=1, help="Longest text, in tokens: a longer one is refused "
+                                                              "(a forward over it would take minutes on a CPU)."),
              device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
              dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
              as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
@@ -513,11 +530,22 @@ def classify(texts: list[str] = typer.Argument(..., help="Texts to classify."),
     from .pipeline import RunContext
     from .report.console import show
 
+    texts = list(texts or []) + (_read_texts(file) if file is not None else [])
+    if not texts:
+        raise EmoscopeError("no texts: give them as arguments or with --file PATH (- for stdin)")
+    empty = [i + 1 for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise EmoscopeError(f"text {empty[0]} of {len(texts)} is empty: nothing to classify")
     st = load_steering(steering) if steering else None
     run_dir = run_dir or (Path(st.chosen_on["run_dir"]) if st and st.chosen_on.get("run_dir") else None)
     if run_dir is None or not (run_dir / "evaluate" / "result.json").exists():
         raise EmoscopeError("give --run RUN_DIR (a run with an evaluate stage) or a steering file that names one")
     ctx = RunContext.from_run_dir(run_dir, device, dtype)
+    lengths = [len(ids) for ids in ctx.model.tokenizer(texts, add_special_tokens=False).input_ids]
+    long = next((i for i, n in enumerate(lengths) if n > max_tokens), None)
+    if long is not None:
+        raise EmoscopeError(f"text {long + 1} of {len(texts)} is {lengths[long]:,} tokens, over --max-tokens "
+                            f"{max_tokens:,}: shorten it or raise the limit")
     saes = {}
     if st:
         saes = ctx.result("saes").by_layer()
@@ -534,6 +562,28 @@ def classify(texts: list[str] = typer.Argument(..., help="Texts to classify."),
     for text, p in zip(texts, probs):
         t.add_row(text[:60], *[f"{x:.2f}" for x in p])
     show(t)
+
+
+def _read_texts(source: str) -> list[str]:
+    """Texts from a file or stdin (-): JSONL objects with a "text" field when every line is one, else one per line
+    (blank lines skipped)."""
+    try:
+        raw = sys.stdin.read() if source == "-" else Path(source).expanduser().read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EmoscopeError(f"--file {source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise EmoscopeError(f"--file {source}: cannot read it ({e.strerror})") from None
+    lines = [ln for ln in raw.splitlines() if ln.strip()]
+    try:
+        rows = [json.loads(ln) for ln in lines]
+    except json.JSONDecodeError:
+        return lines
+    if rows and all(isinstance(r, dict) for r in rows):
+        if not all(isinstance(r.get("text"), str) for r in rows):
+            bad = next(i for i, r in enumerate(rows) if not isinstance(r.get("text"), str))
+            raise EmoscopeError(f"--file {source}: JSONL line {bad + 1} has no \"text\" string")
+        return [r["text"] for r in rows]
+    return lines
 
 
 @app.command()

@@ -16,10 +16,12 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from .artifacts import config_hash
 from .errors import EmoscopeError, validated
+from .canary import CanaryConfig
 from .models import ModelConfig
 from .stages.audit import AuditConfig
 from .stages.phases import PhasesConfig
 from .stages.saes import SAEStageConfig
+from .stages.sensitivity import SensitivityConfig
 from .stages.steer import SteerConfig
 from .stages.trace import TraceConfig
 from .task import TaskConfig
@@ -45,6 +47,11 @@ class RunConfig(BaseModel):
     trace: TraceConfig = TraceConfig()
     steer: SteerConfig = SteerConfig()
     audit: AuditConfig = AuditConfig()
+    sensitivity: SensitivityConfig = SensitivityConfig()
+    """`emoscope sensitivity`: the llama.cpp type under test, the kept type and the layer groups (its options
+    override these)."""
+    canary: CanaryConfig = CanaryConfig()
+    """`emoscope canary write`: how many audited examples, and the tolerances and confidence of a check."""
 
     @model_validator(mode="after")
     def _backend_stages(self):
@@ -56,6 +63,7 @@ class RunConfig(BaseModel):
 
     def stage_config(self, stage: str):
         """The stage's config as it is hashed and run: the run's data_dir filled into the task's data."""
+
         if stage == "evaluate":
             ev = self.evaluate.model_copy(deep=True)
             if self.data_dir:

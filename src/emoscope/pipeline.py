@@ -41,9 +41,10 @@ class RunContext:
     SAEs (from the saes stage) and upstream results (from the run directory)."""
 
     def __init__(self, run_dir: str | Path, model: ModelConfig, task: TaskConfig, data_dir: str | None = None,
-                 log=print, progress_factory=None):
+                 log=None, progress_factory=None):
         self.run_dir, self.model_config, self.task_config = Path(run_dir), model, task
-        self.data_dir, self.log, self.progress_factory = data_dir, log, progress_factory
+        self.data_dir, self.progress_factory = data_dir, progress_factory
+        self.log = log or (lambda message: None)  # the pipeline's log lines; silent by default (stdout may be JSON)
         self._model: ModelView | None = None
         self._task: Task | None = None
         self._results: dict[str, StageResult] = {}
