@@ -361,3 +361,63 @@ def test_refused_commands_leave_the_run_directory_byte_identical(planted_run, tm
     monkeypatch.setattr("sys.stdin", io.StringIO('{"text": "I am so happy"}\n{"text": "That is disgusting"}\n'))
     r = cli("classify", "--run", run_dir, "--file", "-", "--json")
     assert [row["text"] for row in json.loads(r.stdout)] == ["I am so happy", "That is disgusting"]
+
+
+BAD = {"--n": ["0", "-3", "1e9", "", "abc"], "--threads": ["0", "-1", "100000", ""], "--group-size": ["0", "-2", ""],
+       "--target": ["", "Q9_K", "F32"], "--high": ["", "int4"], "--max-tokens": ["0", "-5", ""],
+       "--set": ["canary.n=1", "canary.kappa=-1", "canary.confidence=1.5", "sensitivity.group_size=0",
+                 "sensitivity.threads=0", "sensitivity.target=''", "audit.thresholds.max_flip_rate=2"],
+       "--out": ["FILE", "CROWDED"], "--file": ["MISSING", "EMPTY_TEXT"], "--kv-cache": ["", "q9"],
+       "--runtime": ["", "vllm"], "--model": ["", "MISSING.gguf"]}
+SURFACES = {("canary", "write"): ["--n", "--set", "--out"],
+            ("sensitivity",): ["--threads", "--group-size", "--target", "--high", "--set"],
+            ("classify",): ["--max-tokens", "--file"],
+            ("canary", "check"): ["--threads", "--kv-cache", "--runtime", "--model"]}
+
+
+def test_the_newest_commands_refuse_bad_values_without_touching_the_run(planted_run, tmp_path_factory):
+    """Property test: each of canary write/check, sensitivity and classify, driven with out-of-range, empty and
+    degenerate values (drawn by hypothesis), exits 2 with one `error:` line and leaves the run directory as it was."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    d, view, cfg, causal = planted_run
+    run_dir, root = Path(cfg.run_dir), tmp_path_factory.mktemp("bad")
+    raw = {"run_dir": cfg.run_dir, "model": {"name": cfg.model.name}, "stages": ["evaluate", "saes", "audit"],
+           "evaluate": cfg.evaluate.model_dump(mode="json"), "saes": cfg.saes.model_dump(mode="json"),
+           "audit": {"candidates": [{"name": "same"}], "n_boot": 100, "causal_features": causal}}
+    (root / "run.yaml").write_text(yaml.safe_dump(raw))
+    (root / "FILE").write_text("x")
+    (root / "CROWDED").mkdir()
+    (root / "CROWDED" / "mine.txt").write_text("x")
+    (root / "EMPTY_TEXT").write_text('{"text": "fine"}\n{"text": ""}\n')
+    assert cli("canary", "write", "--config", root / "run.yaml", "--out", root / "canary").returncode == 0
+    before = _digest(run_dir)
+    surface = st.sampled_from(sorted(SURFACES))
+
+    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(surface.flatmap(lambda s: st.tuples(st.just(s), st.lists(
+        st.sampled_from(SURFACES[s]).flatmap(lambda o: st.tuples(st.just(o), st.sampled_from(BAD[o]))),
+        min_size=1, max_size=3))))
+    def drive(case):
+        refused(*case)
+
+    def refused(command, opts):
+        argv = list(command)
+        argv += {"canary write": ["--config", root / "run.yaml"], "sensitivity": ["--config", root / "run.yaml"],
+                 "classify": ["--run", run_dir], "canary check": [root / "canary"]}[" ".join(command)]
+        for opt, value in opts:
+            argv += [opt, str(root / value) if value in ("FILE", "CROWDED", "MISSING", "EMPTY_TEXT") else value]
+        if command == ("canary", "check") and "--model" not in argv:
+            argv += ["--model", cfg.model.name]
+        r = cli(*argv)
+        assert r.returncode == 2, (argv, r.stderr)
+        assert "Traceback" not in r.stderr and "internal error" not in r.stderr, (argv, r.stderr)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert "Usage:" in r.stderr or [line.startswith("error:") for line in lines] == [True], (argv, r.stderr)
+        assert _digest(run_dir) == before, argv
+
+    for command, options in SURFACES.items():  # every value alone, then hypothesis's combinations
+        for opt in options:
+            for value in BAD[opt]:
+                refused(command, [(opt, value)])
+    drive()
