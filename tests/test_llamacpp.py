@@ -362,3 +362,26 @@ def test_canary_on_the_runtime_agrees_with_the_audit(both, toy_data, tmp_path):
     r = cli("canary", "check", folder, "--model", str(lm.path), "--runtime", "llama.cpp", "--threads", 2, "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["canary_flips"] == 0
+
+
+def test_stages_refuse_a_backend_that_lacks_an_operation_through_the_api(both, toy_data):
+    """Every stage names the operations it needs; given a llama.cpp model (scores and answer-position reads and
+    edits only), the ones that need PyTorch hooks refuse in one line naming the operation and the backend, before
+    any work, through the Python API; evaluate, which needs scores alone, runs."""
+    import emoscope as es
+    from emoscope.backend import NEEDS, OPERATIONS, supports
+
+    ref, lm, _, _ = both
+    assert supports(ref) == frozenset(OPERATIONS) and supports(lm) == {"score", "read_answer", "edit_answer",
+                                                                        "check_tokens"}
+    task = es.Task(lm, dataset=str(toy_data), per_class=2)
+    calls = {"saes": lambda: es.train_saes(lm, layers=[0]), "phases": lambda: es.phases(task, {}, None),
+             "trace": lambda: es.trace(task, {}, None, None), "steer": lambda: es.steer(task, {}, None, None),
+             "audit": lambda: es.audit(task, {}, None)}
+    assert set(calls) == set(NEEDS) - {"evaluate"}
+    for stage, call in calls.items():
+        with pytest.raises(EmoscopeError, match=rf"^stage {stage} needs 'hooks' \(.*\), which backend llama.cpp does "
+                                                r"not support \(it supports check_tokens, edit_answer, read_answer, "
+                                                r"score\)"):
+            call()
+    assert es.evaluate(task).n == len(task.load_examples()[0])

@@ -100,7 +100,9 @@ def _print_json(obj) -> None:
 def _help(cls, field: str, extra: str = "") -> str:
     f = cls.model_fields[field]
     d = f.default.model_dump(mode="json") if hasattr(f.default, "model_dump") else f.default
-    return f"{' '.join((f.description or '').split())}{extra} (config default: {json.dumps(d)})"
+    from rich.markup import escape  # option help is rich markup: a docstring's [llamacpp] would vanish
+
+    return escape(f"{' '.join((f.description or '').split())}{extra} (config default: {json.dumps(d)})")
 
 
 # ------------------------------------------------------------------------------------------ run

@@ -90,11 +90,14 @@ def _quiet(lib):
 
 class LlamaCppModel:
     """A GGUF file served by llama.cpp, with the attributes a `Task` and the audit read from a model, and the
-    operations the stages run: `score_ids`, `ablate_each`, `first_token_prior`, `check_tokens`."""
+    operations of the model interface it supports (`supports`, emoscope.backend): label scores (`score_ids`),
+    the residual stream read and edited at the answer position (`answer_logits_each`, through the eval callback) and
+    its tokenizer checked (`check_tokens`); no hooks at other positions or kinds, and no gradients."""
 
     dtype = torch.float32
     device = torch.device("cpu")
     backend = "llama.cpp"
+    supports = frozenset({"score", "read_answer", "edit_answer", "check_tokens"})
 
     def __init__(self, path: str | Path, tokenizer, name: str, chat: bool, threads: int | None = None,
                  kv_cache: str | None = None, n_ctx: int = 8192, n_ubatch: int = 512):

@@ -29,6 +29,7 @@ from torch import nn
 from . import distributed as dist
 from . import profiling
 from .artifacts import cache_root, file_sha256
+from .backend import OPERATIONS
 from .errors import EmoscopeError, validated
 from .quantization import SCHEMES
 from .constraints import Device, MapDevice, Threads
@@ -144,6 +145,9 @@ class ModelView:
     blocks_path: str = "model.layers"  # attribute path of the blocks (for tools that wrap the model)
     settings: ModelConfig | None = None  # how it was loaded (None: built in memory, e.g. a test model)
     weights: str | None = None  # what the weights are, e.g. "Q4_K_M GGUF (x.gguf) dequantised, run in float32"
+
+    supports = frozenset(OPERATIONS)  # every operation of the model interface (emoscope.backend)
+    backend = "transformers"
 
     @property
     def n_layers(self) -> int:

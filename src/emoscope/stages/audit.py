@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from ..backend import require
 from ..analysis.drift import auroc_or_none, derangement, jaccard_topk, phase_drift, retained, rowcorr
 from ..artifacts import config_hash
 from ..errors import EmoscopeError, validated
@@ -245,6 +246,7 @@ def audit(task: Task, saes: dict, evaluation: EvalResult, phases: PhasesResult |
     the task's model in place and restore it bit for bit (one model in memory); `load_model(name)` loads
     the checkpoint of a `model` candidate (default: float32, on the reference's device)."""
     cfg = config if isinstance(config, AuditConfig) else validated(AuditConfig, config or {}, "audit.")
+    require(task.model, "audit")
     ref = _reference(task, saes, evaluation, phases, trace, cfg)
     load_view = load_model or _reloader(task.model)
     cands = candidates(cfg, task.config, ref.labels)

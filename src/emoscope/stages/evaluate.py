@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pandas as pd
 
+from ..backend import require
 from ..artifacts import config_hash
 from ..data import Example
 from ..errors import EmoscopeError
@@ -82,6 +83,7 @@ class EvalResult(StageResult):
 
 def evaluate(task: Task, examples: list[Example] | None = None, progress=None) -> EvalResult:
     """Score the task's examples (default: its configured split and sample) raw and calibrated."""
+    require(task.model, "evaluate")
     report = None
     if examples is None:
         examples, report = task.load_examples()

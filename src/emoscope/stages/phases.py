@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..backend import require
 from .. import profiling
 from ..analysis.layers import layer_row, selectivity, text_scores
 from ..analysis.phases import SEGMENT_STATS, boundary_intervals, fit_phases, name_phases, phase_of
@@ -141,6 +142,7 @@ def phases(task: Task, saes: dict, evaluation: EvalResult, config: PhasesConfig 
     """Per-layer statistics, the phases and the shared vs specific features on the evaluated examples.
     `saes`: hook name -> SAE; the activation stores go to `workdir` (default: a temporary folder)."""
     cfg = config if isinstance(config, PhasesConfig) else validated(PhasesConfig, config or {}, "phases.")
+    require(task.model, "phases")
     view, preds, labels = task.model, evaluation.predictions, evaluation.labels
     _check_counts(preds, labels, cfg)
     hooks = sorted((HookPoint.parse(h) for h in saes), key=lambda h: h.layer)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import distributed as dist
 from .. import profiling
+from ..backend import require
 from ..artifacts import config_hash, read_json, write_json
 from ..constraints import Device
 from ..hooks import HookPoint
@@ -112,6 +113,7 @@ def compute(model: ModelView, cfg: SAEStageConfig, data_dir=None, progress=None,
             checkpoint_dir: Path | None = None) -> SAEsResult:
     """Train or load, then evaluate. With `checkpoint_dir`, training checkpoints and the trained SAEs are
     kept there before evaluation, so a killed stage resumes (training) or skips training (evaluation)."""
+    require(model, "saes")
     t0 = time.time()
     layers = cfg.train.layers if cfg.train.layers is not None else list(range(model.n_layers))
     hooks = [HookPoint(model.check_layer(layer), cfg.train.kind) for layer in layers]

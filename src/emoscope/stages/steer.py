@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.optimize import minimize
 from scipy.special import log_softmax
 
+from ..backend import require
 from ..artifacts import config_hash
 from ..data import Example, load_split, select
 from .. import distributed as dist
@@ -133,6 +134,7 @@ def steer(task: Task, saes: dict, evaluation: EvalResult, trace: TraceResult,
     """Choose a steering of the traced features on dev; score it and six baselines on the test examples
     and on other datasets; measure its side effects and a dose-response toward each emotion."""
     cfg = config if isinstance(config, SteerConfig) else validated(SteerConfig, config or {}, "steer.")
+    require(task.model, "steer")
     view, labels, test = task.model, evaluation.labels, evaluation.predictions
     saes = {layer_of(h): s for h, s in saes.items()}
     dev = _dev_set(task, labels, cfg, set(test.id))

@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.stats import spearmanr
 
+from ..backend import require
 from ..analysis.difficulty import difficulty
 from ..analysis.stats import concentration, mean_ci
 from ..artifacts import config_hash
@@ -135,6 +136,7 @@ def trace(task: Task, saes: dict, evaluation: EvalResult, phases: PhasesResult,
     """For each emotion: screen every feature by attribution, validate the top ones per phase by exact
     ablation, grow the 50%/80% sets, and measure controls and cross-emotion effects."""
     cfg = config if isinstance(config, TraceConfig) else validated(TraceConfig, config or {}, "trace.")
+    require(task.model, "trace")
     view, preds, labels = task.model, evaluation.predictions, evaluation.labels
     by_layer = {layer_of(h): s for h, s in saes.items()}
     phase_of = phases.phase_of_layer
