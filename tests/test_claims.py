@@ -129,7 +129,8 @@ def test_compare_command_writes_matrix_json_and_escaped_html(tmp_path):
     tr["cross_effects"] = {"anger": {"disgust": 0.4}}
     recall = {"recall": {"value": 0.5, "lo": 0.2, "hi": 0.8, "n": 10}}
     ev = {"labels": labs, "calibrated": {"confusion": [[8, 1, 0, 1], [6, 3, 1, 0], [0, 0, 9, 1], [0, 0, 1, 9]],
-                                         "per_class": dict.fromkeys(labs, recall)}}
+                                         "per_class": dict.fromkeys(labs, recall)},
+          "answers": {"raw": {"largest": "anger", "largest_share": 0.95, "degenerate": True}}}
     a = _run_dir(tmp_path, "a", "<script>alert(1)</script>", evaluate=ev, phases=phases(), trace=tr, steer=steer(),
                  audit=audit())
     b = _run_dir(tmp_path, "b", "other-model", phases=phases(k=2))
@@ -141,6 +142,12 @@ def test_compare_command_writes_matrix_json_and_escaped_html(tmp_path):
     assert len(got["runs"]) == 2 and len(got["verdicts"]) == 11 + 1 + 3  # a: all, 3c too
     page = out.read_text()
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page and "not reproduced" in page
+    # a degenerate predictor's column is marked, first in the matrix (b stored no answers: unknown)
+    first = next(iter(json.loads(r.stdout)["runs"].values()))["raw_answers"]
+    assert first["degenerate"] and "DEGENERATE predictor (95% anger): read this column" in page
+    from emoscope.report.compare import ANSWERS, compare
+    row = compare([a, b]).matrix()[ANSWERS]
+    assert list(row.values())[0].startswith("DEGENERATE") and list(row.values())[1] == "—"
     hard = {r["emotion"]: r for r in got["difficulty"]}  # run a only: b has no trace
     assert set(hard) == set(labs) and {r["run"] for r in got["difficulty"]} == {next(iter(got["runs"]))}
     assert hard["disgust"]["partner"] == "anger" and hard["disgust"]["partner_share"] == 0.6

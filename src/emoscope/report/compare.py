@@ -19,6 +19,10 @@ from ..analysis.claims import claims
 from ..analysis.difficulty import difficulty
 from ..artifacts import read_json, reading
 from ..errors import EmoscopeError
+from ..stages.evaluate import EvalResult
+
+ANSWERS = "0 the model's raw answers"
+"""The matrix's first row: each run's largest raw-answer share, and whether its model is a degenerate predictor."""
 
 STAGES = ("evaluate", "phases", "trace", "steer", "audit")
 COLOURS = {"reproduced": "#1a7f37", "not reproduced": "#b42318", "inconclusive": "#9a6700"}
@@ -43,7 +47,7 @@ class Comparison:
 
     def matrix(self) -> dict[str, dict[str, str]]:
         """claim -> run -> 'verdict (value [lo, hi], n = ...)', claims in order; '—' where a run has no verdict."""
-        out: dict[str, dict[str, str]] = {}
+        out: dict[str, dict[str, str]] = {ANSWERS: {run: _answers_cell(info) for run, info in self.runs.items()}}
         for r in self.rows:
             out.setdefault(r["claim"], {run: "—" for run in self.runs})[r["run"]] = _cell(r)
         return out
@@ -69,6 +73,24 @@ class Comparison:
         return out
 
 
+def _raw_answers(run_dir: Path, ev: dict) -> dict | None:
+    """How a run's raw answers spread over its labels: stored, or from its predictions (older runs), or unknown."""
+    if "answers" in ev:
+        return ev["answers"]["raw"]
+    if (run_dir / "evaluate" / "predictions.parquet").is_file():
+        return EvalResult.load(run_dir / "evaluate").answers("raw")
+    return None
+
+
+def _answers_cell(info: dict) -> str:
+    a = info.get("raw_answers")
+    if not a:
+        return "—"
+    share = f"{a['largest_share']:.0%} {a['largest']}"
+    return f"DEGENERATE predictor ({share}): read this column's verdicts with that in mind" if a["degenerate"] \
+        else f"answers spread (largest share {share})"
+
+
 def _cell(r) -> str:
     if r["value"] is None:
         return r["verdict"]
@@ -89,7 +111,8 @@ def compare(run_dirs: list[str | Path]) -> Comparison:
             ev = res["evaluate"]
             label = f"{ev['model']['name']} × {Path(str(ev['config']['data']['dataset'])).stem}"
             label = label if label not in runs else f"{label} ({d})"
-            runs[label] = {"run_dir": str(d), "n": ev["n"],
+            answers = _raw_answers(d, ev)
+            runs[label] = {"run_dir": str(d), "n": ev["n"], "raw_answers": answers,
                            "boundaries": [b["depth"] for b in res.get("phases", {}).get("boundaries", [])]}
             rows += [{"run": label, **v._asdict()} for v in claims(res)]
             if "trace" in res and "calibrated" in ev:
@@ -135,8 +158,8 @@ def _page(c: Comparison) -> str:
     head = "".join(f"<th>{html.escape(r)}</th>" for r in c.runs)
     body = ""
     for claim, row in c.matrix().items():
-        cells = "".join(f'<td style="color:{COLOURS.get(v.split(" (")[0], "#555")}">{html.escape(v)}</td>'
-                        for v in row.values())
+        colour = lambda v: COLOURS.get(v.split(" (")[0], "#b42318" if v.startswith("DEGENERATE") else "#555")
+        cells = "".join(f'<td style="color:{colour(v)}">{html.escape(v)}</td>' for v in row.values())
         body += f"<tr><th>{html.escape(claim)}</th>{cells}</tr>\n"
     traces = [{"x": r["boundaries"], "y": [name] * len(r["boundaries"]), "mode": "markers", "type": "scatter",
                "name": name, "marker": {"size": 12, "symbol": "line-ns-open"}} for name, r in c.runs.items()]
