@@ -265,3 +265,21 @@ def test_answer_residuals_from_prebuilt_batches_leave_their_caches_usable():
         reused = [r[2] for r in answer_resid(view, batches, [2], tokens)]
         torch.testing.assert_close(torch.cat(reused), torch.cat(fresh), atol=1e-5, rtol=0)
         assert [b.cache.get_seq_length() for b in batches] == lengths
+
+
+def test_an_sae_off_the_residual_stream_is_refused_by_the_stages_that_edit_it(tiny_llama, toy_data):
+    """trace, steer and audit read and edit features at blocks.L.hook_resid_post: an mlp_out SAE would be read and
+    edited on the residual stream, silently wrong, so it is refused in one line naming the hook."""
+    import emoscope as es
+    from emoscope.sae import SAE, SAEConfig
+
+    task = es.Task(tiny_llama, dataset=str(toy_data), per_class=2)
+    ev = es.evaluate(task)
+    sae = SAE(SAEConfig(d_in=tiny_llama.d_model, d_sae=64, k=4, hook_name="blocks.1.hook_mlp_out"))
+    saes = {"blocks.1.hook_resid_post": sae, "blocks.1.hook_mlp_out": sae}
+    calls = {"trace": lambda: es.trace(task, saes, ev, None), "steer": lambda: es.steer(task, saes, ev, None),
+             "audit": lambda: es.audit(task, saes, ev)}
+    for stage, call in calls.items():
+        with pytest.raises(es.EmoscopeError, match=rf"^{stage} reads and edits SAE features on the residual stream "
+                                                   r".*the SAE at blocks\.1\.hook_mlp_out is on another hook"):
+            call()

@@ -47,6 +47,18 @@ def layer_of(name: str) -> int:
     return HookPoint.parse(name).layer
 
 
+def residual_by_layer(saes: dict, stage: str) -> dict:
+    """SAEs keyed by layer for a stage that reads and edits features on the residual stream after each block (where
+    both backends edit them, at `blocks.L.hook_resid_post`); an SAE on another hook (mlp_out, attn_out) would be read
+    and edited on the residual stream, wrongly and silently, so it is refused in one line."""
+    other = [h for h in saes if HookPoint.parse(h).kind != "resid_post"]
+    if other:
+        raise EmoscopeError(f"{stage} reads and edits SAE features on the residual stream (blocks.L.hook_resid_post), "
+                            f"and the SAE at {other[0]} is on another hook: give it resid_post SAEs "
+                            "(saes.train.kind: resid_post, or a resid_post release); phases reads any hook")
+    return {HookPoint.parse(h).layer: s for h, s in saes.items()}
+
+
 def _first(out):
     return out[0] if isinstance(out, tuple) else out
 

@@ -34,7 +34,7 @@ from ..backend import require
 from ..analysis.drift import auroc_or_none, derangement, jaccard_topk, phase_drift, retained, rowcorr
 from ..artifacts import config_hash
 from ..errors import EmoscopeError, validated
-from ..hooks import layer_of
+from ..hooks import residual_by_layer
 from ..interventions.answers import first_token_prior
 from ..interventions.effects import ablate_each
 from ..interventions.kv_cache import check_kv_cache, kv_cache_quantized
@@ -285,7 +285,7 @@ def _reloader(view: ModelView) -> Callable[[str], ModelView]:
 def _reference(task, saes, evaluation, phases, trace, cfg) -> _Reference:
     preds, labels = evaluation.predictions, evaluation.labels
     texts, y = list(preds.text), np.array([labels.index(g) for g in preds.gold])
-    by_layer = {layer_of(h): s for h, s in saes.items()}
+    by_layer = residual_by_layer(saes, "audit")
     phase_of = phases.phase_of_layer if phases is not None else {}
     n_phases = max(phase_of.values()) + 1 if phase_of else 1
     causal = (_checked_features(cfg.causal_features, labels, by_layer) if cfg.causal_features

@@ -18,7 +18,7 @@ from .. import profiling
 from ..backend import require
 from ..artifacts import config_hash, read_json, write_json
 from ..constraints import Device
-from ..hooks import HookPoint
+from ..hooks import HookPoint, residual_by_layer
 from ..models import ModelView, resolve_device
 from ..sae import io
 from ..sae.model import SAE
@@ -67,7 +67,8 @@ class SAEsResult(StageResult):
         self.saes = saes or {}
 
     def by_layer(self) -> dict[int, SAE]:
-        return {HookPoint.parse(h).layer: s for h, s in self.saes.items()}
+        """The SAEs keyed by layer, for reading and editing the residual stream (resid_post SAEs only)."""
+        return residual_by_layer(self.saes, "reading the SAEs by layer")
 
     def to_frame(self) -> pd.DataFrame:
         """Per hook: depth, L0, FVU, cosine, CE-loss recovered, dead and dense latents."""

@@ -38,7 +38,7 @@ from ..artifacts import config_hash
 from ..data import Example, load_split, select
 from .. import distributed as dist
 from ..errors import EmoscopeError, validated
-from ..hooks import layer_of, pad_batch
+from ..hooks import pad_batch, residual_by_layer
 from ..interventions.answers import answer_batches, answer_resid
 from ..interventions.edits import Edit, apply_edits
 from ..interventions.probe import ProbeSteer
@@ -136,7 +136,7 @@ def steer(task: Task, saes: dict, evaluation: EvalResult, trace: TraceResult,
     cfg = config if isinstance(config, SteerConfig) else validated(SteerConfig, config or {}, "steer.")
     require(task.model, "steer")
     view, labels, test = task.model, evaluation.labels, evaluation.predictions
-    saes = {layer_of(h): s for h, s in saes.items()}
+    saes = residual_by_layer(saes, "steer")
     dev = _dev_set(task, labels, cfg, set(test.id))
     ranked = {lab: sorted((f for p in e["phases"].values() for f in p["features"]), key=lambda f: -f["effect"]["value"])
               for lab, e in trace["emotions"].items()}

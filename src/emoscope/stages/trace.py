@@ -37,7 +37,7 @@ from ..analysis.stats import concentration, mean_ci
 from ..artifacts import config_hash
 from .. import distributed as dist
 from ..errors import validated
-from ..hooks import layer_of
+from ..hooks import layer_of, residual_by_layer
 from ..interventions.answers import answer_batches, answer_resid, first_token_prior
 from ..interventions.effects import ablate_each, attribution
 from ..sae.cards import card_key, feature_cards
@@ -138,7 +138,7 @@ def trace(task: Task, saes: dict, evaluation: EvalResult, phases: PhasesResult,
     cfg = config if isinstance(config, TraceConfig) else validated(TraceConfig, config or {}, "trace.")
     require(task.model, "trace")
     view, preds, labels = task.model, evaluation.predictions, evaluation.labels
-    by_layer = {layer_of(h): s for h, s in saes.items()}
+    by_layer = residual_by_layer(saes, "trace")
     phase_of = phases.phase_of_layer
     prior = first_token_prior(task)
     rng = np.random.default_rng(cfg.seed)
