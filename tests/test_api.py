@@ -16,7 +16,7 @@ README = Path(__file__).parents[1] / "README.md"
 # Each README line stays as written except for these sizes (a tiny random model and a toy dataset).
 SHRINK = {
     'es.load_model("gemma3-270m")': "es.load_model(TINY)",
-    'dataset="goemotions_ekman", per_class=20': "dataset=TOY, per_class=4",
+    'dataset="isear", shots=6, per_class=20': "dataset=TOY, per_class=4",
     "es.train_saes(model, layers=[4, 8, 12, 16])": "es.train_saes(model, layers=[1, 3], tokens=4000, expansion=4, "
                                                    "k=4, batch_tokens=256, buffer_tokens=1024, seqs_per_forward=4, "
                                                    "eval_seqs=8)",
