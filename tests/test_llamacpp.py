@@ -359,7 +359,7 @@ def test_canary_on_the_runtime_agrees_with_the_audit(both, toy_data, tmp_path):
             assert verdict.passed == (not row["failed"]), row["name"]
     # a serving process: the GGUF in llama.cpp, its own tokenizer checked against the canary's token ids
     assert es.canary.check(lm, folder).passed
-    r = cli("canary", "check", folder, "--model", str(lm.path), "--runtime", "llama.cpp", "--threads", 2, "--json")
+    r = cli("canary", "check", folder, "--model", str(lm.path), "--backend", "llama.cpp", "--threads", 2, "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["canary_flips"] == 0
 

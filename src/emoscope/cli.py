@@ -473,7 +473,8 @@ def canary_write(config: str = typer.Option(..., help="Run config with an `audit
 @canary_app.command("check")
 def canary_check(canary: Path = typer.Argument(..., help="Canary folder (from `emoscope canary write`)."),
                  model: str = typer.Option(..., help="The build: a .gguf file, an HF id or a local model folder."),
-                 runtime: str = typer.Option("transformers", help="transformers or llama.cpp."),
+                 runtime: str = typer.Option("transformers", "--backend", "--runtime",
+                                             help="The build's backend: transformers or llama.cpp."),
                  kv_cache: Optional[str] = typer.Option(None, help="llama.cpp KV-cache type: f16, q8_0 or q4_0."),
                  threads: Optional[int] = typer.Option(None, help="llama.cpp threads (unset: every core)."),
                  template: Optional[str] = typer.Option(None, help="Another prompt template, as YAML, e.g. "

@@ -20,7 +20,7 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -34,6 +34,9 @@ from .errors import EmoscopeError, validated
 from .quantization import SCHEMES
 from .constraints import Device, MapDevice, Threads
 from .parts import SplitGGUF
+
+if TYPE_CHECKING:
+    from .llamacpp import LlamaCppModel
 
 
 def _smollm2_gguf() -> Path:
@@ -374,9 +377,10 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 def load_model(name: str | ModelConfig = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32",
                trust_remote_code: bool = False, backend: str = "transformers", threads: int | None = None,
-               kv_cache: str | None = None) -> ModelView:
+               kv_cache: str | None = None) -> "ModelView | LlamaCppModel":
     """Load a registry model, a .gguf file, a local HF directory or a hub id, as a `ModelView`; with
-    backend="llama.cpp", a registry model or .gguf file run by llama.cpp (a `LlamaCppModel`)."""
+    backend="llama.cpp", a registry model or .gguf file run by llama.cpp (a `LlamaCppModel`). Both declare the
+    operations they support (`emoscope.backend`)."""
     if not isinstance(name, ModelConfig):
         if dtype not in ("auto", *DTYPES):
             raise EmoscopeError(f"unknown dtype '{dtype}': choose auto or one of {', '.join(DTYPES)}")
