@@ -63,7 +63,6 @@ class RunConfig(BaseModel):
 
     def stage_config(self, stage: str):
         """The stage's config as it is hashed and run: the run's data_dir filled into the task's data."""
-
         if stage == "evaluate":
             ev = self.evaluate.model_copy(deep=True)
             if self.data_dir:

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import cache_root
+from .artifacts import cache_root, file_sha256
 from .errors import EmoscopeError
 
 _CHUNK = 1 << 22
@@ -53,7 +53,7 @@ class SplitGGUF:
         if _verified(target, self.sha256):
             return target
         if target.exists():  # a file nobody verified here (or changed since): its hash decides
-            if _sha256(target) == self.sha256:
+            if file_sha256(target) == self.sha256:
                 _mark_verified(target, self.sha256)
                 return target
             target.unlink()
@@ -113,18 +113,10 @@ class SplitGGUF:
             got = Path(hf_hub_download(self.hub_repo, self.filename))
         except Exception:  # offline, no such repo, no huggingface_hub: the parts are the way
             raise EmoscopeError(hint + f" (or network access to the hub repository {self.hub_repo})") from None
-        if _sha256(got) != self.sha256:
+        if file_sha256(got) != self.sha256:
             raise EmoscopeError(f"{self.hub_repo}/{self.filename} from the hub is not the published file "
                                 f"(SHA-256 differs): {self.install}")
         return got
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _stamp(path: Path) -> dict:
