@@ -559,10 +559,7 @@ def _load(cfg: ModelConfig) -> ModelView:
                             "loaded: convert them to safetensors, or set EMOSCOPE_ALLOW_PICKLE=1 if you trust them")
     try:
         if path.suffix == ".gguf":
-            if not path.is_file():
-                raise EmoscopeError(f"GGUF file not found: {path}")
-            check_gguf_header(path, f"model '{name}'")
-            model, tok = _load_gguf(path.resolve(), dt, dev, _placement(cfg, dev))
+            model, tok = _load_gguf(gguf_source(name)[0], dt, dev, _placement(cfg, dev))
         else:
             model, tok = _from_dir(name, dt, dev, trust_remote_code=cfg.trust_remote_code,
                                    placement=_placement(cfg, dev))
