@@ -19,7 +19,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from emoscope import llamacpp
+from emoscope.backends import gguf_build, llamacpp
 from emoscope.data import load_split, select
 from emoscope.models import gguf_source, load_model
 from emoscope.task import Task
@@ -76,8 +76,8 @@ def measure(a) -> dict:
     rows, rep = load_split("goemotions_ekman", "test")
     ex = select(rows, task.classes, rep, per_class=max(1, a.n // 6), seed=0)
     prompts, labels = task.encode_all(e.text for e in ex), task.label_ids
-    f32 = llamacpp.write_float_gguf(gguf_source(a.model)[0])
-    qfile = llamacpp.quantize(f32, a.type, a.threads)
+    f32 = gguf_build.write_float_gguf(gguf_source(a.model)[0])
+    qfile = gguf_build.quantize(f32, a.type, a.threads)
     q = llamacpp.LlamaCppModel(qfile, ref.tokenizer, a.model, ref.chat, a.threads)
     fl = llamacpp.LlamaCppModel(f32, ref.tokenizer, a.model, ref.chat, a.threads)
     mid, every = ref.n_layers // 2, list(range(ref.n_layers))

@@ -122,6 +122,35 @@ def test_identical_candidate_and_planted_breakage(planted_run):
     assert res["failed"] == ["final_token_changed"]
 
 
+def test_one_verdict_for_the_audit_and_the_canary():
+    """Thresholds.verdict names what a build breaks ('labels', 'features'); a measure not taken gates nothing."""
+    from emoscope.deployment.reference import Thresholds
+
+    t = Thresholds(max_accuracy_drop=0.05, max_flip_rate=0.2, min_causal_survival=0.5, min_effect_retained=0.5)
+    assert t.verdict(0.0, 0.2, 0.5, 0.5) == []  # at every threshold: passes
+    assert t.verdict(-0.06, 0.0) == ["labels"] and t.verdict(0.0, 0.21) == ["labels"]
+    assert t.verdict(0.0, 0.0, non_finite=True) == ["labels"]
+    assert t.verdict(0.0, 0.0, 0.49) == ["features"] and t.verdict(0.0, 0.0, None, 0.49) == ["features"]
+    assert t.verdict(-0.1, 0.5, 0.0, 0.0) == ["labels", "features"]
+    assert Thresholds().verdict(0.0, 0.0, 0.9, 0.0) == []  # effect retained not gated by default
+
+
+@pytest.mark.parametrize("cand, bits", [
+    ({"precision": "int8"}, (8, None)), ({"precision": "int4"}, (4, None)), ({"precision": "bfloat16"}, (16, None)),
+    ({"precision": "gguf:Q8_0"}, (8, None)), ({"precision": "llama.cpp:Q4_K_M"}, (4, None)),
+    ({"precision": "llama.cpp:IQ4_XS"}, (4, None)), ({"precision": "llama.cpp:Q2_K"}, (2, None)),
+    ({"precision": "torchao:int8"}, (8, None)), ({"precision": "quanto:float8"}, (8, None)),
+    ({"precision": "bnb:nf4"}, (4, None)), ({"kv_cache": "quanto:int2"}, (None, 2)),
+    ({"kv_cache": "gguf:Q8_0"}, (None, 8)), ({"runtime": "llama.cpp", "kv_cache": "q4_0"}, (None, 4)),
+    ({"template": {"instruction": "Which emotion? {options}."}}, (None, None))])
+def test_a_candidates_bits_come_from_its_format_name_in_every_registry(cand, bits):
+    """The canary's 8-bit candidates are those whose format says 8 bits, whichever quantizer made it (so a new
+    quantizer is not silently missed, as a hand-written list of strings would miss it)."""
+    from emoscope.deployment.candidates import Candidate, bits as bits_of
+
+    assert tuple(bits_of(Candidate(name="c", **cand))) == bits
+
+
 def test_audit_cli_exit_code_and_bad_candidates(planted_run, tmp_path):
     d, view, cfg, causal = planted_run
     raw = {"run_dir": cfg.run_dir, "model": {"name": cfg.model.name}, "stages": ["evaluate", "saes"],
@@ -284,7 +313,7 @@ def test_a_quantized_kv_cache_is_a_candidate(planted_run):
 
 
 def test_causal_features_fall_back_to_features_beating_the_random_control():
-    from emoscope.stages.audit import _traced
+    from emoscope.deployment.reference import traced as _traced
 
     feat = lambda layer, f, lo: {"layer": layer, "feature": f, "effect": {"value": lo + 0.1, "lo": lo, "hi": lo + 0.2}}
     phases = {"0": {"set": [], "features": [feat(1, 5, 0.3), feat(1, 6, 0.05)], "random_control": {"hi": 0.1}},

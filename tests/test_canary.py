@@ -81,32 +81,33 @@ def test_flip_rate_is_observed_on_the_canary_and_predicted_for_the_rest():
     top = [0, 0, 0, 0]
     c = _synthetic([0.1] * 50 + [5.0] * 50, ref, top)
     shifted = ref + np.array([-0.15, 0.15])
-    r = cn.judge(c, {"cal": shifted, "pre": np.zeros((4, 0))})
+    r = cn.judge(c, cn.CanaryObservation(shifted, np.zeros((4, 0)), []))
     assert r.canary_flips == 0 and r.predicted_flip_rate == pytest.approx(0.46) and r.drifted == ["labels"]
     assert r.predicted_accuracy_change == pytest.approx(-0.46)
     # changes of -0.2 and +0.2, half each: each of the 46 at 0.1 flips with probability 1/2, those at 5 never
     noise = np.array([[-0.5, 0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, -0.5]]) * 0.2
-    r = cn.judge(c, {"cal": ref + noise, "pre": np.zeros((4, 0))})
+    r = cn.judge(c, cn.CanaryObservation(ref + noise, np.zeros((4, 0)), []))
     assert r.canary_flips == 0 and r.predicted_flip_rate == pytest.approx(0.23)
     # the canary's own flips are counted as observed: all 4 flip (changes of -0.81), none of the margins at 5
     swapped = ref[:, ::-1]
-    r = cn.judge(_synthetic([5.0] * 10, ref, top), {"cal": swapped, "pre": np.zeros((4, 0))})
+    r = cn.judge(_synthetic([5.0] * 10, ref, top), cn.CanaryObservation(swapped, np.zeros((4, 0)), []))
     assert r.canary_flips == 4 and r.predicted_flip_rate == pytest.approx(0.4)
     assert r.predicted_accuracy_change == pytest.approx(-0.4)
     # a spread of margin changes that predicts a flip rate within the threshold, but with an interval crossing
     # it: 1 of 4 canary changes is -0.2 (each of the 46 margins at 0.1 flips under it), so 0.115 predicted and
     # resamples with 2+ such changes (p = 0.26) predict 0.23 > 0.2: uncertain, a fail, and no drift named
     rare = np.array([[-0.1, 0.1], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
-    r = cn.judge(c, {"cal": ref + rare, "pre": np.zeros((4, 0))})
+    r = cn.judge(c, cn.CanaryObservation(ref + rare, np.zeros((4, 0)), []))
     assert r.predicted_flip_rate == pytest.approx(0.115) and r.drifted == [] and r.uncertain == ["labels"]
     assert not r.passed and r.flip_rate_interval[0] == 0 and r.flip_rate_interval[1] > 0.2
     # none of the changes can flip a margin: certain, and passed
-    r = cn.judge(c, {"cal": ref, "pre": np.zeros((4, 0))})
+    r = cn.judge(c, cn.CanaryObservation(ref, np.zeros((4, 0)), []))
     assert r.passed and r.uncertain == [] and r.flip_rate_interval == (0.0, 0.0)
     # a non-finite row is a flip and fails the labels whatever the margins say
     bad = ref.copy()
     bad[0] = np.nan
-    assert cn.judge(_synthetic([5.0] * 10, ref, top), {"cal": bad, "pre": np.zeros((4, 0))}).drifted == ["labels"]
+    obs = cn.CanaryObservation(bad, np.zeros((4, 0)), [])
+    assert cn.judge(_synthetic([5.0] * 10, ref, top), obs).drifted == ["labels"]
 
 
 def test_canary_cli_exit_codes_and_bad_canaries(written, planted_run, tmp_path):  # noqa: F811

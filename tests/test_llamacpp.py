@@ -12,10 +12,8 @@ import pytest
 import torch
 
 from emoscope.errors import EmoscopeError
-from emoscope.interventions.effects import ablate, ablate_each
 from emoscope.models import load_model
 from emoscope.sae import SAE, SAEConfig
-from emoscope.task.score import score_ids
 from test_cli import _one_line_error, cli
 
 LABELS = [" anger", " disgust", " fear", " joy", " sadness", " surprise", " utterly astonished"]  # the last: 3 tokens
@@ -68,15 +66,15 @@ def _saes(ref, prompts, seed=0):
 def test_scores_and_residuals_match_pytorch_on_the_same_ids(both):
     ref, lm, prompts, labels = both
     layers = list(range(ref.n_layers))
-    a, ra = score_ids(ref, prompts, labels, resid_layers=layers)
-    b, rb = score_ids(lm, prompts, labels, resid_layers=layers)
+    a, ra = ref.score_ids(prompts, labels, resid_layers=layers)
+    b, rb = lm.score_ids(prompts, labels, resid_layers=layers)
     # llama.cpp's own arithmetic (f16 KV cache, its kernels): measured 0.007 nats, 5e-4 relative here
     assert np.abs(a - b).max() < 0.03, np.abs(a - b).max()
     for layer in layers:
         rel = np.linalg.norm(ra[layer] - rb[layer]) / np.linalg.norm(ra[layer])
         assert rel < 3e-3, (layer, rel)
     # a wrong answer position (the token before it) is far off: the comparison can fail
-    shifted = score_ids(ref, [p[:-1] for p in prompts], labels, resid_layers=layers)[1]
+    shifted = ref.score_ids([p[:-1] for p in prompts], labels, resid_layers=layers)[1]
     assert np.linalg.norm(shifted[0] - rb[0]) / np.linalg.norm(rb[0]) > 0.1
     # scoring one prompt at a time gives the same numbers (sequences do not see each other)
     one = np.concatenate([lm.score_ids([p], labels) for p in prompts])
@@ -86,18 +84,18 @@ def test_scores_and_residuals_match_pytorch_on_the_same_ids(both):
 def test_ablations_inside_llamacpp_match_pytorch(both):
     ref, lm, prompts, labels = both
     saes = _saes(ref, prompts)
-    res = score_ids(ref, prompts, labels, resid_layers=[0, 1])[1]
+    res = ref.score_ids(prompts, labels, resid_layers=[0, 1])[1]
     active = {layer: np.flatnonzero((saes[layer].encode(torch.from_numpy(res[layer])) > 0).any(0).numpy())
               for layer in (0, 1)}
     tokens, gold = [lab[0] for lab in labels[:6]], np.array([3, 1, 0, 5, 4, 0])
     sets = [{}, {0: active[0][:5].tolist()}, {1: active[1][:20].tolist()}, {0: active[0][5:9].tolist(),
                                                                               1: active[1][20:24].tolist()}]
-    ma = ablate_each(ref, saes, prompts, gold, tokens, sets)
-    mb = ablate_each(lm, saes, prompts, gold, tokens, sets)
+    ma = ref.ablate_each(saes, prompts, gold, tokens, sets)
+    mb = lm.ablate_each(saes, prompts, gold, tokens, sets)
     assert np.abs(ma - mb).max() < 0.02, np.abs(ma - mb).max()
     effect = np.abs(mb[1:] - mb[0]).max(1)
     assert (effect > 0.05).all(), effect  # every set changed the margins: the edits reached the graph
-    assert np.allclose(ablate(lm, saes, prompts, gold, tokens, sets[2]), mb[2], atol=1e-4)
+    assert np.allclose(lm.ablate_each(saes, prompts, gold, tokens, [sets[2]])[0], mb[2], atol=1e-4)  # one set alone
 
 
 def test_qwen2_runs_alike_in_both_runtimes_with_its_chat_template(tmp_path, llama_cpp):
@@ -122,8 +120,8 @@ def test_qwen2_runs_alike_in_both_runtimes_with_its_chat_template(tmp_path, llam
     assert len({ids[0] for ids in label_ids}) == len(classes)
     ids = [pb.encode(pb.prompt(t)) for t in TEXTS]
     lm.check_tokens([pb.prompt(t) for t in TEXTS], ids, pb.label_strings(), label_ids)
-    a, ra = score_ids(ref, ids, label_ids, resid_layers=[0, 2])
-    b, rb = score_ids(lm, ids, label_ids, resid_layers=[0, 2])
+    a, ra = ref.score_ids(ids, label_ids, resid_layers=[0, 2])
+    b, rb = lm.score_ids(ids, label_ids, resid_layers=[0, 2])
     assert np.abs(a - b).max() < 0.03, np.abs(a - b).max()
     for layer in (0, 2):
         assert np.linalg.norm(ra[layer] - rb[layer]) / np.linalg.norm(ra[layer]) < 3e-3
@@ -158,7 +156,7 @@ def test_tokenizer_disagreement_is_a_clear_error(both):
 def test_float_gguf_and_llamacpp_quantizer_with_overrides(gguf_file, tmp_path, monkeypatch):
     import gguf
 
-    from emoscope import llamacpp
+    from emoscope.backends import gguf_build as llamacpp
 
     monkeypatch.setenv("EMOSCOPE_CACHE", str(tmp_path))
     f32 = llamacpp.write_float_gguf(gguf_file)
@@ -176,13 +174,14 @@ def test_float_gguf_and_llamacpp_quantizer_with_overrides(gguf_file, tmp_path, m
 
 def test_audit_has_llamacpp_rows_beside_their_parity(both, toy_data):
     import emoscope as es
-    from emoscope.stages.audit import PARITY, audit
+    from emoscope.deployment.candidates import PARITY
+    from emoscope.stages.audit import audit
 
     ref, lm, prompts, _ = both
     task = es.Task(ref, dataset=str(toy_data), per_class=4)
     ev = es.evaluate(task)
     saes = _saes(ref, prompts)
-    res = score_ids(ref, task.encode_all(list(ev.predictions.text)), task.label_ids, resid_layers=[1])[1]
+    res = ref.score_ids(task.encode_all(list(ev.predictions.text)), task.label_ids, resid_layers=[1])[1]
     on = (saes[1].encode(torch.from_numpy(res[1])) > 0).float().mean(0).numpy()
     causal = {lab: [[1, int(f)] for f in np.argsort(-on)[3 * i:3 * i + 3]] for i, lab in enumerate(ev["labels"])}
     hooks = {f"blocks.{layer}.hook_resid_post": s for layer, s in saes.items()}
@@ -316,11 +315,16 @@ def test_recipe_reads_spread_damage_from_the_forward_rows():
     assert rec["types"]["blk.3.w"] == "Q2_K" and rec["llama_quantize_overrides"][0] == "blk.0.w=q8_0"
 
 
-def test_sensitivity_rows_recipe_and_plot(both, toy_data, tmp_path):
+def test_sensitivity_rows_recipe_and_plot(both, toy_data, tmp_path, monkeypatch):
+    from emoscope.deployment.reference import Reference
     from emoscope.report import sensitivity as plot
     from emoscope.stages.sensitivity import sensitivity
 
     task, ev, hooks, causal = _evaluated(both, toy_data)
+    measured = []
+    real = Reference.measure.__func__
+    counted = classmethod(lambda cls, *a, **k: measured.append(1) or real(cls, *a, **k))
+    monkeypatch.setattr(Reference, "measure", counted)
     res = sensitivity(task, hooks, ev, None, None, {"target": "Q4_0", "n_perm": 200},
                       {"causal_features": causal, "n_boot": 200, "ablation_per_emotion": 2,
                        "thresholds": {"max_flip_rate": 0.5}})
@@ -334,6 +338,7 @@ def test_sensitivity_rows_recipe_and_plot(both, toy_data, tmp_path):
     assert all(any(n.startswith(f"blk.{g}.") for g in rec["keep_high"]) for n in kept)
     page = plot.write(res.data, tmp_path / "s.html").read_text()
     assert "plotly" in page and "Recipe" in page
+    assert len(measured) == 1  # the reference is observed once for every file, the recipe's included
 
 
 def test_canary_on_the_runtime_agrees_with_the_audit(both, toy_data, tmp_path):
@@ -369,9 +374,12 @@ def test_stages_refuse_a_backend_that_lacks_an_operation_through_the_api(both, t
     edits only), the ones that need PyTorch hooks refuse in one line naming the operation and the backend, before
     any work, through the Python API; evaluate, which needs scores alone, runs."""
     import emoscope as es
-    from emoscope.backend import NEEDS, OPERATIONS, supports
+    from emoscope.backends.base import NEEDS, OPERATIONS, supports
+
+    from emoscope.backends.base import Backend
 
     ref, lm, _, _ = both
+    assert isinstance(ref, Backend) and isinstance(lm, Backend)  # both implement the one model interface
     assert supports(ref) == frozenset(OPERATIONS) and supports(lm) == {"score", "read_answer", "edit_answer",
                                                                         "check_tokens"}
     task = es.Task(lm, dataset=str(toy_data), per_class=2)

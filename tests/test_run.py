@@ -425,3 +425,31 @@ def test_report_shows_the_largest_answer_share_and_warns_on_a_degenerate_predict
     es.EvalResult(data, {"predictions": preds}).save(tmp_path / "old" / "evaluate")
     html = write_report(tmp_path / "old").read_text()
     assert f"<b>{ev.labels[1]}</b> for 100% of the texts" in html and "Degenerate predictor" in html
+
+
+def test_every_stage_is_registered_once_and_everything_reads_the_registry():
+    """A stage is one object (`stages.registry`): its run-config section has its config type, its hash inputs and
+    needed results come before it, its printer exists, and the CLI has a command for it."""
+    from emoscope.cli import app
+    from emoscope.config import RunConfig
+    from emoscope.report import console
+    from emoscope.stages.registry import REGISTRY, STAGES
+
+    assert STAGES == ("evaluate", "saes", "phases", "trace", "steer", "audit")
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    for i, (name, st) in enumerate(REGISTRY.items()):
+        assert st.name == name and RunConfig.model_fields[name].annotation is st.config, name
+        assert set(st.upstream) | set(st.needs) <= set(STAGES[:i]), name
+        assert callable(getattr(console, st.printer)) and st.summary, name
+        assert {"saes": "train-saes"}.get(name, name) in commands, name
+
+
+def test_preflight_takes_the_default_audit_candidates():
+    """The full profile audits the default candidates (the string 'default'): preflight used to iterate over it
+    as if it were a list and stopped every `emoscope run --config full` with an internal error."""
+    from emoscope.config import load_config
+    from emoscope.pipeline import preflight
+
+    cfg = load_config("full")
+    assert cfg.audit.candidates == "default" and "audit" in cfg.stages
+    preflight(cfg)

@@ -62,7 +62,7 @@ def test_steering_file_checks(tmp_path):
     again = load_steering(tmp_path / "s.json")
     check(again, view, saes)
     other = SAE.init(SAEConfig(d_in=32, d_sae=48, k=8), seed=9)
-    with pytest.raises(EmoscopeError, match="another SAE at layer 2"):
+    with pytest.raises(EmoscopeError, match=r"another SAE at blocks\.2\.hook_resid_post"):
         check(again, view, {2: other})
     again.model_name = "other-model"
     with pytest.raises(EmoscopeError, match="made for model 'other-model'"):
@@ -126,3 +126,69 @@ def test_probe_directions_exclude_round_off():
     assert probe.U.shape == (d, K - 1)
     unbalanced = np.concatenate([np.flatnonzero(y != 0), np.flatnonzero(y == 0)[:5]])
     assert ProbeSteer(3, resid[unbalanced], y[unbalanced]).U.shape == (d, K - 1)
+
+
+def test_a_steering_file_of_format_1_is_read_as_the_same_steering(tmp_path):
+    """Files written before hook names (no `format`, edits keyed by `layer`) are read as resid_post edits: the same
+    checks pass and the same logits come out; a file is written as format 2 with hook names; a newer format is
+    refused in one line."""
+    import json
+
+    view, saes, ids, mask, last, tokens = _setup()
+    new = make_steering(view, saes, [Edit(layer=2, feature=5, mode="scale", value=3.0)], {"dataset": "toy"})
+    save_steering(new, tmp_path / "new.json")
+    written = json.loads((tmp_path / "new.json").read_text())
+    assert written["format"] == 2 and written["edits"][0]["hook"] == "blocks.2.hook_resid_post"
+    assert "layer" not in written["edits"][0]
+    old = {k: v for k, v in written.items() if k != "format"}  # as emoscope 0.2 wrote it
+    old["edits"] = [{"layer": 2, "feature": 5, "mode": "scale", "value": 3.0}]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    read = load_steering(tmp_path / "old.json")
+    assert read.edits == new.edits and read.edits[0].layer == 2
+    check(read, view, saes)
+    with torch.no_grad():
+        with steer(view, saes, read.edits, last):
+            a, _ = answer_logits(view, ids, mask, last, tokens)
+        with steer(view, saes, new.edits, last):
+            b, _ = answer_logits(view, ids, mask, last, tokens)
+    assert torch.equal(a, b)
+    (tmp_path / "future.json").write_text(json.dumps({**written, "format": 3}))
+    with pytest.raises(EmoscopeError, match=r"format: .*format 3 is not one this emoscope reads.*update emoscope"):
+        load_steering(tmp_path / "future.json")
+
+
+def test_an_mlp_out_sae_is_edited_at_its_own_hook_and_refused_at_another():
+    """An edit names its hook: an SAE trained on blocks.1.hook_mlp_out changes the MLP's output there (exactly the
+    decoded change, the residual stream only through it), and the same SAE offered for a resid_post edit is refused."""
+    from emoscope.hooks import HookPoint, edit_output, record
+    from emoscope.interventions.edits import clamp_delta
+
+    view, _, ids, mask, last, tokens = _setup()
+    sae = SAE.init(SAEConfig(d_in=32, d_sae=48, k=8, hook_name="blocks.1.hook_mlp_out"), seed=4)
+    hp = HookPoint(1, "mlp_out")
+    with torch.no_grad():
+        with record(view, [hp]) as acts:
+            view.model(input_ids=ids, attention_mask=mask)
+        x = acts[hp.name][torch.arange(len(last)), last]
+        on = int(sae.encode(x)[0].argmax())  # a feature active on the first prompt
+        edit = Edit(hook=hp.name, feature=on, mode="clamp", value=0.0)
+        with steer(view, {hp.name: sae}, [edit], last):
+            got, _ = answer_logits(view, ids, mask, last, tokens)
+        delta = clamp_delta(sae, x, torch.arange(len(last)), torch.full((len(last),), on), 0.0)
+
+        def by_hand(t):
+            t = t.clone()
+            t[torch.arange(len(last)), last] += delta
+            return t
+        with edit_output(view, hp, by_hand):
+            want, _ = answer_logits(view, ids, mask, last, tokens)
+        plain, _ = answer_logits(view, ids, mask, last, tokens)
+    torch.testing.assert_close(got, want)
+    assert not torch.equal(got, plain)
+    with pytest.raises(EmoscopeError, match=r"edit at blocks\.1\.hook_resid_post would use the SAE trained on "
+                                            r"blocks\.1\.hook_mlp_out"):
+        with steer(view, {1: sae}, [Edit(layer=1, feature=on, value=2.0)], last):
+            pass
+    with pytest.raises(EmoscopeError, match=r"no SAE reads blocks\.1\.hook_attn_out"):
+        with steer(view, {hp.name: sae}, [Edit(hook="blocks.1.hook_attn_out", feature=on, value=2.0)], last):
+            pass

@@ -36,15 +36,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from .data import Example
 from .errors import EmoscopeError, validated
 from .sae import SAE, SAEConfig
-from .stages.audit import AuditConfig, AuditResult, Candidate, Thresholds, _reference, candidate_task
+from .deployment.candidates import Candidate, bits, candidate_task
+from .deployment.reference import Reference, Thresholds, margins
+from .stages.audit import AuditConfig, AuditResult
 from .stages.evaluate import EvalResult
 from .task import Task, TaskConfig, calibrate
-from .task.score import score_ids
 
 FORMAT = 1
 """Version of the on-disk format (canary.json's `format`)."""
-EIGHT_BIT = {"int8", "gguf:Q8_0", "llama.cpp:Q8_0", "torchao:int8", "quanto:int8", "bnb:int8"}
-EIGHT_BIT_KV = {"gguf:Q8_0", "quanto:int8", "q8_0"}
 
 
 class CanaryConfig(BaseModel):
@@ -192,14 +191,14 @@ def write(task: Task, saes: dict, evaluation: EvalResult, audit_result: AuditRes
     features' tolerances measured on the audit's passing 8-bit candidates (rerun on the canary's examples)."""
     cfg = config if isinstance(config, CanaryConfig) else validated(CanaryConfig, config or {}, "canary.")
     acfg = validated(AuditConfig, audit_result["config"], "audit.")
-    ref = _reference(task, saes, evaluation, phases, trace, acfg)
+    ref = Reference.measure(task, saes, evaluation, phases, trace, acfg)
     idx = _choose(ref, cfg.n)
     feats = [(lab, int(layer), int(f)) for lab in ref.labels for layer, f in ref.causal.get(lab, [])
              if int(layer) in ref.saes]
     sliced = _slice(ref.saes, feats)
     texts = [ref.texts[i] for i in idx]
     meta = {**_meta(task, ref, idx, feats, sliced, audit_result, acfg.thresholds), "confidence": cfg.confidence}
-    arrays = {**_label_arrays(ref, idx), "ref_pre": pre_acts(sliced, feats, ref.obs["resid"], idx),
+    arrays = {**_label_arrays(ref, idx), "ref_pre": pre_acts(sliced, feats, ref.obs.resid, idx),
               **_slice_arrays(sliced)}
     arrays["active_at"], arrays["ref_active"] = _activity(ref, feats, idx)
     canary = Canary(meta, arrays)
@@ -212,11 +211,10 @@ def write(task: Task, saes: dict, evaluation: EvalResult, audit_result: AuditRes
 def _choose(ref, n: int) -> list[int]:
     """Half the smallest calibrated margins, half the largest causal-set ablation effects (every emotion in turn),
     then more of the smallest margins until there are n."""
-    cal = ref.obs["cal"]
-    top2 = np.sort(cal, 1)[:, -2:]
-    fragile = list(np.argsort(top2[:, 1] - top2[:, 0], kind="stable"))
+    cal = ref.obs.cal
+    fragile = list(np.argsort(margins(cal), kind="stable"))
     ranked = {lab: [int(ref.abl_idx[lab][j]) for j in np.argsort(-eff, kind="stable")]
-              for lab, eff in ref.obs["effects"].items()}
+              for lab, eff in ref.obs.effects.items()}
     chosen: list[int] = []
     while len(chosen) < n // 2 and any(ranked.values()):
         for lab in list(ranked):
@@ -232,18 +230,11 @@ def _choose(ref, n: int) -> list[int]:
     return sorted(chosen)
 
 
-def _margins(cal: np.ndarray, top: np.ndarray) -> np.ndarray:
-    """Calibrated log-prob of `top` minus the best other label's, per row."""
-    others = cal.copy()
-    others[np.arange(len(top)), top] = -np.inf
-    return cal[np.arange(len(top)), top] - others.max(1)
-
-
 def _label_arrays(ref, idx: list[int]) -> dict[str, np.ndarray]:
-    cal, pred, y = ref.obs["cal"], ref.obs["pred"], ref.y
+    cal, pred, y = ref.obs.cal, ref.obs.pred, ref.y
     gold = cal[np.arange(len(y)), pred] - cal[np.arange(len(y)), y]
     return {"ref_cal": cal[idx].astype(np.float64), "canary_index": np.asarray(idx, np.int64),
-            "margins_all": _margins(cal, pred).astype(np.float64),
+            "margins_all": margins(cal, pred).astype(np.float64),
             "gold_margins_all": gold.astype(np.float64), "correct_all": (pred == y).astype(np.uint8)}
 
 
@@ -296,9 +287,9 @@ def _activity(ref, feats, idx) -> tuple[np.ndarray, np.ndarray]:
     with torch.no_grad():
         for j, (_, layer, f) in enumerate(feats):
             sae = ref.saes[layer]
-            on[:, j] = ref.obs["codes"][layer][idx, f] > 0
+            on[:, j] = ref.obs.codes[layer][idx, f] > 0
             if sae.cfg.architecture == "topk":
-                x = torch.from_numpy(ref.obs["resid"][layer][idx]).to(sae.W_enc)
+                x = torch.from_numpy(ref.obs.resid[layer][idx]).to(sae.W_enc)
                 at[:, j] = sae.pre_acts(x).topk(sae.cfg.k, dim=-1).values[:, -1].clamp_min(0).float().cpu().numpy()
             elif sae.cfg.architecture == "jumprelu":
                 at[:, j] = float(sae.threshold[f])
@@ -314,8 +305,8 @@ def _meta(task, ref, idx, feats, sliced, audit_result, thresholds) -> dict:
             "demos": [{"id": d.id, "text": d.text, "labels": list(d.labels)} for d in task.demos],
             "prior_texts": task.prior_texts() if tc.calibration == "train" else None,
             "texts": [ref.texts[i] for i in idx], "gold": [ref.labels[int(ref.y[i])] for i in idx],
-            "prompts": [ref.obs["prompts"][i] for i in idx], "label_ids": task.label_ids,
-            "ref_pred": [int(ref.obs["pred"][i]) for i in idx], "n_audited": int(len(ref.y)),
+            "prompts": [ref.obs.prompts[i] for i in idx], "label_ids": task.label_ids,
+            "ref_pred": [int(ref.obs.pred[i]) for i in idx], "n_audited": int(len(ref.y)),
             "features": [{"emotion": lab, "layer": la, "feature": f} for lab, la, f in feats],
             "saes": {str(la): {"d_in": s.cfg.d_in, "architecture": s.cfg.architecture, "hook_name": s.cfg.hook_name,
                                "apply_b_dec_to_input": s.cfg.apply_b_dec_to_input, "normalize": s.cfg.normalize}
@@ -336,14 +327,16 @@ def _eight_bit_spread(canary: Canary, task: Task, texts, audit_result, acfg, loa
     used = []
     for row in audit_result["candidates"]:
         ch = row["changed"]
-        eight = ch.get("precision") in EIGHT_BIT or (ch.get("kv_cache") in EIGHT_BIT_KV and "precision" not in ch)
-        if not eight or row["failed"] or set(ch) - {"precision", "kv_cache", "runtime", "threads"}:
+        if row["failed"] or set(ch) - {"precision", "kv_cache", "runtime", "threads"}:
             continue
         cand = Candidate(name=row["name"], **ch)
+        w, kv = bits(cand)
+        if not (w == 8 or (kv == 8 and w is None)):  # an 8-bit build: its weights, or only its cache
+            continue
         with candidate_task(cand, task, texts, acfg, load_view) as (ctask, ctexts, _):
             obs = observe(canary, ctask, ctexts)
         on = canary.arrays["ref_active"].astype(bool)
-        d = np.where(on, np.abs(obs["pre"] - canary.arrays["ref_pre"]), 0)
+        d = np.where(on, np.abs(obs.pre - canary.arrays["ref_pre"]), 0)
         spread = np.maximum(spread, d.max(0) if len(d) else spread)
         used.append(row["name"])
     return spread, used
@@ -364,7 +357,17 @@ def _sliced_from(canary: Canary) -> dict[int, SAE]:
     return out
 
 
-def observe(canary: Canary, task: Task, texts: list[str] | None = None) -> dict:
+class CanaryObservation(NamedTuple):
+    """A build's answers and causal features on the canary's examples."""
+    cal: np.ndarray
+    """[n, K] calibrated label log-probs."""
+    pre: np.ndarray
+    """[n, F] the causal features' pre-activations."""
+    prompts: list[list[int]]
+    """The prompts' token ids."""
+
+
+def observe(canary: Canary, task: Task, texts: list[str] | None = None) -> CanaryObservation:
     """The build's calibrated log-probs [n, K] and the causal features' pre-activations [n, F] on the canary's
     examples (its texts, or `texts` instead: the same examples with a candidate's noise)."""
     texts = canary.meta["texts"] if texts is None else texts
@@ -372,37 +375,34 @@ def observe(canary: Canary, task: Task, texts: list[str] | None = None) -> dict:
     layers = sorted({la for _, la, _ in feats})
     prompts = task.encode_all(texts)
     if layers:
-        logp, res = score_ids(task.model, prompts, task.label_ids, task.config.batch_size, resid_layers=layers)
+        logp, res = task.model.score_ids(prompts, task.label_ids, task.config.batch_size, resid_layers=layers)
     else:  # no causal features: label scores only
-        logp, res = score_ids(task.model, prompts, task.label_ids, task.config.batch_size), {}
+        logp, res = task.model.score_ids(prompts, task.label_ids, task.config.batch_size), {}
     cal = calibrate.apply_prior(logp, task.log_prior())
     pre = pre_acts(_sliced_from(canary), feats, res) if feats else np.zeros((len(texts), 0), np.float32)
-    return {"cal": cal, "pre": pre, "prompts": prompts}
+    return CanaryObservation(cal, pre, prompts)
 
 
-def judge(canary: Canary, obs: dict, seconds: float = 0.0) -> CanaryCheck:
+def judge(canary: Canary, obs: CanaryObservation, seconds: float = 0.0) -> CanaryCheck:
     """The audit's thresholds applied to what the canary predicts (see the module's docstring)."""
     a, t = canary.arrays, canary.thresholds
     top = np.array(canary.meta["ref_pred"])
-    bad = ~np.isfinite(obs["cal"]).all(1)
-    cal = np.where(bad[:, None], 0.0, obs["cal"])
-    d = np.where(bad, -1e3, _margins(cal, top) - _margins(a["ref_cal"], top))
+    bad = ~np.isfinite(obs.cal).all(1)
+    cal = np.where(bad[:, None], 0.0, obs.cal)
+    d = np.where(bad, -1e3, margins(cal, top) - margins(a["ref_cal"], top))
     flipped = (cal.argmax(1) != top) | bad
     flip_rate, acc_change = _predicted(a, d, flipped, cal.argmax(1), bad, canary.meta)
     (f_lo, f_hi), (a_lo, _) = _band(a, d, flipped, cal.argmax(1), bad, canary.meta)
     on = a["ref_active"].astype(bool)
-    alive = obs["pre"] > a["active_at"]
+    alive = obs.pre > a["active_at"]
     survival = float(alive[on].mean()) if on.any() else None
-    beyond = (np.abs(obs["pre"] - a["ref_pre"]) > a["tolerance"]) & on
+    beyond = (np.abs(obs.pre - a["ref_pre"]) > a["tolerance"]) & on
     named = [f"{f['emotion']}:L{f['layer']}/f{f['feature']}" for j, f in enumerate(canary.meta["features"])
              if on[:, j].any() and beyond[:, j].sum() * 2 > on[:, j].sum()]
-    drifted = []
-    if bad.any() or flip_rate > t.max_flip_rate or -acc_change > t.max_accuracy_drop:
-        drifted.append("labels")
-    if survival is not None and survival < t.min_causal_survival:
-        drifted.append("features")
-    uncertain = ["labels"] if "labels" not in drifted and (f_hi > t.max_flip_rate or -a_lo > t.max_accuracy_drop) \
-        else []
+    # the audit's verdict on the estimates (the effect retained is not measured here, so not gated); labels are
+    # uncertain when the interval's worst end would break them
+    drifted = t.verdict(acc_change, flip_rate, survival, non_finite=bool(bad.any()))
+    uncertain = ["labels"] if "labels" not in drifted and "labels" in t.verdict(a_lo, f_hi) else []
     return CanaryCheck(not drifted and not uncertain, drifted, uncertain, flip_rate, (f_lo, f_hi), acc_change,
                        int(flipped.sum()), survival, named, seconds)
 
@@ -480,12 +480,11 @@ def check(model, canary: Canary | str | Path, template=None) -> CanaryCheck:
     task = _task_on(canary, model, template)
     t0 = time.perf_counter()
     obs = observe(canary, task)
-    if template is None and obs["prompts"] != canary.meta["prompts"]:
+    if template is None and obs.prompts != canary.meta["prompts"]:
         raise EmoscopeError("this build's tokenizer encodes the canary's prompts into other token ids than the "
                             "reference's: it is not the same model, so its features cannot be compared")
-    if hasattr(model, "check_tokens"):  # llama.cpp's own tokenizer against the transformers one fed to it
-        model.check_tokens([task.prompt(t) for t in canary.meta["texts"]], obs["prompts"],
-                           task.builder.label_strings(), task.label_ids)
+    model.check_tokens([task.prompt(t) for t in canary.meta["texts"]], obs.prompts, task.builder.label_strings(),
+                       task.label_ids)  # llama.cpp's own tokenizer against the reference's fed to it
     return judge(canary, obs, time.perf_counter() - t0)
 
 

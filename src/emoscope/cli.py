@@ -141,6 +141,7 @@ def run(config: str = typer.Option(..., help="Run config: a YAML path or a shipp
 # ------------------------------------------------------------------------------------------ evaluate
 from .data import DataConfig  # noqa: E402  (for option help text, read from the configs)
 from .models import ModelConfig  # noqa: E402
+from .backends.llamacpp import KV_TYPES  # noqa: E402
 from .task.task import TaskConfig  # noqa: E402
 from .stages.sensitivity import SensitivityConfig  # noqa: E402
 from .canary import CanaryConfig  # noqa: E402
@@ -303,6 +304,7 @@ def _run_one(stage: str, cfg, run_dir: Path, device, dtype, as_json: bool) -> No
 
     from .pipeline import RunContext, run_lock, run_stage, traceback_into
     from .report import console
+    from .stages.registry import REGISTRY
 
     with ExitStack() as stack:
         factory = _progress_factory(stack)
@@ -312,21 +314,17 @@ def _run_one(stage: str, cfg, run_dir: Path, device, dtype, as_json: bool) -> No
             res = run_stage(ctx, stage, cfg)
     if as_json:
         return _print_json(res.data)
-    getattr(console, f"print_{stage}")(res.data)
+    getattr(console, REGISTRY[stage].printer)(res.data)
     console.err.print(f"wrote {run_dir / stage}", markup=False)
 
 
 def _register_stage_commands() -> None:
-    from .stages.phases import PhasesConfig
-    from .stages.steer import SteerConfig
-    from .stages.trace import TraceConfig
+    """A command per registered stage that has none of its own (evaluate, train-saes and audit have theirs)."""
+    from .stages.registry import REGISTRY
 
-    _stage_command("phases", PhasesConfig, "Layer-wise analysis: per-layer statistics, the phases, shared vs "
-                                           "emotion-specific features.")
-    _stage_command("trace", TraceConfig, "Phase-stratified causal tracing: which SAE features cause each emotion's "
-                                         "prediction.")
-    _stage_command("steer", SteerConfig, "Choose a feature steering on the dev set; compare it with baselines on "
-                                         "test and other datasets.")
+    for st in REGISTRY.values():
+        if st.name not in ("evaluate", "saes", "audit"):
+            _stage_command(st.name, st.config, st.summary)
 
 
 _register_stage_commands()
@@ -475,7 +473,7 @@ def canary_check(canary: Path = typer.Argument(..., help="Canary folder (from `e
                  model: str = typer.Option(..., help="The build: a .gguf file, an HF id or a local model folder."),
                  runtime: str = typer.Option("transformers", "--backend", "--runtime",
                                              help="The build's backend: transformers or llama.cpp."),
-                 kv_cache: Optional[str] = typer.Option(None, help="llama.cpp KV-cache type: f16, q8_0 or q4_0."),
+                 kv_cache: Optional[str] = typer.Option(None, help=f"llama.cpp KV-cache type: {', '.join(KV_TYPES)}."),
                  threads: Optional[int] = typer.Option(None, help="llama.cpp threads (unset: every core)."),
                  template: Optional[str] = typer.Option(None, help="Another prompt template, as YAML, e.g. "
                                                                    "'{instruction: \"Which emotion? {options}.\"}'."),

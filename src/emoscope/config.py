@@ -25,10 +25,8 @@ from .stages.sensitivity import SensitivityConfig
 from .stages.steer import SteerConfig
 from .stages.trace import TraceConfig
 from .task import TaskConfig
+from .stages.registry import REGISTRY, STAGES
 
-STAGES = ("evaluate", "saes", "phases", "trace", "steer", "audit")
-UPSTREAM = {"evaluate": (), "saes": (), "phases": ("evaluate", "saes"), "trace": ("phases",), "steer": ("trace",),
-            "audit": ("phases", "trace")}
 
 
 class RunConfig(BaseModel):
@@ -75,7 +73,7 @@ class RunConfig(BaseModel):
         if stage == "evaluate":
             return config_hash({"model": self.model.model_dump(mode="json"),
                                 **self.stage_config("evaluate").model_dump(mode="json")})
-        upstream = [self.stage_hash(s) for s in UPSTREAM[stage]]
+        upstream = [self.stage_hash(s) for s in REGISTRY[stage].upstream]
         return config_hash(self.stage_config(stage), self.model, self.data_dir, upstream)
 
 

@@ -7,6 +7,8 @@ after Gemma's post-norms where the block has them). One forward pass records eve
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,10 +17,13 @@ import torch
 from torch import nn
 
 from .errors import EmoscopeError
-from .models import ModelView
+
+if TYPE_CHECKING:
+    from .backends.transformers import ModelView
 
 KINDS = ("resid_post", "attn_out", "mlp_out")
-_NAME = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|attn_out|mlp_out)$")
+HOOK_NAME = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|attn_out|mlp_out)$")
+"""A TransformerLens hook name this package reads and edits."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,7 @@ class HookPoint:
 
     @classmethod
     def parse(cls, name: str) -> "HookPoint":
-        m = _NAME.match(name)
+        m = HOOK_NAME.match(name)
         if not m:
             raise EmoscopeError(f"unknown hook '{name}': expected blocks.<L>.hook_<resid_post|attn_out|mlp_out>")
         return cls(int(m.group(1)), m.group(2))

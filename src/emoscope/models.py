@@ -20,23 +20,20 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from torch import nn
 
 from . import distributed as dist
-from . import profiling
 from .artifacts import cache_root, file_sha256
-from .backend import OPERATIONS
+from .backends.base import Backend, Runtime
+from .backends.llamacpp import KV_TYPES, LlamaCppModel
+from .backends.transformers import ModelView, make_view
 from .errors import EmoscopeError, validated
 from .quantization import SCHEMES
 from .constraints import Device, MapDevice, Threads
 from .parts import SplitGGUF
-
-if TYPE_CHECKING:
-    from .llamacpp import LlamaCppModel
 
 
 def _smollm2_gguf() -> Path:
@@ -112,13 +109,13 @@ class ModelConfig(BaseModel):
     quantization: Literal[tuple(SCHEMES)] | None = Field(None, exclude_if=lambda v: v is None)
     """Quantize the weights on load with a library's own kernels (torchao, optimum-quanto, bitsandbytes on CUDA);
     unset: the weights as stored."""
-    backend: Literal["transformers", "llama.cpp"] = Field("transformers", exclude_if=lambda v: v == "transformers")
+    backend: Runtime = Field("transformers", exclude_if=lambda v: v == "transformers")
     """The runtime that computes the model: transformers (PyTorch, every stage) or llama.cpp (the GGUF file run by
     llama.cpp itself: label scoring, residual capture and SAE-feature ablation, on the CPU; `pip install
     'emoscope[llamacpp]'`)."""
     threads: Threads | None = Field(None, exclude=True)
     """CPU threads of the llama.cpp backend (unset: every core). Placement only: not part of any hash."""
-    kv_cache: Literal["f16", "q8_0", "q4_0"] | None = Field(None, exclude_if=lambda v: v is None)
+    kv_cache: Literal[tuple(KV_TYPES)] | None = Field(None, exclude_if=lambda v: v is None)
     """KV-cache type of the llama.cpp backend (llama.cpp's --cache-type-k/-v; q8_0 and q4_0 turn flash attention
     on, which a quantized V cache needs); unset: f16, llama.cpp's default."""
 
@@ -130,118 +127,6 @@ class ModelConfig(BaseModel):
             raise ValueError("backend llama.cpp runs the GGUF file as it is, on the CPU: quantization and device_map "
                              "are transformers settings (quantize a GGUF with an audit candidate llama.cpp:TYPE)")
         return self
-
-
-@dataclass
-class ModelView:
-    """A causal LM with the handles that hooks and logit reading need, whatever its architecture."""
-
-    model: nn.Module
-    tokenizer: object
-    name: str
-    blocks: nn.ModuleList
-    final_norm: nn.Module
-    unembed: nn.Module
-    chat: bool
-    softcap: float | None = None
-    path: str | None = None  # local directory the weights came from (the safetensors cache for GGUF)
-    blocks_path: str = "model.layers"  # attribute path of the blocks (for tools that wrap the model)
-    settings: ModelConfig | None = None  # how it was loaded (None: built in memory, e.g. a test model)
-    weights: str | None = None  # what the weights are, e.g. "Q4_K_M GGUF (x.gguf) dequantised, run in float32"
-
-    supports = frozenset(OPERATIONS)  # every operation of the model interface (emoscope.backend)
-    backend = "transformers"
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.blocks)
-
-    @property
-    def d_model(self) -> int:
-        return self.model.config.get_text_config().hidden_size
-
-    @property
-    def device(self) -> torch.device:
-        """Where inputs go: the embedding's device, or its execution device when accelerate dispatched the
-        model (its weights may be offloaded to the CPU or disk and brought in for each forward)."""
-        emb = self.model.get_input_embeddings()
-        hook = getattr(emb, "_hf_hook", None)
-        if getattr(hook, "execution_device", None) is not None:
-            dev = hook.execution_device
-            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
-        return next(emb.parameters()).device
-
-    @property
-    def offloaded(self) -> bool:
-        """Whether some weights live off their execution device (accelerate offload: meta placeholders here)."""
-        return any(p.device.type == "meta" for p in self.model.parameters())
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @property
-    def max_context(self) -> int:
-        cfg = self.model.config.get_text_config()
-        n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
-        return int(min(n, 1 << 15))
-
-    @profiling.timed("llm_forward")
-    def logits_from_resid(self, resid: torch.Tensor, tokens: list[int] | None = None) -> torch.Tensor:
-        """Read a residual-stream vector through the final norm and unembedding (logit lens); with
-        `tokens`, only those vocabulary entries (the unembedding of a large vocabulary is the most
-        expensive step of a one-token pass)."""
-        if tokens is None:
-            logits = self.unembed(self.final_norm(resid))
-        else:
-            from accelerate.utils import align_module_device
-
-            h = self.final_norm(resid)
-            with align_module_device(self.unembed):  # offloaded weights brought in (a no-op otherwise)
-                w = self.unembed.weight
-                idx = torch.as_tensor(tokens, device=w.device)
-                bias = None if getattr(self.unembed, "bias", None) is None else self.unembed.bias[idx]
-                logits = torch.nn.functional.linear(h.to(w.device), w[idx], bias)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-    def check_layer(self, layer: int) -> int:
-        if not 0 <= layer < self.n_layers:
-            raise EmoscopeError(f"layer {layer} out of range: {self.name} has layers 0..{self.n_layers - 1}")
-        return layer
-
-
-# Where the decoder blocks and final norm live, by architecture family.
-_BLOCK_PATHS = ["model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
-                "model.decoder.layers"]
-_NORM_PATHS = ["model.norm", "model.language_model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm",
-               "model.decoder.final_layer_norm"]
-
-
-def _get(obj, dotted: str):
-    for part in dotted.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def make_view(model: nn.Module, tokenizer, name: str, chat: bool | None = None) -> ModelView:
-    """Find blocks, final norm and unembedding on a loaded HF causal LM."""
-    bpath = next((p for p in _BLOCK_PATHS if isinstance(_get(model, p), nn.ModuleList)), None)
-    blocks = _get(model, bpath) if bpath else None
-    norm = next((n for p in _NORM_PATHS if (n := _get(model, p)) is not None), None)
-    unembed = model.get_output_embeddings()
-    if blocks is None or norm is None or unembed is None:
-        raise EmoscopeError(f"unsupported architecture {type(model).__name__}: cannot find blocks, final norm and "
-                            "unembedding")
-    if chat is None:
-        chat = bool(getattr(tokenizer, "chat_template", None))
-    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
-    profiling.instrument(model, [getattr(model, "base_model", model), unembed])
-    return ModelView(model, tokenizer, name, blocks, norm, unembed, chat, softcap, str(path) if path else None, bpath)
 
 
 def _placement(cfg: ModelConfig | None, device: str) -> dict:
@@ -377,10 +262,10 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 def load_model(name: str | ModelConfig = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32",
                trust_remote_code: bool = False, backend: str = "transformers", threads: int | None = None,
-               kv_cache: str | None = None) -> "ModelView | LlamaCppModel":
+               kv_cache: str | None = None) -> Backend:
     """Load a registry model, a .gguf file, a local HF directory or a hub id, as a `ModelView`; with
     backend="llama.cpp", a registry model or .gguf file run by llama.cpp (a `LlamaCppModel`). Both declare the
-    operations they support (`emoscope.backend`)."""
+    operations they support: the model interface of `backends.base.Backend`."""
     if not isinstance(name, ModelConfig):
         if dtype not in ("auto", *DTYPES):
             raise EmoscopeError(f"unknown dtype '{dtype}': choose auto or one of {', '.join(DTYPES)}")
@@ -527,7 +412,6 @@ def gguf_tokenizer(gguf: Path):
 
 
 def _load_llamacpp(cfg: ModelConfig):
-    from .llamacpp import LlamaCppModel
 
     if cfg.device not in ("auto", "cpu"):
         raise EmoscopeError(f"backend llama.cpp runs on the CPU here (model.device is {cfg.device})")

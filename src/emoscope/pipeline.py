@@ -18,22 +18,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import distributed as dist
-from .config import STAGES, RunConfig
+from .config import RunConfig
 from .data import check as check_data
+from .deployment.candidates import SOURCE
 from .errors import EmoscopeError
-from .models import ModelConfig, ModelView, check_reference, load_model, resolve_device
+from .models import ModelConfig, ModelView, check_reference, load_model
 from . import profiling
 from .resources import peak_memory
-from .sae.train import layer_groups
-from .stages import audit, evaluate, phases, saes, steer, trace
+from .stages.registry import REGISTRY, STAGES
+from .stages.saes import CHECKPOINTS
 from .stages.base import StageResult
 from .task import Task, TaskConfig
 
-# SAE training checkpoints and trained SAEs awaiting evaluation, so a killed saes stage resumes
-CHECKPOINTS = ".saes.checkpoint"
-RESULTS: dict[str, type[StageResult]] = {
-    "evaluate": evaluate.EvalResult, "saes": saes.SAEsResult, "phases": phases.PhasesResult,
-    "trace": trace.TraceResult, "steer": steer.SteerResult, "audit": audit.AuditResult}
 
 
 class RunContext:
@@ -87,7 +83,7 @@ class RunContext:
             folder = self.run_dir / stage
             if not (folder / "result.json").exists():
                 raise EmoscopeError(f"{self.run_dir} has no {stage}/result.json: run the {stage} stage first")
-            cls = RESULTS[stage]
+            cls = REGISTRY[stage].result
             self._results[stage] = cls.load(folder, self.model, self.saes_device) if stage == "saes" else \
                 cls.load(folder)
         res = self._results[stage]
@@ -105,40 +101,13 @@ class RunContext:
 
 def compute(ctx: RunContext, stage: str, cfg, workdir: Path | None = None) -> StageResult:
     """Run one stage on the context with its config; the result is not saved yet."""
-    prog = ctx.progress(stage, _total(ctx, stage, cfg))
-    if stage == "evaluate":
-        res = evaluate.evaluate(ctx.task, progress=prog)
-        res.timing = {"load": round(ctx.load_seconds, 2), **res.timing}
-        return res
-    if stage == "saes":
-        return saes.compute(ctx.model, cfg, ctx.data_dir, prog, checkpoint_dir=ctx.run_dir / CHECKPOINTS)
-    ev = ctx.result("evaluate")
-    if stage == "phases":
-        return phases.phases(ctx.task, ctx.saes, ev, cfg, prog, workdir=workdir)
-    if stage == "trace":
-        return trace.trace(ctx.task, ctx.saes, ev, ctx.result("phases"), cfg, prog)
-    if stage == "steer":
-        res = steer.steer(ctx.task, ctx.saes, ev, ctx.result("trace"), cfg, prog)
-        res.steering.chosen_on["run_dir"] = str(ctx.run_dir)
-        return res
-    return audit.audit(ctx.task, ctx.saes, ev, ctx.optional("phases"), ctx.optional("trace"), cfg, progress=prog)
-
-
-def _total(ctx: RunContext, stage: str, cfg) -> int | None:
-    """The number of progress steps a stage reports, where it is known before the stage runs."""
-    if stage == "saes" and not cfg.pretrained:
-        layers = cfg.train.layers if cfg.train.layers is not None else list(range(ctx.model.n_layers))
-        device = resolve_device(cfg.device) if cfg.device else ctx.model.device
-        return cfg.train.tokens * len(layer_groups(layers, ctx.model.d_model, cfg.train, device))
-    if stage == "phases":
-        return len(ctx.result("saes")["hooks"])
-    return None
+    st = REGISTRY[stage]
+    return st.run(ctx, cfg, ctx.progress(stage, st.total(ctx, cfg) if st.total else None), workdir)
 
 
 def run_stage(ctx: RunContext, stage: str, cfg, key: str | None = None) -> StageResult:
     """Compute a stage and save it into the run directory (atomically), filed under `key` when given."""
-    for need in {"phases": ("evaluate", "saes"), "trace": ("evaluate", "saes", "phases"),
-                 "steer": ("evaluate", "saes", "trace"), "audit": ("evaluate", "saes")}.get(stage, ()):
+    for need in REGISTRY[stage].needs:
         ctx.result(need)  # one line naming a missing upstream stage, before any work
     work = ctx.run_dir / f".{stage}.work"
     if dist.is_main():
@@ -209,9 +178,9 @@ def preflight(cfg: RunConfig) -> None:
     """Every model a run will load, checked before the run directory is touched: the reference and each audit
     candidate's own file (a bad reference otherwise surfaces only after earlier stages have run)."""
     check_reference(cfg.model.name, "model.name")
-    if "audit" in cfg.stages:
+    if "audit" in cfg.stages and cfg.audit.candidates != "default":  # the defaults load no file
         for cand in cfg.audit.candidates:
-            if cand.model not in (None, audit.SOURCE):
+            if cand.model not in (None, SOURCE):
                 check_reference(cand.model, f"audit candidate '{cand.name}': model")
 
 

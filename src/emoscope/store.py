@@ -11,6 +11,8 @@ complete. Reading never loads more than one shard's slice at a time.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import os
 import shutil
@@ -26,7 +28,9 @@ from . import distributed as dist
 from . import profiling
 from .errors import EmoscopeError
 from .hooks import HookPoint, pad_batch, record
-from .models import ModelView
+
+if TYPE_CHECKING:
+    from .backends.transformers import ModelView
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

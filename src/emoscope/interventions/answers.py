@@ -8,6 +8,8 @@ per example.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import copy
 from dataclasses import dataclass
 
@@ -17,9 +19,11 @@ import torch
 from .. import distributed as dist
 from .. import profiling
 from ..hooks import HookPoint, at, pad_batch, record, resid
-from ..models import ModelView
 from ..task.calibrate import CONTENT_FREE
 from ..task.score import _common_prefix, _sliding_window
+
+if TYPE_CHECKING:
+    from ..backends.transformers import ModelView
 
 
 BATCH = 64
@@ -75,16 +79,8 @@ def answer_resid(view: ModelView, prompts: list[list[int]], layers: list[int], t
 def first_token_prior(task) -> torch.Tensor:
     """Contextual-calibration prior over the labels' first tokens: the mean label distribution of the
     task's prompt on content-free inputs, in log space [K]."""
-    view = task.model
     prompts = task.encode_all(CONTENT_FREE)
-    if isinstance(view, ModelView):
-        ids, mask = pad_batch(prompts, view.device)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=view.device)
-        with torch.no_grad():
-            logits, _ = answer_logits(view, ids, mask, last, task.label_tokens)
-    else:  # a runtime that computes its own answer passes (llamacpp.LlamaCppModel)
-        logits = torch.from_numpy(view.answer_logits_each(prompts, task.label_tokens)[0])
-    lp = torch.log_softmax(logits, -1)
+    lp = torch.log_softmax(task.model.label_logits(prompts, task.label_tokens), -1)
     return torch.logsumexp(lp, 0) - np.log(len(prompts))
 
 

@@ -1,7 +1,9 @@
 """SAE feature edits at the answer position (or at every position).
 
-An edit is (layer, feature, mode, value): `scale` multiplies the feature's activation (amplifying
-whatever emotion evidence is present — label-agnostic, so it can help recognition at test time),
+An edit is (hook, feature, mode, value), the hook a TransformerLens name (`blocks.L.hook_resid_post`,
+`blocks.L.hook_mlp_out`, `blocks.L.hook_attn_out`: the edit applies where the SAE reads, so an mlp_out SAE edits the
+MLP's output, never the residual stream; `layer=L` is shorthand for resid_post). `scale` multiplies the feature's
+activation (amplifying whatever emotion evidence is present — label-agnostic, so it can help recognition at test time),
 `add` adds a fixed amount (pushes toward one emotion), `clamp` sets it (an ablation is a clamp to zero
 or to a baseline). It is applied as decode(edited) - decode(original) = sum (f' - f) W_dec[f] added to
 the residual, so the SAE's reconstruction error never leaks in, and an edit of strength zero (scale 1,
@@ -16,18 +18,43 @@ from contextlib import contextmanager
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from ..errors import EmoscopeError
-from ..hooks import HookPoint, at, hook_module
+from ..hooks import HOOK_NAME, HookPoint, at, hook_module, resid
 
 
 class Edit(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    layer: int
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    hook: str
+    """Where the edit applies and its SAE reads: a TransformerLens hook name (`layer=L` given instead: resid_post)."""
     feature: int
+    """The SAE feature edited."""
     mode: Literal["scale", "add", "clamp"] = "scale"
+    """scale multiplies the feature's activation by `value`, add adds `value`, clamp sets it to `value`."""
     value: float
+    """The factor, amount or value."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layer_shorthand(cls, data):
+        """`layer: L` (steering files of format 1, and the stages) is the residual stream after block L."""
+        if isinstance(data, dict) and "layer" in data and "hook" not in data:
+            data = {k: v for k, v in data.items() if k != "layer"} | {"hook": resid(int(data["layer"]))}
+        return data
+
+    @field_validator("hook")
+    @classmethod
+    def _known_hook(cls, v: str) -> str:
+        try:
+            return HookPoint.parse(v).name
+        except EmoscopeError as e:
+            raise ValueError(str(e)) from None
+
+    @property
+    def layer(self) -> int:
+        """The block the hook belongs to."""
+        return HookPoint.parse(self.hook).layer
 
     @field_validator("value")
     @classmethod
@@ -41,12 +68,12 @@ class Edit(BaseModel):
 def apply_edits(view, saes: dict, edits: list[Edit], positions: torch.Tensor | None = None):
     """Apply the edits during forwards at positions[b] of each row (the answer position), or at every
     position when `positions` is None."""
-    by_layer: dict[int, list[Edit]] = {}
+    by_hook: dict[str, list[Edit]] = {}
     for e in edits:
-        by_layer.setdefault(e.layer, []).append(e)
+        by_hook.setdefault(e.hook, []).append(e)
     hooks = {}
-    for layer, es in by_layer.items():
-        sae = saes[layer]
+    for name, es in by_hook.items():
+        sae = sae_at(saes, name)
         idx = torch.tensor([e.feature for e in es], device=sae.W_dec.device)
         val = torch.tensor([e.value for e in es], device=sae.W_dec.device)
         mode = [e.mode for e in es]
@@ -68,9 +95,22 @@ def apply_edits(view, saes: dict, edits: list[Edit], positions: torch.Tensor | N
             else:
                 t[at(t, positions)] += delta
             return _replaced(out, t)
-        hooks[layer] = hook
+        hooks[name] = hook
     with _forward_hooks(view, hooks):
         yield
+
+
+def sae_at(saes: dict, hook: str):
+    """The SAE that reads `hook`: keyed by its hook name, or by its layer for the residual stream (the stages' SAEs).
+    An SAE trained on another hook than the one an edit names is refused in one line."""
+    hp = HookPoint.parse(hook)
+    sae = saes.get(hook, saes.get(hp.layer) if hp.kind == "resid_post" else None)
+    if sae is None:
+        raise EmoscopeError(f"no SAE reads {hook} here (SAEs at: {', '.join(map(str, saes)) or 'none'})")
+    trained_on = getattr(sae.cfg, "hook_name", "") or ""
+    if HOOK_NAME.fullmatch(trained_on) and trained_on != hp.name:
+        raise EmoscopeError(f"an edit at {hook} would use the SAE trained on {trained_on}: edit it at its own hook")
+    return sae
 
 
 def set_features(view, saes: dict, features: dict[int, list[int]], positions: torch.Tensor,
@@ -102,7 +142,7 @@ def clamp_sites(view, saes: dict, sites: tuple[torch.Tensor, torch.Tensor], entr
             t = t.clone()
             t[where] += delta.to(t.device, t.dtype)
             return _replaced(out, t)
-        hooks[layer] = hook
+        hooks[resid(layer)] = hook
     with _forward_hooks(view, hooks):
         yield
 
@@ -115,9 +155,9 @@ def clamp_delta(sae, x: torch.Tensor, idx: torch.Tensor, cols: torch.Tensor, new
 
 
 def clamp_rows(saes: dict, sets: list[dict[int, list[int]]], baseline: dict[int, torch.Tensor] | None = None) -> dict:
-    """Row edits for a runtime that applies them itself (llamacpp.LlamaCppModel.answer_logits_each): per layer, a
-    function of residual rows x [n, d] and the set index of each row [n] that returns the change setting that
-    set's features of that layer to the baseline (zero when none), the SAE error term kept."""
+    """Row edits for a runtime that applies them itself (`backends.llamacpp.LlamaCppModel.answer_logits_each`): per
+    layer, a function of residual rows x [n, d] and the set index of each row [n] that returns the change setting
+    that set's features of that layer to the baseline (zero when none), the SAE error term kept."""
     def for_layer(layer):
         sae = saes[layer]
 
@@ -134,8 +174,8 @@ def clamp_rows(saes: dict, sets: list[dict[int, list[int]]], baseline: dict[int,
 
 @contextmanager
 def _forward_hooks(view, hooks: dict):
-    """Each hook registered after its layer's block while the context lasts."""
-    handles = [hook_module(view, HookPoint(layer)).register_forward_hook(fn) for layer, fn in hooks.items()]
+    """Each hook {hook name: fn} registered on its module's output while the context lasts."""
+    handles = [hook_module(view, HookPoint.parse(name)).register_forward_hook(fn) for name, fn in hooks.items()]
     try:
         yield
     finally:

@@ -10,15 +10,19 @@ position, and nothing else; no re-encoding, no reconstruction error leaking in.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from .. import distributed as dist
 from .. import profiling
 from ..hooks import at
-from ..models import ModelView
 from .answers import BATCH, answer_batches
-from .edits import clamp_rows, clamp_sites, set_features
+from .edits import clamp_sites, set_features
+
+if TYPE_CHECKING:
+    from ..backends.transformers import ModelView
 
 MARGINS = ("best_other", "all_others")
 PASS_TOKENS = 256
@@ -87,9 +91,6 @@ def ablate(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarr
     """Exact intervention: the margin of every example [n] with the given features (per layer) set to
     the baseline (zero when none) at the answer position, SAE error terms kept. `prompts` may be
     answer_batches(), built once and reused across interventions."""
-    if not isinstance(view, ModelView):  # a runtime that edits its own residuals (llamacpp.LlamaCppModel)
-        return ablate_each(view, saes, prompts, gold, tokens, [features], log_prior, baseline, batch_size, kind)[0]
-
     def one(b):
         g = torch.as_tensor(gold[b.start:b.start + len(b.ids)], device=view.device)
         with set_features(view, saes, features, b.last, baseline):
@@ -107,11 +108,6 @@ def ablate_each(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.
     """ablate() once per feature set in `sets`, several sets per pass: margins [len(sets), n]. Each answer
     batch runs copied once per set of a group (as many copies as fit in `pass_tokens` tokens a pass), every
     copy with its own set ablated; the same margins as one ablate() per set, to float round-off."""
-    if not isinstance(view, ModelView):  # a runtime that edits its own residuals (llamacpp.LlamaCppModel)
-        logits = view.answer_logits_each(prompts, tokens, len(sets), clamp_rows(saes, sets, baseline))
-        g = torch.as_tensor(np.asarray(gold))
-        return np.stack([margin(torch.from_numpy(lg), g, log_prior, kind).numpy() for lg in logits])
-
     def one(b):
         g = torch.as_tensor(gold[b.start:b.start + len(b.ids)], device=view.device)
         step = max(1, pass_tokens // b.ids.numel())

@@ -1,7 +1,9 @@
 """A steering saved as a file, and label probabilities with a steering applied.
 
 A steering file holds its edits with the model name, the SAE hooks and a hash of each SAE's decoder
-rows used, so it cannot be applied to another model or SAE by mistake.
+rows used, so it cannot be applied to another model or SAE by mistake. Format 2 (`format: 2`) keys every edit by its
+hook name; a file of format 1 (no `format`, edits keyed by `layer`: the residual stream after that block) is read
+as the same edits at blocks.L.hook_resid_post.
 """
 
 from __future__ import annotations
@@ -11,18 +13,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .. import distributed as dist
 from ..errors import EmoscopeError
-from ..hooks import resid
 from ..task.calibrate import CONTENT_FREE, apply_prior, prior_from_scores
 from .answers import BATCH, answer_batches
-from .edits import Edit, apply_edits
+from .edits import Edit, apply_edits, sae_at
+
+FORMAT = 2
+"""Version of the steering file format (format 1: edits keyed by layer, before hook names)."""
 
 
 class Steering(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), use_attribute_docstrings=True)
+    format: int = FORMAT
+    """Version of the file format: 2 since hook names (format-1 files have none; their edits are read by layer as
+    resid_post hooks, the same steering); a newer one is refused."""
     model_name: str = ...
     """Model the steering was chosen for."""
     sae_fingerprints: dict[str, str] = Field(default_factory=dict)
@@ -31,6 +38,13 @@ class Steering(BaseModel):
     chosen_on: dict = Field(default_factory=dict)
     """Provenance: dataset, split, examples, seed, strength search."""
 
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: int) -> int:
+        if not 1 <= v <= FORMAT:
+            raise ValueError(f"format {v} is not one this emoscope reads (1..{FORMAT}): update emoscope")
+        return v
+
 
 def fingerprint(sae, features: list[int]) -> str:
     rows = sae.W_dec.detach().float().cpu()[sorted(set(features))].contiguous().numpy()
@@ -38,10 +52,10 @@ def fingerprint(sae, features: list[int]) -> str:
 
 
 def make_steering(view, saes: dict, edits: list[Edit], chosen_on: dict | None = None) -> Steering:
-    by_layer: dict[int, list[int]] = {}
+    by_hook: dict[str, list[int]] = {}
     for e in edits:
-        by_layer.setdefault(e.layer, []).append(e.feature)
-    fps = {resid(layer): fingerprint(saes[layer], fs) for layer, fs in by_layer.items()}
+        by_hook.setdefault(e.hook, []).append(e.feature)
+    fps = {hook: fingerprint(sae_at(saes, hook), fs) for hook, fs in by_hook.items()}
     return Steering(model_name=view.name, sae_fingerprints=fps, edits=edits, chosen_on=chosen_on or {})
 
 
@@ -49,17 +63,15 @@ def check(steering: Steering, view, saes: dict) -> None:
     """Refuse a steering made for another model or other SAEs."""
     if steering.model_name != view.name:
         raise EmoscopeError(f"steering was made for model '{steering.model_name}', not '{view.name}'")
-    by_layer: dict[int, list[int]] = {}
+    by_hook: dict[str, list[int]] = {}
     for e in steering.edits:
-        if e.layer not in saes:
-            raise EmoscopeError(f"steering edits layer {e.layer}, which has no SAE here")
-        if not 0 <= e.feature < saes[e.layer].cfg.d_sae:
-            raise EmoscopeError(f"steering edits feature {e.feature} of layer {e.layer}, beyond its SAE's "
-                                f"{saes[e.layer].cfg.d_sae}")
-        by_layer.setdefault(e.layer, []).append(e.feature)
-    for layer, fs in by_layer.items():
-        if steering.sae_fingerprints.get(resid(layer)) != fingerprint(saes[layer], fs):
-            raise EmoscopeError(f"steering was made with another SAE at layer {layer} (decoder rows differ)")
+        sae = sae_at(saes, e.hook)
+        if not 0 <= e.feature < sae.cfg.d_sae:
+            raise EmoscopeError(f"steering edits feature {e.feature} at {e.hook}, beyond its SAE's {sae.cfg.d_sae}")
+        by_hook.setdefault(e.hook, []).append(e.feature)
+    for hook, fs in by_hook.items():
+        if steering.sae_fingerprints.get(hook) != fingerprint(sae_at(saes, hook), fs):
+            raise EmoscopeError(f"steering was made with another SAE at {hook} (decoder rows differ)")
 
 
 def save_steering(steering: Steering, path: str | Path) -> None:

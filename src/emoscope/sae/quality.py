@@ -9,14 +9,18 @@ position 1 on, the positions the SAEs were trained on.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from ..hooks import HookPoint, edit_output, pad_batch, record, resid
-from ..models import ModelView
 from .model import SAE
+
+if TYPE_CHECKING:
+    from ..backends.transformers import ModelView
 
 
 def splice(view: ModelView, hp: HookPoint, fn):

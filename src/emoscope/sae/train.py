@@ -9,6 +9,8 @@ activations and report features in raw units, with unit-norm decoder rows.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 import os
 import time
@@ -23,11 +25,13 @@ from .. import profiling
 from ..artifacts import config_hash
 from ..hooks import HookPoint, pad_batch, record
 from ..errors import EmoscopeError
-from ..models import ModelView
 from .corpus import sequences
 from .model import SAE, SAEConfig
 from .topk_step import _decode, _encode_topk, topk_grads
 from ..constraints import NonNegative, Seed
+
+if TYPE_CHECKING:
+    from ..backends.transformers import ModelView
 
 
 class SAETrainConfig(BaseModel):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import Callable, ClassVar, NamedTuple
 
 import pandas as pd
 
@@ -89,3 +89,27 @@ class StageResult:
             raise EmoscopeError(f"{f} is a {data.get('stage')!r} result, not {cls.stage!r}")
         timing = folder / "timing.json"
         return cls(data, tables, read_json(timing) if timing.exists() else None)
+
+
+class Stage(NamedTuple):
+    """A pipeline stage, registered once (`stages.registry`): the run config, the pipeline, the CLI and the report
+    iterate over these. Each stage module exports one as `STAGE`."""
+
+    name: str
+    """Its name: the run config's section, the run directory's folder, the CLI command."""
+    config: type
+    """Its config class (the run config's section of the same name)."""
+    result: type[StageResult]
+    """Its result class (saved in the run directory's folder)."""
+    upstream: tuple[str, ...]
+    """Stages whose config hashes enter its own (what it reads, directly or through them)."""
+    needs: tuple[str, ...]
+    """Stages whose results must exist before it runs (refused in one line otherwise, before any work)."""
+    run: Callable
+    """run(ctx, cfg, progress, workdir) -> result, on a pipeline `RunContext`."""
+    printer: str
+    """The `report.console` function that prints its result."""
+    summary: str
+    """One line for the CLI's help."""
+    total: Callable | None = None
+    """total(ctx, cfg) -> its progress steps, where known before it runs."""

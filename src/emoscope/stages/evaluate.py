@@ -12,14 +12,14 @@ import time
 import numpy as np
 import pandas as pd
 
-from ..backend import require
+from ..backends.base import require
 from ..artifacts import config_hash
 from ..data import Example
 from ..errors import EmoscopeError
 from ..models import ModelConfig
-from ..task import Task, calibrate
+from ..task import Task, TaskConfig, calibrate
 from ..task.metrics import answer_shares, classification_metrics
-from .base import Estimate, StageResult
+from .base import Estimate, Stage, StageResult
 
 
 class EvalResult(StageResult):
@@ -103,8 +103,7 @@ def evaluate(task: Task, examples: list[Example] | None = None, progress=None) -
     data = {
         "stage": "evaluate", "config_hash": config_hash(config), "config": config,
         "model": {"name": view.name, "n_layers": view.n_layers, "d_model": view.d_model, "chat": task.builder.chat,
-                  "backend": getattr(view, "backend", "transformers"), "weights": view.weights,
-                  **(view.describe() if hasattr(view, "describe") else {})},
+                  "backend": view.backend, "weights": view.weights, **view.describe()},
         "labels": task.classes, "n": len(examples), "seed": cfg.seed,
         "demonstrations": [{"id": x.id, "label": x.label} for x in task.demos],
         "data": {"source": report.source if report else "given examples",
@@ -130,3 +129,13 @@ def _predictions(examples, classes, logp, pred_raw, pred_cal) -> pd.DataFrame:
     for j, c in enumerate(classes):
         df[f"logp_{c}"] = logp[:, j]
     return df
+
+
+def _run(ctx, cfg, progress, workdir) -> EvalResult:
+    res = evaluate(ctx.task, progress=progress)
+    res.timing = {"load": round(ctx.load_seconds, 2), **res.timing}
+    return res
+
+
+STAGE = Stage("evaluate", TaskConfig, EvalResult, upstream=(), needs=(), run=_run, printer="print_eval",
+              summary="Score the task's examples raw and calibrated: accuracy and macro-F1 with intervals.")

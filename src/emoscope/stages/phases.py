@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..backend import require
+from ..backends.base import require
 from .. import profiling
 from ..analysis.layers import layer_row, selectivity, text_scores
 from ..analysis.phases import SEGMENT_STATS, boundary_intervals, fit_phases, name_phases, phase_of
@@ -34,7 +34,7 @@ from ..hooks import HookPoint
 from ..sae.cards import STORES, capture_examples, card_key, feature_cards
 from ..store import Store
 from ..task import Task
-from .base import Estimate, StageResult
+from .base import Estimate, Stage, StageResult
 from .evaluate import EvalResult
 from ..constraints import Seed
 
@@ -313,3 +313,12 @@ def _top_feature(card: dict, au: float, phase: int, sel, labels: list[str], text
                                         if ex["max_index"] >= 0 else "", "activation": ex["max"]}}
                              for ex in card["answer_examples"]],
             "promoted_tokens": [t for t, _ in card["promoted"][:8]]}
+
+
+def _run(ctx, cfg: PhasesConfig, progress, workdir) -> PhasesResult:
+    return phases(ctx.task, ctx.saes, ctx.result("evaluate"), cfg, progress, workdir=workdir)
+
+
+STAGE = Stage("phases", PhasesConfig, PhasesResult, upstream=("evaluate", "saes"), needs=("evaluate", "saes"),
+              run=_run, printer="print_phases", total=lambda ctx, cfg: len(ctx.result("saes")["hooks"]),
+              summary="Layer-wise analysis: per-layer statistics, the phases, shared vs emotion-specific features.")

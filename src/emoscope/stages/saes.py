@@ -7,6 +7,8 @@ training stats and the per-layer quality table (`result.json`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import time
 from pathlib import Path
 
@@ -15,17 +17,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import distributed as dist
 from .. import profiling
-from ..backend import require
+from ..backends.base import require
 from ..artifacts import config_hash, read_json, write_json
 from ..constraints import Device
 from ..hooks import HookPoint, residual_by_layer
-from ..models import ModelView, resolve_device
+from ..models import resolve_device
 from ..sae import io
 from ..sae.model import SAE
 from ..sae.pretrained import load_saes
 from ..sae.quality import evaluate_saes, heldout_batches
 from ..sae.train import SAETrainConfig, train_layers
-from .base import StageResult
+from ..sae.train import layer_groups
+from .base import Stage, StageResult
+
+if TYPE_CHECKING:
+    from ..backends.transformers import ModelView
 
 # Overlays on the training defaults (which are the quick profile: all 18 Gemma-3-270M layers in
 # 3.5-4.5 minutes on the 2-core CPU).
@@ -166,3 +172,25 @@ def _trained(model: ModelView, cfg: SAEStageConfig, data_dir, progress, device, 
             io.save(sae, done / h)
         write_json(marker, {"key": key, "stats": stats})  # written last: the folder is complete
     return saes, stats
+
+
+CHECKPOINTS = ".saes.checkpoint"
+"""Folder in a run directory holding SAE training checkpoints and trained SAEs awaiting evaluation, so a killed saes
+stage resumes."""
+
+
+def _run(ctx, cfg: SAEStageConfig, progress, workdir) -> SAEsResult:
+    return compute(ctx.model, cfg, ctx.data_dir, progress, checkpoint_dir=ctx.run_dir / CHECKPOINTS)
+
+
+def _total(ctx, cfg: SAEStageConfig) -> int | None:
+    """Tokens times layer groups when training (each group reads the corpus once); unknown when loading."""
+    if cfg.pretrained:
+        return None
+    layers = cfg.train.layers if cfg.train.layers is not None else list(range(ctx.model.n_layers))
+    device = resolve_device(cfg.device) if cfg.device else ctx.model.device
+    return cfg.train.tokens * len(layer_groups(layers, ctx.model.d_model, cfg.train, device))
+
+
+STAGE = Stage("saes", SAEStageConfig, SAEsResult, upstream=(), needs=(), run=_run, printer="print_saes",
+              summary="Train (or load) an SAE per layer and evaluate them.", total=_total)

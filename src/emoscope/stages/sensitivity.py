@@ -23,13 +23,15 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .. import llamacpp
+from ..backends import gguf_build, llamacpp
 from ..analysis.recipe import cheapest
 from ..artifacts import config_hash
 from ..constraints import Seed, Threads
 from ..errors import EmoscopeError, validated
 from ..models import gguf_source
-from .audit import PARITY, AuditConfig, audit
+from ..deployment.candidates import PARITY, Candidate
+from ..deployment.reference import Reference
+from .audit import AuditConfig, audit, compare
 from .base import StageResult
 
 
@@ -94,25 +96,27 @@ def sensitivity(task, saes: dict, evaluation, phases=None, trace=None, config: S
                                                                          "sensitivity.")
     base_audit = audit_config if isinstance(audit_config, AuditConfig) else validated(AuditConfig, audit_config or {},
                                                                                       "audit.")
-    f32 = _reference_f32(task.model)
-    target, high = (llamacpp.tensor_types(llamacpp.quantize(f32, t, cfg.threads)) for t in (cfg.target, cfg.high))
+    f32 = _float_gguf(task.model)
+    target, high = (gguf_build.tensor_types(gguf_build.quantize(f32, t, cfg.threads)) for t in (cfg.target, cfg.high))
     floats = {n: "F32" for n in target}
     groups = groups_of(target, task.model.n_layers, cfg.group_size)
-    files = {f"uniform_{cfg.target}": llamacpp.quantize(f32, cfg.target, cfg.threads),
-             f"uniform_{cfg.high}": llamacpp.quantize(f32, cfg.high, cfg.threads)}
+    files = {f"uniform_{cfg.target}": gguf_build.quantize(f32, cfg.target, cfg.threads),
+             f"uniform_{cfg.high}": gguf_build.quantize(f32, cfg.high, cfg.threads)}
     for label, names in groups:
-        files[f"only_{label}"] = llamacpp.build(f32, {**floats, **{n: target[n] for n in names}}, cfg.threads)
+        files[f"only_{label}"] = gguf_build.build(f32, {**floats, **{n: target[n] for n in names}}, cfg.threads)
         if cfg.reverse:
-            files[f"keep_{label}"] = llamacpp.build(f32, {**target, **{n: high[n] for n in names}}, cfg.threads)
-    rows = _audit_files(task, saes, evaluation, phases, trace, base_audit, files, cfg.threads, progress)
+            files[f"keep_{label}"] = gguf_build.build(f32, {**target, **{n: high[n] for n in names}}, cfg.threads)
+    ref = Reference.measure(task, saes, evaluation, phases, trace, base_audit)  # once, for every file
+    rows = _audit_files(task, saes, evaluation, phases, trace, base_audit, files, cfg.threads, progress, ref)
     n = int(len(evaluation.predictions))
     table = _group_rows(groups, rows, phases, cfg)
     recipe = _recipe(groups, rows, target, high, cfg, base_audit, n) if cfg.reverse else None
     if recipe is not None and cfg.verify:
-        built = llamacpp.build(f32, recipe["types"], cfg.threads)
-        measured = _audit_files(task, saes, evaluation, phases, trace, base_audit, {"recipe": built}, cfg.threads,
-                                progress)["recipe"]
-        recipe["measured"] = _summary(measured)
+        built = gguf_build.build(f32, recipe["types"], cfg.threads)
+        cand = Candidate(name="recipe", runtime="llama.cpp", model=str(built), threads=cfg.threads)
+        recipe["measured"] = _summary(compare(cand, ref))  # its parity row is the one measured above
+        if progress:
+            progress(1)
     view = task.model
     data = {"stage": "sensitivity", "config_hash": config_hash(cfg, base_audit.thresholds, view.name),
             "config": cfg.model_dump(mode="json"), "thresholds": base_audit.thresholds.model_dump(mode="json"),
@@ -122,21 +126,22 @@ def sensitivity(task, saes: dict, evaluation, phases=None, trace=None, config: S
     return SensitivityResult(data)
 
 
-def _reference_f32(view) -> Path:
-    name = view.settings.name if getattr(view, "settings", None) is not None else view.name
+def _float_gguf(view) -> Path:
+    name = view.settings.name if view.settings is not None else view.name
     source = gguf_source(name)
     if source is None:
         raise EmoscopeError(f"sensitivity builds llama.cpp files from the reference's GGUF, and '{name}' is not a GGUF "
                             "file or a registry model")
-    return llamacpp.write_float_gguf(source[0])
+    return gguf_build.write_float_gguf(source[0])
 
 
-def _audit_files(task, saes, evaluation, phases, trace, base: AuditConfig, files: dict, threads, progress) -> dict:
-    """Each file an audit candidate in llama.cpp (one reference for all); rows by name (the parity row too)."""
+def _audit_files(task, saes, evaluation, phases, trace, base: AuditConfig, files: dict, threads, progress,
+                 ref: Reference) -> dict:
+    """Each file an audit candidate in llama.cpp against the one reference; rows by name (the parity row too)."""
     cands = [{"name": name, "runtime": "llama.cpp", "model": str(path), "threads": threads}
              for name, path in files.items()]
     cfg = base.model_copy(update={"candidates": validated(AuditConfig, {"candidates": cands}).candidates})
-    res = audit(task, saes, evaluation, phases, trace, cfg, progress=progress)
+    res = audit(task, saes, evaluation, phases, trace, cfg, progress=progress, reference=ref)
     return {r["name"]: r for r in res.data["candidates"]}
 
 

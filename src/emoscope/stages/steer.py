@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.optimize import minimize
 from scipy.special import log_softmax
 
-from ..backend import require
+from ..backends.base import require
 from ..artifacts import config_hash
 from ..data import Example, load_split, select
 from .. import distributed as dist
@@ -46,7 +46,7 @@ from ..interventions.steering import Steering, label_probs, load_steering, make_
 from ..task import PromptBuilder, Task
 from ..task.calibrate import CONTENT_FREE, normalize
 from ..task.metrics import classification_metrics, macro_f1
-from .base import StageResult
+from .base import Stage, StageResult
 from .evaluate import EvalResult
 from .trace import TraceResult
 from ..constraints import Finite, NonNegative, Positive, Seed
@@ -523,3 +523,14 @@ def _side_effects(task: Task, saes, chosen, cfg) -> dict:
             "ppl_change": float(ppl_s / ppl_c - 1), "kl_all_positions": kl / n,
             "answer_position_only": "changes only the answer position's residual; earlier tokens' predictions are "
                                     "untouched by construction"}
+
+
+def _run(ctx, cfg: SteerConfig, progress, workdir) -> SteerResult:
+    res = steer(ctx.task, ctx.saes, ctx.result("evaluate"), ctx.result("trace"), cfg, progress)
+    res.steering.chosen_on["run_dir"] = str(ctx.run_dir)
+    return res
+
+
+STAGE = Stage("steer", SteerConfig, SteerResult, upstream=("trace",), needs=("evaluate", "saes", "trace"),
+              run=_run, printer="print_steer",
+              summary="Choose a feature steering on the dev set; compare it with baselines on test and other datasets.")

@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.stats import spearmanr
 
-from ..backend import require
+from ..backends.base import require
 from ..analysis.difficulty import difficulty
 from ..analysis.stats import concentration, mean_ci
 from ..artifacts import config_hash
@@ -42,7 +42,7 @@ from ..interventions.answers import answer_batches, answer_resid, first_token_pr
 from ..interventions.effects import ablate_each, attribution
 from ..sae.cards import card_key, feature_cards
 from ..task import Task
-from .base import StageResult
+from .base import Stage, StageResult
 from .evaluate import EvalResult
 from .phases import PhasesResult
 from ..constraints import Seed
@@ -357,3 +357,12 @@ def _mean_features(task: Task, saes: dict, prompts) -> dict[int, torch.Tensor]:
         for layer, sae in saes.items():
             sums[layer] = sums[layer] + part[layer].to(sae.W_dec.device)
     return {layer: (s / len(prompts))[None] for layer, s in sums.items()}
+
+
+def _run(ctx, cfg: TraceConfig, progress, workdir) -> TraceResult:
+    return trace(ctx.task, ctx.saes, ctx.result("evaluate"), ctx.result("phases"), cfg, progress)
+
+
+STAGE = Stage("trace", TraceConfig, TraceResult, upstream=("phases",), needs=("evaluate", "saes", "phases"),
+              run=_run, printer="print_trace",
+              summary="Phase-stratified causal tracing: which SAE features cause each emotion's prediction.")

@@ -9,6 +9,8 @@ reference: one full forward per (prompt, label).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import copy
 
 import numpy as np
@@ -16,8 +18,10 @@ import torch
 
 from .. import distributed as dist
 from ..hooks import HookPoint, record, resid
-from ..models import ModelView
 from ..prefix import common_prefix as _common_prefix
+
+if TYPE_CHECKING:
+    from ..backends.transformers import ModelView
 
 
 @torch.no_grad()
@@ -26,8 +30,6 @@ def score_ids(view: ModelView, prompts: list[list[int]], labels: list[list[int]]
     """[n_prompts, n_labels] summed log-probs of each label's tokens given each prompt's tokens. With
     `resid_layers`, also the residual stream at each prompt's last token (the answer position) of those
     layers, {layer: [n_prompts, d]} float32, read from the same forwards."""
-    if not isinstance(view, ModelView):  # a runtime that scores by itself (llamacpp.LlamaCppModel)
-        return view.score_ids(prompts, labels, batch_size, progress, resid_layers)
     model, dev = view.model, view.device
     n_lab, max_lab = len(labels), max(len(lab) for lab in labels)
     P = _common_prefix(prompts)

@@ -8,6 +8,8 @@ task's own examples (`examples`), which never include a demonstration.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from typing import Literal
 
 import numpy as np
@@ -17,11 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..data import (DataConfig, Example, LoadReport, check_classes, demonstrations, label_set, label_source,
                     load_split, select)
 from ..errors import EmoscopeError, validated
-from ..models import ModelView
 from . import calibrate
 from .prompts import PromptBuilder, Template
-from .score import score_ids
 from ..constraints import Seed
+
+if TYPE_CHECKING:
+    from ..backends.transformers import ModelView
 
 
 class TaskConfig(BaseModel):
@@ -147,7 +150,7 @@ class Task:
     # ------------------------------------------------------------------ scoring
     def score(self, texts, progress=None) -> np.ndarray:
         """Summed log-probabilities of every label's tokens after each text's prompt [n, K] (raw)."""
-        return score_ids(self.model, self.encode_all(texts), self.label_ids, self.config.batch_size, progress)
+        return self.model.score_ids(self.encode_all(texts), self.label_ids, self.config.batch_size, progress)
 
     def prior_texts(self) -> list[str]:
         """The texts the calibration prior is read from: content-free inputs, or a seeded sample of train texts."""

@@ -16,15 +16,12 @@ Both backends are fed the same token ids (the reference's tokenizer); `check_tok
 with the GGUF's own tokenizer and refuses a disagreement. An exception inside the callback never
 returns False to ggml (which would silently stop the graph): it is kept and raised after the decode.
 
-`write_float_gguf` writes the reference's weights as an F32 GGUF with the source file's metadata and
-tensor names; `quantize` turns it into any llama.cpp type with `llama_model_quantize` (cached by
-content hash).
+Writing and quantizing GGUF files (the reference's F32 file, llama.cpp's types) is `backends.gguf_build`.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import importlib.metadata
 import os
 import re
@@ -33,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import cache_root, file_sha256
-from .errors import EmoscopeError
-from .prefix import common_prefix as _common_prefix
+from ..errors import EmoscopeError
+from ..interventions.edits import clamp_rows
+from ..interventions.effects import margin
+from ..prefix import common_prefix as _common_prefix
 
 INSTALL = "pip install 'emoscope[llamacpp]'"
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
@@ -303,6 +301,18 @@ class LlamaCppModel:
         self._clear()
         return out, cap
 
+    def label_logits(self, prompts: list[list[int]], tokens: list[int]) -> torch.Tensor:
+        """The logits of `tokens` at each prompt's answer position [n, K] (no edit)."""
+        return torch.from_numpy(self.answer_logits_each(prompts, tokens)[0])
+
+    def ablate_each(self, saes: dict, prompts: list[list[int]], gold, tokens: list[int], sets: list[dict],
+                    log_prior: torch.Tensor | None = None, baseline=None, kind: str = "best_other") -> np.ndarray:
+        """Margins [len(sets), n] with each set of SAE features clamped at the answer position inside llama.cpp's
+        graph (`answer_logits_each`), as `interventions.effects.ablate_each` computes them in PyTorch."""
+        logits = self.answer_logits_each(prompts, tokens, len(sets), clamp_rows(saes, sets, baseline))
+        g = torch.as_tensor(np.asarray(gold))
+        return np.stack([margin(torch.from_numpy(lg), g, log_prior, kind).numpy() for lg in logits])
+
     @torch.no_grad()
     def answer_logits_each(self, prompts: list[list[int]], tokens: list[int], n_sets: int = 1,
                            edits: dict | None = None) -> np.ndarray:
@@ -390,115 +400,3 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def _ftype_name(code: int) -> str:
     names = {v: k for k, v in FTYPES.items()}
     return names.get(code & ~1024, f"ftype {code}")  # 1024: LLAMA_FTYPE_GUESSED
-
-
-# ---------------------------------------------------------------------- files: float reference and quantized builds
-def cache_dir() -> Path:
-    return cache_root() / "llamacpp"
-
-
-def _digest(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(str(p).encode() + b"\0")
-    return h.hexdigest()[:20]
-
-
-def write_float_gguf(src: str | Path, dst: str | Path | None = None) -> Path:
-    """The GGUF `src` with every tensor dequantised to F32: the same metadata (file type F32) and tensor names, so
-    llama.cpp runs exactly the weights emoscope's PyTorch reference dequantised from it. Cached by the source's
-    hash; written to a temporary name and renamed, so a stopped run leaves nothing half-written."""
-    import gguf
-    from gguf.quants import dequantize
-
-    src = Path(src)
-    dst = Path(dst) if dst else cache_dir() / f"{file_sha256(src)[:20]}-F32.gguf"
-    if dst.exists():
-        return dst
-    try:
-        reader = gguf.GGUFReader(src)
-    except (ValueError, OSError) as e:
-        raise EmoscopeError(f"cannot read GGUF {src}: {e}") from None
-    arch = reader.fields["general.architecture"].contents()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".tmp-{os.getpid()}-{dst.name}")
-    writer = gguf.GGUFWriter(tmp, arch, endianess=reader.endianess)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        if key == "general.file_type":
-            writer.add_uint32(key, int(gguf.LlamaFileType.ALL_F32))
-            continue
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32))
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    os.replace(tmp, dst)
-    return dst
-
-
-def quantize(src: str | Path, ftype: str, threads: int | None = None, overrides: dict[str, str] | None = None) -> Path:
-    """`src` (an F32/F16 GGUF) quantized by llama.cpp's own `llama_model_quantize` to `ftype` (Q4_K_M, Q8_0, ...),
-    with optional per-tensor type overrides {tensor-name regex: ggml type name}; cached by content."""
-    lib = _lib()
-    if ftype not in FTYPES:
-        raise EmoscopeError(f"unknown llama.cpp type '{ftype}': choose {', '.join(FTYPES)}")
-    src = Path(src)
-    key = _digest(file_sha256(src), ftype, sorted((overrides or {}).items()), version())
-    dst = cache_dir() / f"{key}-{ftype}.gguf"
-    if dst.exists():
-        return dst
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".tmp-{os.getpid()}-{dst.name}")
-    _quiet(lib)
-    params = lib.llama_model_quantize_default_params()
-    params.ftype, params.nthread = FTYPES[ftype], threads or (os.cpu_count() or 1)
-    keep = _tensor_overrides(lib, params, overrides or {})
-    rc = lib.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-    del keep
-    if rc != 0 or not tmp.exists():
-        tmp.unlink(missing_ok=True)
-        raise EmoscopeError(f"llama.cpp could not quantize {src.name} to {ftype} (code {rc})")
-    os.replace(tmp, dst)
-    return dst
-
-
-def _tensor_overrides(lib, params, overrides: dict[str, str]):
-    """Per-tensor types for llama_model_quantize (`llama-quantize --tensor-type PATTERN=TYPE`); returns the
-    ctypes objects that must outlive the call."""
-    if not overrides:
-        return None
-    import gguf
-
-    arr = (lib.llama_model_tensor_override * (len(overrides) + 1))()
-    names = []
-    for i, (pattern, type_name) in enumerate(overrides.items()):
-        try:
-            code = int(gguf.GGMLQuantizationType[type_name.upper()])
-        except KeyError:
-            raise EmoscopeError(f"unknown ggml tensor type '{type_name}' for '{pattern}'") from None
-        names.append(ctypes.create_string_buffer(pattern.encode()))
-        arr[i].pattern, arr[i].type = ctypes.cast(names[-1], ctypes.c_char_p), code
-    params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(lib.llama_model_tensor_override))
-    return arr, names
-
-
-def tensor_types(path: str | Path) -> dict[str, str]:
-    """Each tensor's ggml type in a GGUF file ({name: 'Q4_K', ...}): what llama.cpp's mixture for a type gave it."""
-    import gguf
-
-    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
-
-
-def build(src: str | Path, types: dict[str, str], threads: int | None = None) -> Path:
-    """`src` (an F32 GGUF) with every tensor at the type `types` names for it (a mixed-precision file, as
-    `llama-quantize --tensor-type` makes), by llama.cpp's quantizer; tensors not named keep their type."""
-    quantized = sorted({t for t in types.values() if t not in ("F32", "F16", "BF16")})
-    ftype = "Q8_0" if not quantized else next((f for f in FTYPES if f == quantized[0]), "Q8_0")
-    return quantize(src, ftype, threads, {f"^{re.escape(name)}$": t for name, t in sorted(types.items())})
