@@ -67,12 +67,20 @@ def write_float_gguf(src: str | Path, dst: str | Path | None = None) -> Path:
     return dst
 
 
+def check_type(ftype: str, floats: bool = True) -> str:
+    """A llama.cpp file type llama-quantize knows (`FTYPES`; without F32 and F16 when `floats` is off), or one line
+    naming the choices. The one check of a type name: candidates, sensitivity and `quantize` call it."""
+    known = [t for t in FTYPES if floats or t not in ("F32", "F16")]
+    if ftype not in known:
+        raise EmoscopeError(f"unknown llama.cpp type '{ftype}': choose {', '.join(known)}")
+    return ftype
+
+
 def quantize(src: str | Path, ftype: str, threads: int | None = None, overrides: dict[str, str] | None = None) -> Path:
     """`src` (an F32/F16 GGUF) quantized by llama.cpp's own `llama_model_quantize` to `ftype` (Q4_K_M, Q8_0, ...),
     with optional per-tensor type overrides {tensor-name regex: ggml type name}; cached by content."""
     lib = _lib()
-    if ftype not in FTYPES:
-        raise EmoscopeError(f"unknown llama.cpp type '{ftype}': choose {', '.join(FTYPES)}")
+    check_type(ftype)
     src = Path(src)
     key = _digest(file_sha256(src), ftype, sorted((overrides or {}).items()), version())
     dst = cache_dir() / f"{key}-{ftype}.gguf"

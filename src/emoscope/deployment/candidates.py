@@ -42,12 +42,8 @@ the bits of its weights."""
 
 
 def _known_precision(v: str) -> str:
-    if v.startswith(LLAMACPP):
-        if v[len(LLAMACPP):] not in llamacpp.FTYPES:
-            raise ValueError(f"unknown llama.cpp type '{v}': choose llama.cpp:{', llama.cpp:'.join(llamacpp.FTYPES)}")
-        return v
     try:
-        return check_precision(v)
+        return LLAMACPP + gguf_build.check_type(v[len(LLAMACPP):]) if v.startswith(LLAMACPP) else check_precision(v)
     except EmoscopeError as e:
         raise ValueError(str(e)) from None
 

@@ -57,9 +57,10 @@ class SensitivityConfig(BaseModel):
     @field_validator("target", "high")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in llamacpp.FTYPES or v in ("F32", "F16"):
-            raise ValueError(f"unknown llama.cpp type '{v}': choose {', '.join(list(llamacpp.FTYPES)[2:])}")
-        return v
+        try:
+            return gguf_build.check_type(v, floats=False)
+        except EmoscopeError as e:
+            raise ValueError(str(e)) from None
 
 
 class SensitivityResult(StageResult):
