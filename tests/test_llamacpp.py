@@ -393,3 +393,33 @@ def test_stages_refuse_a_backend_that_lacks_an_operation_through_the_api(both, t
                                                 r"score\)"):
             call()
     assert es.evaluate(task).n == len(task.load_examples()[0])
+
+
+def test_sensitivity_is_a_stage_of_the_run_hashed_and_resumed(both, gguf_file, toy_data, tmp_path):
+    """`emoscope sensitivity` runs the registered sensitivity stage into RUN_DIR/sensitivity/TARGET: a second call
+    with the same settings is up to date (skipped, the same result), another audit threshold reruns it."""
+    import yaml
+
+    from emoscope.sae.io import save
+
+    ref, _, prompts, _ = both
+    for layer, sae in _saes(ref, prompts).items():
+        save(sae, tmp_path / "saes" / f"blocks.{layer}.hook_resid_post")
+    cfg = {"run_dir": str(tmp_path / "run"), "model": {"name": str(gguf_file)}, "stages": ["evaluate", "saes", "audit"],
+           "evaluate": {"data": {"dataset": str(toy_data), "per_class": 2}},
+           "saes": {"pretrained": str(tmp_path / "saes"), "ce": False},
+           "audit": {"candidates": [{"name": "same"}], "n_boot": 100, "ablation_per_emotion": 2,
+                     "causal_features": {lab: [[1, 3 * i]] for i, lab in enumerate(["anger", "joy"])}},
+           "sensitivity": {"target": "Q4_0", "reverse": False, "verify": False, "n_perm": 200, "threads": 2}}
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    first = cli("sensitivity", "--config", f, "--json")
+    assert first.returncode == 0, first.stderr
+    assert "stage sensitivity: running" in first.stderr
+    out = tmp_path / "run" / "sensitivity" / "Q4_0"
+    assert (out / "result.json").is_file() and (out / "sensitivity.html").is_file()
+    again = cli("sensitivity", "--config", f, "--json")
+    assert "stage sensitivity: up to date, skipped" in again.stderr, again.stderr
+    assert json.loads(again.stdout) == json.loads(first.stdout)
+    changed = cli("sensitivity", "--config", f, "--json", "--set", "audit.thresholds.max_flip_rate=0.5")
+    assert "stage sensitivity: running" in changed.stderr, changed.stderr

@@ -58,7 +58,7 @@ def test_quick_config_is_valid():
     cfg = load_config("quick")  # shipped inside the package, found by name
     assert cfg.model.name == "gemma3-270m" and cfg.run_dir == "runs/demo"
     from emoscope.config import STAGES
-    assert tuple(cfg.stages) == STAGES  # the demo runs the whole pipeline
+    assert tuple(cfg.stages) + ("sensitivity",) == STAGES  # the demo runs the whole pipeline (sensitivity: llama.cpp)
 
 
 def test_deploy_config_reuses_a_quick_run():
@@ -435,7 +435,7 @@ def test_every_stage_is_registered_once_and_everything_reads_the_registry():
     from emoscope.report import console
     from emoscope.stages.registry import REGISTRY, STAGES
 
-    assert STAGES == ("evaluate", "saes", "phases", "trace", "steer", "audit")
+    assert STAGES == ("evaluate", "saes", "phases", "trace", "steer", "audit", "sensitivity")
     commands = {c.name or c.callback.__name__ for c in app.registered_commands}
     for i, (name, st) in enumerate(REGISTRY.items()):
         assert st.name == name and RunConfig.model_fields[name].annotation is st.config, name

@@ -319,11 +319,11 @@ def _run_one(stage: str, cfg, run_dir: Path, device, dtype, as_json: bool) -> No
 
 
 def _register_stage_commands() -> None:
-    """A command per registered stage that has none of its own (evaluate, train-saes and audit have theirs)."""
+    """A command per registered stage that has none of its own (evaluate, train-saes, audit, sensitivity have theirs)."""
     from .stages.registry import REGISTRY
 
     for st in REGISTRY.values():
-        if st.name not in ("evaluate", "saes", "audit"):
+        if st.name not in ("evaluate", "saes", "audit", "sensitivity"):
             _stage_command(st.name, st.config, st.summary)
 
 
@@ -392,13 +392,14 @@ def sensitivity(config: str = typer.Option(..., help="Run config with an audit s
                 set_: list[str] = typer.Option([], "--set", help=SET_HELP),
                 as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Layer sensitivity to a llama.cpp type, in llama.cpp, and the smallest mixed-precision file predicted to pass
-    the audit's thresholds (built and audited): RUN_DIR/sensitivity/TARGET/ (result.json, sensitivity.html)."""
+    the audit's thresholds (built and audited): RUN_DIR/sensitivity/TARGET/ (result.json, sensitivity.html); the
+    sensitivity stage of the run, resumed when up to date."""
     from contextlib import ExitStack
 
     from .config import load_config
     from .errors import validated
     from .models import gguf_source
-    from .pipeline import RunContext, run as run_all
+    from .pipeline import run as run_all
     from .report import sensitivity as plot
     from .report.console import err, print_sensitivity
     from .stages import sensitivity as sens
@@ -416,14 +417,12 @@ def sensitivity(config: str = typer.Option(..., help="Run config with an audit s
                             "not a GGUF file or a registry model")
     sens.llamacpp.version()  # the extra is there, or one line naming its install
     cfg.stages = [s for s in ("evaluate", "saes", "phases", "trace") if s in cfg.stages or s == "evaluate"]
-    run_dir = Path(cfg.run_dir).expanduser()
+    cfg.stages.append("sensitivity")
+    cfg.sensitivity = scfg
     with ExitStack() as stack:
-        factory = _progress_factory(stack)
-        run_all(cfg, set(), log=lambda m: err.print(m, markup=False), progress_factory=factory)
-        ctx = RunContext.from_run_dir(run_dir)
-        res = sens.sensitivity(ctx.task, ctx.saes, ctx.result("evaluate"), ctx.optional("phases"),
-                               ctx.optional("trace"), scfg, cfg.audit, progress=factory("sensitivity"))
-    folder = res.save(run_dir / "sensitivity" / scfg.target)
+        run_all(cfg, set(), log=lambda m: err.print(m, markup=False), progress_factory=_progress_factory(stack))
+    folder = Path(cfg.run_dir).expanduser() / sens.STAGE.path(scfg)
+    res = sens.SensitivityResult.load(folder)
     plot.write(res.data, folder / "sensitivity.html")
     if as_json:
         return _print_json(res.data)

@@ -46,6 +46,7 @@ class RunContext:
         self._results: dict[str, StageResult] = {}
         self.load_seconds = 0.0
         self.saes_device: str | None = None  # None: the model's device
+        self.config: RunConfig | None = None  # the run's config, for a stage that reads another's section
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, device: str | None = None, dtype: str | None = None,
@@ -123,7 +124,7 @@ def run_stage(ctx: RunContext, stage: str, cfg, key: str | None = None) -> Stage
         if key is not None:
             res.data["config_hash"] = key
         if dist.is_main():  # every rank holds the same result; one writes it
-            res.save(ctx.run_dir / stage)
+            res.save(ctx.run_dir / REGISTRY[stage].path(cfg))
             if stage == "saes":
                 shutil.rmtree(ctx.run_dir / CHECKPOINTS, ignore_errors=True)  # saved: no longer needed
         dist.barrier()
@@ -135,7 +136,7 @@ def run_stage(ctx: RunContext, stage: str, cfg, key: str | None = None) -> Stage
 
 
 def is_current(run_dir: Path, stage: str, cfg: RunConfig) -> bool:
-    f = run_dir / stage / "result.json"
+    f = run_dir / REGISTRY[stage].path(cfg.stage_config(stage)) / "result.json"
     try:
         return f.exists() and json.loads(f.read_text()).get("config_hash") == cfg.stage_hash(stage)
     except (json.JSONDecodeError, OSError, AttributeError):
@@ -154,7 +155,7 @@ def run(cfg: RunConfig, force: set[str] = frozenset(), log=print, progress_facto
     log = _tee(log, run_dir / "run.log") if dist.is_main() else (lambda msg: None)
     ctx = RunContext(run_dir, cfg.model, cfg.stage_config("evaluate"), cfg.data_dir, log,
                      progress_factory if dist.is_main() else None)
-    ctx.saes_device = cfg.saes.device
+    ctx.saes_device, ctx.config = cfg.saes.device, cfg
     with main_lock(run_dir, log), traceback_into(run_dir / "run.log"):
         if dist.world_size() > 1:
             log(f"data parallel: {dist.world_size()} ranks ({dist.backend()})")

@@ -113,3 +113,9 @@ class Stage(NamedTuple):
     """One line for the CLI's help."""
     total: Callable | None = None
     """total(ctx, cfg) -> its progress steps, where known before it runs."""
+    folder: Callable | None = None
+    """folder(cfg) -> its folder in the run directory, when not its name (sensitivity: one per llama.cpp type)."""
+
+    def path(self, cfg) -> str:
+        """Its folder in the run directory, relative."""
+        return self.folder(cfg) if self.folder else self.name

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from . import audit, evaluate, phases, saes, steer, trace
+from . import audit, evaluate, phases, saes, sensitivity, steer, trace
 from .base import Stage
 
-REGISTRY: dict[str, Stage] = {m.STAGE.name: m.STAGE for m in (evaluate, saes, phases, trace, steer, audit)}
+REGISTRY: dict[str, Stage] = {m.STAGE.name: m.STAGE for m in (evaluate, saes, phases, trace, steer, audit, sensitivity)}
 """The stages by name, in pipeline order."""
 STAGES = tuple(REGISTRY)
 """Their names, in pipeline order."""

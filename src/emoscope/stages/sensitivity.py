@@ -24,6 +24,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..backends import gguf_build, llamacpp
+from ..backends.base import require
 from ..analysis.recipe import cheapest
 from ..artifacts import config_hash
 from ..constraints import Seed, Threads
@@ -32,7 +33,7 @@ from ..models import gguf_source
 from ..deployment.candidates import PARITY, Candidate
 from ..deployment.reference import Reference
 from .audit import AuditConfig, audit, compare
-from .base import StageResult
+from .base import Stage, StageResult
 
 
 class SensitivityConfig(BaseModel):
@@ -95,6 +96,7 @@ def sensitivity(task, saes: dict, evaluation, phases=None, trace=None, config: S
     """Forward and reverse rows for every group, the last-phase test, and the recipe (built and audited)."""
     cfg = config if isinstance(config, SensitivityConfig) else validated(SensitivityConfig, config or {},
                                                                          "sensitivity.")
+    require(task.model, "sensitivity")
     base_audit = audit_config if isinstance(audit_config, AuditConfig) else validated(AuditConfig, audit_config or {},
                                                                                       "audit.")
     f32 = _float_gguf(task.model)
@@ -228,3 +230,14 @@ def _recipe(groups, rows: dict, target: dict, high: dict, cfg: SensitivityConfig
             "uniform_high_bytes": rows[f"uniform_{cfg.high}"]["file_bytes"],
             "command": f"llama-quantize {' '.join('--tensor-type ' + o for o in overrides)} MODEL-F32.gguf OUT.gguf "
                        f"{cfg.target}"}
+
+
+def _run(ctx, cfg: SensitivityConfig, progress, workdir) -> SensitivityResult:
+    return sensitivity(ctx.task, ctx.saes, ctx.result("evaluate"), ctx.optional("phases"), ctx.optional("trace"), cfg,
+                       ctx.config.audit, progress=progress)
+
+
+STAGE = Stage("sensitivity", SensitivityConfig, SensitivityResult, upstream=("audit",), needs=("evaluate", "saes"),
+              run=_run, printer="print_sensitivity", folder=lambda cfg: f"sensitivity/{cfg.target}",
+              summary="Which layers a llama.cpp type breaks, in llama.cpp, and the smallest mixed-precision file "
+                      "predicted to pass the audit's thresholds (built and audited).")
