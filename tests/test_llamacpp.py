@@ -381,16 +381,16 @@ def test_stages_refuse_a_backend_that_lacks_an_operation_through_the_api(both, t
     ref, lm, _, _ = both
     assert isinstance(ref, Backend) and isinstance(lm, Backend)  # both implement the one model interface
     assert supports(ref) == frozenset(OPERATIONS) and supports(lm) == {"score", "read_answer", "edit_answer",
-                                                                        "check_tokens"}
+                                                                        "check_tokens", "logits"}
     task = es.Task(lm, dataset=str(toy_data), per_class=2)
     calls = {"saes": lambda: es.train_saes(lm, layers=[0]), "phases": lambda: es.phases(task, {}, None),
              "trace": lambda: es.trace(task, {}, None, None), "steer": lambda: es.steer(task, {}, None, None),
-             "audit": lambda: es.audit(task, {}, None)}
+             "audit": lambda: es.audit(task, {}, None), "sensitivity": lambda: es.sensitivity(task, {}, None)}
     assert set(calls) == set(NEEDS) - {"evaluate"}
     for stage, call in calls.items():
         with pytest.raises(EmoscopeError, match=rf"^stage {stage} needs 'hooks' \(.*\), which backend llama.cpp does "
-                                                r"not support \(it supports check_tokens, edit_answer, read_answer, "
-                                                r"score\)"):
+                                                r"not support \(it supports check_tokens, edit_answer, logits, "
+                                                r"read_answer, score\)"):
             call()
     assert es.evaluate(task).n == len(task.load_examples()[0])
 

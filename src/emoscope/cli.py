@@ -319,7 +319,7 @@ def _run_one(stage: str, cfg, run_dir: Path, device, dtype, as_json: bool) -> No
 
 
 def _register_stage_commands() -> None:
-    """A command per registered stage that has none of its own (evaluate, train-saes, audit, sensitivity have theirs)."""
+    """A command per registered stage without one of its own (evaluate, train-saes, audit, sensitivity have theirs)."""
     from .stages.registry import REGISTRY
 
     for st in REGISTRY.values():

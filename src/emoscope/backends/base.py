@@ -27,6 +27,7 @@ OPERATIONS = {
     "read_answer": "read the residual stream at the answer position (resid_post, every layer)",
     "edit_answer": "edit the residual stream at the answer position (SAE-feature ablation)",
     "check_tokens": "check its tokenizer against the reference's on given prompts",
+    "logits": "next-token logits over the vocabulary at every position of a sequence (token_logits)",
     "hooks": "read and edit any TransformerLens hook point at every position, with gradients (PyTorch modules)",
 }
 """Every operation a backend may support, and what it means."""
@@ -60,6 +61,10 @@ class Backend(Protocol):
                     kind: str = "best_other") -> np.ndarray:
         """edit_answer: the calibrated gold margin of every prompt [len(sets), n] with each set of SAE features
         (layer -> features) clamped to the baseline (zero) at the answer position, the SAE error kept."""
+
+    def token_logits(self, ids: list[int]) -> np.ndarray:
+        """logits: the next-token logits over the vocabulary at every position of one sequence [T, V], float32
+        (llama-perplexity's statistics, `deployment.kld`)."""
 
     def check_tokens(self, prompts: list[str], ids: list[list[int]], labels: list[str],
                      label_ids: list[list[int]]) -> None:

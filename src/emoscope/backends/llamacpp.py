@@ -95,7 +95,7 @@ class LlamaCppModel:
     dtype = torch.float32
     device = torch.device("cpu")
     backend = "llama.cpp"
-    supports = frozenset({"score", "read_answer", "edit_answer", "check_tokens"})
+    supports = frozenset({"score", "read_answer", "edit_answer", "check_tokens", "logits"})
 
     def __init__(self, path: str | Path, tokenizer, name: str, chat: bool, threads: int | None = None,
                  kv_cache: str | None = None, n_ctx: int = 8192, n_ubatch: int = 512):
@@ -300,6 +300,17 @@ class LlamaCppModel:
                 out[r, k] += lp[i, t]
         self._clear()
         return out, cap
+
+    def token_logits(self, ids: list[int]) -> np.ndarray:
+        """The next-token logits over the vocabulary at every position of one sequence [T, V] (decoded on sequence 0
+        in batches of n_ubatch, the cache cleared before and after)."""
+        self._clear()
+        out = []
+        for i in range(0, len(ids), self.n_ubatch):
+            chunk = list(ids[i:i + self.n_ubatch])
+            out.append(self._decode(chunk, list(range(i, i + len(chunk))), [0] * len(chunk), [True] * len(chunk))[0])
+        self._clear()
+        return np.concatenate(out)
 
     def label_logits(self, prompts: list[list[int]], tokens: list[int]) -> torch.Tensor:
         """The logits of `tokens` at each prompt's answer position [n, K] (no edit)."""

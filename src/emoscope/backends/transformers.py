@@ -123,6 +123,11 @@ class ModelView:
         """Margins [len(sets), n] with each feature set clamped at the answer position: `effects.ablate_each`."""
         return effects.ablate_each(self, saes, prompts, gold, tokens, sets, log_prior, baseline, kind=kind)
 
+    @torch.no_grad()
+    def token_logits(self, ids: list[int]):
+        """The next-token logits over the vocabulary at every position of one sequence [T, V], float32 numpy."""
+        return self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float().cpu().numpy()
+
     def check_tokens(self, prompts: list[str], ids: list[list[int]], labels: list[str],
                      label_ids: list[list[int]]) -> None:
         """Nothing to check: in transformers the token ids are this model's own tokenizer's (a file with another
