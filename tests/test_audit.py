@@ -122,6 +122,29 @@ def test_identical_candidate_and_planted_breakage(planted_run):
     assert res["failed"] == ["final_token_changed"]
 
 
+def test_audit_rows_carry_llama_perplexitys_figures(planted_run, shared_data):
+    """With audit.kld, every candidate that changes the model gets KL-divergence statistics against the reference
+    (measured before any candidate changes its weights in place); a prompt-only candidate gets none; the weights are
+    restored bit for bit after int4, so int3 after it is measured against the same base."""
+    d, view, _, causal = planted_run
+    cands = [Candidate(name="int4", precision="int4"), Candidate(name="int3", precision="int3"),
+             Candidate(name="paraphrase", template=Template(instruction="Which emotion? {options}."))]
+    cfg = AuditConfig(candidates=cands, n_boot=100, causal_features=causal, ablation_per_emotion=2,
+                      kld={"chunks": 2, "n_ctx": 32})
+    before = {k: v.clone() for k, v in view.model.state_dict().items()}
+    res = run_audit(cfg, d / "run", view, None)
+    assert all(torch.equal(before[k], v) for k, v in view.model.state_dict().items())
+    int4, int3, para = res["candidates"]
+    assert para["kld"] is None
+    for row in (int4, int3):
+        k = row["kld"]
+        assert k["n"] == 2 * 15 and k["mean_kld"] > 0 and 0 <= k["same_top_p"] <= 1 and k["rms_dp"] >= 0
+        assert k["kld_99"] <= k["max_kld"] and k["median_kld"] <= k["kld_99"]
+    assert int3["kld"]["mean_kld"] > int4["kld"]["mean_kld"]  # fewer bits, further from the reference
+    plain = run_audit(cfg.model_copy(update={"kld": None}), d / "run", view, None)
+    assert all("kld" not in r for r in plain["candidates"])  # off by default: the rows as before
+
+
 def test_one_verdict_for_the_audit_and_the_canary():
     """Thresholds.verdict names what a build breaks ('labels', 'features'); a measure not taken gates nothing."""
     from emoscope.deployment.reference import Thresholds

@@ -190,7 +190,7 @@ def test_audit_has_llamacpp_rows_beside_their_parity(both, toy_data):
              {"name": "shipped", "runtime": "llama.cpp", "model": "source"},
              {"name": "q2_emulated", "precision": "llama.cpp:Q2_K", "runtime": "transformers"}]
     out = audit(task, hooks, ev, None, None, {"candidates": cands, "causal_features": causal, "n_boot": 200,
-                                             "ablation_per_emotion": 4})
+                                             "ablation_per_emotion": 4, "kld": {"chunks": 2, "n_ctx": 32}})
     rows = {r["name"]: r for r in out.data["candidates"]}
     assert list(rows) == [PARITY, "q8", "q2", "kv4", "shipped", "q2_emulated"]
     par = rows[PARITY]
@@ -204,6 +204,11 @@ def test_audit_has_llamacpp_rows_beside_their_parity(both, toy_data):
     assert rows["q2"]["file_bytes"] < rows["q8"]["file_bytes"] < rows[PARITY]["file_bytes"]
     assert rows["q2"]["label_logp_max_change"] > rows["q8"]["label_logp_max_change"]  # 2 bits move more than 8
     assert "runtime" not in rows["q2_emulated"] and "dequantised" in rows["q2_emulated"]["weights"]
+    # llama-perplexity's figures: llama.cpp rows against the F32 GGUF in llama.cpp (the parity row is that base), the
+    # emulated row against the PyTorch reference; 2 bits diverge more than 8, in either runtime
+    assert rows[PARITY]["kld"] is None and all(rows[n]["kld"]["n"] == 30 for n in ("q8", "q2", "kv4", "q2_emulated"))
+    assert rows["q8"]["kld"]["mean_kld"] < rows["q2"]["kld"]["mean_kld"]
+    assert rows["q8"]["kld"]["mean_kld"] < rows["q2_emulated"]["kld"]["mean_kld"]
 
 
 @pytest.mark.parametrize("cand, msg", [

@@ -108,6 +108,11 @@ class Candidate(BaseModel):
         return bool(self.precision and self.precision.startswith(LLAMACPP))
 
     @property
+    def changes_model(self) -> bool:
+        """Whether the model's arithmetic changes (weights, KV cache, another file or runtime), not only its input."""
+        return bool(self.precision or self.model or self.kv_cache or self.runtime == "llama.cpp")
+
+    @property
     def library(self) -> bool:
         """Whether the weights are loaded quantized by a library's own kernels (torchao, quanto, bitsandbytes)."""
         return self.precision in quantization.SCHEMES
@@ -229,6 +234,12 @@ def reloader(view: ModelView) -> Callable[[str], ModelView]:
         settings = view.settings or ModelConfig(device=str(view.device))
         return load_model(settings.model_copy(update={"name": name, "dtype": "float32"}))
     return load
+
+
+def llamacpp_reference(base: ModelView, threads: int | None = None):
+    """The reference's own weights (its F32 GGUF) in llama.cpp: the parity model, and the base of llama.cpp rows'
+    KL divergence."""
+    return _llamacpp_view(Candidate(name=PARITY, runtime="llama.cpp", threads=threads), base)
 
 
 def _llamacpp_view(cand: Candidate, base: ModelView):

@@ -10,7 +10,7 @@ audit, layer sensitivity (whose rows are audit rows) and the canary (on its esti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 import numpy as np
@@ -151,6 +151,7 @@ class AuditRow(TypedDict, total=False):
     failed: bool
     parity: dict  # llama.cpp rows: the parity row's flips and changes beside their own
     file_bytes: int  # llama.cpp rows: the file's size
+    kld: dict | None  # llama-perplexity's statistics against the reference in the same runtime (audit.kld set)
 
 
 @dataclass
@@ -169,6 +170,7 @@ class Reference:
     boots: np.ndarray
     unrelated: dict[int, float]
     abl_idx: dict[str, np.ndarray]
+    kld_bases: dict = field(default_factory=dict)  # runtime -> kld.Base: the reference's stored next-token log-probs
 
     @classmethod
     def measure(cls, task: Task, saes: dict, evaluation, phases=None, trace=None, cfg: AuditConfig = None) -> Reference:

@@ -29,7 +29,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from ..artifacts import config_hash
 from ..backends.base import require
 from ..constraints import Seed, unique_names
-from ..deployment.candidates import Candidate, candidates, candidate_task, reloader
+from ..deployment import kld
+from ..deployment.candidates import Candidate, candidates, candidate_task, is_parity, llamacpp_reference, reloader
+from ..deployment.kld import KLDConfig
 from ..deployment.reference import AuditRow, Reference, Thresholds
 from ..errors import validated
 from ..task import Task
@@ -49,6 +51,9 @@ class AuditConfig(BaseModel):
     """Candidates, or 'default': paraphrases, label order, system prompt, demonstrations, text noise,
     bf16/fp16/int8/int4/int3."""
     thresholds: Thresholds = Thresholds()
+    kld: KLDConfig | None = None
+    """WikiText-2 windows on which every candidate that changes the model gets llama-perplexity's KL-divergence
+    statistics against the reference in its own runtime (None: not measured)."""
     causal_features: dict[str, list[tuple[int, int]]] | None = None
     """Causal features per emotion as [layer, feature] pairs; default: tracing's sets, else the phases stage's top
     features."""
@@ -99,8 +104,10 @@ def audit(task: Task, saes: dict, evaluation: EvalResult, phases: PhasesResult |
     require(task.model, "audit")
     ref = reference or Reference.measure(task, saes, evaluation, phases, trace, cfg)
     load_view = load_model or reloader(task.model)
+    cands = candidates(cfg, task.config, ref.labels)
+    _kld_bases(cands, ref)
     rows = []
-    for cand in candidates(cfg, task.config, ref.labels):
+    for cand in cands:
         rows.append(compare(cand, ref, load_view))
         if progress:
             progress(1)
@@ -121,7 +128,34 @@ def compare(cand: Candidate, ref: Reference, load_view=None) -> AuditRow:
     """One candidate built from the reference's task, observed on the reference's examples, and its row."""
     with candidate_task(cand, ref.task, ref.texts, ref.cfg, load_view) as (task, texts, info):
         cur = ref.observe(task, texts)
-    return ref.row(cand, cur, info)
+        figures = _kld(cand, ref, task.model)
+    row = ref.row(cand, cur, info)
+    if ref.cfg.kld is not None:
+        row["kld"] = figures
+    return row
+
+
+def _kld_bases(cands: list[Candidate], ref: Reference) -> None:
+    """The reference's stored next-token log-probs in every runtime a measured candidate runs in, before any
+    candidate changes the reference's weights in place: PyTorch's from the reference itself, llama.cpp's from its
+    F32 GGUF there."""
+    cfg = ref.cfg.kld
+    measured = [c for c in cands if cfg is not None and c.changes_model and not is_parity(c)]
+    runtimes = {c.runtime or "transformers": c for c in measured}
+    if runtimes:
+        wins = kld.windows(ref.task.model.tokenizer, cfg, ref.task.config.data.data_dir)
+    for runtime, cand in runtimes.items():
+        if runtime not in ref.kld_bases:
+            base = ref.task.model if runtime == "transformers" else llamacpp_reference(ref.task.model, cand.threads)
+            ref.kld_bases[runtime] = kld.base(base, wins)
+
+
+def _kld(cand: Candidate, ref: Reference, model) -> dict | None:
+    """llama-perplexity's statistics of the candidate's model against the reference in the same runtime (None for a
+    prompt-only candidate, whose model is the reference's, and for the parity row, which is the llama.cpp base)."""
+    if ref.cfg.kld is None or not cand.changes_model or is_parity(cand):
+        return None
+    return kld.measure(ref.kld_bases[model.backend], model)._asdict()
 
 
 def _attach_parity(rows: list[dict]):

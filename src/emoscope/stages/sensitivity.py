@@ -109,7 +109,10 @@ def sensitivity(task, saes: dict, evaluation, phases=None, trace=None, config: S
         files[f"only_{label}"] = gguf_build.build(f32, {**floats, **{n: target[n] for n in names}}, cfg.threads)
         if cfg.reverse:
             files[f"keep_{label}"] = gguf_build.build(f32, {**target, **{n: high[n] for n in names}}, cfg.threads)
-    ref = Reference.measure(task, saes, evaluation, phases, trace, base_audit)  # once, for every file
+    # the reference once, for every file; the groups' files are many, so their KL divergence (audit.kld) is left to
+    # the audit's uniform rows
+    base_audit = base_audit.model_copy(update={"kld": None})
+    ref = Reference.measure(task, saes, evaluation, phases, trace, base_audit)
     rows = _audit_files(task, saes, evaluation, phases, trace, base_audit, files, cfg.threads, progress, ref)
     n = int(len(evaluation.predictions))
     table = _group_rows(groups, rows, phases, cfg)
