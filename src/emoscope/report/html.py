@@ -13,6 +13,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
+from ..analysis.blindspot import blind_spots
 from ..analysis.difficulty import difficulty
 from ..artifacts import read_json, reading
 from ..errors import EmoscopeError
@@ -194,6 +195,25 @@ def _efficiency_figure(steer: dict) -> str:
     return _html(fig)
 
 
+def _kld_figure(spots: dict, audit: dict) -> go.Figure:
+    """Emotion flip rate against llama-perplexity's mean KLD per build, with the KLD bars and the flip threshold."""
+    b = spots["builds"]
+    fig = go.Figure(go.Scatter(
+        x=[x["mean_kld"] for x in b], y=[x["flip_rate"] for x in b], mode="markers+text",
+        error_x=dict(type="data", array=[x["mean_kld_err"] for x in b], visible=True),
+        text=[x["name"] for x in b], textposition="top center",
+        marker=dict(color=["#c0392b" if x["audit_failed"] else "#27ae60" for x in b], size=9)))
+    for rt, bar in spots["bars"].items():
+        if bar["mean_kld"] is not None:
+            fig.add_vline(x=bar["mean_kld"], line_dash="dot", annotation_text=f"KLD bar ({rt}: Q4_K_M)")
+    fig.add_hline(y=audit["config"]["thresholds"]["max_flip_rate"], line_dash="dash",
+                  annotation_text="the audit's flip threshold")
+    fig.update_layout(title="emotion flips against mean KL divergence (red: fails the audit)", xaxis_type="log",
+                      xaxis_title="mean KLD against the reference (nats, WikiText-2)",
+                      yaxis_title="prediction flip rate", height=420, margin=dict(l=50, r=10, t=40, b=40))
+    return fig
+
+
 def _audit_figures(audit: dict) -> dict:
     """Drift by depth per candidate with the phase bands, and flip rate against mean drift."""
     cands = audit["candidates"]
@@ -282,6 +302,9 @@ def _write_report(run_dir: Path) -> Path:
             ctx[stage] = read_json(run_dir / stage / "result.json")
     if "audit" in ctx:
         ctx.update(_audit_figures(ctx["audit"]))
+        spots = blind_spots(ctx["audit"]["candidates"])
+        if spots is not None:
+            ctx.update(blind=spots, audit_kld=_html(_kld_figure(spots, ctx["audit"])))
     if "steer" in ctx:
         ctx["dose_fig"] = _dose_figure(ctx["steer"])
         ctx["efficiency_fig"] = _efficiency_figure(ctx["steer"])

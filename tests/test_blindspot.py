@@ -1,0 +1,61 @@
+"""The blind spot (analysis/blindspot.py): builds a KLD or same-top-p bar passes that the emotion audit fails, the
+reverse, and the rank correlation of KLD with flips; in the report, escaped."""
+
+import pytest
+
+from emoscope.analysis.blindspot import blind_spots
+
+
+def _row(name, kld, top, flips, failed, precision=None, runtime=True):
+    row = {"name": name, "changed": {"precision": precision} if precision else {}, "flip_rate": flips,
+           "failed": failed, "kld": {"mean_kld": kld, "mean_kld_err": kld / 10, "same_top_p": top}}
+    if runtime:
+        row["runtime"] = "llama-cpp-python 0.3"
+    return row
+
+
+ROWS = [_row("q8", 0.002, 0.98, 0.02, False, "llama.cpp:Q8_0"), _row("q6", 0.006, 0.96, 0.25, True),
+        _row("q4km", 0.03, 0.92, 0.10, False, "llama.cpp:Q4_K_M"), _row("q4_0", 0.05, 0.90, 0.15, False),
+        _row("q2", 0.4, 0.71, 0.45, True), {"name": "paraphrase", "changed": {}, "flip_rate": 0.3, "failed": True,
+                                             "kld": None}]
+
+
+def test_builds_the_bar_passes_but_the_audit_fails_are_named():
+    out = blind_spots(ROWS)
+    assert out["n"] == 5 and out["bars"]["llama.cpp"] == {"mean_kld": 0.03, "same_top_p": 0.92}
+    assert out["missed_by_kld"] == ["q6"]  # under Q4_K_M's KLD, yet 25% of its answers flip
+    assert out["false_alarms_by_kld"] == ["q4_0"]  # over the bar, yet the audit passes it
+    assert out["missed_by_same_top"] == ["q6"] and out["false_alarms_by_same_top"] == ["q4_0"]
+    rho = out["spearman_kld_flips"]
+    assert rho["value"] == pytest.approx(0.7) and rho["lo"] <= rho["value"] <= rho["hi"] and rho["n"] == 5
+    # a bar the user sets
+    strict = blind_spots(ROWS, kld_bar=0.001)
+    assert strict["missed_by_kld"] == [] and set(strict["false_alarms_by_kld"]) == {"q8", "q4km", "q4_0"}
+
+
+def test_no_figures_no_table_and_too_few_builds_no_correlation():
+    assert blind_spots([{"name": "x", "changed": {}, "flip_rate": 0.1, "failed": False}]) is None
+    two = blind_spots(ROWS[:2])
+    assert two["spearman_kld_flips"] is None and two["bars"]["llama.cpp"]["mean_kld"] is None
+    assert two["missed_by_kld"] == []  # no bar: no verdict by it
+
+
+def test_the_report_shows_the_blind_spot_escaped(tmp_path):
+    import json
+
+    from emoscope.report.html import _kld_figure
+
+    rows = [dict(r) for r in ROWS[:5]]
+    rows[1]["name"] = "<script>q6</script>"
+    spots = blind_spots(rows)
+    fig = _kld_figure(spots, {"config": {"thresholds": {"max_flip_rate": 0.2}}})
+    assert json.loads(fig.to_json())["layout"]["xaxis"]["type"] == "log"
+    from jinja2 import Environment, PackageLoader, select_autoescape
+    env = Environment(loader=PackageLoader("emoscope", "report/templates"), autoescape=select_autoescape(["html"]))
+    tpl = env.get_template("report.html")
+    src = tpl.environment.loader.get_source(tpl.environment, "report.html")[0]
+    start = src.index("{% if blind %}")
+    page = env.from_string(src[start:src.index("{% endif %}</section>", start) + len("{% endif %}")]).render(
+        blind=spots, audit_kld="")
+    assert "&lt;script&gt;q6&lt;/script&gt;" in page and "<script>q6" not in page
+    assert "What the standard figure misses" in page and "Spearman" in page
