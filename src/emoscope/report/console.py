@@ -195,10 +195,36 @@ def print_audit(res: dict) -> None:
                   final_excess(r), f"{fmt(a['confidence_drop'])} / {fmt(a['causal_feature_drift'])}", _build(r),
                   "FAIL" if r["failed"] else "ok")
     show(t)
+    _print_blind_spots(res)
     if any(r.get("runtime") for r in res["candidates"]):
         out.print(f"llama.cpp rows ran in {next(r['runtime'] for r in res['candidates'] if r.get('runtime'))}; read "
                   "each beside llama.cpp_F32, the reference's own weights in llama.cpp (its arithmetic alone)",
                   markup=False)
+
+
+def _print_blind_spots(res: dict) -> None:
+    """llama-perplexity's figures beside the verdict (audit.kld set): per build, and what a Q4_K_M-level bar misses."""
+    from ..analysis.blindspot import blind_spots
+
+    spots = blind_spots(res["candidates"])
+    if spots is None:
+        return
+    t = Table(title="the standard quality figures (llama-perplexity's KL divergence, WikiText-2) beside the verdict")
+    for c in ["build", "runtime", "mean KLD ± err", "KLD 99%", "same top p", "PPL ratio", "RMS Δp", "flip rate",
+              "verdict"]:
+        t.add_column(c)
+    rows = {r["name"]: r for r in res["candidates"]}
+    for x in spots["builds"]:
+        k = rows[x["name"]]["kld"]
+        t.add_row(x["name"], x["runtime"], f"{k['mean_kld']:.4f} ± {k['mean_kld_err']:.4f}", f"{k['kld_99']:.3f}",
+                  f"{k['same_top_p']:.3f}", f"{k['ppl_ratio']:.4f}", f"{100 * k['rms_dp']:.2f}%",
+                  f"{x['flip_rate']:.2f}", "FAIL" if x["audit_failed"] else "ok")
+    show(t)
+    rho = spots["spearman_kld_flips"]
+    out.print(f"under the Q4_K_M-level KLD bar yet failing the audit: {', '.join(spots['missed_by_kld']) or 'none'}; "
+              f"over it yet passing: {', '.join(spots['false_alarms_by_kld']) or 'none'}"
+              + (f"; Spearman(KLD, flips) {rho['value']:.2f} [{rho['lo']:.2f}, {rho['hi']:.2f}], n = {rho['n']}"
+                 if rho else ""), markup=False)
 
 
 def _build(r: dict) -> str:
