@@ -49,6 +49,9 @@ ARGS = {
     "llamacpp.py": lambda tiny, run: ["--model", _tiny_gguf(run.parent / "tiny.gguf"), "--n", "6", "--threads", "2"],
     # the run's audit (three candidates); no GGUF behind the tiny model, so no served-file timing
     "canary.py": lambda tiny, run: [run, "--n", "6"],
+    # llama-perplexity's statistics of the tiny GGUF's Q8_0 against its F32 (no llama-perplexity binary here)
+    "kld.py": lambda tiny, run: ["--model", _tiny_gguf(run.parent / "tiny.gguf"), "--type", "Q8_0", "--chunks", "2",
+                                 "--n-ctx", "32"],
 }
 
 
@@ -58,7 +61,7 @@ def _tiny_gguf(path):
 KEYS = {"score_labels.py": "speedup", "capture.py": None, "sae_train.py": None,
         "trace.py": "speedup_vs_cached_exhaustive", "scale.py": "deep_peak_over_bytes",
         "parallel.py": "evaluate_speedup", "llamacpp.py": "emoscope_over_native", "canary.py": "agreement_share",
-        "sae_quality.py": "replay_identical"}
+        "sae_quality.py": "replay_identical", "kld.py": "emoscope_mean_kld"}
 
 
 # a script that starts processes of its own (emoscope run) runs as from a shell; the others run in this process
