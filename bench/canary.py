@@ -4,7 +4,12 @@ how long a check takes on the file a team ships, in llama.cpp, model load includ
 Writes the canary into RUN_DIR/canary, rebuilds each audited candidate as the audit does, checks it with the canary
 and compares the verdicts; then times `es.canary.check` end to end (load the GGUF in llama.cpp, check) on the
 reference's own GGUF file as shipped (or --gguf). Target: a check under 10 s for Gemma-3-270M.
-Usage: python bench/canary.py RUN_DIR [--n 24] [--gguf FILE] [--threads 2] [--json out.json]
+Usage: python bench/canary.py RUN_DIR [--n 24] [--gguf FILE] [--threads 2] [--holdout] [--json out.json]
+
+With --holdout the agreement is measured out of sample: the audited examples are split in two halves (seeded, within
+each emotion); the canary is written from an audit of the first half and its verdicts are compared with an audit of
+the second, so no example the canary holds or predicts from is one the verdict it is compared with was judged on.
+Both halves are audited with the run's audit config (twice the audit's forwards at half the examples each).
 """
 
 from __future__ import annotations
@@ -15,13 +20,16 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 from rich.console import Console
 from rich.table import Table
 
 from emoscope import canary as cn
 from emoscope.models import ModelConfig, gguf_source, load_model
 from emoscope.pipeline import RunContext
-from emoscope.stages.audit import AuditConfig, Candidate
+from emoscope.stages.audit import AuditConfig, Candidate, audit
+from emoscope.stages.evaluate import EvalResult
 
 
 def _cpu() -> str:
@@ -31,9 +39,31 @@ def _cpu() -> str:
         return "unknown"
 
 
-def agreement(ctx: RunContext, canary: cn.Canary) -> list[dict]:
-    """Per audited candidate: the audit's verdict and flips beside the canary's."""
-    audit = ctx.result("audit")
+def halves(ev: EvalResult, seed: int = 0) -> tuple[EvalResult, EvalResult]:
+    """The evaluated examples split in two, half of each emotion in each (seeded), as two evaluation results."""
+    preds = ev.predictions
+    rng = np.random.default_rng(seed)
+    first = np.zeros(len(preds), bool)
+    for gold in sorted(set(preds.gold)):
+        idx = rng.permutation(np.flatnonzero((preds.gold == gold).to_numpy()))
+        first[idx[:len(idx) // 2]] = True
+    return tuple(EvalResult({**ev.data, "n": int(m.sum())}, {"predictions": preds[m].reset_index(drop=True)})
+                 for m in (first, ~first))
+
+
+def holdout(ctx: RunContext, n: int) -> tuple[cn.Canary, dict]:
+    """A canary written from an audit of one half of the examples, and the audit of the other half."""
+    acfg = AuditConfig.model_validate(ctx.result("audit")["config"])
+    a, b = halves(ctx.result("evaluate"), acfg.seed)
+    phases, trace = ctx.optional("phases"), ctx.optional("trace")
+    written_on = audit(ctx.task, ctx.saes, a, phases, trace, acfg)
+    canary = cn.write(ctx.task, ctx.saes, a, written_on, phases, trace, {"n": n})
+    return canary, audit(ctx.task, ctx.saes, b, phases, trace, acfg).data
+
+
+def agreement(ctx: RunContext, canary: cn.Canary, audit: dict | None = None) -> list[dict]:
+    """Per audited candidate: the audit's verdict and flips (the run's, or `audit`) beside the canary's."""
+    audit = audit or ctx.result("audit")
     acfg = AuditConfig.model_validate(audit["config"])
     rows = []
     for row in audit["candidates"]:
@@ -64,21 +94,27 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=48, help="canary examples")
     ap.add_argument("--gguf", type=Path, default=None, help="the served file (default: the reference's own GGUF)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--holdout", action="store_true", help="out of sample: the canary from one half of the examples, "
+                                                              "the audit it is compared with on the other")
     ap.add_argument("--json", default=None, help="write the figures here as a flat JSON object")
     a = ap.parse_args()
     ctx = RunContext.from_run_dir(a.run_dir)
     t0 = time.perf_counter()
-    canary = cn.write(ctx.task, ctx.saes, ctx.result("evaluate"), ctx.result("audit"), ctx.optional("phases"),
-                      ctx.optional("trace"), {"n": a.n})
+    if a.holdout:
+        canary, judged = holdout(ctx, a.n)
+    else:
+        canary, judged = cn.write(ctx.task, ctx.saes, ctx.result("evaluate"), ctx.result("audit"),
+                                  ctx.optional("phases"), ctx.optional("trace"), {"n": a.n}), None
     write_s = time.perf_counter() - t0
-    canary.save(a.run_dir / "canary")
-    rows = agreement(ctx, canary)
+    canary.save(a.run_dir / ("canary-holdout" if a.holdout else "canary"))
+    rows = agreement(ctx, canary, judged)
     name = ctx.model_config.name
     source = str(a.gguf) if a.gguf else (name if gguf_source(name) is not None else None)
     served = served_check(source, canary, a.threads) if source is not None else None
     agree = sum(r["audit_failed"] == r["canary_failed"] for r in rows)
     fig = {"model": ctx.model.name, "cpu": _cpu(), "threads": a.threads, "n_canary": len(canary.meta["texts"]),
-           "n_audited": canary.meta["n_audited"], "n_candidates": len(rows), "agreement": agree,
+           "n_audited": canary.meta["n_audited"], "holdout": a.holdout,
+           "n_judged": (judged or ctx.result("audit").data)["n"], "n_candidates": len(rows), "agreement": agree,
            "agreement_share": round(agree / len(rows), 3), "false_alarms": sum(r["canary_failed"] and not
                                                                               r["audit_failed"] for r in rows),
            "missed": sum(r["audit_failed"] and not r["canary_failed"] for r in rows),

@@ -104,3 +104,19 @@ def test_bench_script_runs(script, tiny_dir, tiny_run, tmp_path, monkeypatch, re
         stages = ("evaluate", "saes", "phases", "trace", "steer", "audit")
         assert all(figures[f"deep_{s}_s"] > 0 and figures[f"deep_{s}_peak_gb"] > 0 for s in stages)
         assert figures["deep_layers"] == 16 and figures["deep_sae_width"] == 2048
+
+
+def test_canary_agreement_out_of_sample(tiny_run, tmp_path, monkeypatch):
+    """--holdout: the canary is written from an audit of one half of the examples and compared with an audit of the
+    other half, so the canary's examples and the audit it is judged against share none."""
+    out = tmp_path / "holdout.json"
+    _run_here("canary.py", [str(tiny_run), "--n", "4", "--holdout", "--json", str(out)], monkeypatch)
+    fig = json.loads(out.read_text())
+    ev = json.loads((tiny_run / "evaluate" / "result.json").read_text())
+    assert fig["holdout"] is True and fig["n_audited"] + fig["n_judged"] == ev["n"] and fig["n_judged"] >= ev["n"] // 2
+    rows = json.loads(out.with_suffix(".rows.json").read_text())
+    canary = json.loads((tiny_run / "canary-holdout" / "canary.json").read_text())
+    from emoscope.stages.evaluate import EvalResult
+    a, b = runpy.run_path(str(BENCH / "canary.py"))["halves"](EvalResult.load(tiny_run / "evaluate"))
+    assert set(a.predictions.text).isdisjoint(b.predictions.text)
+    assert len(rows) == fig["n_candidates"] == 3 and set(canary["texts"]) <= set(a.predictions.text)
