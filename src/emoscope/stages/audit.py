@@ -26,6 +26,7 @@ from typing import Annotated, Callable, Literal
 import pandas as pd
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from .. import profiling
 from ..artifacts import config_hash
 from ..backends.base import require
 from ..constraints import Seed, unique_names
@@ -147,7 +148,8 @@ def _kld_bases(cands: list[Candidate], ref: Reference) -> None:
     for runtime, cand in runtimes.items():
         if runtime not in ref.kld_bases:
             base = ref.task.model if runtime == "transformers" else llamacpp_reference(ref.task.model, cand.threads)
-            ref.kld_bases[runtime] = kld.base(base, wins)
+            with profiling.section("kld"):
+                ref.kld_bases[runtime] = kld.base(base, wins)
 
 
 def _kld(cand: Candidate, ref: Reference, model) -> dict | None:
@@ -155,7 +157,8 @@ def _kld(cand: Candidate, ref: Reference, model) -> dict | None:
     prompt-only candidate, whose model is the reference's, and for the parity row, which is the llama.cpp base)."""
     if ref.cfg.kld is None or not cand.changes_model or is_parity(cand):
         return None
-    return kld.measure(ref.kld_bases[model.backend], model)._asdict()
+    with profiling.section("kld"):
+        return kld.measure(ref.kld_bases[model.backend], model)._asdict()
 
 
 def _attach_parity(rows: list[dict]):
