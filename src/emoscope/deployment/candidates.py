@@ -236,7 +236,7 @@ def reloader(view: ModelView) -> Callable[[str], ModelView]:
     return load
 
 
-def llamacpp_reference(base: ModelView, threads: int | None = None):
+def reference_in_llamacpp(base: ModelView, threads: int | None = None):
     """The reference's own weights (its F32 GGUF) in llama.cpp: the parity model, and the base of llama.cpp rows'
     KL divergence."""
     return _llamacpp_view(Candidate(name=PARITY, runtime="llama.cpp", threads=threads), base)

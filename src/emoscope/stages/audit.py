@@ -31,7 +31,7 @@ from ..artifacts import config_hash
 from ..backends.base import require
 from ..constraints import Seed, unique_names
 from ..deployment import kld
-from ..deployment.candidates import Candidate, candidates, candidate_task, is_parity, llamacpp_reference, reloader
+from ..deployment.candidates import Candidate, candidates, candidate_task, is_parity, reference_in_llamacpp, reloader
 from ..deployment.kld import KLDConfig
 from ..deployment.reference import AuditRow, Reference, Thresholds
 from ..errors import validated
@@ -147,7 +147,7 @@ def _kld_bases(cands: list[Candidate], ref: Reference) -> None:
         wins = kld.windows(ref.task.model.tokenizer, cfg, ref.task.config.data.data_dir)
     for runtime, cand in runtimes.items():
         if runtime not in ref.kld_bases:
-            base = ref.task.model if runtime == "transformers" else llamacpp_reference(ref.task.model, cand.threads)
+            base = ref.task.model if runtime == "transformers" else reference_in_llamacpp(ref.task.model, cand.threads)
             with profiling.section("kld"):
                 ref.kld_bases[runtime] = kld.base(base, wins)
 
