@@ -2,6 +2,7 @@
 flips from margin changes as stated, exits 0/1/2 on the command line, and refuses a bad canary in one line."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,6 +156,15 @@ def test_canary_write_cli_reads_the_runs_audit(planted_run, tmp_path):  # noqa: 
     assert r.returncode == 0, r.stderr
     c = cn.Canary.load(tmp_path / "c")
     assert len(c.meta["texts"]) == 6 and c.meta["tolerance_from"] == ["int8"]
+    # the canary is a stage of the run (RUN_DIR/canary, hashed on the audit's settings and its own): resumed when up
+    # to date, rewritten when its size changes; the stage's folder is itself a canary
+    assert "stage canary: running" in r.stderr
+    again = cli("canary", "write", "--config", f, "--n", 6)
+    assert "stage canary: up to date, skipped" in again.stderr, again.stderr
+    folder = Path(cfg.run_dir) / "canary"
+    stage = cn.CanaryResult.load(folder)
+    assert stage["n"] == 6 and stage.canary.meta == c.meta and cn.Canary.load(folder).meta == c.meta
+    assert "stage canary: running" in cli("canary", "write", "--config", f, "--n", 8).stderr
     _one_line_error(cli("canary", "write", "--config", f, "--n", 1), "canary.n")
 
 

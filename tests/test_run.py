@@ -58,7 +58,7 @@ def test_quick_config_is_valid():
     cfg = load_config("quick")  # shipped inside the package, found by name
     assert cfg.model.name == "gemma3-270m" and cfg.run_dir == "runs/demo"
     from emoscope.config import STAGES
-    assert tuple(cfg.stages) + ("sensitivity",) == STAGES  # the demo runs the whole pipeline (sensitivity: llama.cpp)
+    assert tuple(cfg.stages) + ("canary", "sensitivity") == STAGES  # the whole analysis (the deployment tools: later)
 
 
 def test_deploy_config_reuses_a_quick_run():
@@ -435,13 +435,16 @@ def test_every_stage_is_registered_once_and_everything_reads_the_registry():
     from emoscope.report import console
     from emoscope.stages.registry import REGISTRY, STAGES
 
-    assert STAGES == ("evaluate", "saes", "phases", "trace", "steer", "audit", "sensitivity")
+    assert STAGES == ("evaluate", "saes", "phases", "trace", "steer", "audit", "canary", "sensitivity")
+    from emoscope.cli import canary_app
+
     commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    canary_commands = {c.name for c in canary_app.registered_commands}
     for i, (name, st) in enumerate(REGISTRY.items()):
         assert st.name == name and RunConfig.model_fields[name].annotation is st.config, name
         assert set(st.upstream) | set(st.needs) <= set(STAGES[:i]), name
         assert callable(getattr(console, st.printer)) and st.summary, name
-        assert {"saes": "train-saes"}.get(name, name) in commands, name
+        assert {"saes": "train-saes", "canary": "write"}.get(name, name) in commands | canary_commands, name
 
 
 def test_preflight_takes_the_default_audit_candidates():

@@ -39,11 +39,14 @@ from .sae import SAE, SAEConfig
 from .deployment.candidates import Candidate, bits, candidate_task
 from .deployment.reference import Reference, Thresholds, margins
 from .stages.audit import AuditConfig, AuditResult
+from .stages.base import Stage, StageResult
 from .stages.evaluate import EvalResult
 from .task import Task, TaskConfig, calibrate
 
 FORMAT = 1
 """Version of the on-disk format (canary.json's `format`)."""
+FILES = ("canary.json", "canary.safetensors", "result.json", "timing.json")
+"""What a canary folder holds: the canary, and the stage's summary when the pipeline wrote it."""
 
 
 class CanaryConfig(BaseModel):
@@ -177,7 +180,7 @@ def check_out(folder: str | Path) -> Path:
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise EmoscopeError(f"--out {folder}: a file is there, not a folder for the canary")
-    if folder.is_dir() and any(p.name not in ("canary.json", "canary.safetensors") for p in folder.iterdir()):
+    if folder.is_dir() and any(p.name not in FILES for p in folder.iterdir()):
         raise EmoscopeError(f"--out {folder}: the folder holds other files; name a new folder or an existing canary's")
     parent = next((p for p in folder.parents if p.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
@@ -497,3 +500,36 @@ def check_candidate(canary: Canary, task: Task, cand: Candidate, audit_config: A
         obs = observe(canary, ctask, texts)
         return judge(canary, obs, time.perf_counter() - t0)
 
+
+class CanaryResult(StageResult):
+    """The canary stage's result: the canary (`canary`) and a summary (`data`) in one folder, RUN_DIR/canary/."""
+
+    stage = "canary"
+
+    def __init__(self, data: dict, tables=None, timing=None, canary: Canary | None = None):
+        super().__init__(data, tables, timing)
+        self.canary = canary
+
+    def _write(self, folder: Path) -> None:
+        super()._write(folder)
+        self.canary.save(folder)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "CanaryResult":
+        res = super().load(folder)
+        res.canary = Canary.load(folder)
+        return res
+
+
+def _run(ctx, cfg: CanaryConfig, progress, workdir) -> CanaryResult:
+    canary = write(ctx.task, ctx.saes, ctx.result("evaluate"), ctx.result("audit"), ctx.optional("phases"),
+                   ctx.optional("trace"), cfg)
+    data = {"stage": "canary", "model": canary.meta["model"], "config": cfg.model_dump(mode="json"),
+            "n": len(canary.meta["texts"]), "n_audited": canary.meta["n_audited"],
+            "features": len(canary.meta["features"]), "tolerance_from": canary.meta["tolerance_from"]}
+    return CanaryResult(data, canary=canary)
+
+
+STAGE = Stage("canary", CanaryConfig, CanaryResult, upstream=("audit",), needs=("evaluate", "saes", "audit"),
+              run=_run, printer="print_canary_written",
+              summary="A few of the audit's examples that tell in seconds whether a build still behaves as audited.")

@@ -319,11 +319,12 @@ def _run_one(stage: str, cfg, run_dir: Path, device, dtype, as_json: bool) -> No
 
 
 def _register_stage_commands() -> None:
-    """A command per registered stage without one of its own (evaluate, train-saes, audit, sensitivity have theirs)."""
+    """A command per registered stage without one of its own (evaluate, train-saes, audit, sensitivity, canary write
+    have theirs)."""
     from .stages.registry import REGISTRY
 
     for st in REGISTRY.values():
-        if st.name not in ("evaluate", "saes", "audit", "sensitivity"):
+        if st.name not in ("evaluate", "saes", "audit", "sensitivity", "canary"):
             _stage_command(st.name, st.config, st.summary)
 
 
@@ -447,22 +448,21 @@ def canary_write(config: str = typer.Option(..., help="Run config with an `audit
     from . import canary as canary_mod
     from .config import load_config
     from .errors import validated
-    from .pipeline import RunContext, run as run_all
+    from .pipeline import run as run_all
     from .report.console import err
 
     cfg = load_config(config, set_)
     ccfg = validated(CanaryConfig, {**cfg.canary.model_dump(), **({"n": n} if n is not None else {})}, "canary.")
     if out_dir is not None:  # checked before the pipeline resumes or writes anything
         canary_mod.check_out(out_dir)
-    if "audit" not in cfg.stages:
-        cfg.stages = [s for s in cfg.stages if s != "audit"] + ["audit"]
+    cfg.stages = [s for s in ("evaluate", "saes", "phases", "trace") if s in cfg.stages or s == "evaluate"]
+    cfg.stages += ["audit", "canary"]  # the canary stage of the run, resumed when up to date
+    cfg.canary = ccfg
     run_dir = Path(cfg.run_dir).expanduser()
     with ExitStack() as stack:
         run_all(cfg, set(), log=lambda m: err.print(m, markup=False), progress_factory=_progress_factory(stack))
-    ctx = RunContext.from_run_dir(run_dir)
-    canary = canary_mod.write(ctx.task, ctx.saes, ctx.result("evaluate"), ctx.result("audit"), ctx.optional("phases"),
-                              ctx.optional("trace"), ccfg)
-    folder = canary.save(out_dir or run_dir / "canary")
+    canary = canary_mod.Canary.load(run_dir / "canary")
+    folder = canary.save(out_dir) if out_dir is not None else run_dir / "canary"
     err.print(f"wrote {folder} ({len(canary.meta['texts'])} examples, {len(canary.meta['features'])} causal features; "
               f"tolerances from {', '.join(canary.meta['tolerance_from']) or 'no 8-bit candidate'})", markup=False)
 

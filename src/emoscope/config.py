@@ -38,7 +38,7 @@ class RunConfig(BaseModel):
     data_dir: str | None = None
     """Folder holding the dataset folders (else $EMOSCOPE_DATA, ../shared/data)."""
     stages: list[str] = ["evaluate", "saes", "phases"]
-    """Stages to run, in pipeline order (evaluate, saes, phases, trace, steer, audit, sensitivity)."""
+    """Stages to run, in pipeline order (evaluate, saes, phases, trace, steer, audit, canary, sensitivity)."""
     evaluate: TaskConfig = TaskConfig()
     saes: SAEStageConfig = SAEStageConfig()
     phases: PhasesConfig = PhasesConfig()

@@ -80,6 +80,7 @@ NEEDS = {
     "trace": ("hooks",),
     "steer": ("hooks",),
     "audit": ("hooks",),  # the reference; its candidates may run on any backend with score, read_ and edit_answer
+    "canary": ("hooks",),  # the audit's reference
     "sensitivity": ("hooks",),  # the audit's reference; its files run in llama.cpp
 }
 """The operations each stage needs of the model it analyses."""

@@ -261,6 +261,13 @@ def print_sensitivity(res: dict) -> None:
     print_recipe(res)
 
 
+def print_canary_written(res: dict) -> None:
+    """The canary stage's summary."""
+    out.print(f"canary of {res['model']}: {res['n']} of the {res['n_audited']} audited examples, {res['features']} "
+              f"causal features; tolerances from {', '.join(res['tolerance_from']) or 'no 8-bit candidate'}",
+              markup=False)
+
+
 def print_canary(res, canary) -> None:
     """One check's verdict: what the canary predicts for the whole audit set beside the audit's thresholds."""
     t, m = canary.thresholds, canary.meta

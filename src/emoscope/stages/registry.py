@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+from .. import canary
 from . import audit, evaluate, phases, saes, sensitivity, steer, trace
 from .base import Stage
 
-REGISTRY: dict[str, Stage] = {m.STAGE.name: m.STAGE for m in (evaluate, saes, phases, trace, steer, audit, sensitivity)}
+REGISTRY: dict[str, Stage] = {m.STAGE.name: m.STAGE
+                               for m in (evaluate, saes, phases, trace, steer, audit, canary, sensitivity)}
 """The stages by name, in pipeline order."""
 STAGES = tuple(REGISTRY)
 """Their names, in pipeline order."""
