@@ -94,7 +94,9 @@ def test_windows_are_cut_as_llama_perplexity_cuts_them(tiny_llama, shared_data):
     cfg = kld.KLDConfig(chunks=3, n_ctx=32)
     wins = kld.windows(tok, cfg, shared_data)
     assert [len(w) for w in wins] == [32, 32, 32]
-    stream = tok(kld._wikitext_test(shared_data)[:20000], add_special_tokens=True).input_ids
+    text = kld._wikitext_test(shared_data)[:20000]
+    stream = tok(text, add_special_tokens=True, split_special_tokens=True).input_ids
+    assert tok.unk_token_id not in stream[1:] and "<unk>" in text  # special-token strings stay text
     first = [tok.bos_token_id] if stream[0] == tok.bos_token_id else []  # a BOS starts every window, as it starts
     assert wins[0] == stream[:32] and wins[2][len(first):] == stream[64 + len(first):96]  # the stream
     assert wins[1] == first + stream[32 + len(first):64]
