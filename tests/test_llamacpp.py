@@ -390,7 +390,8 @@ def test_stages_refuse_a_backend_that_lacks_an_operation_through_the_api(both, t
     task = es.Task(lm, dataset=str(toy_data), per_class=2)
     calls = {"saes": lambda: es.train_saes(lm, layers=[0]), "phases": lambda: es.phases(task, {}, None),
              "trace": lambda: es.trace(task, {}, None, None), "steer": lambda: es.steer(task, {}, None, None),
-             "audit": lambda: es.audit(task, {}, None), "sensitivity": lambda: es.sensitivity(task, {}, None)}
+             "audit": lambda: es.audit(task, {}, None), "sensitivity": lambda: es.sensitivity(task, {}, None),
+             "canary": lambda: es.canary.write(task, {}, None, None)}
     assert set(calls) == set(NEEDS) - {"evaluate"}
     for stage, call in calls.items():
         with pytest.raises(EmoscopeError, match=rf"^stage {stage} needs 'hooks' \(.*\), which backend llama.cpp does "

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from .backends.base import require
 from .data import Example
 from .errors import EmoscopeError, validated
 from .sae import SAE, SAEConfig
@@ -193,6 +194,7 @@ def write(task: Task, saes: dict, evaluation: EvalResult, audit_result: AuditRes
     """A canary of an audit: its examples chosen, the reference's answers and causal features read, and the
     features' tolerances measured on the audit's passing 8-bit candidates (rerun on the canary's examples)."""
     cfg = config if isinstance(config, CanaryConfig) else validated(CanaryConfig, config or {}, "canary.")
+    require(task.model, "canary")
     acfg = validated(AuditConfig, audit_result["config"], "audit.")
     ref = Reference.measure(task, saes, evaluation, phases, trace, acfg)
     idx = _choose(ref, cfg.n)
