@@ -173,7 +173,7 @@ class Reference:
     kld_bases: dict = field(default_factory=dict)  # runtime -> kld.Base: the reference's stored next-token log-probs
 
     @classmethod
-    def measure(cls, task: Task, saes: dict, evaluation, phases=None, trace=None, cfg: AuditConfig = None) -> Reference:
+    def measure(cls, task: Task, saes: dict, evaluation, phases, trace, cfg: AuditConfig) -> Reference:
         """Observe the reference task on the evaluated examples, with its causal sets' effects."""
         preds, labels = evaluation.predictions, evaluation.labels
         texts, y = list(preds.text), np.array([labels.index(g) for g in preds.gold])

@@ -92,7 +92,6 @@ class AuditResult(StageResult):
         return pd.DataFrame(rows)
 
 
-
 def audit(task: Task, saes: dict, evaluation: EvalResult, phases: PhasesResult | None = None,
           trace: TraceResult | None = None, config: AuditConfig | dict | None = None,
           load_model: Callable[[str | None], ModelView] | None = None, progress=None,
