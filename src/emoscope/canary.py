@@ -302,7 +302,9 @@ def _activity(ref, feats, idx) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _meta(task, ref, idx, feats, sliced, audit_result, thresholds) -> dict:
-    from . import __version__
+    from importlib.metadata import version  # not the package's __init__, which imports the stage registry
+
+    __version__ = version("emoscope")
     tc = task.config
     view = task.model
     return {"format": FORMAT, "emoscope": __version__, "model": view.name, "reference": audit_result["reference"],

@@ -7,7 +7,6 @@ after Gemma's post-norms where the block has them). One forward pass records eve
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import re
 from contextlib import contextmanager
@@ -17,9 +16,8 @@ import torch
 from torch import nn
 
 from .errors import EmoscopeError
+from .backends.base import Backend
 
-if TYPE_CHECKING:
-    from .backends.transformers import ModelView
 
 KINDS = ("resid_post", "attn_out", "mlp_out")
 HOOK_NAME = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|attn_out|mlp_out)$")
@@ -68,7 +66,7 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def hook_module(view: ModelView, hp: HookPoint) -> nn.Module:
+def hook_module(view: Backend, hp: HookPoint) -> nn.Module:
     """The module whose output is the hook point's activation."""
     block = view.blocks[view.check_layer(hp.layer)]
     if hp.kind == "resid_post":
@@ -88,7 +86,7 @@ class _AllRecorded(Exception):
 
 
 @contextmanager
-def record(view: ModelView, hooks: list[HookPoint], detach: bool = True, stop: bool = False):
+def record(view: Backend, hooks: list[HookPoint], detach: bool = True, stop: bool = False):
     """Within the block, every forward stores each hook's activation [batch, seq, d] in the yielded dict. With
     `stop`, a forward ends as soon as every hook has fired: the blocks after the deepest one, the final norm and
     the unembedding never run (the model call returns nothing; the block's code after it is skipped)."""
@@ -111,7 +109,7 @@ def record(view: ModelView, hooks: list[HookPoint], detach: bool = True, stop: b
 
 
 @contextmanager
-def edit_output(view: ModelView, hp: HookPoint, fn):
+def edit_output(view: Backend, hp: HookPoint, fn):
     """Within the block, every forward replaces the hook's activation t by fn(t) (a new tensor)."""
     def hook(mod, inp, out):
         t = fn(_first(out))
@@ -129,7 +127,7 @@ def at(t: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return torch.arange(len(t), device=t.device), positions.to(t.device)
 
 
-def all_resid(view: ModelView) -> list[HookPoint]:
+def all_resid(view: Backend) -> list[HookPoint]:
     return [HookPoint(layer, "resid_post") for layer in range(view.n_layers)]
 
 

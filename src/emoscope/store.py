@@ -11,7 +11,6 @@ complete. Reading never loads more than one shard's slice at a time.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import json
 import os
@@ -28,9 +27,8 @@ from . import distributed as dist
 from . import profiling
 from .errors import EmoscopeError
 from .hooks import HookPoint, pad_batch, record
+from .backends.base import Backend
 
-if TYPE_CHECKING:
-    from .backends.transformers import ModelView
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -127,7 +125,7 @@ class Store:
 
 
 @torch.no_grad()
-def capture_to_store(view: ModelView, encoded: list[tuple[list[int], list[int]]], example_ids: list[str],
+def capture_to_store(view: Backend, encoded: list[tuple[list[int], list[int]]], example_ids: list[str],
                      hooks: list[HookPoint], positions: str, path, source: dict | None = None, dtype: str = "float32",
                      batch_size: int = 8, progress=None) -> Store:
     """One forward per batch of prompts records every hook; each prompt's chosen positions go to a store.

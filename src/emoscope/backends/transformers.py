@@ -10,9 +10,8 @@ any TransformerLens hook point read or edited with gradients (`hooks`). Loading 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from .. import profiling
@@ -22,8 +21,6 @@ from ..interventions import answers, effects
 from ..task import score
 from .base import OPERATIONS
 
-if TYPE_CHECKING:
-    from ..models import ModelConfig
 
 
 @dataclass
@@ -40,7 +37,7 @@ class ModelView:
     softcap: float | None = None
     path: str | None = None  # local directory the weights came from (the safetensors cache for GGUF)
     blocks_path: str = "model.layers"  # attribute path of the blocks (for tools that wrap the model)
-    settings: ModelConfig | None = None  # how it was loaded (None: built in memory, e.g. a test model)
+    settings: BaseModel | None = None  # how it was loaded (None: built in memory, e.g. a test model)
     weights: str | None = None  # what the weights are, e.g. "Q4_K_M GGUF (x.gguf) dequantised, run in float32"
 
     supports = frozenset(OPERATIONS)  # every operation of the model interface (backends.base)

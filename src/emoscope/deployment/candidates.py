@@ -13,7 +13,7 @@ import random
 import re
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Callable, Literal, NamedTuple
+from typing import Annotated, Callable, Literal, NamedTuple
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -28,8 +28,6 @@ from ..models import ModelConfig, ModelView, gguf_source, load_model
 from ..task import Task, TaskConfig
 from ..task.prompts import Template
 
-if TYPE_CHECKING:
-    from ..stages.audit import AuditConfig
 
 LLAMACPP, GGUF = "llama.cpp:", "gguf:"
 """Prefixes of a precision: a type made by llama.cpp's own quantizer, or the same type through the gguf package."""
@@ -159,9 +157,10 @@ def default_candidates(ev_cfg: TaskConfig, labels: list[str], seed: int) -> list
     return out
 
 
-def candidates(cfg: AuditConfig, ev_cfg: TaskConfig, labels: list[str]) -> list[Candidate]:
-    """The candidates an audit runs: the configured ones (or the defaults), with the llama.cpp parity candidate first
-    when some candidate runs in llama.cpp and none is the reference's weights there already."""
+def candidates(cfg, ev_cfg: TaskConfig, labels: list[str]) -> list[Candidate]:
+    """The candidates an audit runs (`cfg`: its `deployment.config.AuditConfig`): the configured ones (or the defaults),
+    with the llama.cpp parity candidate first when some candidate runs in llama.cpp and none is the reference's
+    weights there already."""
     cands = default_candidates(ev_cfg, labels, cfg.seed) if cfg.candidates == "default" else list(cfg.candidates)
     runtime = [c for c in cands if c.runtime == "llama.cpp"]
     if runtime:
@@ -178,9 +177,10 @@ def is_parity(c: Candidate) -> bool:
 
 
 @contextmanager
-def candidate_task(cand: Candidate, task: Task, texts: list[str], cfg: AuditConfig, load_view=None):
+def candidate_task(cand: Candidate, task: Task, texts: list[str], cfg, load_view=None):
     """Within the block: the candidate's task (prompt, demonstrations, model) and input texts (`texts` with the
-    candidate's noise), and what was done to the model. A precision change applies to the reference task's loaded
+    candidate's noise), and what was done to the model (`cfg`: the audit's `AuditConfig`, for its seed and RTN group
+    size). A precision change applies to the reference task's loaded
     weights in place and is undone afterwards (one model in memory); a `model` candidate is loaded beside it."""
     view, weights = _backend(cand, task.model, load_view or reloader(task.model))
     changes = {k: v for k, v in (("template", cand.template), ("shots", cand.shots), ("seed", cand.demo_seed))

@@ -11,48 +11,20 @@ audit, layer sensitivity (whose rows are audit rows) and the canary (on its esti
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from ..analysis.drift import auroc_or_none, derangement, jaccard_topk, phase_drift, retained, rowcorr
-from ..constraints import NonNegative, Share
 from ..errors import EmoscopeError
+from .candidates import Candidate
+from .config import AuditConfig, Thresholds  # noqa: F401  (Thresholds: read from here by the canary)
 from ..hooks import residual_by_layer
 from ..interventions.answers import first_token_prior
 from ..task import Task, calibrate
 from ..task.metrics import classification_metrics
 
-if TYPE_CHECKING:
-    from ..stages.audit import AuditConfig
-    from .candidates import Candidate
-
-
-class Thresholds(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-    max_accuracy_drop: Share = 0.05
-    """Largest tolerated drop in calibrated accuracy."""
-    max_flip_rate: Share = 0.2
-    """Largest tolerated share of changed predictions."""
-    min_causal_survival: Share = 0.5
-    """Smallest tolerated share of causal features still active."""
-    min_effect_retained: NonNegative | None = None
-    """Smallest tolerated share of the causal sets' ablation effect still there (None: not gated)."""
-
-    def verdict(self, accuracy_change: float, flip_rate: float, survival: float | None = None,
-                effect: float | None = None, non_finite: bool = False) -> list[str]:
-        """What a build breaks: 'labels' (a non-finite answer, accuracy drop or flips over the thresholds) and
-        'features' (causal survival or, where gated and measured, effect retained under them); empty: it passes. A
-        measure given as None (not measured) gates nothing."""
-        out = []
-        if non_finite or -accuracy_change > self.max_accuracy_drop or flip_rate > self.max_flip_rate:
-            out.append("labels")
-        weak_effect = self.min_effect_retained is not None and effect is not None and effect < self.min_effect_retained
-        if (survival is not None and survival < self.min_causal_survival) or weak_effect:
-            out.append("features")
-        return out
 
 
 def margins(cal: np.ndarray, top: np.ndarray | None = None) -> np.ndarray:

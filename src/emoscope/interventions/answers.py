@@ -8,7 +8,6 @@ per example.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import copy
 from dataclasses import dataclass
@@ -21,9 +20,8 @@ from .. import profiling
 from ..hooks import HookPoint, at, pad_batch, record, resid
 from ..task.calibrate import CONTENT_FREE
 from ..task.score import _common_prefix, _sliding_window
+from ..backends.base import Backend
 
-if TYPE_CHECKING:
-    from ..backends.transformers import ModelView
 
 
 BATCH = 64
@@ -32,7 +30,7 @@ batches are cheaper per prompt (64 vs 16: half the time per prompt on Gemma-3-27
 prefix passes barely slow down (the shared instruction runs once, only the texts are padded)."""
 
 
-def answer_logits(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, tokens: list[int],
+def answer_logits(view: Backend, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, tokens: list[int],
                   record_layers: list[int] = (), past=None, pos: torch.Tensor | None = None,
                   sites: tuple[torch.Tensor, torch.Tensor] | None = None
                   ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -54,7 +52,7 @@ def answer_logits(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, last: 
     return logits, {layer: acts[resid(layer)] for layer in record_layers}
 
 
-def prompt_batches(view: ModelView, prompts: list[list[int]], batch_size: int = 8):
+def prompt_batches(view: Backend, prompts: list[list[int]], batch_size: int = 8):
     """(start, ids, mask, last) for consecutive batches of token lists, right-padded; `last` is each
     row's answer position (its final real token). With several ranks, this rank's block of batches
     only: whoever collects per-batch results gathers them (`distributed.gather`)."""
@@ -65,7 +63,7 @@ def prompt_batches(view: ModelView, prompts: list[list[int]], batch_size: int = 
 
 
 @torch.no_grad()
-def answer_resid(view: ModelView, prompts: list[list[int]], layers: list[int], tokens: list[int],
+def answer_resid(view: Backend, prompts: list[list[int]], layers: list[int], tokens: list[int],
                  batch_size: int = BATCH):
     """Per batch of prompts (this rank's, see prompt_batches), the residual at each answer position of
     every given layer: yields {layer: [B, d] float32}. `prompts` may be answer_batches() (their caches are
@@ -97,7 +95,7 @@ class AnswerBatch:
     pos: torch.Tensor | None = None  # position ids of ids, when cached
     cache: object | None = None
 
-    def logits(self, view: ModelView, tokens: list[int], record_layers: list[int] = (), copy_cache: bool = True,
+    def logits(self, view: Backend, tokens: list[int], record_layers: list[int] = (), copy_cache: bool = True,
                sites: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Label logits and recorded residuals of a pass over the answer tokens (the cache is copied, since a
         pass appends to it, unless this is its last use); at `sites` (rows, positions) instead of each row's
@@ -129,7 +127,7 @@ class AnswerBatches(list):
 
 
 @torch.no_grad()
-def answer_batches(view: ModelView, prompts, batch_size: int = BATCH) -> list[AnswerBatch]:
+def answer_batches(view: Backend, prompts, batch_size: int = BATCH) -> list[AnswerBatch]:
     """The prompts in consecutive batches, each prompt's tokens before its answer token run once and
     cached (left-padded, explicit positions). Call it with no hooks active. Prompts longer than the
     smallest sliding attention window run whole (left padding would shift the window); a list that
@@ -143,7 +141,7 @@ def _given(prompts) -> bool:
     return isinstance(prompts, AnswerBatches) or bool(prompts) and isinstance(prompts[0], AnswerBatch)
 
 
-def _answer_batches(view: ModelView, prompts: list[list[int]], batch_size: int):
+def _answer_batches(view: Backend, prompts: list[list[int]], batch_size: int):
     """answer_batches one at a time (each batch's prefix runs when the batch is asked for)."""
     if max(len(p) for p in prompts) > _sliding_window(view.model) or min(len(p) for p in prompts) < 2:
         yield from (AnswerBatch(i, ids, mask, last) for i, ids, mask, last in prompt_batches(view, prompts, batch_size))
@@ -159,7 +157,7 @@ def _answer_batches(view: ModelView, prompts: list[list[int]], batch_size: int):
         yield batch
 
 
-def _cached_batch(view: ModelView, chunk: list[list[int]], start: int, P: int = 0, shared=None) -> AnswerBatch:
+def _cached_batch(view: Backend, chunk: list[list[int]], start: int, P: int = 0, shared=None) -> AnswerBatch:
     """Each prompt's tokens before its answer token run and cached: the shared first `P` tokens from
     `shared` (their cache, one row), then each row's own tokens left-padded after them (explicit
     positions, padding masked), so every row attends to exactly its own prompt."""

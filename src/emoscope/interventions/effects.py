@@ -10,7 +10,6 @@ position, and nothing else; no re-encoding, no reconstruction error leaking in.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,9 +19,8 @@ from .. import profiling
 from ..hooks import at
 from .answers import BATCH, answer_batches
 from .edits import clamp_sites, set_features
+from ..backends.base import Backend
 
-if TYPE_CHECKING:
-    from ..backends.transformers import ModelView
 
 MARGINS = ("best_other", "all_others")
 PASS_TOKENS = 256
@@ -46,7 +44,7 @@ def margin(label_logp: torch.Tensor, gold: torch.Tensor, log_prior: torch.Tensor
     return lp.gather(-1, gold[:, None])[:, 0] - rest
 
 
-def attribution(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarray, tokens: list[int],
+def attribution(view: Backend, saes: dict, prompts: list[list[int]], gold: np.ndarray, tokens: list[int],
                 log_prior: torch.Tensor | None = None, baseline: dict[int, torch.Tensor] | None = None,
                 batch_size: int = BATCH, kind: str = "best_other") -> tuple[dict[int, np.ndarray], np.ndarray]:
     """Attribution patching: for every example and feature, grad(margin) . (baseline - f) @ W_dec at the
@@ -84,7 +82,7 @@ def _attribute(view, saes, b, gold, tokens, log_prior, baseline, kind, layers) -
 
 
 @torch.no_grad()
-def ablate(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarray, tokens: list[int],
+def ablate(view: Backend, saes: dict, prompts: list[list[int]], gold: np.ndarray, tokens: list[int],
            features: dict[int, list[int]], log_prior: torch.Tensor | None = None,
            baseline: dict[int,
                           torch.Tensor] | None = None, batch_size: int = BATCH, kind: str = "best_other") -> np.ndarray:
@@ -101,7 +99,7 @@ def ablate(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarr
 
 
 @torch.no_grad()
-def ablate_each(view: ModelView, saes: dict, prompts: list[list[int]], gold: np.ndarray, tokens: list[int],
+def ablate_each(view: Backend, saes: dict, prompts: list[list[int]], gold: np.ndarray, tokens: list[int],
                 sets: list[dict[int, list[int]]], log_prior: torch.Tensor | None = None,
                 baseline: dict[int, torch.Tensor] | None = None, batch_size: int = BATCH, kind: str = "best_other",
                 pass_tokens: int = PASS_TOKENS) -> np.ndarray:

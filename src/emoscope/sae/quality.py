@@ -9,7 +9,6 @@ position 1 on, the positions the SAEs were trained on.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 from contextlib import contextmanager, nullcontext
 
@@ -18,12 +17,11 @@ import torch.nn.functional as F
 
 from ..hooks import HookPoint, edit_output, pad_batch, record, resid
 from .model import SAE
-
-if TYPE_CHECKING:
-    from ..backends.transformers import ModelView
+from ..backends.base import Backend
 
 
-def splice(view: ModelView, hp: HookPoint, fn):
+
+def splice(view: Backend, hp: HookPoint, fn):
     """Context manager: replace the hook's activation by fn(activation) at positions >= 1 during forwards."""
     def edit(t):
         new = t.clone()
@@ -32,7 +30,7 @@ def splice(view: ModelView, hp: HookPoint, fn):
     return edit_output(view, hp, edit)
 
 
-def lm_loss(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 256,
+def lm_loss(view: Backend, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 256,
             positions: torch.Tensor | None = None) -> torch.Tensor:
     """Summed next-token cross-entropy and token count, from position 1 on (only at `positions`, indices into
     those next-token predictions in row-major order, where given); the unembedding is applied in chunks of
@@ -42,7 +40,7 @@ def lm_loss(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, chunk: int =
     return _ce(view, acts[resid(view.n_layers - 1)], ids, mask, chunk, positions)
 
 
-def _ce(view: ModelView, last: torch.Tensor, ids, mask, chunk: int = 256, positions=None) -> torch.Tensor:
+def _ce(view: Backend, last: torch.Tensor, ids, mask, chunk: int = 256, positions=None) -> torch.Tensor:
     """lm_loss from the last layer's residual [batch, seq, d]."""
     h = last[:, 1:-1].reshape(-1, view.d_model)
     tgt = ids[:, 2:].reshape(-1)
@@ -67,7 +65,7 @@ def ce_sample(mask: torch.Tensor, n: int | None, seed: int) -> torch.Tensor | No
 
 
 @contextmanager
-def block_outputs(view: ModelView):
+def block_outputs(view: Backend):
     """Within the block, every forward stores what each decoder block returned, by layer."""
     outs: dict[int, object] = {}
     handles = [b.register_forward_hook(lambda mod, inp, out, i=i: outs.__setitem__(i, out))
@@ -80,7 +78,7 @@ def block_outputs(view: ModelView):
 
 
 @contextmanager
-def replay(view: ModelView, outs: dict[int, object], upto: int):
+def replay(view: Backend, outs: dict[int, object], upto: int):
     """Within the block, decoder blocks 0..upto-1 return what they returned in a recorded forward over the same
     batch (`block_outputs`) instead of computing it; hooks on them still run. A forward that changes nothing
     before block `upto` gives the same result, bit for bit, without recomputing the blocks before it."""
@@ -100,7 +98,7 @@ def replay(view: ModelView, outs: dict[int, object], upto: int):
 
 
 @torch.no_grad()
-def evaluate_saes(view: ModelView, saes: dict[str, SAE], batches: list[tuple[torch.Tensor, torch.Tensor]],
+def evaluate_saes(view: Backend, saes: dict[str, SAE], batches: list[tuple[torch.Tensor, torch.Tensor]],
                   ce: bool = True, dense_threshold: float = 0.1, ce_positions: int | None = None,
                   seed: int = 0, reuse: bool = True) -> dict[str, dict]:
     """Per-hook quality metrics on the given held-out (ids, mask) batches. The CE losses are taken at every
@@ -170,7 +168,7 @@ def _metrics(s: dict, fires: torch.Tensor, dense_threshold: float, ce_clean, los
     return r
 
 
-def heldout_batches(view: ModelView, n_seqs: int, context: int, seed: int, seqs_per_forward: int = 8, data_dir=None):
+def heldout_batches(view: Backend, n_seqs: int, context: int, seed: int, seqs_per_forward: int = 8, data_dir=None):
     """Held-out (ids, mask) batches: WikiText-2 test, dev-split emotion texts and prompts."""
     from .corpus import sequences
 

@@ -9,7 +9,6 @@ activations and report features in raw units, with unit-norm decoder rows.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import math
 import os
@@ -29,9 +28,8 @@ from .corpus import sequences
 from .model import SAE, SAEConfig
 from .topk_step import _decode, _encode_topk, topk_grads
 from ..constraints import NonNegative, Seed
+from ..backends.base import Backend
 
-if TYPE_CHECKING:
-    from ..backends.transformers import ModelView
 
 
 class SAETrainConfig(BaseModel):
@@ -102,7 +100,7 @@ def _fast_dtype(choice: str, device) -> torch.dtype:
     return getattr(torch, choice)
 
 
-def harvest_dtype(choice: str, view: ModelView) -> torch.dtype:
+def harvest_dtype(choice: str, view: Backend) -> torch.dtype:
     """The dtype the harvest forwards' matmuls run in (see SAETrainConfig.harvest_dtype)."""
     if choice == "auto":
         fast = _fast_dtype("auto", view.device) == torch.bfloat16
@@ -133,7 +131,7 @@ def _batches(stream, per_forward: int, pool: int = 8):
         yield from (seqs[i:i + per_forward] for i in range(0, len(seqs), per_forward))
 
 
-def _harvest(view: ModelView, hooks: list[HookPoint], seqs: list[list[int]],
+def _harvest(view: Backend, hooks: list[HookPoint], seqs: list[list[int]],
              dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """One forward over a batch of sequences (autocast to `dtype` when it is not the model's); activations at every
     non-pad position after the first."""
@@ -369,7 +367,7 @@ def memory_budget(n_layers: int, d: int, cfg: SAETrainConfig, device=None) -> fl
     return 0.8 * (free - kept - 2**30)
 
 
-def train_layers(view: ModelView, cfg: SAETrainConfig, data_dir=None, progress: Callable[[int], None] | None = None,
+def train_layers(view: Backend, cfg: SAETrainConfig, data_dir=None, progress: Callable[[int], None] | None = None,
                  device=None, checkpoint_dir: Path | None = None) -> tuple[dict[str, SAE], dict]:
     """Train one SAE per requested layer, on `device` (default the model's): every layer of a group from one
     stream of LLM forwards (groups by `max_memory_gb`). With `checkpoint_dir`, training state is saved there
@@ -402,7 +400,7 @@ def train_layers(view: ModelView, cfg: SAETrainConfig, data_dir=None, progress: 
     return saes, stats
 
 
-def _train_group(view: ModelView, cfg: SAETrainConfig, hooks: list[HookPoint], data_dir, progress, device,
+def _train_group(view: Backend, cfg: SAETrainConfig, hooks: list[HookPoint], data_dir, progress, device,
                  ckpt: Path | None) -> tuple[dict[str, "_Layer"], int, float]:
     """One stream of LLM forwards training every hook's SAE; resumes from `ckpt` when it holds this run's state.
     With several ranks (DDP), each harvests every world-size-th batch of the corpus into its own buffer and

@@ -21,19 +21,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from typing import Annotated, Callable, Literal
+from typing import Callable
 
 import pandas as pd
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .. import profiling
 from ..artifacts import config_hash
 from ..backends.base import require
-from ..constraints import Seed, unique_names
 from ..deployment import kld
 from ..deployment.candidates import Candidate, candidates, candidate_task, is_parity, reference_in_llamacpp, reloader
-from ..deployment.kld import KLDConfig
-from ..deployment.reference import AuditRow, Reference, Thresholds
+from ..deployment.config import AuditConfig, Thresholds  # noqa: F401  (Thresholds: part of the stage's API)
+from ..deployment.reference import AuditRow, Reference
 from ..errors import validated
 from ..task import Task
 from .base import Stage, StageResult
@@ -43,33 +41,6 @@ from .trace import TraceResult
 
 if TYPE_CHECKING:
     from ..backends.transformers import ModelView
-
-
-class AuditConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-    candidates: Annotated[list[Candidate], Field(min_length=1),
-                          AfterValidator(lambda v: unique_names(v, "candidates"))] | Literal["default"] = "default"
-    """Candidates, or 'default': paraphrases, label order, system prompt, demonstrations, text noise,
-    bf16/fp16/int8/int4/int3."""
-    thresholds: Thresholds = Thresholds()
-    kld: KLDConfig | None = None
-    """WikiText-2 windows on which every candidate that changes the model gets llama-perplexity's KL-divergence
-    statistics against the reference in its own runtime (None: not measured)."""
-    causal_features: dict[str, list[tuple[int, int]]] | None = None
-    """Causal features per emotion as [layer, feature] pairs; default: tracing's sets, else the phases stage's top
-    features."""
-    ablation_per_emotion: int = Field(20, ge=0)
-    """Examples per emotion on which each candidate's causal sets are ablated, to see whether they still matter (0:
-    skip)."""
-    top_k: int = Field(32, ge=1)
-    """Active features compared by Jaccard per layer."""
-    group_size: int = Field(128, ge=8)
-    """Group size of the RTN weight quantization."""
-    n_boot: int = Field(1000, ge=100)
-    """Paired bootstrap resamples."""
-    seed: Seed = 0
-    """Seed for text noise, demonstrations and the bootstrap."""
-
 
 
 class AuditResult(StageResult):

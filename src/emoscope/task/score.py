@@ -9,7 +9,6 @@ reference: one full forward per (prompt, label).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import copy
 
@@ -19,13 +18,12 @@ import torch
 from .. import distributed as dist
 from ..hooks import HookPoint, record, resid
 from ..prefix import common_prefix as _common_prefix
+from ..backends.base import Backend
 
-if TYPE_CHECKING:
-    from ..backends.transformers import ModelView
 
 
 @torch.no_grad()
-def score_ids(view: ModelView, prompts: list[list[int]], labels: list[list[int]], batch_size: int = 8,
+def score_ids(view: Backend, prompts: list[list[int]], labels: list[list[int]], batch_size: int = 8,
               progress=None, resid_layers: list[int] = ()):
     """[n_prompts, n_labels] summed log-probs of each label's tokens given each prompt's tokens. With
     `resid_layers`, also the residual stream at each prompt's last token (the answer position) of those
@@ -121,7 +119,7 @@ def _continuations(model, cache, mask, next_pos, labels, dev) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_naive(view: ModelView, prompts: list[list[int]], labels: list[list[int]]) -> np.ndarray:
+def score_naive(view: Backend, prompts: list[list[int]], labels: list[list[int]]) -> np.ndarray:
     """Reference: one full forward over prompt + label for every (prompt, label) pair (logits kept
     only at the label positions, as any sensible per-label implementation would)."""
     out = np.zeros((len(prompts), len(labels)))

@@ -8,7 +8,6 @@ task's own examples (`examples`), which never include a demonstration.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 from typing import Literal
 
@@ -22,9 +21,8 @@ from ..errors import EmoscopeError, validated
 from . import calibrate
 from .prompts import PromptBuilder, Template
 from ..constraints import Seed
+from ..backends.base import Backend
 
-if TYPE_CHECKING:
-    from ..backends.transformers import ModelView
 
 
 class TaskConfig(BaseModel):
@@ -70,7 +68,7 @@ class Task:
     >>> task.predict(["I can't believe you did that!"])   # DataFrame: probabilities, prediction
     """
 
-    def __init__(self, model: ModelView, config: TaskConfig | dict | None = None, **settings):
+    def __init__(self, model: Backend, config: TaskConfig | dict | None = None, **settings):
         self.config = cfg = TaskConfig.build(config, **settings)
         self.model = model
         d = cfg.data
@@ -80,7 +78,7 @@ class Task:
         self._build(demonstrations(self.train_pool, self.classes, cfg.shots, cfg.seed))
 
     @classmethod
-    def from_parts(cls, model: ModelView, config: TaskConfig, classes: list[str], demos: list[Example],
+    def from_parts(cls, model: Backend, config: TaskConfig, classes: list[str], demos: list[Example],
                    prior_texts: list[str] | None = None) -> "Task":
         """The task without its data: given labels, demonstrations and (with calibration = train) the prior's texts,
         as a canary check in a serving process needs, which has no dataset."""
@@ -104,7 +102,7 @@ class Task:
     def labels(self) -> list[str]:
         return self.classes
 
-    def variant(self, model: ModelView | None = None, **settings) -> "Task":
+    def variant(self, model: Backend | None = None, **settings) -> "Task":
         """The same task with some settings changed (another template, shots, seed) or on another model."""
         return Task(model or self.model, self.config, **settings)
 
