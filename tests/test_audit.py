@@ -151,6 +151,7 @@ def test_one_verdict_for_the_audit_and_the_canary():
 
     t = Thresholds(max_accuracy_drop=0.05, max_flip_rate=0.2, min_causal_survival=0.5, min_effect_retained=0.5)
     assert t.verdict(0.0, 0.2, 0.5, 0.5) == []  # at every threshold: passes
+    assert t.verdict(0.95 - 1.0, 0.1) == []  # a drop of 5 in 100 computed as 0.05000000000000004: at the threshold
     assert t.verdict(-0.06, 0.0) == ["labels"] and t.verdict(0.0, 0.21) == ["labels"]
     assert t.verdict(0.0, 0.0, non_finite=True) == ["labels"]
     assert t.verdict(0.0, 0.0, 0.49) == ["features"] and t.verdict(0.0, 0.0, None, 0.49) == ["features"]

@@ -33,6 +33,15 @@ def test_builds_the_bar_passes_but_the_audit_fails_are_named():
     assert strict["missed_by_kld"] == [] and set(strict["false_alarms_by_kld"]) == {"q8", "q4km", "q4_0"}
 
 
+def test_a_q4km_build_identical_to_the_reference_is_no_bar():
+    """A reference dequantised from a Q4_K_M file has its own format as a Q4_K_M row with KLD 0: as a bar it would call
+    every other build unfit, so that runtime has no Q4_K_M bar."""
+    twin = _row("q4km_twin", 0.0, 1.0, 0.0, False, "llama.cpp:Q4_K_M", runtime=False)
+    twin["kld"]["mean_kld_err"] = 0.0
+    out = blind_spots([twin, _row("int8", 0.001, 0.98, 0.01, False, "int8", runtime=False)])
+    assert out["bars"]["transformers"]["mean_kld"] is None and out["false_alarms_by_kld"] == []
+
+
 def test_no_figures_no_table_and_too_few_builds_no_correlation():
     assert blind_spots([{"name": "x", "changed": {}, "flip_rate": 0.1, "failed": False}]) is None
     two = blind_spots(ROWS[:2])

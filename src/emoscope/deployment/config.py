@@ -28,11 +28,11 @@ class Thresholds(BaseModel):
         """What a build breaks: 'labels' (a non-finite answer, accuracy drop or flips over the thresholds) and
         'features' (causal survival or, where gated and measured, effect retained under them); empty: it passes. A
         measure given as None (not measured) gates nothing."""
-        out = []
-        if non_finite or -accuracy_change > self.max_accuracy_drop or flip_rate > self.max_flip_rate:
+        out, eps = [], 1e-9  # a rate at its threshold passes: 5 flips of 100 are 0.05 up to float round-off
+        if non_finite or -accuracy_change > self.max_accuracy_drop + eps or flip_rate > self.max_flip_rate + eps:
             out.append("labels")
-        weak_effect = self.min_effect_retained is not None and effect is not None and effect < self.min_effect_retained
-        if (survival is not None and survival < self.min_causal_survival) or weak_effect:
+        weak = self.min_effect_retained is not None and effect is not None and effect < self.min_effect_retained - eps
+        if (survival is not None and survival < self.min_causal_survival - eps) or weak:
             out.append("features")
         return out
 
