@@ -4,7 +4,8 @@ how long a check takes on the file a team ships, in llama.cpp, model load includ
 Writes the canary into RUN_DIR/canary, rebuilds each audited candidate as the audit does, checks it with the canary
 and compares the verdicts; then times `es.canary.check` end to end (load the GGUF in llama.cpp, check) on the
 reference's own GGUF file as shipped (or --gguf). Target: a check under 10 s for Gemma-3-270M.
-Usage: python bench/canary.py RUN_DIR [--n 24] [--gguf FILE] [--threads 2] [--holdout] [--json out.json]
+Usage: python bench/canary.py RUN_DIR [--n 24] [--gguf FILE] [--threads 2] [--holdout] [--candidates A,B]
+       [--json out.json]
 
 With --holdout the agreement is measured out of sample: the audited examples are split in two halves (seeded, within
 each emotion); the canary is written from an audit of the first half and its verdicts are compared with an audit of
@@ -51,9 +52,12 @@ def halves(ev: EvalResult, seed: int = 0) -> tuple[EvalResult, EvalResult]:
                  for m in (first, ~first))
 
 
-def holdout(ctx: RunContext, n: int) -> tuple[cn.Canary, dict]:
-    """A canary written from an audit of one half of the examples, and the audit of the other half."""
+def holdout(ctx: RunContext, n: int, names: list[str] | None = None) -> tuple[cn.Canary, dict]:
+    """A canary written from an audit of one half of the examples, and the audit of the other half (the run's
+    candidates, or those named; no KLD pass, which no verdict reads)."""
     acfg = AuditConfig.model_validate(ctx.result("audit")["config"])
+    acfg = acfg.model_copy(update={"kld": None, "candidates": [c for c in acfg.candidates
+                                                                if names is None or c.name in names]})
     a, b = halves(ctx.result("evaluate"), acfg.seed)
     phases, trace = ctx.optional("phases"), ctx.optional("trace")
     written_on = audit(ctx.task, ctx.saes, a, phases, trace, acfg)
@@ -61,12 +65,14 @@ def holdout(ctx: RunContext, n: int) -> tuple[cn.Canary, dict]:
     return canary, audit(ctx.task, ctx.saes, b, phases, trace, acfg).data
 
 
-def agreement(ctx: RunContext, canary: cn.Canary, audit: dict | None = None) -> list[dict]:
+def agreement(ctx: RunContext, canary: cn.Canary, audit: dict | None = None, names=None) -> list[dict]:
     """Per audited candidate: the audit's verdict and flips (the run's, or `audit`) beside the canary's."""
     audit = audit or ctx.result("audit")
     acfg = AuditConfig.model_validate(audit["config"])
     rows = []
     for row in audit["candidates"]:
+        if names is not None and row["name"] not in names:
+            continue
         cand = Candidate(name=row["name"], **row["changed"])
         r = cn.check_candidate(canary, ctx.task, cand, acfg)
         rows.append({"candidate": row["name"], "audit_failed": row["failed"], "audit_flip_rate": row["flip_rate"],
@@ -96,18 +102,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--holdout", action="store_true", help="out of sample: the canary from one half of the examples, "
                                                               "the audit it is compared with on the other")
+    ap.add_argument("--candidates", default=None, help="comma-separated audit candidates to compare (default: all)")
     ap.add_argument("--json", default=None, help="write the figures here as a flat JSON object")
     a = ap.parse_args()
     ctx = RunContext.from_run_dir(a.run_dir)
+    names = a.candidates.split(",") if a.candidates else None
     t0 = time.perf_counter()
     if a.holdout:
-        canary, judged = holdout(ctx, a.n)
+        canary, judged = holdout(ctx, a.n, names)
     else:
         canary, judged = cn.write(ctx.task, ctx.saes, ctx.result("evaluate"), ctx.result("audit"),
                                   ctx.optional("phases"), ctx.optional("trace"), {"n": a.n}), None
     write_s = time.perf_counter() - t0
     canary.save(a.run_dir / ("canary-holdout" if a.holdout else "canary"))
-    rows = agreement(ctx, canary, judged)
+    rows = agreement(ctx, canary, judged, names)
     name = ctx.model_config.name
     source = str(a.gguf) if a.gguf else (name if gguf_source(name) is not None else None)
     served = served_check(source, canary, a.threads) if source is not None else None

@@ -52,6 +52,8 @@ ARGS = {
     # llama-perplexity's statistics of the tiny GGUF's Q8_0 against its F32 (no llama-perplexity binary here)
     "kld.py": lambda tiny, run: ["--model", _tiny_gguf(run.parent / "tiny.gguf"), "--type", "Q8_0", "--chunks", "2",
                                  "--n-ctx", "32"],
+    # a real llama-server on a tiny Qwen2 GGUF and its canary: run in test_endpoint.py, beside that server's tests
+    "endpoint.py": None,
 }
 
 
@@ -61,7 +63,7 @@ def _tiny_gguf(path):
 KEYS = {"score_labels.py": "speedup", "capture.py": None, "sae_train.py": None,
         "trace.py": "speedup_vs_cached_exhaustive", "scale.py": "deep_peak_over_bytes",
         "parallel.py": "evaluate_speedup", "llamacpp.py": "emoscope_over_native", "canary.py": "agreement_share",
-        "sae_quality.py": "replay_identical", "kld.py": "emoscope_mean_kld"}
+        "sae_quality.py": "replay_identical", "kld.py": "emoscope_mean_kld", "endpoint.py": "endpoint_check_s"}
 
 
 # a script that starts processes of its own (emoscope run) runs as from a shell; the others run in this process
@@ -78,7 +80,7 @@ def _run_here(script, argv, monkeypatch):
         assert e.code in (None, 0), f"{script} exited with {e.code}"
 
 
-@pytest.mark.parametrize("script", sorted(ARGS))
+@pytest.mark.parametrize("script", sorted(k for k, v in ARGS.items() if v is not None or k == "parallel.py"))
 def test_bench_script_runs(script, tiny_dir, tiny_run, tmp_path, monkeypatch, request):
     out = tmp_path / "figures.json"
     if script == "parallel.py":  # run by the shared fixture

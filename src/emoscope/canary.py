@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .backends.base import require
+from .backends.base import require, supports
 from .data import Example
 from .errors import EmoscopeError, validated
 from .sae import SAE, SAEConfig
@@ -86,6 +86,11 @@ class CanaryCheck(NamedTuple):
     """Features beyond their 8-bit tolerance on most of their active examples, as emotion:L{layer}/f{feature}."""
     seconds: float
     """Wall time of the check (scoring and reading the features; loading the build not included)."""
+    template: list[str] = []
+    """How the prompts this build renders differ from the audited ones (its chat template, the text around the
+    example), each named; any makes the check fail with 'template' among `drifted`."""
+    unchecked: list[str] = []
+    """What this backend cannot check: 'features' when it cannot read the residual stream (a serving endpoint)."""
 
     def to_dict(self) -> dict:
         return self._asdict()
@@ -318,7 +323,10 @@ def _meta(task, ref, idx, feats, sliced, audit_result, thresholds) -> dict:
             "saes": {str(la): {"d_in": s.cfg.d_in, "architecture": s.cfg.architecture, "hook_name": s.cfg.hook_name,
                                "apply_b_dec_to_input": s.cfg.apply_b_dec_to_input, "normalize": s.cfg.normalize}
                      for la, s in sliced.items()},
-            "thresholds": thresholds.model_dump(mode="json"), "audit_seed": audit_result["seed"]}
+            "thresholds": thresholds.model_dump(mode="json"), "audit_seed": audit_result["seed"],
+            "prompt_texts": [task.prompt(ref.texts[i]) for i in idx], "chat": bool(view.chat),
+            "chat_template": getattr(view.tokenizer, "chat_template", None) or None,
+            "d_model": int(view.d_model)}
 
 
 def _tolerance(ref_pre, ref_active, spread, cfg: CanaryConfig) -> np.ndarray:
@@ -368,8 +376,8 @@ class CanaryObservation(NamedTuple):
     """A build's answers and causal features on the canary's examples."""
     cal: np.ndarray
     """[n, K] calibrated label log-probs."""
-    pre: np.ndarray
-    """[n, F] the causal features' pre-activations."""
+    pre: np.ndarray | None
+    """[n, F] the causal features' pre-activations (None: the backend cannot read them)."""
     prompts: list[list[int]]
     """The prompts' token ids."""
 
@@ -381,6 +389,9 @@ def observe(canary: Canary, task: Task, texts: list[str] | None = None) -> Canar
     feats = [(f["emotion"], f["layer"], f["feature"]) for f in canary.meta["features"]]
     layers = sorted({la for _, la, _ in feats})
     prompts = task.encode_all(texts)
+    if "read_answer" not in supports(task.model):  # a serving endpoint: label scores only
+        logp = task.model.score_ids(prompts, task.label_ids, task.config.batch_size)
+        return CanaryObservation(calibrate.apply_prior(logp, task.log_prior()), None, prompts)
     if layers:
         logp, res = task.model.score_ids(prompts, task.label_ids, task.config.batch_size, resid_layers=layers)
     else:  # no causal features: label scores only
@@ -390,8 +401,9 @@ def observe(canary: Canary, task: Task, texts: list[str] | None = None) -> Canar
     return CanaryObservation(cal, pre, prompts)
 
 
-def judge(canary: Canary, obs: CanaryObservation, seconds: float = 0.0) -> CanaryCheck:
-    """The audit's thresholds applied to what the canary predicts (see the module's docstring)."""
+def judge(canary: Canary, obs: CanaryObservation, seconds: float = 0.0, template: list[str] = ()) -> CanaryCheck:
+    """The audit's thresholds applied to what the canary predicts (see the module's docstring); `template`: how the
+    build's rendered prompts differ from the audited ones (a failure of its own)."""
     a, t = canary.arrays, canary.thresholds
     top = np.array(canary.meta["ref_pred"])
     bad = ~np.isfinite(obs.cal).all(1)
@@ -400,18 +412,27 @@ def judge(canary: Canary, obs: CanaryObservation, seconds: float = 0.0) -> Canar
     flipped = (cal.argmax(1) != top) | bad
     flip_rate, acc_change = _predicted(a, d, flipped, cal.argmax(1), bad, canary.meta)
     (f_lo, f_hi), (a_lo, _) = _band(a, d, flipped, cal.argmax(1), bad, canary.meta)
+    survival, named = _features(canary, obs.pre) if obs.pre is not None else (None, [])
+    # the audit's verdict on the estimates (the effect retained is not measured here, so not gated); labels are
+    # uncertain when the interval's worst end would break them; a drifted template is a failure of its own
+    drifted = t.verdict(acc_change, flip_rate, survival, non_finite=bool(bad.any())) + (["template"] if template
+                                                                                        else [])
+    uncertain = ["labels"] if "labels" not in drifted and "labels" in t.verdict(a_lo, f_hi) else []
+    unchecked = ["features"] if obs.pre is None and canary.meta["features"] else []
+    return CanaryCheck(not drifted and not uncertain, drifted, uncertain, flip_rate, (f_lo, f_hi), acc_change,
+                       int(flipped.sum()), survival, named, seconds, list(template), unchecked)
+
+
+def _features(canary: Canary, pre: np.ndarray) -> tuple[float | None, list[str]]:
+    """The share of causal features still active where the reference had them active, and the features beyond
+    their 8-bit tolerance on most of their active examples."""
+    a = canary.arrays
     on = a["ref_active"].astype(bool)
-    alive = obs.pre > a["active_at"]
-    survival = float(alive[on].mean()) if on.any() else None
-    beyond = (np.abs(obs.pre - a["ref_pre"]) > a["tolerance"]) & on
+    survival = float((pre > a["active_at"])[on].mean()) if on.any() else None
+    beyond = (np.abs(pre - a["ref_pre"]) > a["tolerance"]) & on
     named = [f"{f['emotion']}:L{f['layer']}/f{f['feature']}" for j, f in enumerate(canary.meta["features"])
              if on[:, j].any() and beyond[:, j].sum() * 2 > on[:, j].sum()]
-    # the audit's verdict on the estimates (the effect retained is not measured here, so not gated); labels are
-    # uncertain when the interval's worst end would break them
-    drifted = t.verdict(acc_change, flip_rate, survival, non_finite=bool(bad.any()))
-    uncertain = ["labels"] if "labels" not in drifted and "labels" in t.verdict(a_lo, f_hi) else []
-    return CanaryCheck(not drifted and not uncertain, drifted, uncertain, flip_rate, (f_lo, f_hi), acc_change,
-                       int(flipped.sum()), survival, named, seconds)
+    return survival, named
 
 
 def confidence(meta: dict) -> float:
@@ -484,15 +505,58 @@ def check(model, canary: Canary | str | Path, template=None) -> CanaryCheck:
     >>> if not result.passed: raise SystemExit(f"emotion canary: {result.drifted} drifted")
     """
     canary = canary if isinstance(canary, Canary) else Canary.load(canary)
+    _same_model(model, canary)
     task = _task_on(canary, model, template)
     t0 = time.perf_counter()
+    drift = [] if template is not None else template_drift(canary, task)
     obs = observe(canary, task)
-    if template is None and obs.prompts != canary.meta["prompts"]:
+    if template is None and not drift and obs.prompts != canary.meta["prompts"]:
         raise EmoscopeError("this build's tokenizer encodes the canary's prompts into other token ids than the "
                             "reference's: it is not the same model, so its features cannot be compared")
     model.check_tokens([task.prompt(t) for t in canary.meta["texts"]], obs.prompts, task.builder.label_strings(),
                        task.label_ids)  # llama.cpp's own tokenizer against the reference's fed to it
-    return judge(canary, obs, time.perf_counter() - t0)
+    return judge(canary, obs, time.perf_counter() - t0, drift)
+
+
+def _same_model(model, canary: Canary) -> None:
+    """Refuse, in one line, a build whose width is not the reference's (another model; a vocabulary is compared
+    through the prompts' and labels' token ids, since tokenizer and embedding sizes differ within one model)."""
+    m = canary.meta
+    d_ref = m.get("d_model") or next((s["d_in"] for s in m["saes"].values()), None)
+    if d_ref and getattr(model, "d_model", 0) and model.d_model != d_ref:
+        raise EmoscopeError(f"{model.name} has width {model.d_model}, the canary's reference ({m['model']}) "
+                            f"{d_ref}: another model")
+
+
+def template_drift(canary: Canary, task: Task) -> list[str]:
+    """How the prompts this build renders differ from the audited ones, each named: its chat template (a chat
+    reference), and the first canary prompt that differs, located before or after the example's text (empty: the
+    same prompts; a canary written before these were stored is not checked)."""
+    m, out = canary.meta, []
+    served, audited = getattr(task.model.tokenizer, "chat_template", None) or None, m.get("chat_template")
+    if m.get("chat") and served != audited:
+        out.append("chat template: " + (f"{_digest(served)} served, {_digest(audited)} audited" if served and audited
+                                        else "the build has none, the audit had one" if audited
+                                        else "the build has one, the audit had none"))
+    for text, want in zip(m["texts"], m.get("prompt_texts") or []):
+        got = task.prompt(text)
+        if got != want:
+            out.append(_where(want, got, text))
+            break
+    return out
+
+
+def _digest(s: str) -> str:
+    import hashlib
+    return "sha256:" + hashlib.sha256(s.encode()).hexdigest()[:12]
+
+
+def _where(want: str, got: str, text: str) -> str:
+    """The first difference between the audited and the served prompt, named by where it falls and shown."""
+    i = next((k for k, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+    at = want.find(text)
+    part = "the system prompt or instruction before the text" if at < 0 or i < at else "the answer cue after the text"
+    return f"rendered prompt differs in {part} (at character {i}): audited {want[i:i + 60]!r}, served {got[i:i + 60]!r}"
 
 
 def check_candidate(canary: Canary, task: Task, cand: Candidate, audit_config: AuditConfig,

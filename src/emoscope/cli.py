@@ -163,6 +163,8 @@ def evaluate(
     device: Optional[str] = typer.Option(None, help=_help(ModelConfig, "device")),
     dtype: Optional[str] = typer.Option(None, help=_help(ModelConfig, "dtype")),
     backend: Optional[str] = typer.Option(None, help=_help(ModelConfig, "backend")),
+    endpoint: Optional[str] = typer.Option(None, help="A serving URL instead of --model (backend endpoint)."),
+    timeout: Optional[float] = typer.Option(None, help=_help(ModelConfig, "timeout")),
     threads: Optional[int] = typer.Option(None, help=_help(ModelConfig, "threads")),
     kv_cache: Optional[str] = typer.Option(None, help=_help(ModelConfig, "kv_cache")),
     seed: Optional[int] = typer.Option(None, help=_help(TaskConfig, "seed")),
@@ -192,8 +194,11 @@ def evaluate(
     if per_class is not None:
         settings["per_class"] = per_class or None  # 0: every row
     task_cfg = TaskConfig.build(apply_overrides({}, set_), **settings)
-    given = (("name", model), ("device", device), ("dtype", dtype), ("backend", backend), ("threads", threads),
-             ("kv_cache", kv_cache))
+    if endpoint is not None and (model is not None or backend not in (None, "endpoint")):
+        raise EmoscopeError("--endpoint is the model: give it without --model and --backend")
+    given = (("name", endpoint or model), ("device", device), ("dtype", dtype),
+             ("backend", "endpoint" if endpoint else backend), ("threads", threads), ("kv_cache", kv_cache),
+             ("timeout", timeout))
     mcfg = validated(ModelConfig, {k: v for k, v in given if v is not None}, "model.")
     check_data(task_cfg.data)  # before the model: bad data fails in a second, not after a load
     view = load_model(mcfg)
@@ -202,6 +207,8 @@ def evaluate(
         res = run_eval(task, progress=_progress_factory(stack)("scoring"))
     d = task.config.data
     safe = Path(mcfg.name).name.replace(".gguf", "")
+    if mcfg.backend == "endpoint":  # http://host:port -> endpoint-host-port
+        safe = "endpoint-" + "".join(c if c.isalnum() or c in "._" else "-" for c in mcfg.name.split("://", 1)[1])
     run_dir = out or Path("runs/evaluate") / f"{safe}-{Path(str(d.dataset)).stem}-{d.split}-k{task.config.shots}"
     res.save(Path(run_dir).expanduser() / "evaluate")
     if as_json:
@@ -469,7 +476,11 @@ def canary_write(config: str = typer.Option(..., help="Run config with an `audit
 
 @canary_app.command("check")
 def canary_check(canary: Path = typer.Argument(..., help="Canary folder (from `emoscope canary write`)."),
-                 model: str = typer.Option(..., help="The build: a .gguf file, an HF id or a local model folder."),
+                 model: Optional[str] = typer.Option(None, help="The build: a .gguf file, an HF id or a local model "
+                                                                "folder (or --endpoint)."),
+                 endpoint: Optional[str] = typer.Option(None, help="The build as served: a llama-server's URL, e.g. "
+                                                                   "http://127.0.0.1:8080 (label half only)."),
+                 timeout: Optional[float] = typer.Option(None, help=_help(ModelConfig, "timeout")),
                  runtime: str = typer.Option("transformers", "--backend", "--runtime",
                                              help="The build's backend: transformers or llama.cpp."),
                  kv_cache: Optional[str] = typer.Option(None, help=f"llama.cpp KV-cache type: {', '.join(KV_TYPES)}."),
@@ -495,7 +506,11 @@ def canary_check(canary: Path = typer.Argument(..., help="Canary folder (from `e
             tmpl = validated(Template, yaml.safe_load(template) or {}, "--template ")
         except yaml.YAMLError as e:
             raise EmoscopeError(f"--template is not YAML: {str(e).splitlines()[0]}") from None
+    if (model is None) == (endpoint is None):
+        raise EmoscopeError("give the build as --model FILE or as --endpoint URL (one of them)")
     settings = {"name": model, "backend": runtime, "kv_cache": kv_cache, "threads": threads}
+    if endpoint is not None:
+        settings = {"name": endpoint, "backend": "endpoint", **({"timeout": timeout} if timeout else {})}
     if device:
         settings["device"] = device
     view = load_model(validated(ModelConfig, settings, "model."))

@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import distributed as dist
 from .artifacts import cache_root, file_sha256
-from .backends.base import Backend, Runtime
+from .backends.base import BACKENDS, Backend
+from .backends.endpoint import ADAPTERS as ENDPOINT_ADAPTERS
 from .backends.llamacpp import KV_TYPES, LlamaCppModel
 from .backends.transformers import ModelView, make_view
 from .errors import EmoscopeError, validated
@@ -109,10 +110,16 @@ class ModelConfig(BaseModel):
     quantization: Literal[tuple(SCHEMES)] | None = Field(None, exclude_if=lambda v: v is None)
     """Quantize the weights on load with a library's own kernels (torchao, optimum-quanto, bitsandbytes on CUDA);
     unset: the weights as stored."""
-    backend: Runtime = Field("transformers", exclude_if=lambda v: v == "transformers")
-    """The runtime that computes the model: transformers (PyTorch, every stage) or llama.cpp (the GGUF file run by
+    backend: Literal[BACKENDS] = Field("transformers", exclude_if=lambda v: v == "transformers")
+    """The runtime that computes the model: transformers (PyTorch, every stage), llama.cpp (the GGUF file run by
     llama.cpp itself: label scoring, residual capture and SAE-feature ablation, on the CPU; `pip install
-    'emoscope[llamacpp]'`)."""
+    'emoscope[llamacpp]'`), or endpoint (`name` is a server's URL, e.g. http://127.0.0.1:8080 of a llama-server:
+    label scoring only, over HTTP, with the server's own tokenizer and chat template)."""
+    adapter: Literal[ENDPOINT_ADAPTERS] = Field("llama-server", exclude_if=lambda v: v == "llama-server")
+    """The serving API of backend endpoint (llama-server: llama.cpp's server)."""
+    timeout: float = Field(30.0, gt=0, exclude=True)
+    """Seconds an endpoint may take to answer one request (at most 2 retries after a refused connection, a
+    timeout or an HTTP 5xx). Placement only: not part of any hash."""
     threads: Threads | None = Field(None, exclude=True)
     """CPU threads of the llama.cpp backend (unset: every core). Placement only: not part of any hash."""
     kv_cache: Literal[tuple(KV_TYPES)] | None = Field(None, exclude_if=lambda v: v is None)
@@ -121,6 +128,11 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _backend_settings(self):
+        if self.backend == "endpoint" and not self.name.startswith(("http://", "https://")):
+            raise ValueError("backend endpoint needs the server's URL as the model name (http://HOST:PORT)")
+        if self.backend == "endpoint" and (self.quantization or self.device_map is not None):
+            raise ValueError("backend endpoint scores the model the server runs: quantization and device_map are "
+                             "transformers settings")
         if self.backend != "llama.cpp" and (self.kv_cache is not None or self.threads is not None):
             raise ValueError("threads and kv_cache are settings of backend: llama.cpp")
         if self.backend == "llama.cpp" and (self.quantization or self.device_map is not None):
@@ -262,17 +274,23 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 def load_model(name: str | ModelConfig = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32",
                trust_remote_code: bool = False, backend: str = "transformers", threads: int | None = None,
-               kv_cache: str | None = None) -> Backend:
+               kv_cache: str | None = None, timeout: float | None = None) -> Backend:
     """Load a registry model, a .gguf file, a local HF directory or a hub id, as a `ModelView`; with
-    backend="llama.cpp", a registry model or .gguf file run by llama.cpp (a `LlamaCppModel`). Both declare the
-    operations they support: the model interface of `backends.base.Backend`."""
+    backend="llama.cpp", a registry model or .gguf file run by llama.cpp (a `LlamaCppModel`); with
+    backend="endpoint", the URL of a running llama-server, scored over HTTP (an `EndpointModel`). Each declares the
+    operations it supports: the model interface of `backends.base.Backend`."""
     if not isinstance(name, ModelConfig):
         if dtype not in ("auto", *DTYPES):
             raise EmoscopeError(f"unknown dtype '{dtype}': choose auto or one of {', '.join(DTYPES)}")
-        extra = {k: v for k, v in (("threads", threads), ("kv_cache", kv_cache)) if v is not None}
+        extra = {k: v for k, v in (("threads", threads), ("kv_cache", kv_cache), ("timeout", timeout)) if v is not None}
         name = validated(ModelConfig, {"name": name, "device": device, "dtype": dtype, "backend": backend,
                                        "trust_remote_code": trust_remote_code, **extra}, "model.")
     cfg = name
+    if cfg.backend == "endpoint":
+        from .backends.endpoint import EndpointModel
+        view = EndpointModel(cfg.name, cfg.adapter, cfg.timeout)
+        view.settings = cfg
+        return view
     if cfg.backend == "llama.cpp":
         view = _load_llamacpp(cfg)
         view.settings = cfg

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 RUNTIMES = ("transformers", "llama.cpp")
 """The runtimes that compute a model: a model setting's `backend`, an audit candidate's `runtime` (one word each)."""
 Runtime = Literal[RUNTIMES]
+BACKENDS = (*RUNTIMES, "endpoint")
+"""What a model setting's `backend` may name: a runtime, or `endpoint` (a serving URL, scored over HTTP)."""
 
 OPERATIONS = {
     "score": "score label continuations after prompts (score_ids)",

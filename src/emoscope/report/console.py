@@ -287,6 +287,11 @@ def print_canary(res, canary) -> None:
     show(tab)
     if res.out_of_band:
         out.print(f"beyond their 8-bit tolerance: {', '.join(res.out_of_band)}", markup=False)
+    for why in res.template:
+        out.print(f"template drift: {why}", markup=False)
+    if res.unchecked:
+        out.print(f"not checkable on this backend: {', '.join(res.unchecked)} (the residual stream is not readable "
+                  "over HTTP; check a build in-process for them)", markup=False)
     verdict = "passed" if res.passed else f"DRIFT: {' and '.join(res.drifted)}" if res.drifted else \
         f"UNCERTAIN: {' and '.join(res.uncertain)} too close to the thresholds to call; run the full audit"
     out.print(f"{verdict} ({res.seconds:.2f} s)", markup=False)
