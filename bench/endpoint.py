@@ -59,7 +59,8 @@ def start(binary: str, gguf: Path, threads: int, extra: list[str]) -> tuple[subp
 
 
 def timed(make, canary: cn.Canary, repeat: int):
-    """(seconds to make the model, [seconds per check], the last check, the calibrated log-probs)."""
+    """(seconds to make the model, [seconds per check], the last check, the calibrated log-probs, the endpoint's
+    request counts)."""
     t0 = time.perf_counter()
     model = make()
     made = time.perf_counter() - t0
@@ -69,7 +70,7 @@ def timed(make, canary: cn.Canary, repeat: int):
         res = cn.check(model, canary)
         times.append(time.perf_counter() - t1)
     cal = cn.observe(canary, cn._task_on(canary, model)).cal
-    return made, times, res, cal
+    return made, times, res, cal, dict(getattr(model, "requests", {}))
 
 
 def main() -> None:
@@ -96,8 +97,9 @@ def main() -> None:
            "endpoint_connect_s": round(remote[0], 3), "endpoint_check_s": round(float(np.median(remote[1])), 3),
            "endpoint_over_inprocess": round(float(np.median(remote[1]) / np.median(local[1])), 2),
            "inprocess_passed": local[2].passed, "endpoint_passed": remote[2].passed,
-           "endpoint_template_drift": len(remote[2].template), "max_abs_cal_diff": float(np.abs(local[3] -
-                                                                                             remote[3]).max())}
+           "endpoint_template_drift": len(remote[2].template), "endpoint_requests": remote[4]["completion"],
+           "endpoint_whole_vocabulary_requests": remote[4]["whole_vocabulary"],
+           "max_abs_cal_diff": float(np.abs(local[3] - remote[3]).max())}
     table = Table(title=f"canary of {fig['n_canary']} examples, {a.gguf.name}, {fig['cpu']}, {a.threads} threads")
     for col in ("path", "setup s", "check s (median)", "passed"):
         table.add_column(col)

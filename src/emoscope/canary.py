@@ -533,7 +533,8 @@ def template_drift(canary: Canary, task: Task) -> list[str]:
     reference), and the first canary prompt that differs, located before or after the example's text (empty: the
     same prompts; a canary written before these were stored is not checked)."""
     m, out = canary.meta, []
-    served, audited = getattr(task.model.tokenizer, "chat_template", None) or None, m.get("chat_template")
+    served, audited = (str(t or "").strip() or None for t in (getattr(task.model.tokenizer, "chat_template", None),
+                                                               m.get("chat_template")))  # llama.cpp strips the ends
     if m.get("chat") and served != audited:
         out.append("chat template: " + (f"{_digest(served)} served, {_digest(audited)} audited" if served and audited
                                         else "the build has none, the audit had one" if audited
@@ -556,7 +557,9 @@ def _where(want: str, got: str, text: str) -> str:
     i = next((k for k, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
     at = want.find(text)
     part = "the system prompt or instruction before the text" if at < 0 or i < at else "the answer cue after the text"
-    return f"rendered prompt differs in {part} (at character {i}): audited {want[i:i + 60]!r}, served {got[i:i + 60]!r}"
+    a = max(0, i - 20)
+    return (f"rendered prompt differs in {part} (at character {i}): audited {want[a:i + 60]!r}, served "
+            f"{got[a:i + 60]!r}")
 
 
 def check_candidate(canary: Canary, task: Task, cand: Candidate, audit_config: AuditConfig,

@@ -161,6 +161,9 @@ class EndpointModel:
         info = _field(self.http.get("/v1/models"), "data", 0, path="/v1/models", url=self.http.url)
         meta = _field(info, "meta", path="/v1/models", url=self.http.url)
         self.n_vocab, self.d_model = int(meta.get("n_vocab", 0)), int(meta.get("n_embd", 0))
+        if self.n_vocab <= 0:
+            raise EmoscopeError(f"endpoint {self.http.url}/v1/models: no vocabulary size (meta.n_vocab): is this a "
+                                "llama-server?")
         self.model_id, self.meta = str(info.get("id", "")), meta
         self.name = f"{self.http.url} ({self.model_id})"
         self.tokenizer = ServerTokenizer(self.http, self.props, self.n_vocab)
@@ -169,6 +172,9 @@ class EndpointModel:
         self.max_context = int(n_ctx)
         self.weights = f"served by {adapter} at {self.http.url}: {self.model_id}, {meta.get('ftype', '?')}"
         self.settings = None
+        self.requests = {"completion": 0, "whole_vocabulary": 0}
+        """Scoring requests made, and how many of them asked for the whole vocabulary (a label token outside the
+        top n_probs)."""
 
     def describe(self) -> dict:
         """What answered, for a result row: the server, its build, the model file and its type."""
@@ -206,6 +212,8 @@ class EndpointModel:
     def _top(self, ids: list[int], n: int) -> dict[int, float]:
         body = {"prompt": [int(i) for i in ids], "n_predict": 1, "n_probs": int(n), "temperature": 0.0,
                 "cache_prompt": True, "post_sampling_probs": False, "stream": False}
+        self.requests["completion"] += 1
+        self.requests["whole_vocabulary"] += n >= self.n_vocab
         ans = self.http.post("/completion", body)
         top = _field(ans, "completion_probabilities", 0, "top_logprobs", path="/completion", url=self.http.url)
         try:

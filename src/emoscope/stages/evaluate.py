@@ -116,7 +116,8 @@ def evaluate(task: Task, examples: list[Example] | None = None, progress=None) -
         "answers": {"raw": answer_shares(pred_raw, task.classes), "calibrated": answer_shares(pred_cal, task.classes)},
     }
     timing = {"score": round(t_score, 2), "per_example": round(t_score / len(examples), 4),
-              "device": str(view.device), "dtype": str(view.dtype).replace("torch.", "")}
+              "device": str(getattr(view, "device", "server")),  # an endpoint's device is the server's
+              "dtype": str(getattr(view, "dtype", "server")).replace("torch.", "")}
     return EvalResult(data, {"predictions": _predictions(examples, task.classes, logp, pred_raw, pred_cal)}, timing)
 
 
