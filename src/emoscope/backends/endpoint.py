@@ -24,6 +24,7 @@ failure is one EmoscopeError line naming the URL and what went wrong.
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import time
@@ -81,8 +82,8 @@ class Http:
             if isinstance(e.reason, (socket.timeout, TimeoutError)):
                 raise _Retry(f"no answer within {self.timeout:g} s") from None
             raise _Retry(f"cannot connect ({e.reason})") from None
-        except (ConnectionError, OSError) as e:
-            raise _Retry(f"connection failed ({e})") from None
+        except (OSError, http.client.HTTPException) as e:  # reset, closed mid-answer, a truncated body
+            raise _Retry(f"connection failed ({type(e).__name__}: {e})") from None
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError):
