@@ -281,7 +281,7 @@ def test_a_server_with_another_template_fails_the_canary_naming_it(server_binary
                               "You are a support agent.")
     assert other != QWEN_CHAT
     (tmp_path / "t.jinja").write_text(other)
-    with Server(server_binary, path, "--jinja", "--chat-template-file", tmp_path / "t.jinja") as srv:
+    with Server(server_binary, path, "--chat-template-file", tmp_path / "t.jinja") as srv:
         res = es.canary.check(load_model(srv.url, backend="endpoint"), folder)
         assert not res.passed and "template" in res.drifted
         assert res.template[0].startswith("chat template: sha256:")
@@ -291,6 +291,12 @@ def test_a_server_with_another_template_fails_the_canary_naming_it(server_binary
         assert r.returncode == 1, r.stderr
         got = json.loads(r.stdout)
         assert "template" in got["drifted"] and got["unchecked"] == ["features"] and got["template"] == res.template
+    # llama-server's built-in approximation of the template (--no-jinja) drops Qwen's default system prompt
+    from emoscope.canary import Canary, _task_on, template_drift
+    canary = Canary.load(folder)
+    with Server(server_binary, path, "--no-jinja") as srv:
+        drift = template_drift(canary, _task_on(canary, load_model(srv.url, backend="endpoint")))
+        assert len(drift) == 1 and "before the text" in drift[0] and "You are Qwen" in drift[0]
 
 
 def test_another_model_behind_the_url_is_refused(server_binary, qwen_canary, tmp_path):
