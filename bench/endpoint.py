@@ -99,7 +99,11 @@ def main() -> None:
            "inprocess_passed": local[2].passed, "endpoint_passed": remote[2].passed,
            "endpoint_template_drift": len(remote[2].template), "endpoint_requests": remote[4]["completion"],
            "endpoint_whole_vocabulary_requests": remote[4]["whole_vocabulary"],
-           "max_abs_cal_diff": float(np.abs(local[3] - remote[3]).max())}
+           "max_abs_cal_diff": float(np.abs(local[3] - remote[3]).max()),
+           "inprocess_flips": local[2].canary_flips, "endpoint_flips": remote[2].canary_flips,
+           "inprocess_predicted_flip_rate": round(local[2].predicted_flip_rate, 6),
+           "endpoint_predicted_flip_rate": round(remote[2].predicted_flip_rate, 6),
+           "endpoint_unchecked": "+".join(remote[2].unchecked), "inprocess_unchecked": "+".join(local[2].unchecked)}
     table = Table(title=f"canary of {fig['n_canary']} examples, {a.gguf.name}, {fig['cpu']}, {a.threads} threads")
     for col in ("path", "setup s", "check s (median)", "passed"):
         table.add_column(col)
