@@ -4,7 +4,8 @@ Starts llama-server (the binary `make llama-server` builds, or --server) on 127.
 given, waits until it answers, then times `es.canary.check` through the endpoint (connecting included, the server's
 start not) and in llama.cpp in-process (the model's load included and, separately, excluded), each --repeat times,
 and compares the verdicts and the calibrated label log-probs.
-Usage: python bench/endpoint.py CANARY_DIR --gguf FILE [--server BIN] [--threads 2] [--repeat 3] [--json out.json]
+Usage: python bench/endpoint.py CANARY_DIR --gguf FILE [--server BIN] [--threads 2] [--repeat 3]
+       [--server-arg=--no-jinja] [--json out.json]
 """
 
 from __future__ import annotations
@@ -80,12 +81,13 @@ def main() -> None:
     ap.add_argument("--server", default=str(REPO / ".venv/bin/llama-server"))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--jinja", action="store_true", help="start llama-server with --jinja (Qwen's template needs it)")
+    ap.add_argument("--server-arg", action="append", default=[], help="an argument for llama-server, e.g. "
+                                                                       "--server-arg=--no-jinja (repeatable)")
     ap.add_argument("--json", default=None, help="write the figures here as a flat JSON object")
     a = ap.parse_args()
     canary = cn.Canary.load(a.canary)
     local = timed(lambda: load_model(str(a.gguf), backend="llama.cpp", threads=a.threads), canary, a.repeat)
-    proc, url, up = start(a.server, a.gguf, a.threads, ["--jinja"] if a.jinja else [])
+    proc, url, up = start(a.server, a.gguf, a.threads, a.server_arg)
     try:
         remote = timed(lambda: load_model(url, backend="endpoint"), canary, a.repeat)
     finally:
@@ -97,7 +99,9 @@ def main() -> None:
            "endpoint_connect_s": round(remote[0], 3), "endpoint_check_s": round(float(np.median(remote[1])), 3),
            "endpoint_over_inprocess": round(float(np.median(remote[1]) / np.median(local[1])), 2),
            "inprocess_passed": local[2].passed, "endpoint_passed": remote[2].passed,
-           "endpoint_template_drift": len(remote[2].template), "endpoint_requests": remote[4]["completion"],
+           "server_args": " ".join(a.server_arg), "endpoint_template_drift": len(remote[2].template),
+           "endpoint_drifted": "+".join(remote[2].drifted), "inprocess_drifted": "+".join(local[2].drifted),
+           "endpoint_requests": remote[4]["completion"],
            "endpoint_whole_vocabulary_requests": remote[4]["whole_vocabulary"],
            "max_abs_cal_diff": float(np.abs(local[3] - remote[3]).max()),
            "inprocess_flips": local[2].canary_flips, "endpoint_flips": remote[2].canary_flips,
@@ -114,6 +118,8 @@ def main() -> None:
     Console().print(table)
     print(f"endpoint / in-process check time: {fig['endpoint_over_inprocess']}x; largest calibrated log-prob "
           f"difference {fig['max_abs_cal_diff']:.2e}")
+    for why in remote[2].template:
+        print(f"template drift: {why}")
     if a.json:
         Path(a.json).write_text(json.dumps(fig, indent=1))
 
