@@ -42,6 +42,18 @@ def test_a_q4km_build_identical_to_the_reference_is_no_bar():
     assert out["bars"]["transformers"]["mean_kld"] is None and out["false_alarms_by_kld"] == []
 
 
+def test_a_q4km_file_made_from_the_reference_is_the_bar_before_the_shipped_one():
+    """The shipped Q4_K_M file (model: source) a reference was dequantised from measures llama.cpp's arithmetic alone
+    (Qwen2.5-1.5B: KLD 0.0020 against the re-quantized Q4_K_M's 0.0046): the file made from the reference's weights is
+    the bar, whichever comes first; the shipped one only when there is no other."""
+    shipped = _row("shipped", 0.002, 0.97, 0.01, False)
+    shipped["file_type"] = "Q4_K_M"
+    made = _row("q4km", 0.0046, 0.95, 0.03, False, "llama.cpp:Q4_K_M")
+    q6 = _row("q6", 0.0035, 0.96, 0.04, False, "llama.cpp:Q6_K")
+    assert blind_spots([shipped, q6, made])["bars"]["llama.cpp"]["mean_kld"] == 0.0046
+    assert blind_spots([shipped, q6])["bars"]["llama.cpp"]["mean_kld"] == 0.002
+
+
 def test_no_figures_no_table_and_too_few_builds_no_correlation():
     assert blind_spots([{"name": "x", "changed": {}, "flip_rate": 0.1, "failed": False}]) is None
     two = blind_spots(ROWS[:2])
