@@ -163,6 +163,10 @@ def test_plain_progress_for_logs():
     lines = buf.getvalue().splitlines()
     assert lines[0].startswith("saes: 25/100 done, ") and "/s" in lines[0] and "ETA" in lines[0]
     assert lines[-1].startswith("saes: 100/100 done")
+    slow = PlainProgress("audit", total=11, every=0.0, stream=buf, heartbeat=None)
+    slow.start -= 960  # two candidates in 16 minutes: 8 min each, not "0.00/s"
+    slow(2)
+    assert buf.getvalue().splitlines()[-1].startswith("audit: 2/11 done, 8m00s each, 16m00s elapsed, ETA 1h12m")
 
 
 def test_plain_progress_speaks_while_the_work_does_not_advance():

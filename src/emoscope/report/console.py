@@ -55,7 +55,9 @@ class PlainProgress:
         eta = ""
         if self.total and rate > 0:
             eta = f", ETA {_duration((self.total - self.n) / rate)}"
-        return f"{self.name}: {done} done, {rate:.2f}/s, {_duration(now - self.start)} elapsed{eta}"
+        # slow steps (an audit candidate, a sensitivity build): time per step, where a rate would read 0.00/s
+        speed = f"{rate:.2f}/s" if rate >= 0.1 or not self.n else f"{_duration(1 / rate)} each"
+        return f"{self.name}: {done} done, {speed}, {_duration(now - self.start)} elapsed{eta}"
 
 
 def _beat(ref, closed: threading.Event, every: float) -> None:

@@ -146,6 +146,11 @@ def _run(ctx, cfg: AuditConfig, progress, workdir) -> AuditResult:
                  progress=progress)
 
 
+def _total(ctx, cfg: AuditConfig) -> int | None:
+    return len(cfg.candidates) if isinstance(cfg.candidates, list) else None  # 'default': expanded by the task
+
+
 STAGE = Stage("audit", AuditConfig, AuditResult, upstream=("phases", "trace"), needs=("evaluate", "saes"), run=_run,
+              total=_total,
               printer="print_audit", summary="Compare the reference with candidate prompts, precisions, runtimes and "
                                              "files: a deployment gate (reads phases and trace when present).")
