@@ -150,7 +150,7 @@ def test_unknown_force_stage_and_set_are_one_line_errors(tmp_path):
     _one_line_error(cli("run", "--config", "quick", "--set", "phases.fdr"), "--set takes key=value")
     _one_line_error(cli("run", "--config", "quick", "--set", "phases.fdr=2"), "phases.fdr")
     _one_line_error(cli("run", "--config", "no-such-config"),
-                    "shipped configs: deploy, full, full-smollm2, gemma2-2b-gemmascope, quick")
+                    "shipped configs: deploy, deploy-qwen1.5b, full, full-smollm2, gemma2-2b-gemmascope, quick")
 
 
 def test_plain_progress_for_logs():
