@@ -126,6 +126,13 @@ def test_garbage_json_and_answers_without_the_expected_fields_are_one_line(toy_d
         srv.answer = lambda path, body: (200, b'{"data": []}')  # JSON, but not a llama-server's
         with pytest.raises(EmoscopeError, match="/v1/models: the answer has no data.0"):
             load_model(url, backend="endpoint")
+        srv.answer = lambda path, body: (200, b'{"data": [{"meta": [1]}]}' if path == "/v1/models" else b"[]")
+        with pytest.raises(EmoscopeError, match="is not a JSON object"):
+            load_model(url, backend="endpoint")
+        srv.answer = lambda path, body: (200, json.dumps({"data": [{"meta": {"n_vocab": "many"}}]}).encode()
+                                         if path == "/v1/models" else b"{}")
+        with pytest.raises(EmoscopeError, match="no vocabulary size"):
+            load_model(url, backend="endpoint")
     finally:
         srv.shutdown()
 

@@ -131,7 +131,11 @@ class ServerTokenizer:
         if key not in self._cache:
             ans = self.http.post("/tokenize", {"content": text, "add_special": bool(add_special_tokens),
                                                "parse_special": True})
-            self._cache[key] = [int(t) for t in _field(ans, "tokens", path="/tokenize", url=self.http.url)]
+            try:
+                self._cache[key] = [int(t) for t in _field(ans, "tokens", path="/tokenize", url=self.http.url)]
+            except (TypeError, ValueError):
+                raise EmoscopeError(f"endpoint {self.http.url}/tokenize: tokens are not token ids: is this a "
+                                    "llama-server?") from None
         return SimpleNamespace(input_ids=list(self._cache[key]))
 
     def decode(self, ids) -> str:
@@ -161,7 +165,13 @@ class EndpointModel:
         self.props = self.http.get("/props")
         info = _field(self.http.get("/v1/models"), "data", 0, path="/v1/models", url=self.http.url)
         meta = _field(info, "meta", path="/v1/models", url=self.http.url)
-        self.n_vocab, self.d_model = int(meta.get("n_vocab", 0)), int(meta.get("n_embd", 0))
+        if not (isinstance(self.props, dict) and isinstance(info, dict) and isinstance(meta, dict)):
+            raise EmoscopeError(f"endpoint {self.http.url}: /props or /v1/models is not a JSON object: is this a "
+                                "llama-server?")
+        try:
+            self.n_vocab, self.d_model = int(meta.get("n_vocab", 0)), int(meta.get("n_embd", 0))
+        except (TypeError, ValueError):
+            self.n_vocab = 0
         if self.n_vocab <= 0:
             raise EmoscopeError(f"endpoint {self.http.url}/v1/models: no vocabulary size (meta.n_vocab): is this a "
                                 "llama-server?")
