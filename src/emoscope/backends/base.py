@@ -101,3 +101,19 @@ def require(model, stage: str) -> None:
         raise EmoscopeError(f"stage {stage} needs '{missing[0]}' ({OPERATIONS[missing[0]]}), which backend {name} does "
                             f"not support (it supports {', '.join(sorted(supports(model)))}): run the stage with "
                             "backend transformers")
+
+
+def token_mismatch(tokenize, bos: str | None, prompts: list[str], ids: list[list[int]], labels: list[str],
+                   label_ids: list[list[int]]) -> str | None:
+    """What a backend's own tokenizer (`tokenize(text, add_special) -> ids`) encodes differently from the reference's
+    ids, as "<a prompt | the label ...> differently from the reference ...", or None when every prompt and label
+    agrees (the `check_tokens` operation of every backend that does not run on the reference's tokenizer)."""
+    for text, want in zip(prompts, ids):
+        got = tokenize(text, not (bos and text.startswith(bos)))
+        if got != list(want):
+            at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            return f"a prompt differently from the reference (first difference at token {at} of {len(want)})"
+    for lab, want in zip(labels, label_ids):
+        if tokenize(lab, False) != list(want):
+            return f"the label {lab!r} differently from the reference"
+    return None

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import EmoscopeError
+from .base import token_mismatch
 
 ADAPTERS = ("llama-server",)
 """Serving APIs this backend speaks (tested against the real server)."""
@@ -195,18 +196,11 @@ class EndpointModel:
     def check_tokens(self, prompts: list[str], ids: list[list[int]], labels: list[str],
                      label_ids: list[list[int]]) -> None:
         """Refuse a server whose tokenizer encodes these prompts or labels into other ids than the reference's."""
-        bos = self.tokenizer.bos_token
-        for text, want in zip(prompts, ids):
-            got = self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos))).input_ids
-            if got != list(want):
-                at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-                raise EmoscopeError(f"endpoint {self.http.url}: the server tokenizes a prompt differently from the "
-                                    f"reference (first difference at token {at} of {len(want)}): another model or "
-                                    "tokenizer is behind the URL")
-        for lab, want in zip(labels, label_ids):
-            if self.tokenizer(lab, add_special_tokens=False).input_ids != list(want):
-                raise EmoscopeError(f"endpoint {self.http.url}: the server tokenizes the label {lab!r} differently "
-                                    "from the reference: another model or tokenizer is behind the URL")
+        wrong = token_mismatch(lambda text, special: self.tokenizer(text, add_special_tokens=special).input_ids,
+                               self.tokenizer.bos_token, prompts, ids, labels, label_ids)
+        if wrong:
+            raise EmoscopeError(f"endpoint {self.http.url}: the server tokenizes {wrong}: another model or tokenizer "
+                                "is behind the URL")
 
     # ------------------------------------------------------------------ scoring
     def next_logprobs(self, ids: list[int], wanted: list[int]) -> dict[int, float]:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import EmoscopeError
+from .base import token_mismatch
 from ..interventions.edits import clamp_rows
 from ..interventions.effects import margin
 from ..prefix import common_prefix as _common_prefix
@@ -171,18 +172,11 @@ class LlamaCppModel:
     def check_tokens(self, prompts: list[str], ids: list[list[int]], labels: list[str], label_ids: list[list[int]]):
         """Refuse a GGUF whose tokenizer disagrees with the reference's on these prompts or label strings: both
         backends get the reference's ids, which would otherwise mean different text to this file."""
-        bos = getattr(self.tokenizer, "bos_token", None)
-        for text, want in zip(prompts, ids):
-            got = self.tokenize(text, add_special=not (bos and text.startswith(bos)))
-            if got != list(want):
-                at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-                raise EmoscopeError(f"{Path(self.path).name}: llama.cpp tokenizes a prompt differently from the "
-                                    f"reference's tokenizer (first difference at token {at} of {len(want)}); the two "
-                                    "backends would read different texts")
-        for lab, want in zip(labels, label_ids):
-            if self.tokenize(lab, add_special=False) != list(want):
-                raise EmoscopeError(f"{Path(self.path).name}: llama.cpp tokenizes the label {lab!r} differently from "
-                                    "the reference's tokenizer")
+        wrong = token_mismatch(self.tokenize, getattr(self.tokenizer, "bos_token", None), prompts, ids, labels,
+                               label_ids)
+        if wrong:
+            raise EmoscopeError(f"{Path(self.path).name}: llama.cpp tokenizes {wrong}: the two backends would "
+                                "read different texts")
 
     # ------------------------------------------------------------------ decoding
     def _clear(self, first: int = 0):
