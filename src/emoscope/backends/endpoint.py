@@ -123,6 +123,7 @@ class ServerTokenizer:
         self.bos_token = props.get("bos_token") or None
         self.eos_token = props.get("eos_token") or None
         self._cache: dict[tuple[str, bool], list[int]] = {}
+        self._rendered: dict[str, str] = {}
 
     def __len__(self) -> int:
         return self.n_vocab
@@ -146,8 +147,11 @@ class ServerTokenizer:
     def apply_chat_template(self, messages, tokenize: bool = False, add_generation_prompt: bool = True, **_) -> str:
         if tokenize or not add_generation_prompt:
             raise EmoscopeError("the server renders chat prompts as text with the generation prompt only")
-        ans = self.http.post("/apply-template", {"messages": messages})
-        return _field(ans, "prompt", path="/apply-template", url=self.http.url)
+        key = json.dumps(messages, sort_keys=True)  # a canary check renders each prompt three times
+        if key not in self._rendered:
+            ans = self.http.post("/apply-template", {"messages": messages})
+            self._rendered[key] = _field(ans, "prompt", path="/apply-template", url=self.http.url)
+        return self._rendered[key]
 
 
 class EndpointModel:
