@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from emoscope.hooks import HookPoint, record
-from emoscope.store import capture_to_store
+from emoscope.store import capture_to_store, capture_to_stores
 from emoscope.data import EKMAN, Example
 from emoscope.errors import EmoscopeError
 from emoscope.task import Task
@@ -57,6 +57,30 @@ def test_store_round_trip(tiny_llama, tmp_path, positions, dtype, toy_data):
         Store(tmp_path / "s", d_model=64)
     with pytest.raises(EmoscopeError, match="has no blocks.1.hook_resid_post"):
         next(store.batches(["blocks.1.hook_resid_post"]))
+
+
+def test_two_stores_from_one_forward_equal_each_alone(tiny_llama, tmp_path, toy_data):
+    """The phases stage reads the final token and the text of the same prompts: one forward per batch fills
+    both stores, and each is file for file the store a capture of its positions alone writes."""
+    b = _builder(tiny_llama, toy_data)
+    ex = [Example(f"e{i}", t, ("joy",)) for i, t in enumerate(CORPUS[:5])]
+    hooks, modes = [HookPoint(1), HookPoint(3)], ("last", "text")
+    enc = {m: [b.positions(e.text, m) for e in ex] for m in modes}
+    calls = []
+    handle = tiny_llama.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        both = capture_to_stores(tiny_llama, [ids for ids, _ in enc["last"]], {m: [p for _, p in enc[m]] for m in modes},
+                                 [e.id for e in ex], hooks, {m: tmp_path / f"both-{m}" for m in modes}, batch_size=2)
+    finally:
+        handle.remove()
+    assert len(calls) == 3  # 5 prompts in batches of 2
+    for m in modes:
+        alone = capture_to_store(tiny_llama, enc[m], [e.id for e in ex], hooks, m, tmp_path / f"alone-{m}",
+                                 batch_size=2)
+        assert both[m].manifest == alone.manifest
+        for shard in alone.manifest["shards"]:
+            assert (tmp_path / f"both-{m}" / shard["file"]).read_bytes() == (alone.path / shard["file"]).read_bytes()
+    assert len(both["last"]) == 5 and len(both["text"]) > 5
 
 
 def test_store_is_atomic(tmp_path):

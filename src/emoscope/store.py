@@ -124,41 +124,56 @@ class Store:
         return torch.cat([b[key] for b in self.batches([key], 1 << 30)])
 
 
-@torch.no_grad()
 def capture_to_store(view: Backend, encoded: list[tuple[list[int], list[int]]], example_ids: list[str],
                      hooks: list[HookPoint], positions: str, path, source: dict | None = None, dtype: str = "float32",
                      batch_size: int = 8, progress=None) -> Store:
     """One forward per batch of prompts records every hook; each prompt's chosen positions go to a store.
     `encoded` holds (token ids, positions to keep) per prompt, e.g. from `Task.positions`. With several
     ranks, each captures its block of batches into a part and rank 0 joins the parts in order."""
-    path, several = Path(path), dist.world_size() > 1
-    part = path.with_name(f"{path.name}.part{dist.rank()}") if several else path
-    writer = StoreWriter(part, {"model": view.name, "d_model": view.d_model, "hooks": [h.name for h in hooks],
-                                "positions": positions, "source": source or {}}, dtype,
-                         example_ids=example_ids if several else ())
+    return capture_to_stores(view, [ids for ids, _ in encoded], {positions: [pos for _, pos in encoded]},
+                             example_ids, hooks, {positions: path}, source, dtype, batch_size, progress)[positions]
+
+
+@torch.no_grad()
+def capture_to_stores(view: Backend, prompts: list[list[int]], keep: dict[str, list[list[int]]],
+                      example_ids: list[str], hooks: list[HookPoint], paths: dict, source: dict | None = None,
+                      dtype: str = "float32", batch_size: int = 8, progress=None) -> dict[str, Store]:
+    """Several stores from one forward per batch of prompts: `keep[name]` gives each prompt's positions for
+    the store at `paths[name]` (e.g. the final prompt token's and every text token's), so prompts read at two
+    sets of positions are run once. Each store equals the one `capture_to_store` writes alone."""
+    several = dist.world_size() > 1
+    parts = {k: Path(p).with_name(f"{Path(p).name}.part{dist.rank()}") if several else Path(p)
+             for k, p in paths.items()}
+    writers = {k: StoreWriter(parts[k], {"model": view.name, "d_model": view.d_model, "hooks": [h.name for h in hooks],
+                                         "positions": k, "source": source or {}}, dtype,
+                              example_ids=example_ids if several else ()) for k in keep}
     try:
-        for i in dist.my_items(range(0, len(encoded), batch_size)):
-            enc, eids = encoded[i:i + batch_size], example_ids[i:i + batch_size]
-            ids, mask = pad_batch([ids for ids, _ in enc], view.device)
+        for i in dist.my_items(range(0, len(prompts), batch_size)):
+            eids = example_ids[i:i + batch_size]
+            ids, mask = pad_batch(prompts[i:i + batch_size], view.device)
             with record(view, hooks, stop=True) as acts:  # no block after the deepest hook runs
                 view.model(input_ids=ids, attention_mask=mask, use_cache=False)
-            rows = torch.tensor([r for r, (_, pos) in enumerate(enc) for _ in pos])
-            cols = torch.tensor([p for _, pos in enc for p in pos])
-            writer.add({h.name: acts[h.name][rows, cols] for h in hooks}, ids[rows, cols],
-                       [eids[r] for r in rows.tolist()], cols)
+            for k, w in writers.items():
+                pos = keep[k][i:i + batch_size]
+                rows = torch.tensor([r for r, p in enumerate(pos) for _ in p])
+                cols = torch.tensor([c for p in pos for c in p])
+                w.add({h.name: acts[h.name][rows, cols] for h in hooks}, ids[rows, cols],
+                      [eids[r] for r in rows.tolist()], cols)
             if progress:
-                progress(len(enc))
+                progress(len(eids))
     except BaseException:
-        writer.abort()
+        for w in writers.values():
+            w.abort()
         raise
-    store = writer.close()
+    stores = {k: w.close() for k, w in writers.items()}
     if not several:
-        return store
+        return stores
     dist.barrier()
     if dist.is_main():
-        join_parts([path.with_name(f"{path.name}.part{r}") for r in range(dist.world_size())], path)
+        for k, p in paths.items():
+            join_parts([Path(p).with_name(f"{Path(p).name}.part{r}") for r in range(dist.world_size())], Path(p))
     dist.barrier()
-    return Store(path)
+    return {k: Store(p) for k, p in paths.items()}
 
 
 def join_parts(parts: list[Path], path: Path) -> None:

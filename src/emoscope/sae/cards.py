@@ -25,7 +25,7 @@ import torch
 from ..analysis.stats import rank_tests
 from ..errors import EmoscopeError
 from ..hooks import HookPoint
-from ..store import Store, capture_to_store
+from ..store import Store, capture_to_stores
 
 N_EXAMPLES, N_LOGITS, BINS = 5, 10, 20
 STORES = ("store_last", "store_text")
@@ -37,9 +37,11 @@ def card_key(hook: str, feature: int) -> str:
 
 def capture_examples(task, examples, hooks: list[HookPoint], work: Path) -> tuple[Store, Store]:
     """The final prompt token's and every text token's activations at `hooks`, into two stores."""
-    ids = [e.id for e in examples]
-    return tuple(capture_to_store(task.model, [task.positions(e.text, mode) for e in examples], ids, hooks, mode,
-                                  work / name) for mode, name in zip(("last", "text"), STORES))
+    modes = ("last", "text")
+    enc = {m: [task.positions(e.text, m) for e in examples] for m in modes}
+    stores = capture_to_stores(task.model, [ids for ids, _ in enc["last"]], {m: [p for _, p in enc[m]] for m in modes},
+                               [e.id for e in examples], hooks, {m: work / name for m, name in zip(modes, STORES)})
+    return stores["last"], stores["text"]
 
 
 def feature_cards(task, saes: dict, features: list[tuple[str, int]], examples, labels: list[str],
