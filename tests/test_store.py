@@ -66,14 +66,19 @@ def test_two_stores_from_one_forward_equal_each_alone(tiny_llama, tmp_path, toy_
     ex = [Example(f"e{i}", t, ("joy",)) for i, t in enumerate(CORPUS[:5])]
     hooks, modes = [HookPoint(1), HookPoint(3)], ("last", "text")
     enc = {m: [b.positions(e.text, m) for e in ex] for m in modes}
-    calls = []
-    handle = tiny_llama.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    widths = []  # tokens per row of every forward through the body
+    handle = tiny_llama.model.base_model.register_forward_pre_hook(
+        lambda mod, args, kw: widths.append(kw["input_ids"].shape), with_kwargs=True)
+    prompts = [ids for ids, _ in enc["last"]]
     try:
-        both = capture_to_stores(tiny_llama, [ids for ids, _ in enc["last"]], {m: [p for _, p in enc[m]] for m in modes},
+        both = capture_to_stores(tiny_llama, prompts, {m: [p for _, p in enc[m]] for m in modes},
                                  [e.id for e in ex], hooks, {m: tmp_path / f"both-{m}" for m in modes}, batch_size=2)
     finally:
         handle.remove()
-    assert len(calls) == 3  # 5 prompts in batches of 2
+    # the shared instruction once (one row), then 5 prompts in batches of 2, each running its own tokens only
+    P = min(p for _, pos in enc["text"] for p in pos[:1])
+    assert widths[0] == (1, P) and [w[0] for w in widths[1:]] == [2, 2, 1]
+    assert all(w[1] == max(len(p) for p in prompts[2 * i:2 * i + 2]) - P for i, w in enumerate(widths[1:]))
     for m in modes:
         alone = capture_to_store(tiny_llama, enc[m], [e.id for e in ex], hooks, m, tmp_path / f"alone-{m}",
                                  batch_size=2)

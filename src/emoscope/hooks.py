@@ -140,3 +140,19 @@ def pad_batch(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor
         ids[i, :len(s)] = torch.tensor(s)
         mask[i, :len(s)] = 1
     return ids, mask
+
+
+def pad_after_prefix(suffixes: list[list[int]], P: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids [B, S] of suffixes that follow a shared, cached prefix of P tokens: left-padded *between* prefix
+    and suffix, so every row's last token is at column S - 1; the attention mask [B, P + S] (the prefix and each
+    row's own tokens) and the position ids [B, S] each token has in its whole prompt."""
+    B, S = len(suffixes), max(len(s) for s in suffixes)
+    ids = torch.zeros((B, S), dtype=torch.long, device=device)
+    mask = torch.zeros((B, P + S), dtype=torch.long, device=device)
+    pos = torch.full((B, S), P, dtype=torch.long, device=device)
+    mask[:, :P] = 1
+    for i, s in enumerate(suffixes):
+        ids[i, S - len(s):] = torch.tensor(s, device=device)
+        mask[i, P + S - len(s):] = 1
+        pos[i, S - len(s):] = torch.arange(P, P + len(s), device=device)
+    return ids, mask, pos

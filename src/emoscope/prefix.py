@@ -1,5 +1,5 @@
-"""The token prefix a batch of prompts shares (decoded once, then reused by every prompt): no dependencies, so
-both backends' scoring can use it."""
+"""The token prefix a batch of prompts shares (decoded once, then reused by every prompt), and the attention window
+that bounds where it may be reused: no dependencies, so both backends' scoring can use it."""
 
 from __future__ import annotations
 
@@ -15,3 +15,14 @@ def common_prefix(seqs: list[list[int]], keep: int = 1) -> int:
             i += 1
         n = i
     return max(n, 0)
+
+
+def sliding_window(model) -> int:
+    """Smallest attention window of any layer of a transformers model (a huge number when no layer slides): past
+    it, padding between a cached prefix and a suffix would shift the window."""
+    cfg = model.config.get_text_config()
+    win = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not win or (types is not None and "sliding_attention" not in types):
+        return 1 << 30
+    return int(win)

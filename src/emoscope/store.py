@@ -12,6 +12,7 @@ complete. Reading never loads more than one shard's slice at a time.
 from __future__ import annotations
 
 
+import copy
 import json
 import os
 import shutil
@@ -26,7 +27,8 @@ from safetensors.torch import save_file
 from . import distributed as dist
 from . import profiling
 from .errors import EmoscopeError
-from .hooks import HookPoint, pad_batch, record
+from .hooks import HookPoint, pad_after_prefix, pad_batch, record
+from .prefix import common_prefix, sliding_window
 from .backends.base import Backend
 
 
@@ -140,27 +142,28 @@ def capture_to_stores(view: Backend, prompts: list[list[int]], keep: dict[str, l
                       dtype: str = "float32", batch_size: int = 8, progress=None) -> dict[str, Store]:
     """Several stores from one forward per batch of prompts: `keep[name]` gives each prompt's positions for
     the store at `paths[name]` (e.g. the final prompt token's and every text token's), so prompts read at two
-    sets of positions are run once. Each store equals the one `capture_to_store` writes alone."""
+    sets of positions are run once. The tokens every prompt starts with, up to the first position kept (the
+    instruction and any demonstrations), run once and are cached; each batch runs its prompts' own tokens."""
     several = dist.world_size() > 1
     parts = {k: Path(p).with_name(f"{Path(p).name}.part{dist.rank()}") if several else Path(p)
              for k, p in paths.items()}
     writers = {k: StoreWriter(parts[k], {"model": view.name, "d_model": view.d_model, "hooks": [h.name for h in hooks],
                                          "positions": k, "source": source or {}}, dtype,
                               example_ids=example_ids if several else ()) for k in keep}
+    P, shared = _shared_prefix(view, prompts, keep)
     try:
         for i in dist.my_items(range(0, len(prompts), batch_size)):
-            eids = example_ids[i:i + batch_size]
-            ids, mask = pad_batch(prompts[i:i + batch_size], view.device)
-            with record(view, hooks, stop=True) as acts:  # no block after the deepest hook runs
-                view.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            chunk, eids = prompts[i:i + batch_size], example_ids[i:i + batch_size]
+            acts, col = _suffix_forward(view, chunk, P, shared, hooks)
             for k, w in writers.items():
                 pos = keep[k][i:i + batch_size]
-                rows = torch.tensor([r for r, p in enumerate(pos) for _ in p])
-                cols = torch.tensor([c for p in pos for c in p])
-                w.add({h.name: acts[h.name][rows, cols] for h in hooks}, ids[rows, cols],
+                rows = torch.tensor([r for r, p in enumerate(pos) for _ in p], dtype=torch.long)
+                cols = torch.tensor([c for p in pos for c in p], dtype=torch.long)
+                w.add({h.name: acts[h.name][rows, cols + col[rows]] for h in hooks},
+                      torch.tensor([chunk[r][c] for r, c in zip(rows.tolist(), cols.tolist())], dtype=torch.long),
                       [eids[r] for r in rows.tolist()], cols)
             if progress:
-                progress(len(eids))
+                progress(len(chunk))
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -174,6 +177,36 @@ def capture_to_stores(view: Backend, prompts: list[list[int]], keep: dict[str, l
             join_parts([Path(p).with_name(f"{Path(p).name}.part{r}") for r in range(dist.world_size())], Path(p))
     dist.barrier()
     return {k: Store(p) for k, p in paths.items()}
+
+
+def _shared_prefix(view: Backend, prompts: list[list[int]], keep: dict[str, list[list[int]]]):
+    """The number of tokens every prompt starts with and none keeps, and their KV cache (one row; None when
+    no prefix is shared, or past the model's attention window, where padding after it would shift the window)."""
+    first_kept = min((min(p) for pos in keep.values() for p in pos if p), default=0)
+    P = min(common_prefix(prompts), first_kept)
+    if P < 1 or max(len(p) for p in prompts) > sliding_window(view.model):
+        return 0, None
+    with profiling.section("llm_forward:prefix"):
+        cache = view.model.base_model(input_ids=torch.tensor([prompts[0][:P]], device=view.device),
+                                      use_cache=True).past_key_values
+    return P, cache
+
+
+def _suffix_forward(view: Backend, chunk: list[list[int]], P: int, shared, hooks: list[HookPoint]):
+    """The hooks' activations [B, T, d] of one batch of prompts, and per row the column of its position 0
+    (negative after a shared prefix: position p sits at column p + col[row])."""
+    if shared is None:
+        ids, mask = pad_batch(chunk, view.device)
+        pos, cache, col = None, None, torch.zeros(len(chunk), dtype=torch.long)
+    else:
+        ids, mask, pos = pad_after_prefix([p[P:] for p in chunk], P, view.device)
+        cache = copy.deepcopy(shared)
+        cache.batch_repeat_interleave(len(chunk))
+        col = torch.tensor([ids.shape[1] - len(p) for p in chunk], dtype=torch.long)
+    with record(view, hooks, stop=True) as acts:  # no block after the deepest hook runs
+        view.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                   use_cache=cache is not None)
+    return acts, col
 
 
 def join_parts(parts: list[Path], path: Path) -> None:

@@ -19,7 +19,7 @@ from .. import distributed as dist
 from .. import profiling
 from ..hooks import HookPoint, at, pad_batch, record, resid
 from ..task.calibrate import CONTENT_FREE
-from ..task.score import _common_prefix, _sliding_window
+from ..prefix import common_prefix, sliding_window
 from ..backends.base import Backend
 
 
@@ -143,10 +143,10 @@ def _given(prompts) -> bool:
 
 def _answer_batches(view: Backend, prompts: list[list[int]], batch_size: int):
     """answer_batches one at a time (each batch's prefix runs when the batch is asked for)."""
-    if max(len(p) for p in prompts) > _sliding_window(view.model) or min(len(p) for p in prompts) < 2:
+    if max(len(p) for p in prompts) > sliding_window(view.model) or min(len(p) for p in prompts) < 2:
         yield from (AnswerBatch(i, ids, mask, last) for i, ids, mask, last in prompt_batches(view, prompts, batch_size))
         return
-    P, shared = min(_common_prefix(prompts), min(len(p) for p in prompts) - 2), None
+    P, shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 2), None
     if P > 0:  # the instruction (and any demonstrations) every prompt starts with: run once
         with torch.no_grad(), profiling.section("llm_forward:prefix"):
             shared = view.model.base_model(input_ids=torch.tensor([prompts[0][:P]], device=view.device),

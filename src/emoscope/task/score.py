@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from .. import distributed as dist
-from ..hooks import HookPoint, record, resid
-from ..prefix import common_prefix as _common_prefix
+from ..hooks import HookPoint, pad_after_prefix, record, resid
+from ..prefix import common_prefix as _common_prefix, sliding_window
 from ..backends.base import Backend
 
 
@@ -39,18 +39,10 @@ def score_ids(view: Backend, prompts: list[list[int]], labels: list[list[int]], 
     res = {layer: np.zeros((len(prompts), view.d_model), dtype=np.float32) for layer in resid_layers}
     first_tok = torch.tensor([lab[0] for lab in labels], device=dev)
     longest = max(len(p) for p in prompts) + max_lab
-    batches = _batches([len(p) - P for p in prompts], batch_size, equal=longest > _sliding_window(model))
+    batches = _batches([len(p) - P for p in prompts], batch_size, equal=longest > sliding_window(model))
     for rows in batches[dist.rank()::dist.world_size()]:  # with several ranks, every rank its share
-        batch = [prompts[r][P:] for r in rows]
-        B, S = len(batch), max(len(s) for s in batch)
-        ids = torch.zeros((B, S), dtype=torch.long, device=dev)
-        mask = torch.zeros((B, P + S), dtype=torch.long, device=dev)
-        pos = torch.full((B, S), P, dtype=torch.long, device=dev)
-        mask[:, :P] = 1
-        for i, s in enumerate(batch):
-            ids[i, S - len(s):] = torch.tensor(s, device=dev)
-            mask[i, P + S - len(s):] = 1
-            pos[i, S - len(s):] = torch.arange(P, P + len(s), device=dev)
+        B = len(rows)
+        ids, mask, pos = pad_after_prefix([prompts[r][P:] for r in rows], P, dev)
         cache = None
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
@@ -72,16 +64,6 @@ def score_ids(view: Backend, prompts: list[list[int]], labels: list[list[int]], 
     if not resid_layers:
         return total
     return total, {layer: dist.all_sum(torch.from_numpy(r)).numpy() for layer, r in res.items()}
-
-
-def _sliding_window(model) -> int:
-    """Smallest attention window of any layer (a huge number when no layer slides)."""
-    cfg = model.config.get_text_config()
-    win = getattr(cfg, "sliding_window", None)
-    types = getattr(cfg, "layer_types", None)
-    if not win or (types is not None and "sliding_attention" not in types):
-        return 1 << 30
-    return int(win)
 
 
 def _batches(lengths: list[int], size: int, equal: bool) -> list[list[int]]:
