@@ -325,14 +325,28 @@ def test_sensitivity_rows_recipe_and_plot(both, toy_data, tmp_path, monkeypatch)
     from emoscope.report import sensitivity as plot
     from emoscope.stages.sensitivity import sensitivity
 
+    from emoscope.backends import gguf_build
+
     task, ev, hooks, causal = _evaluated(both, toy_data)
-    measured = []
+    measured, built, present = [], [], []
     real = Reference.measure.__func__
     counted = classmethod(lambda cls, *a, **k: measured.append(1) or real(cls, *a, **k))
     monkeypatch.setattr(Reference, "measure", counted)
+    real_build = gguf_build.build
+
+    def build(*a, **k):  # how many group files exist whenever one is built
+        built.append(real_build(*a, **k))
+        present.append(sum(p.exists() for p in built))
+        return built[-1]
+    monkeypatch.setattr(gguf_build, "build", build)
     res = sensitivity(task, hooks, ev, None, None, {"target": "Q4_0", "n_perm": 200},
                       {"causal_features": causal, "n_boot": 200, "ablation_per_emotion": 2,
                        "thresholds": {"max_flip_rate": 0.5}})
+    # six group files, each built when its turn comes and removed once audited; the recipe's file and the uniform
+    # files stay
+    assert len(built) == 7 and present == [1] * 7
+    assert [p.exists() for p in built] == [False] * 6 + [True]
+    assert all(gguf_build.quantize(gguf_build.write_float_gguf(both[1].path), t).exists() for t in ("Q4_0", "Q8_0"))
     frame = res.to_frame()
     assert list(frame.group) == ["0", "0", "1", "1", "embeddings", "embeddings"]
     assert set(frame.direction) == {"only", "keep"} and (frame.file_bytes > 0).all()

@@ -6,6 +6,7 @@ interrupted run never leaves a half-written folder that could be read as complet
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -23,6 +24,20 @@ def cache_root() -> Path:
 
 
 def file_sha256(path: Path) -> str:
+    """The file's SHA-256. A large file's is read once per process while its path, inode, size and modification
+    time stay the same (layer sensitivity names a dozen builds by a 7 GB source's hash; a small file, which a test
+    may rewrite within one tick of the file-system clock, is read every time)."""
+    st = os.stat(path)
+    if st.st_size < LARGE:
+        return _sha256.__wrapped__(str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    return _sha256(str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+LARGE = 64 << 20
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):

@@ -82,7 +82,7 @@ def audit(task: Task, saes: dict, evaluation: EvalResult, phases: PhasesResult |
         rows.append(compare(cand, ref, load_view))
         if progress:
             progress(1)
-    _attach_parity(rows)
+    attach_parity(rows)
     view = task.model
     data = {"stage": "audit", "config_hash": config_hash(cfg, view.name), "config": cfg.model_dump(mode="json"),
             "model": view.name, "labels": ref.labels, "n": int(len(ref.y)), "seed": cfg.seed, "n_phases": ref.n_phases,
@@ -131,7 +131,7 @@ def _kld(cand: Candidate, ref: Reference, model) -> dict | None:
         return kld.measure(ref.kld_bases[model.backend], model)._asdict()
 
 
-def _attach_parity(rows: list[dict]):
+def attach_parity(rows: list[dict]):
     """Each llama.cpp row gets the parity row's flips and largest label log-prob change beside its own."""
     par = next((r for r in rows if r.get("runtime") and r.get("parity_of_runtime")), None)
     for r in rows:

@@ -17,7 +17,9 @@ rate minus the earlier layers', with a permutation p-value over layers.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -32,7 +34,7 @@ from ..errors import EmoscopeError, validated
 from ..models import gguf_source
 from ..deployment.candidates import PARITY, Candidate
 from ..deployment.reference import Reference
-from .audit import AuditConfig, audit, compare
+from .audit import AuditConfig, attach_parity, compare
 from .base import Stage, StageResult
 
 
@@ -100,20 +102,22 @@ def sensitivity(task, saes: dict, evaluation, phases=None, trace=None, config: S
     base_audit = audit_config if isinstance(audit_config, AuditConfig) else validated(AuditConfig, audit_config or {},
                                                                                       "audit.")
     f32 = _float_gguf(task.model)
-    target, high = (gguf_build.tensor_types(gguf_build.quantize(f32, t, cfg.threads)) for t in (cfg.target, cfg.high))
+    files: dict[str, Path | Callable[[], Path]] = {f"uniform_{t}": gguf_build.quantize(f32, t, cfg.threads)
+                                                   for t in (cfg.target, cfg.high)}
+    target, high = (gguf_build.tensor_types(files[f"uniform_{t}"]) for t in (cfg.target, cfg.high))
     floats = {n: "F32" for n in target}
     groups = groups_of(target, task.model.n_layers, cfg.group_size)
-    files = {f"uniform_{cfg.target}": gguf_build.quantize(f32, cfg.target, cfg.threads),
-             f"uniform_{cfg.high}": gguf_build.quantize(f32, cfg.high, cfg.threads)}
     for label, names in groups:
-        files[f"only_{label}"] = gguf_build.build(f32, {**floats, **{n: target[n] for n in names}}, cfg.threads)
+        files[f"only_{label}"] = partial(gguf_build.build, f32, {**floats, **{n: target[n] for n in names}},
+                                         cfg.threads)
         if cfg.reverse:
-            files[f"keep_{label}"] = gguf_build.build(f32, {**target, **{n: high[n] for n in names}}, cfg.threads)
+            files[f"keep_{label}"] = partial(gguf_build.build, f32, {**target, **{n: high[n] for n in names}},
+                                             cfg.threads)
     # the reference once, for every file; the groups' files are many, so their KL divergence (audit.kld) is left to
     # the audit's uniform rows
     base_audit = base_audit.model_copy(update={"kld": None})
     ref = Reference.measure(task, saes, evaluation, phases, trace, base_audit)
-    rows = _audit_files(task, saes, evaluation, phases, trace, base_audit, files, cfg.threads, progress, ref)
+    rows = _audit_files(files, cfg.threads, progress, ref)
     n = int(len(evaluation.predictions))
     table = _group_rows(groups, rows, phases, cfg)
     recipe = _recipe(groups, rows, target, high, cfg, base_audit, n) if cfg.reverse else None
@@ -141,14 +145,23 @@ def _float_gguf(view) -> Path:
     return gguf_build.write_float_gguf(source[0])
 
 
-def _audit_files(task, saes, evaluation, phases, trace, base: AuditConfig, files: dict, threads, progress,
-                 ref: Reference) -> dict:
-    """Each file an audit candidate in llama.cpp against the one reference; rows by name (the parity row too)."""
-    cands = [{"name": name, "runtime": "llama.cpp", "model": str(path), "threads": threads}
-             for name, path in files.items()]
-    cfg = base.model_copy(update={"candidates": validated(AuditConfig, {"candidates": cands}).candidates})
-    res = audit(task, saes, evaluation, phases, trace, cfg, progress=progress, reference=ref)
-    return {r["name"]: r for r in res.data["candidates"]}
+def _audit_files(files: dict[str, Path | Callable[[], Path]], threads, progress, ref: Reference) -> dict:
+    """The parity row, then each file audited in llama.cpp against the one reference; rows by name. A file given as
+    a function is built when its turn comes and removed once audited (the files given as paths stay): with every
+    other tensor at F32 a group's file of a 1.5B model is 6 GB, and a disk holds few of them at once."""
+    rows = {PARITY: compare(Candidate(name=PARITY, runtime="llama.cpp", threads=threads), ref)}
+    if progress:
+        progress(1)
+    kept = {f for f in files.values() if isinstance(f, Path)}
+    for name, f in files.items():
+        path = f if isinstance(f, Path) else f()
+        rows[name] = compare(Candidate(name=name, runtime="llama.cpp", model=str(path), threads=threads), ref)
+        if path not in kept:
+            path.unlink(missing_ok=True)
+        if progress:
+            progress(1)
+    attach_parity(list(rows.values()))
+    return rows
 
 
 def _summary(row: dict) -> dict:
