@@ -23,6 +23,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("EMOSCOPE_CACHE", Path.home() / ".cache" / "emoscope"))
 
 
+LARGE = 64 << 20
+"""Bytes from which a file's hash is memoized (`file_sha256`)."""
+
+
 def file_sha256(path: Path) -> str:
     """The file's SHA-256. A large file's is read once per process while its path, inode, size and modification
     time stay the same (layer sensitivity names a dozen builds by a 7 GB source's hash; a small file, which a test
@@ -31,9 +35,6 @@ def file_sha256(path: Path) -> str:
     if st.st_size < LARGE:
         return _sha256.__wrapped__(str(path), st.st_ino, st.st_size, st.st_mtime_ns)
     return _sha256(str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-LARGE = 64 << 20
 
 
 @functools.lru_cache(maxsize=64)

@@ -8,6 +8,7 @@ after Gemma's post-norms where the block has them). One forward pass records eve
 from __future__ import annotations
 
 
+import copy
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import profiling
 from .errors import EmoscopeError
 from .backends.base import Backend
 
@@ -156,3 +158,20 @@ def pad_after_prefix(suffixes: list[list[int]], P: int, device) -> tuple[torch.T
         mask[i, P + S - len(s):] = 1
         pos[i, S - len(s):] = torch.arange(P, P + len(s), device=device)
     return ids, mask, pos
+
+
+@torch.no_grad()
+def prefix_cache(view: Backend, tokens: list[int]):
+    """The KV cache of one row of tokens every prompt of a batch starts with (instruction, demonstrations), run once
+    through the decoder stack (no LM head)."""
+    with profiling.section("llm_forward:prefix"):
+        return view.model.base_model(input_ids=torch.tensor([tokens], device=view.device),
+                                     use_cache=True).past_key_values
+
+
+def repeat_cache(cache, n: int):
+    """A copy of a KV cache with each row repeated n times (a pass appends to the cache it is given, so each pass
+    gets a copy; a one-row prefix cache becomes a batch's)."""
+    out = copy.deepcopy(cache)
+    out.batch_repeat_interleave(n)
+    return out

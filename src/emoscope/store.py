@@ -12,7 +12,6 @@ complete. Reading never loads more than one shard's slice at a time.
 from __future__ import annotations
 
 
-import copy
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from safetensors.torch import save_file
 from . import distributed as dist
 from . import profiling
 from .errors import EmoscopeError
-from .hooks import HookPoint, pad_after_prefix, pad_batch, record
+from .hooks import HookPoint, pad_after_prefix, pad_batch, prefix_cache, record, repeat_cache
 from .prefix import common_prefix, sliding_window
 from .backends.base import Backend
 
@@ -186,10 +185,7 @@ def _shared_prefix(view: Backend, prompts: list[list[int]], keep: dict[str, list
     P = min(common_prefix(prompts), first_kept)
     if P < 1 or max(len(p) for p in prompts) > sliding_window(view.model):
         return 0, None
-    with profiling.section("llm_forward:prefix"):
-        cache = view.model.base_model(input_ids=torch.tensor([prompts[0][:P]], device=view.device),
-                                      use_cache=True).past_key_values
-    return P, cache
+    return P, prefix_cache(view, prompts[0][:P])
 
 
 def _suffix_forward(view: Backend, chunk: list[list[int]], P: int, shared, hooks: list[HookPoint]):
@@ -200,8 +196,7 @@ def _suffix_forward(view: Backend, chunk: list[list[int]], P: int, shared, hooks
         pos, cache, col = None, None, torch.zeros(len(chunk), dtype=torch.long)
     else:
         ids, mask, pos = pad_after_prefix([p[P:] for p in chunk], P, view.device)
-        cache = copy.deepcopy(shared)
-        cache.batch_repeat_interleave(len(chunk))
+        cache = repeat_cache(shared, len(chunk))
         col = torch.tensor([ids.shape[1] - len(p) for p in chunk], dtype=torch.long)
     with record(view, hooks, stop=True) as acts:  # no block after the deepest hook runs
         view.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,

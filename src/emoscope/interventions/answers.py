@@ -17,7 +17,7 @@ import torch
 
 from .. import distributed as dist
 from .. import profiling
-from ..hooks import HookPoint, at, pad_batch, record, resid
+from ..hooks import HookPoint, at, pad_after_prefix, pad_batch, prefix_cache, record, repeat_cache, resid
 from ..task.calibrate import CONTENT_FREE
 from ..prefix import common_prefix, sliding_window
 from ..backends.base import Backend
@@ -111,9 +111,7 @@ class AnswerBatch:
         B, dev = len(self.ids), self.ids.device
         if self.cache is None or not masked:
             rep = [None if t is None else t.repeat_interleave(n, 0) for t in (self.ids, self.mask, self.last, self.pos)]
-            cache = None if self.cache is None else copy.deepcopy(self.cache)
-            if cache is not None:
-                cache.batch_repeat_interleave(n)
+            cache = None if self.cache is None else repeat_cache(self.cache, n)
             return AnswerBatch(self.start, *rep, cache), (torch.arange(B * n, device=dev), rep[2])
         L = self.mask.shape[1] - 1  # the cached tokens
         see = torch.cat([self.mask[:, None, :L].bool().expand(B, n, L),
@@ -148,9 +146,7 @@ def _answer_batches(view: Backend, prompts: list[list[int]], batch_size: int):
         return
     P, shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 2), None
     if P > 0:  # the instruction (and any demonstrations) every prompt starts with: run once
-        with torch.no_grad(), profiling.section("llm_forward:prefix"):
-            shared = view.model.base_model(input_ids=torch.tensor([prompts[0][:P]], device=view.device),
-                                           use_cache=True).past_key_values
+        shared = prefix_cache(view, prompts[0][:P])
     for i in dist.my_items(range(0, len(prompts), batch_size)):
         with torch.no_grad(), profiling.section("llm_forward:prefix"):
             batch = _cached_batch(view, prompts[i:i + batch_size], i, P, shared)
@@ -161,23 +157,12 @@ def _cached_batch(view: Backend, chunk: list[list[int]], start: int, P: int = 0,
     """Each prompt's tokens before its answer token run and cached: the shared first `P` tokens from
     `shared` (their cache, one row), then each row's own tokens left-padded after them (explicit
     positions, padding masked), so every row attends to exactly its own prompt."""
-    dev = view.device
-    B, S = len(chunk), max(len(p) for p in chunk) - 1 - P
-    ids = torch.zeros((B, S), dtype=torch.long, device=dev)
-    mask = torch.zeros((B, P + S + 1), dtype=torch.long, device=dev)
-    pos = torch.zeros((B, S), dtype=torch.long, device=dev)
-    mask[:, :P] = 1
-    for r, p in enumerate(chunk):
-        n = len(p) - 1 - P
-        ids[r, S - n:] = torch.tensor(p[P:-1], device=dev)
-        mask[r, P + S - n:] = 1
-        pos[r, S - n:] = torch.arange(P, P + n, device=dev)
-    cache = None
-    if shared is not None:
-        cache = copy.deepcopy(shared)
-        cache.batch_repeat_interleave(B)
-    cache = view.model.base_model(input_ids=ids, attention_mask=mask[:, :P + S], position_ids=pos,
-                                  past_key_values=cache, use_cache=True).past_key_values
+    dev, B = view.device, len(chunk)
+    ids, mask, pos = pad_after_prefix([p[P:-1] for p in chunk], P, dev)
+    cache = view.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                  past_key_values=None if shared is None else repeat_cache(shared, B),
+                                  use_cache=True).past_key_values
+    mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=dev)], 1)  # and the answer token
     return AnswerBatch(start, torch.tensor([[p[-1]] for p in chunk], device=dev), mask,
                        torch.zeros(B, dtype=torch.long, device=dev),
                        torch.tensor([[len(p) - 1] for p in chunk], device=dev), cache)

@@ -10,13 +10,11 @@ reference: one full forward per (prompt, label).
 from __future__ import annotations
 
 
-import copy
-
 import numpy as np
 import torch
 
 from .. import distributed as dist
-from ..hooks import HookPoint, pad_after_prefix, record, resid
+from ..hooks import HookPoint, pad_after_prefix, prefix_cache, record, repeat_cache, resid
 from ..prefix import common_prefix as _common_prefix, sliding_window
 from ..backends.base import Backend
 
@@ -31,10 +29,7 @@ def score_ids(view: Backend, prompts: list[list[int]], labels: list[list[int]], 
     model, dev = view.model, view.device
     n_lab, max_lab = len(labels), max(len(lab) for lab in labels)
     P = _common_prefix(prompts)
-    prefix_cache = None
-    if P > 0:
-        out = model(input_ids=torch.tensor([prompts[0][:P]], device=dev), use_cache=True)
-        prefix_cache = out.past_key_values
+    shared = prefix_cache(view, prompts[0][:P]) if P > 0 else None
     result = np.zeros((len(prompts), n_lab), dtype=np.float64)
     res = {layer: np.zeros((len(prompts), view.d_model), dtype=np.float32) for layer in resid_layers}
     first_tok = torch.tensor([lab[0] for lab in labels], device=dev)
@@ -43,10 +38,7 @@ def score_ids(view: Backend, prompts: list[list[int]], labels: list[list[int]], 
     for rows in batches[dist.rank()::dist.world_size()]:  # with several ranks, every rank its share
         B = len(rows)
         ids, mask, pos = pad_after_prefix([prompts[r][P:] for r in rows], P, dev)
-        cache = None
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(B)
+        cache = None if shared is None else repeat_cache(shared, B)
         with record(view, [HookPoint(layer) for layer in resid_layers]) as acts:
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                         use_cache=max_lab > 1, logits_to_keep=1)
